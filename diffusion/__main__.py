@@ -1,0 +1,94 @@
+"""python -m diffusion train|sample|eval CONFIG_OR_RUN_DIR [--set KEY=VALUE ...] [--out RUN_DIR] [--device D]
+python -m diffusion RUN_DIR          run the task in RUN_DIR/config.yaml, in place (what every engine calls)
+
+A CONFIG is a run config or a job spec (configs/jobs/NAME.yaml, whose `run:` section is used).
+A RUN_DIR given to `train` resumes it; given to `sample` or `eval`, samples from its checkpoint and
+writes into it. Exit codes: 0 done, 2 bad input (nothing written), 75 preempted (resumable).
+"""
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from diffusion.config import ConfigError, RunConfig, load_run_config, read_yaml
+from diffusion.rundir import RunDir
+
+TASKS = ("train", "sample", "eval")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m diffusion", description=__doc__.split("\n\n")[0])
+    if argv and argv[0] in TASKS:
+        parser.add_argument("task", choices=TASKS)
+    parser.add_argument("target", help="a config / job spec YAML, or a run directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    parser.add_argument("--out", type=Path, help="run directory to write (default: runs/NAME-TIMESTAMP)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
+    args = parser.parse_args(argv)
+    args.task = getattr(args, "task", None)
+    return args
+
+
+def default_run_dir(config_path: Path) -> Path:
+    raw = read_yaml(config_path)
+    name = raw.get("name") if isinstance(raw, dict) and raw.get("name") else config_path.stem
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
+    """(config, run dir, whether the target was an existing run dir)."""
+    target = Path(args.target)
+    if target.is_dir():
+        config_path = target / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"{target}: not a run directory (no config.yaml); pass a config file instead")
+        run_dir, in_place = args.out or target, True
+    else:
+        config_path, in_place = target, False
+        run_dir = args.out or default_run_dir(target)
+    config = load_run_config(config_path, args.overrides)
+    if args.task:
+        config.task = args.task
+    if args.device:
+        config.device = args.device
+    return config, run_dir, in_place
+
+
+def run_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
+    if config.task == "train":
+        from diffusion.train import train
+
+        return train(config, run_dir)
+    if config.task == "sample":
+        from diffusion.sample import sample_task
+
+        return sample_task(config, run_dir, in_place)
+    from diffusion.evaluate import eval_task
+
+    return eval_task(config, run_dir, in_place)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from diffusion.data import DatasetNotFoundError
+
+    run_dir = None
+    try:
+        config, run_dir, in_place = resolve(args)
+        return run_task(config, run_dir, in_place)
+    except (ConfigError, DatasetNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # Record the failure where engines and `ops monitor` look for the outcome, then fail loudly.
+        if run_dir is not None and run_dir.is_dir():
+            tail = traceback.format_exc().strip().splitlines()[-20:]
+            RunDir(run_dir).write_summary({"status": "failed", "error": repr(exc), "traceback": tail})
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

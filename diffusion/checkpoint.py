@@ -1,0 +1,79 @@
+"""Checkpoints that survive crashes and resume bit-for-bit.
+
+Each save writes `step_XXXXXXXX.pt` and `latest.pt`, each atomically (temp file in the same
+folder, fsync, os.replace, fsync of the folder), so a crash at any moment leaves `latest.pt`
+pointing at the last complete checkpoint. Only the newest `keep` step files are kept.
+"""
+
+import io
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # The rename itself must reach the disk, or a power cut can bring back the old name.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> Path:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    step_path = checkpoint_dir / f"step_{step:08d}.pt"
+    atomic_write_bytes(step_path, data)
+    atomic_write_bytes(checkpoint_dir / LATEST, data)
+    for old in sorted(checkpoint_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return step_path
+
+
+def remove_partial_writes(checkpoint_dir: Path) -> None:
+    """Temp files left by a process that died mid-write; never loadable, only taking space."""
+    for tmp in checkpoint_dir.glob(".*.tmp"):
+        tmp.unlink()
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    path = checkpoint_dir / LATEST
+    return path if path.is_file() else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    # Our own files: they hold python/numpy RNG states, which the weights-only loader refuses.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def capture_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

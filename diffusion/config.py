@@ -1,0 +1,220 @@
+"""Schemas for a run: what to compute. Pure pydantic, no torch, so `ops` can validate cheaply.
+
+A run config has one section per part (data, model, method, train, sample, eval). It can live on
+its own in a YAML file, or as the `run:` section of a job spec (`configs/jobs/NAME.yaml`), whose
+other top-level keys belong to `ops`.
+
+Every error is one line: where, the key path, the bad value and what is allowed.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from ruamel.yaml import YAML
+
+# Top-level keys of a job spec that are not ours: ops validates them.
+JOB_SPEC_KEYS = {"name", "description", "hypothesis", "engine", "resources", "run"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["mnist"] = "mnist"
+    root: str | None = Field(None, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
+    download: bool = Field(True, description="Download when the files are missing under the root.")
+    only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
+    subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+
+
+class ModelConfig(Section):
+    name: Literal["unet"] = "unet"
+    base_channels: int = Field(64, ge=8)
+    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1, max_length=4)
+    num_res_blocks: int = Field(2, ge=1)
+    attention: bool = Field(True, description="Self-attention at the lowest resolution.")
+    attention_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
+    class_conditional: bool = Field(False, description="Add a class embedding (with a null class).")
+
+    @field_validator("norm_groups")
+    @classmethod
+    def _groups_divide_channels(cls, norm_groups: int, info: ValidationInfo) -> int:
+        channels = [info.data.get("base_channels", 0) * mult for mult in info.data.get("channel_mults", [])]
+        if any(c % norm_groups for c in channels):
+            raise ValueError(f"must divide every level's channels (base_channels * channel_mults = {channels})")
+        return norm_groups
+
+
+class MethodConfig(Section):
+    name: Literal["ddpm"] = "ddpm"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
+    beta_end: float = Field(2e-2, gt=0.0, lt=1.0)
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; checkpoints and stops.")
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
+    log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl lines.")
+    sample_every_epochs: int | None = Field(1, ge=1, description="Epochs between sample grids.")
+    checkpoint_every_steps: int | None = Field(1000, ge=1)
+    checkpoint_every_minutes: float | None = Field(10.0, gt=0)
+    keep_checkpoints: int = Field(3, ge=1, description="Step-numbered checkpoints kept besides latest.pt.")
+    progress: Literal["auto", "bar", "lines"] = Field("auto", description="auto: a bar on a terminal.")
+
+
+class SampleConfig(Section):
+    checkpoint: str | None = Field(None, description="Run dir or .pt file to sample from (task sample/eval).")
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    num_inference_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(256, ge=1)
+    use_ema: bool = True
+    seed: int = 0
+    class_label: int | None = Field(None, ge=0, description="Class to sample (class-conditional models).")
+
+
+class EvalConfig(Section):
+    num_samples: int = Field(1000, ge=2)
+    confidence: float = Field(0.9, gt=0.0, le=1.0, description="Softmax threshold for a confident sample.")
+    classifier_epochs: int = Field(2, ge=1)
+    classifier_subset: int | None = Field(None, ge=100, description="Train the classifier on N images.")
+
+
+class RunConfig(Section):
+    task: Literal["train", "sample", "eval"] = "train"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config problem, always a single readable line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """The valid keys at `path` inside `model`, following nested sections."""
+    for key in path:
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict, model: type[BaseModel], prefix: str) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join((prefix, *loc) if prefix else loc)
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        parent = ".".join((prefix, *loc[:-1]) if prefix else loc[:-1])
+        hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{key}: unknown key; {hint}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    return f"{key}: {value!r} is not allowed: {message}"
+
+
+def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConfig:
+    """Validate a run section; raise ConfigError with the first problem on one line."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0], RunConfig, prefix)}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    return YAML(typ="safe").load(path.read_text())
+
+
+def run_section(raw: Any, source: str) -> dict:
+    """The run config inside a YAML document: its `run:` section for a job spec, else the whole."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if "run" in raw:
+        unknown = set(raw) - JOB_SPEC_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, sorted(JOB_SPEC_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(JOB_SPEC_KEYS))}"
+            raise ConfigError(f"{source}: {key}: unknown key; {hint}")
+        return raw["run"] or {}
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3). Values are YAML scalars or flow lists."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    parts = key.strip().split(".")
+    if parts[0] == "run":  # accept job-spec paths too
+        parts = parts[1:]
+    return parts, YAML(typ="safe").load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config or a job spec, apply `--set` overrides, validate."""
+    path = Path(path)
+    raw = run_section(read_yaml(path), str(path))
+    raw = apply_overrides(dict(raw), list(overrides))
+    return validate_run(raw, str(path))
+
+
+def dump_yaml(data: dict, path: Path) -> None:
+    yaml = YAML()
+    yaml.default_flow_style = False
+    with path.open("w") as f:
+        yaml.dump(data, f)
+
+
+def to_dict(config: RunConfig) -> dict:
+    return config.model_dump(mode="json")

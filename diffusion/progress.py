@@ -1,0 +1,60 @@
+"""Training progress: a rich bar on a terminal, plain log lines in a log file (engines, CI)."""
+
+import sys
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class TrainProgress:
+    def __init__(self, mode: str, total_steps: int, start_step: int):
+        self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> "TrainProgress":
+        if self.use_bar:
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(
+                "train", total=self.total_steps, completed=self.start_step, loss="-", speed="- it/s"
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def advance(self, step: int) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=step)
+
+    def log(self, record: dict) -> None:
+        if self.bar:
+            self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s")
+            return
+        done = record["step"] - self.start_step
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (self.total_steps - record["step"]) if done else 0.0
+        print(
+            f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s  eta {format_seconds(eta)}",
+            flush=True,
+        )

@@ -1,0 +1,108 @@
+"""Sampling from a trained run: load its checkpoint (which carries its config), generate, save."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.checkpoint import LATEST, load_checkpoint
+from diffusion.config import ConfigError, RunConfig, SampleConfig, validate_run
+from diffusion.methods import build_method
+from diffusion.nets import build_net
+
+
+def resolve_checkpoint(reference: str | Path) -> Path:
+    """A run dir (its latest.pt), a checkpoints/ folder, or a .pt file."""
+    path = Path(reference).expanduser()
+    for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"sample.checkpoint: {str(reference)!r} is not allowed: no checkpoint there "
+        f"(expected a .pt file or a run dir holding checkpoints/{LATEST})"
+    )
+
+
+class TrainedModel:
+    """A checkpoint's network (EMA weights by default), its method and what it was trained on."""
+
+    def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device):
+        checkpoint = load_checkpoint(checkpoint_path)
+        self.path = checkpoint_path
+        self.config: RunConfig = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
+        self.step: int = checkpoint["step"]
+        self.image_shape = tuple(checkpoint["image_shape"])
+        self.num_classes: int = checkpoint["num_classes"]
+        self.model = build_net(self.config.model, in_channels=self.image_shape[0], num_classes=self.num_classes)
+        self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+        self.model.to(device).eval()
+        self.method = build_method(self.config.method)
+        self.device = device
+
+    def generate(self, sample: SampleConfig, num_samples: int, progress: bool = False) -> torch.Tensor:
+        """`num_samples` images in [-1, 1], in batches, reproducible from `sample.seed`."""
+        generator = torch.Generator().manual_seed(sample.seed)
+        batches = []
+        for start in range(0, num_samples, sample.batch_size):
+            count = min(sample.batch_size, num_samples - start)
+            class_labels = None
+            if self.config.model.class_conditional:
+                labels = torch.arange(start, start + count) % self.num_classes
+                if sample.class_label is not None:
+                    labels = torch.full((count,), sample.class_label)
+                class_labels = labels.to(self.device)
+            batches.append(
+                self.method.sample(
+                    self.model,
+                    count,
+                    self.image_shape,
+                    sampler=sample.sampler,
+                    num_inference_steps=sample.num_inference_steps,
+                    eta=sample.eta,
+                    timestep_spacing=sample.timestep_spacing,
+                    generator=generator,
+                    class_labels=class_labels,
+                    device=self.device,
+                    progress=progress,
+                ).cpu()
+            )
+        return torch.cat(batches)
+
+
+def sample_name(sample: SampleConfig) -> str:
+    eta = f"-eta{sample.eta:g}" if sample.sampler == "ddim" and sample.eta else ""
+    return f"{sample.sampler}{sample.num_inference_steps}{eta}-seed{sample.seed}"
+
+
+def save_samples(images: torch.Tensor, folder: Path, name: str) -> Path:
+    """A PNG grid (at most 100 images) to look at, and every sample as uint8 in an .npz."""
+    from torchvision.utils import save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = images[:100]
+    grid_path = folder / f"{name}.png"
+    save_image((shown + 1) / 2, grid_path, nrow=int(math.ceil(math.sqrt(len(shown)))))
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.savez_compressed(folder / f"{name}.npz", images=pixels)
+    return grid_path
+
+
+def sample_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
+    """Sample `sample.num_samples` images; into RUN_DIR/samples of the trained run, or a new run dir."""
+    from diffusion.rundir import RunDir
+    from diffusion.train import pick_device
+
+    device = pick_device(config.device)
+    checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
+    trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
+    run = RunDir(run_dir)
+    if not in_place:
+        run.create(config)
+    images = trained.generate(config.sample, config.sample.num_samples, progress=True)
+    grid = save_samples(images, run.samples, sample_name(config.sample))
+    if not in_place:
+        run.write_summary({"status": "completed", "checkpoint": str(checkpoint_path), "step": trained.step,
+                           "num_samples": len(images), "grid": str(grid)})
+    print(f"{len(images)} samples from {checkpoint_path} (step {trained.step}) -> {grid}", flush=True)
+    return 0

@@ -1,0 +1,290 @@
+"""One trainer for every method: AdamW, EMA, grad clipping, bf16 on CUDA, checkpoints, signals.
+
+Exact resume: the data order is a permutation seeded by (seed, epoch), so the position in the
+data is the step count; the checkpoint holds model, EMA, optimizer, scaler, step and every RNG
+state, and is written only between steps. N steps in one go equal N/2 + resume + N/2, bitwise.
+
+Preemption: SIGTERM, SIGUSR1 or SIGUSR2 finish the current step, write a checkpoint and exit with
+EXIT_PREEMPTED; a second signal exits at once (the last checkpoint stays valid).
+"""
+
+import copy
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_writes,
+    restore_rng_state,
+    save_checkpoint,
+)
+from diffusion.config import ConfigError, RunConfig, to_dict
+from diffusion.data import load_dataset
+from diffusion.methods import build_method
+from diffusion.nets import build_net
+from diffusion.progress import TrainProgress
+from diffusion.rundir import RunDir
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; engines requeue or resume on it
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class PreemptionFlag:
+    """The first signal asks for a checkpoint at the end of the step; the second one exits now."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionFlag":
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            sys.exit(128 + signum)
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: checkpointing after this step", flush=True)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' is not allowed: no CUDA device is visible")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device: 'mps' is not allowed: MPS is not available")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    # Warm-up so a short run's EMA is not dominated by its random initialisation.
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+def learning_rate_at(step: int, config) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def build_model(config: RunConfig, image_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    return build_net(config.model, in_channels=image_shape[0], num_classes=num_classes)
+
+
+@torch.no_grad()
+def save_sample_grid(method, model, config: RunConfig, image_shape, path: Path, device, num_classes: int) -> None:
+    from torchvision.utils import save_image
+
+    generator = torch.Generator().manual_seed(config.sample.seed)  # fixed: grids are comparable over time
+    num_samples = min(config.sample.num_samples, 64)
+    class_labels = None
+    if config.model.class_conditional:
+        class_labels = torch.arange(num_samples, device=device) % num_classes
+    images = method.sample(
+        model,
+        num_samples,
+        image_shape,
+        sampler=config.sample.sampler,
+        num_inference_steps=config.sample.num_inference_steps,
+        eta=config.sample.eta,
+        timestep_spacing=config.sample.timestep_spacing,
+        generator=generator,
+        class_labels=class_labels,
+        device=device,
+    )
+    save_image((images + 1) / 2, path, nrow=int(math.ceil(math.sqrt(num_samples))))
+
+
+def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) -> int:
+    """Train (or resume) the run in `run_dir`. Returns the process exit code."""
+    device = device or pick_device(config.device)
+    dataset = load_dataset(config.data, "train")  # before writing anything: a missing dataset fails clean
+    run = RunDir(run_dir)
+    run.create(config)
+    remove_partial_writes(run.checkpoints)
+    tc = config.train
+
+    seed_everything(tc.seed)
+    model = build_model(config, dataset.shape, dataset.num_classes).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    method = build_method(config.method)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
+
+    batch_size = min(tc.batch_size, len(dataset))
+    steps_per_epoch = len(dataset) // batch_size  # drop the ragged last batch
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+
+    step, train_seconds = 0, 0.0
+    checkpoint_path = latest_checkpoint(run.checkpoints)
+    if checkpoint_path:
+        checkpoint = load_checkpoint(checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+        ema_model.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, train_seconds = checkpoint["step"], checkpoint["train_seconds"]
+        restore_rng_state(checkpoint["rng"])
+        run.truncate_metrics(after_step=step)
+        print(f"resumed from {checkpoint_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
+
+    def checkpoint_now() -> None:
+        state = {
+            "model": model.state_dict(),
+            "ema": ema_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "batch_in_epoch": step % steps_per_epoch,
+            "train_seconds": train_seconds,
+            "rng": capture_rng_state(),
+            "config": to_dict(config),
+            "image_shape": list(dataset.shape),
+            "num_classes": dataset.num_classes,
+        }
+        save_checkpoint(state, run.checkpoints, step, keep=tc.keep_checkpoints)
+
+    def write_grid(name: str) -> None:
+        path = run.samples / name
+        save_sample_grid(method, ema_model, config, dataset.shape, path, device, dataset.num_classes)
+
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters, "
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+
+    status, stop_reason = "completed", "finished all steps"
+    last_checkpoint_time, checkpointed_step = time.monotonic(), step
+    loss_sum, loss_count, window_start, window_steps = torch.zeros((), device=device), 0, time.monotonic(), 0
+    permutation, permutation_epoch = None, -1
+    model.train()
+    with PreemptionFlag() as preemption, TrainProgress(tc.progress, total_steps, step) as progress:
+        while step < total_steps:
+            step_start = time.monotonic()
+            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+            if epoch != permutation_epoch:
+                permutation, permutation_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
+            indices = permutation[batch_in_epoch * batch_size : (batch_in_epoch + 1) * batch_size]
+            batch = dataset.batch(indices, device)
+            if not config.model.class_conditional:
+                batch.pop("labels")
+            else:
+                batch["class_labels"] = batch.pop("labels")
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, tc)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = method.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            optimizer.step()
+            update_ema(ema_model, model, ema_decay_at(step, tc.ema_decay))
+            step += 1
+            train_seconds += time.monotonic() - step_start
+            loss_sum += loss.detach()
+            loss_count += 1
+            window_steps += 1
+
+            if step % tc.log_every == 0 or step == total_steps:
+                window_seconds = time.monotonic() - window_start
+                record = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "loss": (loss_sum / loss_count).item(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm.item(),
+                    "it_per_s": window_steps / window_seconds,
+                    "examples_per_s": window_steps * batch_size / window_seconds,
+                    "train_seconds": round(train_seconds, 3),
+                    "total_steps": total_steps,
+                }
+                run.log_metrics(record)
+                progress.log(record)
+                loss_sum.zero_()
+                loss_count, window_start, window_steps = 0, time.monotonic(), 0
+            progress.advance(step)
+
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch and tc.sample_every_epochs and (step // steps_per_epoch) % tc.sample_every_epochs == 0:
+                write_grid(f"epoch_{step // steps_per_epoch:04d}.png")
+                model.train()
+
+            out_of_time = tc.max_minutes is not None and train_seconds >= tc.max_minutes * 60
+            due_by_steps = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
+            due_by_time = (
+                tc.checkpoint_every_minutes
+                and time.monotonic() - last_checkpoint_time >= tc.checkpoint_every_minutes * 60
+            )
+            if preemption.signal is not None or out_of_time or due_by_steps or due_by_time:
+                checkpoint_now()
+                last_checkpoint_time, checkpointed_step = time.monotonic(), step
+            if preemption.signal is not None:
+                status = "preempted"
+                stop_reason = f"{signal.Signals(preemption.signal).name} at step {step}"
+                break
+            if out_of_time:
+                stop_reason = f"time budget of {tc.max_minutes} min reached at step {step}"
+                break
+
+        if status == "completed":
+            if checkpointed_step != step:
+                checkpoint_now()
+            write_grid("final.png")
+
+    last = run.metrics.read_text().splitlines()[-1:] if run.metrics.is_file() else []
+    run.write_summary(
+        {
+            "status": status,
+            "reason": stop_reason,
+            "step": step,
+            "total_steps": total_steps,
+            "epoch": round(step / steps_per_epoch, 4),
+            "train_seconds": round(train_seconds, 3),
+            "num_parameters": num_params,
+            "device": str(device),
+            "final_metrics": json.loads(last[0]) if last else {},
+            "exit_code": EXIT_PREEMPTED if status == "preempted" else 0,
+        }
+    )
+    print(f"{status}: {stop_reason}", flush=True)
+    return EXIT_PREEMPTED if status == "preempted" else 0

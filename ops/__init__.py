@@ -1,0 +1,1 @@
+"""ops: where and how runs happen. Imports only `diffusion.config` from the research side."""

@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion.config import RunConfig, dump_yaml, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    """The real MNIST files, from $DIFFUSION_DATA_ROOT (the README's test command sets it)."""
+    root = os.environ.get("DIFFUSION_DATA_ROOT")
+    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip("set DIFFUSION_DATA_ROOT to a folder holding MNIST/raw/ (see README)")
+    return Path(root)
+
+
+@pytest.fixture
+def tiny_config(mnist_root) -> RunConfig:
+    """A run that trains in seconds on a CPU: 8-channel two-level UNet, 64 images, T=50."""
+    return RunConfig.model_validate(
+        {
+            "device": "cpu",
+            "data": {"root": str(mnist_root), "download": False, "subset": 64},
+            "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention": True,
+                      "attention_heads": 2, "norm_groups": 4},
+            "method": {"num_train_timesteps": 50},
+            "train": {"batch_size": 16, "epochs": 50, "lr": 1e-3, "log_every": 1, "sample_every_epochs": None,
+                      "checkpoint_every_steps": None, "checkpoint_every_minutes": None, "progress": "lines"},
+            "sample": {"num_inference_steps": 4, "num_samples": 4},
+        }
+    )
+
+
+def write_config(config: RunConfig, path: Path) -> Path:
+    dump_yaml(to_dict(config), path)
+    return path
+
+
+def run_diffusion(*args: str, **kwargs):
+    """`python -m diffusion ...` in a fresh process, as engines start it."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], capture_output=True, text=True,
+                          cwd=kwargs.pop("cwd", REPO), **kwargs)

@@ -1,0 +1,141 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.train import EXIT_PREEMPTED, PreemptionFlag, epoch_permutation, train
+from tests.conftest import REPO, run_diffusion, write_config
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training_state(a, b):
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), f"optimizer {index}.{key} differs"
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_a_few_dozen_steps_lower_the_loss(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 48
+    assert train(tiny_config, tmp_path / "run") == 0
+    losses = [record["loss"] for record in metrics(tmp_path / "run")]
+    assert len(losses) == 48
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8])
+
+
+def test_run_dir_holds_config_metrics_checkpoints_grids_and_summary(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 8
+    tiny_config.train.sample_every_epochs = 1
+    tiny_config.train.checkpoint_every_steps = 2
+    tiny_config.train.keep_checkpoints = 2
+    run = tmp_path / "run"
+    assert train(tiny_config, run) == 0
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_00000006.pt", "step_00000008.pt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png", "final.png"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 8
+    record = metrics(run)[-1]
+    assert {"step", "epoch", "loss", "lr", "it_per_s", "grad_norm"} <= record.keys()
+    checkpoint = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert checkpoint["config"]["model"]["base_channels"] == 8 and checkpoint["step"] == 8
+
+
+def test_resume_in_two_halves_equals_one_go_bitwise(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 12
+    train(tiny_config, tmp_path / "one-go")
+    tiny_config.train.max_steps = 6
+    train(tiny_config, tmp_path / "halves")
+    tiny_config.train.max_steps = 12
+    train(tiny_config, tmp_path / "halves")
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "one-go/checkpoints/latest.pt"),
+        load_checkpoint(tmp_path / "halves/checkpoints/latest.pt"),
+    )
+    assert [r["step"] for r in metrics(tmp_path / "halves")] == list(range(1, 13))
+
+
+def test_sigterm_checkpoints_exits_resumable_and_resume_is_bitwise_exact(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 40
+    tiny_config.train.epochs = 20
+    config = write_config(tiny_config, tmp_path / "config.yaml")
+    assert run_diffusion("train", config, "--out", tmp_path / "one-go").returncode == 0
+
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "diffusion", "train", str(config), "--out", str(run)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 5):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, output
+    summary = json.loads((run / "summary.json").read_text())
+    stopped_at = load_checkpoint(run / "checkpoints/latest.pt")["step"]
+    assert summary["status"] == "preempted" and 5 <= stopped_at < 40 and summary["step"] == stopped_at
+
+    resumed = run_diffusion("train", run)  # a run dir: resume it in place
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "one-go/checkpoints/latest.pt"), load_checkpoint(run / "checkpoints/latest.pt")
+    )
+    assert [r["step"] for r in metrics(run)] == list(range(1, 41))
+
+
+def test_second_signal_exits_at_once():
+    with PreemptionFlag() as flag:
+        flag._handle(signal.SIGTERM, None)
+        assert flag.signal == signal.SIGTERM
+        with pytest.raises(SystemExit) as exit_info:
+            flag._handle(signal.SIGUSR1, None)
+    assert exit_info.value.code == 128 + signal.SIGUSR1
+
+
+def test_time_budget_stops_with_a_checkpoint(tiny_config, tmp_path):
+    tiny_config.train.max_minutes = 1e-4
+    assert train(tiny_config, tmp_path / "run") == 0
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "completed" and "time budget" in summary["reason"]
+    assert summary["step"] < summary["total_steps"]
+    assert load_checkpoint(tmp_path / "run/checkpoints/latest.pt")["step"] == summary["step"]
+
+
+def test_data_order_is_a_fixed_permutation_per_epoch():
+    first = epoch_permutation(100, seed=0, epoch=0)
+    assert torch.equal(first, epoch_permutation(100, seed=0, epoch=0))
+    assert not torch.equal(first, epoch_permutation(100, seed=0, epoch=1))
+    assert sorted(first.tolist()) == list(range(100))
+
+
+def test_only_digit_trains_on_one_class(tiny_config):
+    from diffusion.data import load_dataset
+
+    tiny_config.data.only_digit = 7
+    dataset = load_dataset(tiny_config.data)
+    assert len(dataset) == 64 and set(dataset.labels.tolist()) == {7}
+
+
+def test_sample_command_writes_grid_and_all_samples(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 4
+    run = tmp_path / "run"
+    train(tiny_config, run)
+    result = run_diffusion("sample", run, "--set", "sample.num_samples=6", "--set", "sample.sampler=ddpm",
+                           "--set", "sample.num_inference_steps=5")
+    assert result.returncode == 0, result.stderr
+    saved = np.load(run / "samples/ddpm5-seed0.npz")["images"]
+    assert saved.shape == (6, 1, 28, 28) and saved.dtype == np.uint8
+    assert (run / "samples/ddpm5-seed0.png").is_file()
