@@ -3,7 +3,7 @@
 import sys
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def format_seconds(seconds: float) -> str:
@@ -13,10 +13,11 @@ def format_seconds(seconds: float) -> str:
 
 
 class TrainProgress:
-    def __init__(self, mode: str, total_steps: int, start_step: int):
+    def __init__(self, mode: str, total_steps: int, start_step: int, seconds_left: float | None = None):
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self.total_steps = total_steps
         self.start_step = start_step
+        self.seconds_left = seconds_left  # a wall-clock budget may end the run before its last step
         self.started = time.monotonic()
         self.bar: Progress | None = None
 
@@ -29,12 +30,11 @@ class TrainProgress:
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[speed]}"),
                 TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
+                TextColumn("eta {task.fields[eta]}"),
             )
             self.bar.start()
             self.task = self.bar.add_task(
-                "train", total=self.total_steps, completed=self.start_step, loss="-", speed="- it/s"
+                "train", total=self.total_steps, completed=self.start_step, loss="-", speed="- it/s", eta="-"
             )
         return self
 
@@ -46,13 +46,20 @@ class TrainProgress:
         if self.bar:
             self.bar.update(self.task, completed=step)
 
-    def log(self, record: dict) -> None:
-        if self.bar:
-            self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s")
-            return
-        done = record["step"] - self.start_step
+    def eta_seconds(self, step: int) -> float:
+        done = step - self.start_step
         elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (self.total_steps - record["step"]) if done else 0.0
+        eta = elapsed / done * (self.total_steps - step) if done else 0.0
+        if self.seconds_left is not None:
+            eta = min(eta, max(self.seconds_left - elapsed, 0.0))
+        return eta
+
+    def log(self, record: dict) -> None:
+        eta = self.eta_seconds(record["step"])
+        if self.bar:
+            self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s",
+                            eta=format_seconds(eta))
+            return
         print(
             f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s  eta {format_seconds(eta)}",

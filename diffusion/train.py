@@ -197,9 +197,10 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
     loss_sum, loss_count, window_start, window_steps = torch.zeros((), device=device), 0, time.monotonic(), 0
     permutation, permutation_epoch = None, -1
     model.train()
-    with PreemptionFlag() as preemption, TrainProgress(tc.progress, total_steps, step) as progress:
+    seconds_left = tc.max_minutes * 60 - train_seconds if tc.max_minutes else None
+    with PreemptionFlag() as preemption, TrainProgress(tc.progress, total_steps, step, seconds_left) as progress:
+        loop_started, seconds_before = time.monotonic(), train_seconds
         while step < total_steps:
-            step_start = time.monotonic()
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
             if epoch != permutation_epoch:
                 permutation, permutation_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
@@ -220,7 +221,8 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
             optimizer.step()
             update_ema(ema_model, model, ema_decay_at(step, tc.ema_decay))
             step += 1
-            train_seconds += time.monotonic() - step_start
+            # Wall clock of the whole loop (grids and checkpoints included), summed over resumes.
+            train_seconds = seconds_before + time.monotonic() - loop_started
             loss_sum += loss.detach()
             loss_count += 1
             window_steps += 1

@@ -139,3 +139,15 @@ def test_sample_command_writes_grid_and_all_samples(tiny_config, tmp_path):
     saved = np.load(run / "samples/ddpm5-seed0.npz")["images"]
     assert saved.shape == (6, 1, 28, 28) and saved.dtype == np.uint8
     assert (run / "samples/ddpm5-seed0.png").is_file()
+
+
+def test_a_run_dir_alone_runs_its_configured_task_in_place(tiny_config, tmp_path):
+    """`python -m diffusion RUN_DIR` is how every engine starts a run."""
+    tiny_config.train.max_steps = 3
+    run = tmp_path / "run"
+    write_config(tiny_config, tmp_path / "config.yaml")
+    run.mkdir()
+    (run / "config.yaml").write_text((tmp_path / "config.yaml").read_text())
+    result = run_diffusion(run)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
