@@ -19,7 +19,8 @@ TASKS = ("train", "sample", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffusion", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if argv and argv[0] in TASKS:
         parser.add_argument("task", choices=TASKS)
     parser.add_argument("target", help="a config / job spec YAML, or a run directory")

@@ -6,11 +6,5 @@ from diffusion.config import MethodConfig
 def build_method(config: MethodConfig):
     from diffusion.methods.ddpm import DDPM
 
-    return DDPM(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        prediction_type=config.prediction_type,
-        clip_sample=config.clip_sample,
-    )
+    # The config's remaining fields are the method's own arguments, by the same names.
+    return DDPM(**config.model_dump(exclude={"name"}))
