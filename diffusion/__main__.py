@@ -40,22 +40,24 @@ def default_run_dir(config_path: Path) -> Path:
 
 
 def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
-    """(config, run dir, whether the target was an existing run dir)."""
+    """(config, run dir, whether to write into another task's run dir, e.g. sample a training run)."""
     target = Path(args.target)
     if target.is_dir():
         config_path = target / "config.yaml"
         if not config_path.is_file():
             raise ConfigError(f"{target}: not a run directory (no config.yaml); pass a config file instead")
-        run_dir, in_place = args.out or target, True
+        run_dir = args.out or target
     else:
-        config_path, in_place = target, False
+        config_path = target
         run_dir = args.out or default_run_dir(target)
     config = load_run_config(config_path, args.overrides)
+    stored_task = config.task
     if args.task:
         config.task = args.task
     if args.device:
         config.device = args.device
-    return config, run_dir, in_place
+    into_other_run = target.is_dir() and args.out is None and config.task != stored_task
+    return config, run_dir, into_other_run
 
 
 def run_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:

@@ -119,7 +119,7 @@ class ConfigError(ValueError):
 # Loading, overrides and error messages
 
 
-def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
+def valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
     """The valid keys at `path` inside `model`, following nested sections."""
     for key in path:
         field = model.model_fields.get(key)
@@ -130,13 +130,14 @@ def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict, model: type[BaseModel], prefix: str) -> str:
+def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str:
+    """One pydantic error as `key.path: problem`, with the nearest valid key for an unknown one."""
     loc = tuple(str(part) for part in error["loc"])
     key = ".".join((prefix, *loc) if prefix else loc)
     value = error.get("input")
     if error["type"] == "extra_forbidden":
-        valid = _valid_keys(model, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        valid = valid_keys(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1) or [k for k in valid if loc[-1] in k][:1]
         parent = ".".join((prefix, *loc[:-1]) if prefix else loc[:-1])
         hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"{key}: unknown key; {hint}"
@@ -151,7 +152,7 @@ def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConf
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0], RunConfig, prefix)}") from None
+        raise ConfigError(f"{source}: {describe_error(exc.errors()[0], RunConfig, prefix)}") from None
 
 
 def read_yaml(path: Path) -> Any:
@@ -177,20 +178,23 @@ def run_section(raw: Any, source: str) -> dict:
     return raw
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_assignment(text: str) -> tuple[list[str], Any]:
     """`train.epochs=3` -> (['train', 'epochs'], 3). Values are YAML scalars or flow lists."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    parts = key.strip().split(".")
-    if parts[0] == "run":  # accept job-spec paths too
-        parts = parts[1:]
-    return parts, YAML(typ="safe").load(value) if value.strip() else None
+    return key.strip().split("."), YAML(typ="safe").load(value) if value.strip() else None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """A run-config override; job-spec paths (`run.train.epochs=3`) are accepted too."""
+    parts, value = parse_assignment(text)
+    return (parts[1:] if parts[0] == "run" else parts), value
+
+
+def apply_overrides(raw: dict, overrides: list[str], parse=parse_override) -> dict:
     for text in overrides:
-        parts, value = parse_override(text)
+        parts, value = parse(text)
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

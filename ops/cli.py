@@ -1,67 +1,540 @@
-"""The `ops` command line. Heavy imports live inside the commands that need them."""
+"""The `ops` command line: submit, watch and record diffusion experiments.
 
+Every command takes `--json` for agents. Stable fields:
+- a run (`list`, `submit`, `monitor`, `wait`, `cancel`, `sync`): ops_id, name, engine, engine_job_id,
+  state (QUEUED RUNNING SUCCEEDED FAILED CANCELLED PREEMPTED UNKNOWN), run_dir, git_commit,
+  created_at, started_at, finished_at (unix seconds or null), exit_code, requeues, sweep, overrides,
+  github_issue, journal_post.
+- `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
+  it_per_s, eta_seconds, percent}, log_tail (with --logs), and with --full: config, provenance,
+  job, paths.
+Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written); `ops wait` exits by the
+final state: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (resumable), 4 UNKNOWN.
+Heavy imports live inside the commands that need them, so `ops --help` stays fast.
+"""
+
+import functools
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import typer
 
-from diffusion.config import ConfigError, load_run_config
+from ops.errors import OpsError
 
-app = typer.Typer(help="Submit, watch and record diffusion experiments.", no_args_is_help=True)
-config_app = typer.Typer(help="Job specs in configs/jobs/.", no_args_is_help=True)
+app = typer.Typer(help="Submit, watch and record diffusion experiments.", no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Job specs in configs/jobs/: list, show, validate, set.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 
-JOBS_DIR = Path("configs/jobs")
+WAIT_EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3, "PREEMPTED": 75, "UNKNOWN": 4}
+JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output (fields in `ops --help` docs).")
 
 
-def spec_path(name: str) -> Path:
-    path = Path(name) if name.endswith((".yaml", ".yml")) else JOBS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in JOBS_DIR.glob("*.yaml"))) or "none"
-        raise typer.BadParameter(f"no job spec {path}; known: {known}", param_hint="NAME")
-    return path
+def user_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [OpsError]
+    config = sys.modules.get("diffusion.config")  # not imported: none of its errors can be raised
+    if config is not None:
+        errors.append(config.ConfigError)
+    return tuple(errors)
 
 
-@config_app.command("list")
-def config_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """The job specs, with their task and description."""
+def one_line_errors(command):
+    """Bad input ends the command with one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except user_errors() as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def echo_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def open_project():
+    from ops.registry import Registry
+    from ops.settings import Project
+
+    project = Project()
+    return project, Registry(project.registry_path)
+
+
+def command_line() -> str:
+    return shlex.join(["ops", *sys.argv[1:]])
+
+
+def when(timestamp: float | None) -> str:
+    return time.strftime("%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "-"
+
+
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "PREEMPTED": "magenta",
+               "RUNNING": "cyan", "QUEUED": "blue", "UNKNOWN": "dim"}
+
+
+def styled(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+# ---------------------------------------------------------------------------------------------
+# submit, resume, rerun
+
+
+@app.command()
+@one_line_errors
+def submit(
+    name: str = typer.Argument(None, help="Job spec: configs/jobs/NAME.yaml (or a path to a .yaml)."),
+    engine: str = typer.Option(None, "--engine", help="local | slurm | vertex (default: the spec's engine)."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE, e.g. run.train.epochs=5 (repeatable)."),
+    sweeps: list[str] = typer.Option([], "--sweep", help="KEY=V1,V2: one run per combination (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and what would start; do nothing."),
+    resume_id: str = typer.Option(None, "--resume", help="Continue a stopped run (same as `ops resume JOB_ID`)."),
+    allow_no_git: bool = typer.Option(False, "--allow-no-git", help="Submit outside git, recorded as 'no git'."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Validate a spec, record provenance, start the run.
+
+    Creates the run dir and registry row, starts it on the engine, prints the ops id and the
+    engine job id. --sweep makes one run per combination of values."""
+    if resume_id:
+        return resume(resume_id, as_json)
+    if not name:
+        raise OpsError("NAME: missing; give a job spec name (`ops config list`) or --resume JOB_ID")
+    from ops import runs
+    from ops.engines import Launch, get_engine
+    from ops.settings import Project
+
+    project = Project()
+    planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
+    if dry_run:
+        return print_dry_run(project, planned, as_json, get_engine, Launch)
+    from ops.registry import Registry
+
+    registry = Registry(project.registry_path)
+    started = runs.submit(project, registry, planned, command_line(), allow_no_git)
+    if as_json:
+        return echo_json({"runs": [run.to_json() for run in started]})
+    out = console()
+    for run in started:
+        values = "  " + " ".join(f"{key}={value}" for key, value in run.sweep.items()) if run.sweep else ""
+        out.print(f"[bold]{run.ops_id}[/]  {run.engine} job {run.engine_job_id}  {styled(run.state)}{values}")
+        out.print(f"  run dir {run.run_dir}")
+    if len(started) == 1:
+        out.print(f"watch it: ops monitor {started[0].ops_id} --logs --follow")
+
+
+def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
     from ruamel.yaml import YAML
 
     rows = []
-    for path in sorted(JOBS_DIR.glob("*.yaml")):
+    for item in planned:
+        engine = get_engine(item.spec.engine)
+        placeholder = project.runs_dir / f"{item.spec.name}-<id>"
+        launch = Launch(run_dir=placeholder, project_root=project.root,
+                        resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
+        rows.append({"spec": item.spec.model_dump(mode="json"), "sweep": item.sweep, "overrides": item.overrides,
+                     "changes": item.changes, "would_start": engine.describe(launch)})
+    if as_json:
+        return echo_json({"dry_run": True, "runs": rows})
+    yaml = YAML()
+    yaml.default_flow_style = None
+    for row in rows:
+        typer.echo(f"# dry run: nothing written. sweep values: {row['sweep'] or 'none'}")
+        for key, old, new in row["changes"]:
+            typer.echo(f"# changed from the spec: {key}: {old} -> {new}")
+        yaml.dump(row["spec"], sys.stdout)
+        typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}\n")
+
+
+@app.command()
+@one_line_errors
+def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+    """Continue a stopped run from its last checkpoint.
+
+    For preempted, cancelled or failed runs; the run keeps its ops id and run dir."""
+    from ops import runs
+
+    project, registry = open_project()
+    run = runs.resume(project, registry, runs.find(registry, job_id))
+    if as_json:
+        return echo_json(run.to_json())
+    console().print(f"[bold]{run.ops_id}[/] resumed: {run.engine} job {run.engine_job_id}  {styled(run.state)}"
+                    f"  (restart {run.requeues})")
+
+
+@app.command()
+@one_line_errors
+def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+    """Run again on the recorded commit, config and diff.
+
+    A new run with the same spec, on the recorded commit plus its diff.patch (materialised in
+    RUN_DIR/code); refuses when the commit is not in the repository."""
+    from ops import runs
+
+    project, registry = open_project()
+    run = runs.rerun(project, registry, runs.find(registry, job_id), command_line())
+    if as_json:
+        return echo_json(run.to_json())
+    console().print(f"[bold]{run.ops_id}[/] (rerun of {job_id} at {(run.git_commit or '')[:8]}): "
+                    f"{run.engine} job {run.engine_job_id}  {styled(run.state)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# monitor, list, wait, cancel, sync
+
+
+def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
+    from ops import monitor, runs
+
+    run_dir = Path(run.run_dir)
+    job = runs.read_job(run_dir) if (run_dir / runs.JOB_FILE).is_file() else {"spec": {}}
+    view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run),
+                            "progress": monitor.progress(run, job["spec"])}
+    if engine_logs:
+        from ops.engines import get_engine
+
+        text, _ = get_engine(run.engine).logs(run)
+        view["log_tail"] = monitor.tail(text, lines)
+    if full:
+        provenance = run_dir / "provenance.json"
+        view["job"] = job
+        view["config"] = job["spec"].get("run")
+        view["provenance"] = json.loads(provenance.read_text()) if provenance.is_file() else None
+        view["paths"] = {name: str(run_dir / name) for name in
+                         ("config.yaml", "provenance.json", "diff.patch", "metrics.jsonl", "log.txt",
+                          "checkpoints", "samples", "summary.json")}
+    return view
+
+
+def print_view(view: dict) -> None:
+    from ops.monitor import format_seconds
+
+    out = console()
+    p = view["progress"]
+    out.print(f"[bold]{view['ops_id']}[/]  {styled(view['state'])}  {view['engine']} job {view['engine_job_id']}"
+              f"  elapsed {format_seconds(view['elapsed_seconds'])}"
+              + (f"  exit code {view['exit_code']}" if view["exit_code"] is not None else "")
+              + (f"  restarts {view['requeues']}" if view["requeues"] else ""))
+    if p["step"] is not None:
+        out.print(f"  step {p['step']}/{p['total_steps']} ({p['percent']}%)  epoch {p['epoch']:.2f}/{p['total_epochs']}"
+                  f"  loss {p['loss']:.4f}  {p['it_per_s']:.1f} it/s  eta {format_seconds(p['eta_seconds'])}")
+    else:
+        out.print("  no metrics yet")
+    out.print(f"  run dir {view['run_dir']}")
+    if view["state"] == "PREEMPTED":
+        out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
+    if "log_tail" in view:
+        out.rule("log tail")
+        out.print(view["log_tail"], markup=False, highlight=False)
+    if "provenance" in view:
+        from ruamel.yaml import YAML
+
+        out.rule("full record")
+        YAML().dump({key: view[key] for key in ("paths", "provenance", "job")}, sys.stdout)
+
+
+@app.command()
+@one_line_errors
+def monitor(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."),
+    logs: bool = typer.Option(False, "--logs", help="Show the tail of the run's log."),
+    lines: int = typer.Option(30, "--lines", help="Log lines to show with --logs."),
+    follow: bool = typer.Option(False, "--follow", help="Stream state changes and log lines until the run ends."),
+    full: bool = typer.Option(False, "--full", help="Everything recorded: config, provenance, paths."),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between polls with --follow."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """State, progress (step, loss, it/s, ETA) and log of a run."""
+    from ops import runs
+
+    project, registry = open_project()
+    run, problems = runs.reconcile(project, registry, runs.find(registry, job_id))
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+    if not follow:
+        view = run_view(project, run, logs, lines, full)
+        return echo_json(view) if as_json else print_view(view)
+    follow_run(project, registry, run, as_json, interval)
+
+
+def settled(run) -> bool:
+    from ops.engines import get_engine
+
+    return run.finished or (run.state == "PREEMPTED" and not get_engine(run.engine).requeues_itself)
+
+
+def follow_run(project, registry, run, as_json: bool, interval: float) -> None:
+    from ops.engines import get_engine
+
+    engine = get_engine(run.engine)
+    text, offset = engine.logs(run)
+    try:
+        follow_loop(project, registry, run, engine, text, offset, as_json, interval)
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; the run goes on: ops monitor {run.ops_id} --logs", err=True)
+
+
+def follow_loop(project, registry, run, engine, text: str, offset: int, as_json: bool, interval: float) -> None:
+    from ops import runs
+
+    last_state = None
+    while True:
+        if run.state != last_state:
+            last_state = run.state
+            if as_json:
+                typer.echo(json.dumps({"event": "state", "state": run.state, "time": time.time()}))
+            else:
+                console().print(f"[bold]{run.ops_id}[/] {styled(run.state)}")
+        if text:
+            if as_json:
+                for line in text.splitlines():
+                    typer.echo(json.dumps({"event": "log", "line": line}))
+            else:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        if settled(run):
+            break
+        time.sleep(interval)
+        run, _ = runs.reconcile(project, registry, registry.get(run.ops_id), engine)
+        text, offset = engine.logs(run, offset)
+    if as_json:
+        typer.echo(json.dumps({"event": "end", "run": run.to_json()}, default=str))
+    else:
+        console().print(f"[bold]{run.ops_id}[/] ended {styled(run.state)}"
+                        + (f" (exit code {run.exit_code})" if run.exit_code is not None else ""))
+
+
+@app.command("list")
+@one_line_errors
+def list_runs(
+    states: list[str] = typer.Option([], "--state", help="Only runs in this state (repeatable)."),
+    names: list[str] = typer.Option([], "--name", help="Only runs of this spec; * matches anything (repeatable)."),
+    limit: int = typer.Option(50, "--limit", help="Newest N runs; 0 for all."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Runs, newest first (unfinished ones are refreshed)."""
+    from ops import runs
+    from ops.registry import STATES
+
+    for state in states:
+        if state.upper() not in STATES:
+            raise OpsError(f"--state {state!r}: not a state; allowed: {', '.join(STATES)}")
+    project, registry = open_project()
+    shown = registry.select([s.upper() for s in states], names, limit or None)
+    shown = [runs.reconcile(project, registry, run)[0] if not run.finished else run for run in shown]
+    if as_json:
+        return echo_json([run.to_json() for run in shown])
+    if not shown:
+        return typer.echo("no runs" + (" match" if states or names else " yet; `ops submit NAME` starts one"))
+    from ops.monitor import elapsed_seconds, format_seconds
+
+    # Plain aligned columns: a rich table costs a fifth of a second for 50 rows.
+    header = ("ops id", "state", "engine", "job", "created", "elapsed", "commit", "sweep")
+    rows = [(run.ops_id, run.state, run.engine, run.engine_job_id or "-", when(run.created_at),
+             format_seconds(elapsed_seconds(run)), (run.git_commit or "no git")[:8],
+             " ".join(f"{k}={v}" for k, v in run.sweep.items())) for run in shown]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    color = sys.stdout.isatty()
+    typer.echo("  ".join(name.ljust(width) for name, width in zip(header, widths)).rstrip())
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        if color:
+            cells[1] = typer.style(cells[1], fg=STATE_STYLE.get(row[1], "white").replace("dim", "white"))
+        typer.echo("  ".join(cells).rstrip())
+
+
+@app.command()
+@one_line_errors
+def wait(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."),
+    timeout: float = typer.Option(None, "--timeout", help="Give up after this many seconds (exit 124)."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Block until the run ends; exit code by final state.
+
+    0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (stopped, resumable), 4 UNKNOWN, 124 timeout."""
+    from ops import runs
+
+    project, registry = open_project()
+    run = runs.find(registry, job_id)
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        run, problems = runs.reconcile(project, registry, run)
+        if settled(run):
+            break
+        if deadline and time.monotonic() > deadline:
+            typer.echo(f"{run.ops_id}: still {run.state} after {timeout:g} s", err=True)
+            raise typer.Exit(124)
+        time.sleep(interval)
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+    if as_json:
+        echo_json(run.to_json())
+    else:
+        console().print(f"[bold]{run.ops_id}[/] {styled(run.state)}")
+    raise typer.Exit(WAIT_EXIT_CODES.get(run.state, 4))
+
+
+@app.command()
+@one_line_errors
+def cancel(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."),
+    grace: float = typer.Option(None, "--grace", help="Seconds between SIGTERM and SIGKILL (default: ops.yaml)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Stop a run: SIGTERM (it checkpoints), later SIGKILL."""
+    from ops import runs
+    from ops.engines import get_engine
+
+    project, registry = open_project()
+    run, _ = runs.reconcile(project, registry, runs.find(registry, job_id))
+    if run.finished:
+        message = f"{run.ops_id}: already {run.state}; nothing to cancel"
+    else:
+        engine = get_engine(run.engine)
+        engine.cancel(run, project.settings.cancel_grace_seconds if grace is None else grace)
+        run, _ = runs.reconcile(project, registry, run, engine)
+        message = f"{run.ops_id}: {run.state}"
+    if as_json:
+        return echo_json(run.to_json())
+    console().print(message)
+
+
+@app.command()
+@one_line_errors
+def sync(as_json: bool = JSON_OPTION) -> None:
+    """Reconcile unfinished runs, rebuild rows, retry follow-ups.
+
+    Polls the engine of every unfinished run, adds registry rows for run dirs it lacks, and
+    retries follow-ups (experiment log ...) that failed before."""
+    from ops import runs
+
+    project, registry = open_project()
+    added, reconciled, problems = runs.sync(project, registry)
+    if as_json:
+        return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})
+    out = console()
+    for ops_id in added:
+        out.print(f"rebuilt registry row for {ops_id} from its run dir")
+    for run in reconciled:
+        out.print(f"{run.ops_id}  {styled(run.state)}")
+    for problem in problems:
+        out.print(f"[yellow]warning[/] {problem}")
+    out.print(f"synced {len(reconciled)} unfinished run(s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def jobs_dir() -> Path:
+    from ops.settings import Project
+
+    return Project().jobs_dir
+
+
+@config_app.command("list")
+@one_line_errors
+def config_list(as_json: bool = JSON_OPTION) -> None:
+    """The job specs, with task, engine and description."""
+    from ruamel.yaml import YAML
+
+    rows = []
+    for path in sorted(jobs_dir().glob("*.yaml")):
         raw = YAML(typ="safe").load(path.read_text()) or {}
         rows.append({"name": path.stem, "task": (raw.get("run") or {}).get("task", "train"),
+                     "engine": raw.get("engine", "local"),
                      "description": " ".join(str(raw.get("description", "")).split())})
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    from rich.console import Console
+        return echo_json(rows)
     from rich.table import Table
 
-    table = Table("name", "task", "description")
+    table = Table("name", "task", "engine", "description")
     for row in rows:
-        table.add_row(row["name"], row["task"], row["description"])
-    Console().print(table)
+        table.add_row(row["name"], row["task"], row["engine"], row["description"])
+    console().print(table)
+
+
+@config_app.command("show")
+@one_line_errors
+def config_show(
+    name: str = typer.Argument(..., help="Job spec name."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE to apply before showing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The resolved spec: every value in effect, defaults included."""
+    from ruamel.yaml import YAML
+
+    from ops.spec import load_spec, spec_path
+
+    spec = load_spec(spec_path(jobs_dir(), name), overrides).model_dump(mode="json")
+    if as_json:
+        return echo_json(spec)
+    yaml = YAML()
+    yaml.default_flow_style = None
+    yaml.dump(spec, sys.stdout)
 
 
 @config_app.command("validate")
+@one_line_errors
 def config_validate(
     names: list[str] = typer.Argument(None, help="Spec names or paths; all of configs/jobs/ when omitted."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Validate job specs; one line per problem, exit 1 if any is invalid."""
-    paths = [spec_path(name) for name in names] if names else sorted(JOBS_DIR.glob("*.yaml"))
+    """Validate specs: a line per problem, exit 1 if any."""
+    from diffusion.config import ConfigError
+
+    from ops.spec import load_spec, spec_path
+
+    folder = jobs_dir()
+    paths = [spec_path(folder, name) for name in names or sorted(p.stem for p in folder.glob("*.yaml"))]
     results = []
     for path in paths:
         try:
-            load_run_config(path)
+            load_spec(path)
             results.append({"spec": str(path), "valid": True, "error": None})
         except ConfigError as exc:
             results.append({"spec": str(path), "valid": False, "error": str(exc)})
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
+        echo_json(results)
     else:
         for result in results:
             typer.echo(f"ok    {result['spec']}" if result["valid"] else f"error {result['error']}")
     if not all(result["valid"] for result in results):
         raise typer.Exit(1)
+
+
+@config_app.command("set")
+@one_line_errors
+def config_set(
+    name: str = typer.Argument(..., help="Job spec name."),
+    assignments: list[str] = typer.Argument(..., help="KEY=VALUE ... e.g. run.train.lr=1e-4"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Edit a spec in place, keeping comments and layout.
+
+    Validates the edited spec first; an invalid value writes nothing."""
+    from ops.specedit import set_values
+    from ops.spec import spec_path
+
+    path = spec_path(jobs_dir(), name)
+    changes = set_values(path, assignments)
+    if as_json:
+        return echo_json({"spec": str(path), "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes]})
+    for key, old, new in changes:
+        typer.echo(f"{path.name}: {key}: {old} -> {new}")

@@ -46,3 +46,18 @@ def run_diffusion(*args: str, **kwargs):
 
     return subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], capture_output=True, text=True,
                           cwd=kwargs.pop("cwd", REPO), **kwargs)
+
+
+@pytest.fixture
+def git_project(tmp_path) -> Path:
+    """A real git repo holding configs/jobs/tiny.yaml (see tests/ops_project.py)."""
+    from tests.ops_project import make_project
+
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+def ops_project(git_project, mnist_root, monkeypatch) -> Path:
+    """git_project whose runs can train: the runs inherit DIFFUSION_DATA_ROOT."""
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(mnist_root.resolve()))
+    return git_project

@@ -22,7 +22,7 @@ def test_config_validate_names_the_bad_key_and_fails(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["config", "validate", "bad"])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "error configs/jobs/bad.yaml: train.epocs: unknown key; did you mean 'train.epochs'?"
+        "error configs/jobs/bad.yaml: run.train.epocs: unknown key; did you mean 'run.train.epochs'?"
     )
 
 

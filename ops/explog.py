@@ -1,0 +1,92 @@
+"""EXPERIMENT_LOG.md: one section per run, appended at submit, its results filled in at the end.
+
+The results live between two HTML comments carrying the ops id, so filling them in is a
+replace that can run any number of times. A file lock (in the runs folder, out of git's way) keeps
+concurrent CLIs from interleaving.
+"""
+
+import json
+import time
+from pathlib import Path
+
+HEADER = """# Experiment log
+
+One section per run, newest last: what was tried, why, exactly how, and what came of it.
+Written by `ops submit` and filled in by `ops sync` / `ops monitor` when a run ends.
+"""
+
+
+def _markers(ops_id: str) -> tuple[str, str]:
+    return f"<!-- results {ops_id} -->", f"<!-- /results {ops_id} -->"
+
+
+def _locked(lock: Path):
+    from filelock import FileLock
+
+    return FileLock(str(lock), timeout=60)
+
+
+def format_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
+
+
+def section(run: dict) -> str:
+    """`run` carries: ops_id, name, hypothesis, command, engine, engine_job_id, run_dir, commit,
+    dirty, changes [(key, spec value, run value)], sweep {key: value}, created_at."""
+    start, end = _markers(run["ops_id"])
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"]))
+    commit = run["commit"][:8] if run["commit"] else "no git"
+    lines = [
+        f"## {run['ops_id']} ({run['name']})",
+        "",
+        f"- **Submitted:** {when} on `{run['engine']}` (job `{run['engine_job_id']}`), commit `{commit}`"
+        + (" with uncommitted changes (`diff.patch`)" if run["dirty"] else ""),
+        f"- **Hypothesis:** {' '.join(run['hypothesis'].split()) or '(none given in the spec)'}",
+        f"- **Command:** `{run['command']}`",
+        f"- **Run dir:** `{run['run_dir']}`",
+    ]
+    if run["changes"]:
+        lines.append("- **Changed from the spec:**")
+        lines += [f"    - `{key}`: {format_value(old)} → {format_value(new)}" for key, old, new in run["changes"]]
+    else:
+        lines.append("- **Changed from the spec:** nothing; the spec as written.")
+    lines += ["", start, f"_Running. `ops monitor {run['ops_id']}` shows its progress._", end, ""]
+    return "\n".join(lines) + "\n"
+
+
+def append_section(path: Path, run: dict, lock: Path) -> None:
+    with _locked(lock):
+        text = path.read_text() if path.is_file() else HEADER
+        if _markers(run["ops_id"])[0] in text:
+            return  # already there: a retried follow-up
+        path.write_text(text.rstrip("\n") + "\n\n" + section(run))
+
+
+def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
+    """Replace the run's results block; False when the log has no section for it."""
+    start, end = _markers(ops_id)
+    with _locked(lock):
+        text = path.read_text() if path.is_file() else ""
+        if start not in text or end not in text:
+            return False
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        path.write_text(f"{head}{start}\n{results.strip()}\n{end}{tail}")
+    return True
+
+
+def results_text(state: str, summary: dict, duration_seconds: float | None) -> str:
+    """The block filled in when a run ends: state, duration and the run's own final figures."""
+    lines = [f"**Result: {state}**" + (f" after {duration_seconds / 60:.1f} min" if duration_seconds else "")]
+    final = summary.get("final_metrics") or {}
+    if "step" in summary:
+        lines.append(f"- steps {summary['step']}" + (f", epoch {summary['epoch']:.2f}" if "epoch" in summary else "")
+                     + (f", final loss {final['loss']:.4f}" if "loss" in final else ""))
+    if summary.get("stop_reason"):
+        lines.append(f"- stopped: {summary['stop_reason']}")
+    scores = summary.get("scores")
+    if scores:
+        lines.append("- scores: " + ", ".join(f"{key} {format_value(value)}" for key, value in scores.items()))
+    if summary.get("error"):
+        lines.append(f"- error: `{summary['error']}`")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""The life of a run: plan (validate) → create (run dir, provenance, registry row) → start on an
+engine → reconcile until it ends, then the follow-ups, each done once (an outbox).
+
+Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine, engine job id,
+overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
+"""
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ops.engines import Engine, Launch, get_engine
+from ops.registry import FINAL_STATES, Registry, Run
+from ops.errors import OpsError
+from ops.settings import Project
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class Planned:
+    """One validated run waiting to be created: the resolved spec and how it came about."""
+
+    spec: Any  # ops.spec.JobSpec
+    overrides: list[str]
+    sweep: dict[str, str] = field(default_factory=dict)
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        items = {}
+        for key, value in data.items():
+            items |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return items
+    return {prefix: data}
+
+
+def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
+    """(key, spec value, run value) for every leaf that the overrides changed."""
+    old, new = flatten(base), flatten(resolved)
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def plan(project: Project, name: str, engine: str | None, overrides: list[str], sweeps: list[str]) -> list[Planned]:
+    """Resolve and validate every run a submit asks for; raises before anything is written."""
+    from ops.spec import expand_sweep, load_spec, spec_path
+
+    path = spec_path(project.jobs_dir, name)
+    base = load_spec(path).model_dump(mode="json")
+    overrides = [*overrides, *([f"engine={engine}"] if engine else [])]
+    planned = []
+    for combination in expand_sweep(sweeps) or [{}]:
+        run_overrides = [*overrides, *(f"{key}={value}" for key, value in combination.items())]
+        spec = load_spec(path, run_overrides)
+        local_device = spec.resources.local.device
+        if spec.engine == "local" and local_device:
+            spec.run.device = local_device
+        planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json"))))
+    return planned
+
+
+def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | None = None) -> Launch:
+    return Launch(run_dir=Path(run.run_dir), project_root=project.root, code_dir=code_dir,
+                  resources=spec_json["resources"][run.engine])
+
+
+def read_job(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / JOB_FILE).read_text())
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
+    """A fresh ops id and its run dir; mkdir is the atomic claim, so concurrent submits never share."""
+    project.runs_dir.mkdir(parents=True, exist_ok=True)
+    ignore = project.runs_dir / ".gitignore"
+    if not ignore.is_file():
+        ignore.write_text("# run dirs are outputs: keep them out of git and out of diff.patch\n*\n")
+    while True:
+        ops_id = f"{name}-{secrets.token_hex(3)}"
+        run_dir = project.runs_dir / ops_id
+        try:
+            run_dir.mkdir()
+            return ops_id, run_dir
+        except FileExistsError:
+            continue
+
+
+def create(project: Project, registry: Registry, planned: Planned, command: str,
+           provenance_into: Callable[[Path], dict]) -> Run:
+    """Run dir + config.yaml + provenance + job.json + registry row. Nothing is left on failure."""
+    from diffusion.config import dump_yaml
+
+    spec = planned.spec
+    ops_id, run_dir = claim_run_dir(project, spec.name)
+    try:
+        provenance = provenance_into(run_dir)
+    except Exception:
+        shutil.rmtree(run_dir)
+        raise
+    write_json(run_dir / "provenance.json", provenance)
+    dump_yaml(spec.run.model_dump(mode="json"), run_dir / "config.yaml")
+    run = Run(ops_id=ops_id, name=spec.name, engine=spec.engine, run_dir=str(run_dir),
+              git_commit=(provenance.get("git") or {}).get("commit"), sweep=planned.sweep,
+              overrides=planned.overrides)
+    job = {"ops_id": ops_id, "name": spec.name, "engine": spec.engine, "engine_job_id": None,
+           "created_at": run.created_at, "command": command, "overrides": planned.overrides,
+           "sweep": planned.sweep, "changes": planned.changes, "spec": spec.model_dump(mode="json")}
+    write_json(run_dir / JOB_FILE, job)
+    if not registry.insert(run):
+        raise OpsError(f"{ops_id}: already in the registry {registry.path}")
+    return run
+
+
+def start(project: Project, registry: Registry, run: Run, code_dir: Path | None = None) -> Run:
+    """Hand the run to its engine; record the engine job id and the first state."""
+    engine = get_engine(run.engine)
+    job = read_job(Path(run.run_dir))
+    try:
+        job_id = engine.submit(launch_for(project, run, job["spec"], code_dir))
+    except Exception as exc:
+        registry.update(run.ops_id, state="FAILED", finished_at=time.time())
+        raise OpsError(f"{run.ops_id}: the {run.engine} engine refused the job: {exc}") from exc
+    job["engine_job_id"] = job_id
+    write_json(Path(run.run_dir) / JOB_FILE, job)
+    run.engine_job_id, run.started_at = job_id, time.time()
+    registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
+    return reconcile(project, registry, run, engine)[0]
+
+
+def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
+           allow_no_git: bool = False) -> list[Run]:
+    from ops.provenance import capture
+
+    runs = []
+    for item in planned:
+        run = create(project, registry, item, command, lambda run_dir: capture(project.root, run_dir, allow_no_git))
+        runs.append(start(project, registry, run, code_dir=None))
+    return runs
+
+
+def resume(project: Project, registry: Registry, run: Run) -> Run:
+    """Continue a stopped run in its own run dir (the trainer resumes from latest.pt)."""
+    run = reconcile(project, registry, run)[0]
+    if run.state in ("RUNNING", "QUEUED"):
+        raise OpsError(f"{run.ops_id}: is {run.state}; nothing to resume")
+    if run.state == "SUCCEEDED":
+        raise OpsError(f"{run.ops_id}: finished successfully; `ops rerun {run.ops_id}` starts a new run")
+    code_dir = Path(run.run_dir) / "code"
+    registry.update(run.ops_id, state="QUEUED", finished_at=None, exit_code=None, requeues=run.requeues + 1)
+    registry.forget_followup(run.ops_id, "experiment_log_result")
+    run = registry.get(run.ops_id)
+    return start(project, registry, run, code_dir if code_dir.is_dir() else None)
+
+
+def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
+    """A new run with the recorded spec, on the recorded commit plus its diff.patch."""
+    from ops.provenance import restore
+    from ops.spec import validate_spec
+
+    old_dir = Path(run.run_dir)
+    job = read_job(old_dir)
+    old_provenance = json.loads((old_dir / "provenance.json").read_text())
+    if old_provenance.get("git") is None:
+        raise OpsError(f"{run.ops_id}: was recorded without git (--allow-no-git); its code cannot be restored")
+    spec = validate_spec(job["spec"], f"{old_dir / JOB_FILE}")
+
+    def restored_provenance(run_dir: Path) -> dict:
+        restore(old_provenance, old_dir / "diff.patch", project.root, run_dir / "code")
+        shutil.copyfile(old_dir / "diff.patch", run_dir / "diff.patch")
+        return {**old_provenance, "rerun_of": run.ops_id, "rerun_at": time.time()}
+
+    planned = Planned(spec, job["overrides"], job["sweep"], [tuple(change) for change in job["changes"]])
+    new = create(project, registry, planned, command, restored_provenance)
+    return start(project, registry, new, code_dir=Path(new.run_dir) / "code")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconcile: engine + run dir (the truth) -> registry (the index), then the follow-ups
+
+
+def log_entry(project: Project, run: Run, job: dict, provenance: dict) -> dict:
+    git = provenance.get("git") or {}
+    return {"ops_id": run.ops_id, "name": run.name, "hypothesis": job["spec"].get("hypothesis", ""),
+            "command": job["command"], "engine": run.engine, "engine_job_id": run.engine_job_id,
+            "run_dir": os.path.relpath(run.run_dir, project.root), "commit": git.get("commit"), "dirty": git.get("dirty", False),
+            "changes": job["changes"], "created_at": run.created_at}
+
+
+def followup_experiment_log_submit(project: Project, run: Run) -> str:
+    from ops.explog import append_section
+
+    run_dir = Path(run.run_dir)
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    append_section(project.experiment_log, log_entry(project, run, read_job(run_dir), provenance),
+                   project.runs_dir / ".experiment_log.lock")
+    return str(project.experiment_log)
+
+
+def followup_experiment_log_result(project: Project, run: Run) -> str:
+    from ops.explog import fill_results, results_text
+
+    summary_path = Path(run.run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
+    results = results_text(run.state, summary, duration)
+    if not fill_results(project.experiment_log, run.ops_id, results, project.runs_dir / ".experiment_log.lock"):
+        raise OpsError(f"{project.experiment_log}: no section for {run.ops_id} to fill in")
+    return str(project.experiment_log)
+
+
+# (kind, due when, action). Later issues add the GitHub issue and the journal post here.
+FOLLOWUPS: list[tuple[str, Callable[[Run], bool], Callable[[Project, Run], str]]] = [
+    ("experiment_log_submit", lambda run: run.engine_job_id is not None, followup_experiment_log_submit),
+    ("experiment_log_result", lambda run: run.finished, followup_experiment_log_result),
+]
+
+
+def do_followups(project: Project, registry: Registry, run: Run) -> list[str]:
+    """Each due follow-up once; a failure is reported and retried by the next reconcile."""
+    problems = []
+    for kind, due, action in FOLLOWUPS:
+        if not due(run) or registry.followup_done(run.ops_id, kind):
+            continue
+        try:
+            detail = action(project, run)
+        except Exception as exc:  # an outbox: keep going, the next sync retries this one
+            problems.append(f"{run.ops_id}: {kind} failed, will retry on the next sync: {exc}")
+            continue
+        registry.record_followup(run.ops_id, kind, detail)
+    return problems
+
+
+def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
+    """Bring one run's row up to date with its engine, and do its due follow-ups."""
+    if not run.finished and run.engine_job_id is not None:
+        engine = engine or get_engine(run.engine)
+        observed = engine.state(run)
+        if observed.state != run.state or observed.exit_code != run.exit_code:
+            changes = {"state": observed.state, "exit_code": observed.exit_code}
+            if observed.state in FINAL_STATES:
+                changes["finished_at"] = observed.finished_at or time.time()
+            registry.update(run.ops_id, **changes)
+            run = registry.get(run.ops_id)
+    return run, do_followups(project, registry, run)
+
+
+def rebuild_missing(project: Project, registry: Registry) -> list[str]:
+    """Rows for run dirs the registry lost (deleted or older registry file): the run dirs are the truth."""
+    added = []
+    for job_path in sorted(project.runs_dir.glob(f"*/{JOB_FILE}")):
+        job = json.loads(job_path.read_text())
+        if registry.get(job["ops_id"]) is not None:
+            continue
+        provenance_path = job_path.parent / "provenance.json"
+        provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+        run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(job_path.parent),
+                  state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
+                  git_commit=(provenance.get("git") or {}).get("commit"), sweep=job["sweep"],
+                  overrides=job["overrides"])
+        registry.insert(run)
+        added.append(run.ops_id)
+    return added
+
+
+def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], list[str]]:
+    """(rebuilt ops ids, reconciled runs, problems) for every run not yet settled."""
+    added = rebuild_missing(project, registry)
+    runs, problems = [], []
+    for run in registry.unfinished():
+        run, run_problems = reconcile(project, registry, run)
+        runs.append(run)
+        problems += run_problems
+    # Finished runs whose follow-ups an earlier crash or outage left undone.
+    for ops_id in registry.pending_followups([kind for kind, _, _ in FOLLOWUPS]):
+        problems += do_followups(project, registry, registry.get(ops_id))
+    return added, runs, problems
+
+
+def find(registry: Registry, job_id: str) -> Run:
+    """A run by ops id, engine job id, or `latest` (the newest run)."""
+    if job_id == "latest":
+        newest = registry.select(limit=1)
+        if not newest:
+            raise OpsError("JOB_ID 'latest': the registry has no runs yet; `ops submit NAME` starts one")
+        return newest[0]
+    run = registry.get(job_id)
+    if run is None:
+        close = registry.ids_like(job_id)
+        hint = f"did you mean {', '.join(close)}?" if close else "`ops list` shows the runs"
+        raise OpsError(f"JOB_ID {job_id!r}: no such run (neither an ops id nor an engine job id); {hint}")
+    return run
