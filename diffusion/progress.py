@@ -1,4 +1,5 @@
-"""Training progress: a rich bar on a terminal, plain log lines in a log file (engines, CI)."""
+"""Training progress: a rich bar on a terminal, plain log lines in a log file (engines, CI),
+nothing on data-parallel ranks other than 0 ("quiet")."""
 
 import sys
 import time
@@ -14,6 +15,7 @@ def format_seconds(seconds: float) -> str:
 
 class TrainProgress:
     def __init__(self, mode: str, total_steps: int, start_step: int, seconds_left: float | None = None):
+        self.quiet = mode == "quiet"
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self.total_steps = total_steps
         self.start_step = start_step
@@ -55,6 +57,8 @@ class TrainProgress:
         return eta
 
     def log(self, record: dict) -> None:
+        if self.quiet:
+            return
         eta = self.eta_seconds(record["step"])
         if self.bar:
             self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s",

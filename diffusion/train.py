@@ -6,11 +6,17 @@ state, and is written only between steps. N steps in one go equal N/2 + resume +
 
 Preemption: SIGTERM, SIGUSR1 or SIGUSR2 finish the current step, write a checkpoint and exit with
 EXIT_PREEMPTED; a second signal exits at once (the last checkpoint stays valid).
+
+Data parallel: when RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are set (torchrun, or the SLURM
+engine), every rank takes the same global batch, computes the loss on its shard of it, and DDP
+averages the gradients, so N ranks follow the same trajectory as one process with the same
+global batch. Rank 0 alone writes the run dir.
 """
 
 import copy
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -60,6 +66,62 @@ class PreemptionFlag:
             sys.exit(128 + signum)
         self.signal = signum
         print(f"\nreceived {signal.Signals(signum).name}: checkpointing after this step", flush=True)
+
+
+class DataParallel:
+    """This process's place among the ranks (one rank, world size 1, when not distributed)."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.is_main = self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def start(self, device: torch.device) -> torch.device:
+        if not self.enabled:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def stop(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag true on some rank: every rank must take the same decision (stop, checkpoint)."""
+        if not self.enabled:
+            return flags
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(flag) for flag in flags], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [bool(value) for value in tensor.tolist()]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world_size
 
 
 def pick_device(requested: str) -> torch.device:
@@ -136,21 +198,41 @@ def save_sample_grid(method, model, config: RunConfig, image_shape, path: Path, 
 
 def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) -> int:
     """Train (or resume) the run in `run_dir`. Returns the process exit code."""
-    device = device or pick_device(config.device)
+    ranks = DataParallel()
+    device = ranks.start(device or pick_device(config.device))
+    try:
+        return train_loop(config, run_dir, device, ranks)
+    finally:
+        ranks.stop()
+
+
+def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: DataParallel) -> int:
     dataset = load_dataset(config.data, "train")  # before writing anything: a missing dataset fails clean
-    run = RunDir(run_dir)
-    run.create(config)
-    remove_partial_writes(run.checkpoints)
     tc = config.train
+    if tc.batch_size % ranks.world_size:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} is not allowed: must divide among "
+                          f"{ranks.world_size} data-parallel ranks")
+    run = RunDir(run_dir)
+    if ranks.is_main:
+        run.create(config)
+        remove_partial_writes(run.checkpoints)
+    ranks.barrier()
 
     seed_everything(tc.seed)
     model = build_model(config, dataset.shape, dataset.num_classes).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
+    trained_model = model
+    if ranks.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     method = build_method(config.method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
 
     batch_size = min(tc.batch_size, len(dataset))
+    shard_size = batch_size // ranks.world_size
+    shard = slice(ranks.rank * shard_size, (ranks.rank + 1) * shard_size) if ranks.enabled else None
     steps_per_epoch = len(dataset) // batch_size  # drop the ragged last batch
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps is not None:
@@ -165,10 +247,13 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, train_seconds = checkpoint["step"], checkpoint["train_seconds"]
         restore_rng_state(checkpoint["rng"])
-        run.truncate_metrics(after_step=step)
+        if ranks.is_main:
+            run.truncate_metrics(after_step=step)
         print(f"resumed from {checkpoint_path} at step {step} (epoch {step // steps_per_epoch})", flush=True)
 
     def checkpoint_now() -> None:
+        if not ranks.is_main:
+            return
         state = {
             "model": model.state_dict(),
             "ema": ema_model.state_dict(),
@@ -185,12 +270,15 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
         save_checkpoint(state, run.checkpoints, step, keep=tc.keep_checkpoints)
 
     def write_grid(name: str) -> None:
+        if not ranks.is_main:
+            return
         path = run.samples / name
         save_sample_grid(method, ema_model, config, dataset.shape, path, device, dataset.num_classes)
 
     num_params = sum(p.numel() for p in model.parameters())
     print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters, "
-          f"{steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps"
+          + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""), flush=True)
 
     status, stop_reason = "completed", "finished all steps"
     last_checkpoint_time, checkpointed_step = time.monotonic(), step
@@ -198,7 +286,8 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
     permutation, permutation_epoch = None, -1
     model.train()
     seconds_left = tc.max_minutes * 60 - train_seconds if tc.max_minutes else None
-    with PreemptionFlag() as preemption, TrainProgress(tc.progress, total_steps, step, seconds_left) as progress:
+    progress_mode = tc.progress if ranks.is_main else "quiet"
+    with PreemptionFlag() as preemption, TrainProgress(progress_mode, total_steps, step, seconds_left) as progress:
         loop_started, seconds_before = time.monotonic(), train_seconds
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
@@ -214,7 +303,7 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(step, tc)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = method.loss(model, batch)
+                loss = method.loss(trained_model, batch, shard)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
@@ -232,7 +321,7 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
                 record = {
                     "step": step,
                     "epoch": round(step / steps_per_epoch, 4),
-                    "loss": (loss_sum / loss_count).item(),
+                    "loss": ranks.mean(loss_sum / loss_count).item(),
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": grad_norm.item(),
                     "it_per_s": window_steps / window_seconds,
@@ -240,7 +329,8 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
                     "train_seconds": round(train_seconds, 3),
                     "total_steps": total_steps,
                 }
-                run.log_metrics(record)
+                if ranks.is_main:
+                    run.log_metrics(record)
                 progress.log(record)
                 loss_sum.zero_()
                 loss_count, window_start, window_steps = 0, time.monotonic(), 0
@@ -257,7 +347,11 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
                 tc.checkpoint_every_minutes
                 and time.monotonic() - last_checkpoint_time >= tc.checkpoint_every_minutes * 60
             )
-            if preemption.signal is not None or out_of_time or due_by_steps or due_by_time:
+            flags = [preemption.signal is not None, bool(out_of_time), bool(due_by_time)]
+            preempted, out_of_time, due_by_time = ranks.any(flags, device)
+            if preempted and preemption.signal is None:
+                preemption.signal = signal.SIGUSR2  # another rank was signalled; stop at the same step
+            if preempted or out_of_time or due_by_steps or due_by_time:
                 checkpoint_now()
                 last_checkpoint_time, checkpointed_step = time.monotonic(), step
             if preemption.signal is not None:
@@ -273,11 +367,17 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
                 checkpoint_now()
             write_grid("final.png")
 
+    exit_code = EXIT_PREEMPTED if status == "preempted" else 0
+    print(f"{status}: {stop_reason}", flush=True)
+    if not ranks.is_main:
+        return exit_code
     last = run.metrics.read_text().splitlines()[-1:] if run.metrics.is_file() else []
     run.write_summary(
         {
             "status": status,
             "reason": stop_reason,
+            # Which signal stopped it: engines requeue on their preemption signal, not on a cancel.
+            "signal": signal.Signals(preemption.signal).name if preemption.signal else None,
             "step": step,
             "total_steps": total_steps,
             "epoch": round(step / steps_per_epoch, 4),
@@ -285,8 +385,7 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
             "num_parameters": num_params,
             "device": str(device),
             "final_metrics": json.loads(last[0]) if last else {},
-            "exit_code": EXIT_PREEMPTED if status == "preempted" else 0,
+            "exit_code": exit_code,
         }
     )
-    print(f"{status}: {stop_reason}", flush=True)
-    return EXIT_PREEMPTED if status == "preempted" else 0
+    return exit_code

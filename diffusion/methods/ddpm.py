@@ -207,13 +207,20 @@ class DDPM:
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
 
-    def loss(self, model, batch: dict) -> Tensor:
+    def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
+        """Mean loss over the batch, or over `shard` of it (data-parallel ranks). The noise and the
+        timesteps are drawn for the whole batch either way, so that every rank, and a single
+        process, consume the same random numbers."""
         images = batch["images"]
         # From the global RNG (on images' device), which the trainer checkpoints for exact resumes.
         timesteps = torch.randint(0, self.num_train_timesteps, (images.shape[0],), device=images.device)
         noise = torch.randn_like(images)
+        class_labels = batch.get("class_labels")
+        if shard is not None:
+            images, timesteps, noise = images[shard], timesteps[shard], noise[shard]
+            class_labels = class_labels[shard] if class_labels is not None else None
         noisy_images = self.schedule.add_noise(images, noise, timesteps)
-        model_output = model(noisy_images, timesteps, class_labels=batch.get("class_labels"))
+        model_output = model(noisy_images, timesteps, class_labels=class_labels)
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "sample":
