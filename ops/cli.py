@@ -4,7 +4,7 @@ Every command takes `--json` for agents. Stable fields:
 - a run (`list`, `submit`, `monitor`, `wait`, `cancel`, `sync`): ops_id, name, engine, engine_job_id,
   state (QUEUED RUNNING SUCCEEDED FAILED CANCELLED PREEMPTED UNKNOWN), run_dir, git_commit,
   created_at, started_at, finished_at (unix seconds or null), exit_code, requeues, sweep, overrides,
-  github_issue, journal_post.
+  github_issue, journal_post, detail (why it is in its state, in the engine's words).
 - `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
   it_per_s, eta_seconds, percent}, log_tail (with --logs), and with --full: config, provenance,
   job, paths.
@@ -235,6 +235,8 @@ def print_view(view: dict) -> None:
     else:
         out.print("  no metrics yet")
     out.print(f"  run dir {view['run_dir']}")
+    if view["detail"]:
+        out.print(f"  {view['detail']}", markup=False)
     if view["state"] == "PREEMPTED":
         out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
     if "log_tail" in view:

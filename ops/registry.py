@@ -49,6 +49,8 @@ MIGRATIONS = [
         PRIMARY KEY (ops_id, kind)
     );
     """,
+    # Why a run is in its state, in the engine's words (SLURM's state and exit code, a signal ...).
+    "ALTER TABLE runs ADD COLUMN detail TEXT",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,6 +73,7 @@ class Run:
     overrides: list = field(default_factory=list)
     github_issue: str | None = None
     journal_post: str | None = None
+    detail: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -123,30 +123,56 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
 
 
 def start(project: Project, registry: Registry, run: Run, code_dir: Path | None = None) -> Run:
-    """Hand the run to its engine; record the engine job id and the first state."""
-    engine = get_engine(run.engine)
-    job = read_job(Path(run.run_dir))
+    """Hand one run to its engine; record the engine job id and the first state."""
+    return start_many(project, registry, [run], [code_dir])[0]
+
+
+def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs: list[Path | None]) -> list[Run]:
+    """Hand runs of one engine to it in one go (a SLURM job array for a sweep)."""
+    engine = get_engine(runs[0].engine)
+    jobs = [read_job(Path(run.run_dir)) for run in runs]
+    launches = [launch_for(project, run, job["spec"], code_dir) for run, job, code_dir in zip(runs, jobs, code_dirs)]
     try:
-        job_id = engine.submit(launch_for(project, run, job["spec"], code_dir))
+        job_ids = engine.submit_many(launches)
     except Exception as exc:
-        registry.update(run.ops_id, state="FAILED", finished_at=time.time())
-        raise OpsError(f"{run.ops_id}: the {run.engine} engine refused the job: {exc}") from exc
-    job["engine_job_id"] = job_id
-    write_json(Path(run.run_dir) / JOB_FILE, job)
-    run.engine_job_id, run.started_at = job_id, time.time()
-    registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
-    return reconcile(project, registry, run, engine)[0]
+        for run in runs:
+            registry.update(run.ops_id, state="FAILED", finished_at=time.time())
+        raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
+    started = []
+    for run, job, job_id in zip(runs, jobs, job_ids):
+        job["engine_job_id"] = job_id
+        write_json(Path(run.run_dir) / JOB_FILE, job)
+        run.engine_job_id, run.started_at = job_id, time.time()
+        registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
+        started.append(reconcile(project, registry, run, engine)[0])
+    return started
+
+
+def snapshot_code(project: Project, run: Run) -> Path | None:
+    """RUN_DIR/code: the recorded commit plus diff.patch, for engines whose jobs start later."""
+    from ops.provenance import restore
+
+    run_dir = Path(run.run_dir)
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    if provenance.get("git") is None:
+        return None  # --allow-no-git: nothing to restore; the job imports whatever is installed
+    restore(provenance, run_dir / "diff.patch", project.root, run_dir / "code")
+    return run_dir / "code"
 
 
 def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
            allow_no_git: bool = False) -> list[Run]:
     from ops.provenance import capture
 
-    runs = []
-    for item in planned:
-        run = create(project, registry, item, command, lambda run_dir: capture(project.root, run_dir, allow_no_git))
-        runs.append(start(project, registry, run, code_dir=None))
-    return runs
+    created = [create(project, registry, item, command, lambda run_dir: capture(project.root, run_dir, allow_no_git))
+               for item in planned]
+    started = []
+    for engine_name in dict.fromkeys(run.engine for run in created):
+        group = [run for run in created if run.engine == engine_name]
+        snapshots = get_engine(engine_name).snapshots_code
+        code_dirs = [snapshot_code(project, run) if snapshots else None for run in group]
+        started += start_many(project, registry, group, code_dirs)
+    return started
 
 
 def resume(project: Project, registry: Registry, run: Run) -> Run:
@@ -246,8 +272,10 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
     if not run.finished and run.engine_job_id is not None:
         engine = engine or get_engine(run.engine)
         observed = engine.state(run)
-        if observed.state != run.state or observed.exit_code != run.exit_code:
-            changes = {"state": observed.state, "exit_code": observed.exit_code}
+        requeues = run.requeues if observed.requeues is None else max(run.requeues, observed.requeues)
+        detail = observed.detail or None
+        if (observed.state, observed.exit_code, requeues, detail) != (run.state, run.exit_code, run.requeues, run.detail):
+            changes = {"state": observed.state, "exit_code": observed.exit_code, "requeues": requeues, "detail": detail}
             if observed.state in FINAL_STATES:
                 changes["finished_at"] = observed.finished_at or time.time()
             registry.update(run.ops_id, **changes)

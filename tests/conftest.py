@@ -61,3 +61,50 @@ def ops_project(git_project, mnist_root, monkeypatch) -> Path:
     """git_project whose runs can train: the runs inherit DIFFUSION_DATA_ROOT."""
     monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(mnist_root.resolve()))
     return git_project
+
+
+def _running_slurm_partition(env: dict[str, str]) -> str | None:
+    """The default partition of the cluster $SLURM_CONF points at, or None when no cluster answers."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sinfo"):
+        return None
+    result = subprocess.run(["sinfo", "-h", "-o", "%P"], env=env, capture_output=True, text=True)
+    partitions = result.stdout.split()
+    if result.returncode != 0 or not partitions:
+        return None
+    return next((p.rstrip("*") for p in partitions if p.endswith("*")), partitions[0])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real SLURM cluster with accounting: the one $SLURM_CONF points at, else one started for the session.
+
+    The started one exports SLURM_CONF in os.environ for the whole session so that subprocesses and submitit
+    find it. Yields an object with `env` (variables for SLURM clients) and `partition`.
+    """
+    from types import SimpleNamespace
+
+    from tests.slurm_cluster import SlurmCluster, slurm_available
+
+    if os.environ.get("SLURM_CONF"):
+        partition = _running_slurm_partition(dict(os.environ))
+        if partition is not None:
+            yield SimpleNamespace(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, partition=partition)
+            return
+    if not slurm_available():
+        pytest.skip("SLURM not installed: apt-get install slurmctld slurmd slurm-client munge slurmdbd mariadb-server")
+    cluster = SlurmCluster()
+    cluster.start(tmp_path_factory.mktemp("slurm"))
+    saved = {name: os.environ.get(name) for name in cluster.env}
+    os.environ.update(cluster.env)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

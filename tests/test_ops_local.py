@@ -15,7 +15,7 @@ from tests.ops_project import git, make_project, metrics_steps, ops, ops_json, r
 
 RUN_FIELDS = {"ops_id", "name", "engine", "engine_job_id", "state", "run_dir", "git_commit", "created_at",
               "started_at", "finished_at", "exit_code", "requeues", "sweep", "overrides", "github_issue",
-              "journal_post"}
+              "journal_post", "detail"}
 PROGRESS_FIELDS = {"step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent"}
 
 
@@ -307,6 +307,7 @@ def test_registry_migrates_an_old_schema_and_keeps_its_rows(tmp_path):
     assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert registry.get("old-1").state == "SUCCEEDED"
     assert registry.pending_followups(["experiment_log_result"]) == ["old-1"]
+    assert registry.get("old-1").detail is None  # the column added by the third migration
     assert registry.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

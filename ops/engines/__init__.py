@@ -29,15 +29,19 @@ class EngineState:
     exit_code: int | None = None
     detail: str = ""
     finished_at: float | None = None  # when the job ended, if the engine knows (else: when we noticed)
+    requeues: int | None = None  # restarts the engine made on its own (SLURM requeue), if it counts them
 
 
 class Engine(Protocol):
     name: str
     requeues_itself: bool
+    snapshots_code: bool  # runs start later, elsewhere: they get RUN_DIR/code, made at submit
 
     def describe(self, launch: Launch) -> str: ...
 
     def submit(self, launch: Launch) -> str: ...
+
+    def submit_many(self, launches: list[Launch]) -> list[str]: ...
 
     def state(self, run: Run) -> EngineState: ...
 
@@ -46,9 +50,23 @@ class Engine(Protocol):
     def cancel(self, run: Run, grace_seconds: float) -> None: ...
 
 
+def read_from(path: Path, offset: int) -> tuple[str, int]:
+    """A log file's text from byte `offset` on, and the offset to read from next time."""
+    if not path.is_file():
+        return "", offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return data.decode(errors="replace"), offset + len(data)
+
+
 def get_engine(name: str) -> Engine:
     if name == "local":
         from ops.engines.local import LocalEngine
 
         return LocalEngine()
-    raise OpsError(f"--engine {name!r}: not available in this version of ops; allowed: local")
+    if name == "slurm":
+        from ops.engines.slurm import SlurmEngine
+
+        return SlurmEngine()
+    raise OpsError(f"--engine {name!r}: not available in this version of ops; allowed: local, slurm")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ops.engines import EngineState, Launch
+from ops.engines import EngineState, Launch, read_from
 from ops.registry import Run
 
 EXIT_PREEMPTED = 75  # diffusion's "preempted, resumable" (checkpoint written)
@@ -66,6 +66,7 @@ def _process(run_dir: Path):
 class LocalEngine:
     name = "local"
     requeues_itself = False
+    snapshots_code = False  # it starts now, from the working tree that provenance just recorded
 
     def describe(self, launch: Launch) -> str:
         env = environment(launch)
@@ -92,6 +93,9 @@ class LocalEngine:
                   "started_at": time.time()}
         (run_dir / PROCESS_FILE).write_text(json.dumps(record) + "\n")
         return str(process.pid)
+
+    def submit_many(self, launches: list[Launch]) -> list[str]:
+        return [self.submit(launch) for launch in launches]
 
     def state(self, run: Run) -> EngineState:
         run_dir = Path(run.run_dir)
@@ -123,13 +127,7 @@ class LocalEngine:
         return EngineState("FAILED", None, "the process vanished without an exit status (killed, or a reboot)")
 
     def logs(self, run: Run, offset: int = 0) -> tuple[str, int]:
-        path = Path(run.run_dir) / LOG_FILE
-        if not path.is_file():
-            return "", offset
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read()
-        return data.decode(errors="replace"), offset + len(data)
+        return read_from(Path(run.run_dir) / LOG_FILE, offset)
 
     def cancel(self, run: Run, grace_seconds: float) -> None:
         run_dir = Path(run.run_dir)
