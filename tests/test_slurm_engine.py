@@ -72,7 +72,15 @@ def test_preemption_checkpoints_requeues_and_ends_equal_to_an_uninterrupted_run(
     run_dir = Path(run["run_dir"])
     wait_for(lambda: metrics_steps(run_dir) >= 5, timeout=300)
     subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], check=True)
-    wait_for(lambda: ops_json(root, "monitor", run["ops_id"])["requeues"] >= 1, timeout=300, interval=1)
+    seen = []
+
+    def running_again() -> bool:
+        view = ops_json(root, "monitor", run["ops_id"])
+        seen.append(view["state"])
+        return view["requeues"] >= 1 and view["state"] in ("RUNNING", "SUCCEEDED")
+
+    wait_for(running_again, timeout=300, interval=0.2)
+    assert "PREEMPTED" in seen, seen  # while it waited in the queue to run again
     view = wait_ok(root, run["ops_id"])
     assert view["state"] == "SUCCEEDED" and view["requeues"] >= 1
     log = view["log_tail"]

@@ -126,6 +126,8 @@ class SlurmEngine:
             return EngineState("QUEUED", None, "not in sacct yet")
         last = attempts[-1]
         state = SLURM_STATES.get(last["state"], "UNKNOWN")
+        if state == "QUEUED" and len(attempts) > 1:
+            state = "PREEMPTED"  # requeued after a preemption or a time limit, waiting to run again
         exit_code = int(last["exit_code"].split(":")[0]) if last["exit_code"] else None
         detail = f"SLURM {last['state']}, exit code {last['exit_code']}"
         if len(attempts) > 1:
