@@ -104,6 +104,8 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and what would start; do nothing."),
     resume_id: str = typer.Option(None, "--resume", help="Continue a stopped run (same as `ops resume JOB_ID`)."),
     allow_no_git: bool = typer.Option(False, "--allow-no-git", help="Submit outside git, recorded as 'no git'."),
+    image: str = typer.Option(None, "--image", help="Container engines: run this image (REPO@sha256:...) "
+                                                     "instead of building one for the code."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Validate a spec, record provenance, start the run.
@@ -120,12 +122,13 @@ def submit(
 
     project = Project()
     planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
+    runs.preflight(project, planned)
     if dry_run:
         return print_dry_run(project, planned, as_json, get_engine, Launch)
     from ops.registry import Registry
 
     registry = Registry(project.registry_path)
-    started = runs.submit(project, registry, planned, command_line(), allow_no_git)
+    started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
     if as_json:
         return echo_json({"runs": [run.to_json() for run in started]})
     out = console()
@@ -438,6 +441,55 @@ def sync(as_json: bool = JSON_OPTION) -> None:
     for problem in problems:
         out.print(f"[yellow]warning[/] {problem}")
     out.print(f"synced {len(reconciled)} unfinished run(s)")
+
+
+@app.command()
+@one_line_errors
+def build(
+    push: bool = typer.Option(False, "--push", help="Push to image_repository (skipped when it has the tag)."),
+    builder: str = typer.Option(None, "--builder", help="docker | podman | buildah (default: ops.yaml, else found)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Build the image of the working tree's code, tagged by commit.
+
+    The tag is the commit, plus a hash of the uncommitted diff when the tree is dirty; a tag the
+    registry already has is not built or pushed again. Prints the image by digest."""
+    from ops.build import build_image
+    from ops.settings import Project
+
+    image = build_image(Project(), push=push, builder=builder)
+    if as_json:
+        return echo_json(image.to_json())
+    state = "built and pushed" if image.pushed else "built" if image.built else "already in the registry"
+    typer.echo(f"{image.reference}  {state}" + (f"\n{image.by_digest}" if image.digest else ""))
+
+
+@app.command()
+@one_line_errors
+def pull(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."),
+    what: str = typer.Option("all", "--what", help="checkpoints | samples | all"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Download a cloud run's files into its local run dir.
+
+    Resumes partial downloads and skips files already present with the same checksum."""
+    from ops import runs
+    from ops.storage import WHAT, pull as pull_files
+
+    if what not in WHAT:
+        raise OpsError(f"--what {what!r}: not allowed; one of {', '.join(WHAT)}")
+    project, registry = open_project()
+    run = runs.find(registry, job_id)
+    record_path = Path(run.run_dir) / "vertex_job.json"
+    if not record_path.is_file():
+        raise OpsError(f"{run.ops_id}: ran on {run.engine}; its run dir is already here: {run.run_dir}")
+    gcs_run_dir = json.loads(record_path.read_text())["gcs_run_dir"]
+    result = pull_files(gcs_run_dir, Path(run.run_dir), what,
+                        progress=None if as_json else lambda name: typer.echo(f"  {name}"))
+    if as_json:
+        return echo_json({"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result})
+    typer.echo(f"{len(result['downloaded'])} downloaded, {len(result['skipped'])} unchanged, into {run.run_dir}")
 
 
 # ---------------------------------------------------------------------------------------------

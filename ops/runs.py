@@ -65,6 +65,13 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
     return planned
 
 
+def preflight(project: Project, planned: list[Planned]) -> None:
+    """Can each run's engine take it from here (settings, tools, resource names)? Writes nothing."""
+    for item in planned:
+        resources = item.spec.resources.model_dump(mode="json")[item.spec.engine]
+        get_engine(item.spec.engine, project.settings).preflight(resources)
+
+
 def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | None = None) -> Launch:
     return Launch(run_dir=Path(run.run_dir), project_root=project.root, code_dir=code_dir,
                   resources=spec_json["resources"][run.engine])
@@ -136,7 +143,9 @@ def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs:
         job_ids = engine.submit_many(launches)
     except Exception as exc:
         for run in runs:
-            registry.update(run.ops_id, state="FAILED", finished_at=time.time())
+            registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail=f"not submitted: {exc}")
+        if isinstance(exc, OpsError):
+            raise
         raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
     started = []
     for run, job, job_id in zip(runs, jobs, job_ids):
@@ -161,18 +170,41 @@ def snapshot_code(project: Project, run: Run) -> Path | None:
 
 
 def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
-           allow_no_git: bool = False) -> list[Run]:
+           allow_no_git: bool = False, image: str | None = None) -> list[Run]:
     from ops.provenance import capture
 
+    preflight(project, planned)
     created = [create(project, registry, item, command, lambda run_dir: capture(project.root, run_dir, allow_no_git))
                for item in planned]
     started = []
     for engine_name in dict.fromkeys(run.engine for run in created):
         group = [run for run in created if run.engine == engine_name]
-        snapshots = get_engine(engine_name).snapshots_code
-        code_dirs = [snapshot_code(project, run) if snapshots else None for run in group]
+        engine = get_engine(engine_name, project.settings)
+        if engine.needs_image:
+            attach_image(project, registry, group, image)
+        code_dirs = [snapshot_code(project, run) if engine.snapshots_code else None for run in group]
         started += start_many(project, registry, group, code_dirs)
     return started
+
+
+def attach_image(project: Project, registry: Registry, runs: list[Run], image: str | None) -> None:
+    """RUN_DIR/image.json for engines that run a container: built (or found) for the recorded code."""
+    from ops.build import build_image
+
+    if image is None:
+        try:
+            built = build_image(project, push=True, run_dir=Path(runs[0].run_dir))  # a sweep shares its code
+        except OpsError:
+            for run in runs:
+                registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail="image build failed")
+            raise
+        record = built.to_json()
+    else:
+        record = {"image": image, "built": False, "pushed": False, "given": True}
+    for run in runs:
+        write_json(Path(run.run_dir) / "image.json", record)
+        provenance_path = Path(run.run_dir) / "provenance.json"
+        write_json(provenance_path, json.loads(provenance_path.read_text()) | {"image": record["image"]})
 
 
 def resume(project: Project, registry: Registry, run: Run) -> Run:

@@ -15,7 +15,7 @@ SETTINGS_FILE = "ops.yaml"
 
 
 # A dataclass, not pydantic: every `ops` command reads these, and importing pydantic would cost
-# a third of the 0.3 s that `ops list` may take. Eleven flat keys are checked by hand below.
+# a third of the 0.3 s that `ops list` may take. A dozen flat keys are checked by hand below.
 @dataclass(frozen=True)
 class Settings:
     jobs_dir: str = "configs/jobs"  # where job specs live
@@ -28,6 +28,9 @@ class Settings:
     gcp_region: str = "us-central1"
     gcs_bucket: str | None = None  # gs://bucket/prefix for Vertex run dirs
     image_repository: str | None = None  # e.g. us-central1-docker.pkg.dev/P/R/diffusion
+    image_builder: str | None = None  # docker | podman | buildah; None: the first one found
+    image_tls_verify: bool = True  # False for a plain-HTTP registry (a local one)
+    vertex_api_endpoint: str | None = None  # None: REGION-aiplatform.googleapis.com; a URL: a stand-in
     github_repo: str | None = None  # owner/name for experiment issues
 
 
@@ -39,7 +42,12 @@ def check_settings(raw: dict, source: str) -> Settings:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
             raise OpsError(f"{source}: {key}: unknown key; {hint}")
-        if key == "cancel_grace_seconds":
+        if isinstance(known[key].default, bool):
+            text = str(value).lower()
+            if text not in ("true", "false"):
+                raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be true or false")
+            value = text == "true"
+        elif key == "cancel_grace_seconds":
             try:
                 value = float(value)
             except (TypeError, ValueError):

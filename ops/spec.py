@@ -57,11 +57,14 @@ class SlurmResources(Section):
 class VertexResources(Section):
     machine_type: str = "n1-standard-8"
     accelerator_type: str | None = Field(None, description="e.g. NVIDIA_TESLA_T4, NVIDIA_TESLA_V100")
-    accelerator_count: int = Field(0, ge=0)
-    replica_count: int = Field(1, ge=1)
+    accelerator_count: int = Field(0, ge=0, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
+    replica_count: int = Field(1, ge=1, description="Machines; > 1 trains data-parallel across them.")
     boot_disk_gb: int = Field(100, ge=10)
-    spot: bool = False
+    spot: bool = Field(False, description="Spot VMs: cheaper, may be preempted.")
+    restart_job_on_worker_restart: bool = Field(True, description="Restart after a worker restart; resumes.")
     timeout_hours: float = Field(24.0, gt=0)
+    service_account: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra job labels (ops id and commit are added).")
 
 
 class Resources(Section):

@@ -36,6 +36,10 @@ class Engine(Protocol):
     name: str
     requeues_itself: bool
     snapshots_code: bool  # runs start later, elsewhere: they get RUN_DIR/code, made at submit
+    needs_image: bool  # runs in a container: ops builds (or finds) the image of the run's code
+
+    def preflight(self, resources: dict) -> None:
+        """Raise OpsError (one line, with the fix) when this engine cannot run these resources from here."""
 
     def describe(self, launch: Launch) -> str: ...
 
@@ -60,7 +64,7 @@ def read_from(path: Path, offset: int) -> tuple[str, int]:
     return data.decode(errors="replace"), offset + len(data)
 
 
-def get_engine(name: str) -> Engine:
+def get_engine(name: str, settings=None) -> Engine:
     if name == "local":
         from ops.engines.local import LocalEngine
 
@@ -69,4 +73,9 @@ def get_engine(name: str) -> Engine:
         from ops.engines.slurm import SlurmEngine
 
         return SlurmEngine()
-    raise OpsError(f"--engine {name!r}: not available in this version of ops; allowed: local, slurm")
+    if name == "vertex":
+        from ops.engines.vertex import VertexEngine
+        from ops.settings import Project
+
+        return VertexEngine(settings or Project().settings)
+    raise OpsError(f"--engine {name!r}: not available; allowed: local, slurm, vertex")

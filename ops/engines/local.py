@@ -66,7 +66,11 @@ def _process(run_dir: Path):
 class LocalEngine:
     name = "local"
     requeues_itself = False
+    needs_image = False
     snapshots_code = False  # it starts now, from the working tree that provenance just recorded
+
+    def preflight(self, resources: dict) -> None:
+        pass
 
     def describe(self, launch: Launch) -> str:
         env = environment(launch)

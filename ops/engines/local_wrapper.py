@@ -1,6 +1,8 @@
 """Runs one command for the local engine and records how it ended in RUN_DIR/exit_status.json.
 
-    python -m ops.engines.local_wrapper RUN_DIR -- COMMAND...
+    python -m ops.engines.local_wrapper RUN_DIR [--tee] -- COMMAND...
+
+--tee also copies the output into RUN_DIR/log.txt (containers, whose stdout goes elsewhere).
 
 `ops cancel` signals the whole process group; the wrapper lets the signal reach the run (which
 checkpoints and exits) and stays alive to record its exit status. Kept free of heavy imports.
@@ -16,13 +18,17 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    run_dir, separator, *cmd = argv
-    assert separator == "--" and cmd, "usage: python -m ops.engines.local_wrapper RUN_DIR -- COMMAND..."
+    run_dir, *rest = argv
+    tee = rest[0] == "--tee"
+    separator, *cmd = rest[1:] if tee else rest
+    assert separator == "--" and cmd, "usage: python -m ops.engines.local_wrapper RUN_DIR [--tee] -- COMMAND..."
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         # A handler, not SIG_IGN: ignored signals would stay ignored in the child after exec.
         signal.signal(signum, lambda *args: None)
-    child = subprocess.Popen(cmd)
-    returncode = child.wait()
+    if tee:
+        returncode = run_teeing(cmd, Path(run_dir) / "log.txt")
+    else:
+        returncode = subprocess.Popen(cmd).wait()
     status = {"returncode": returncode, "finished_at": time.time()}
     path = Path(run_dir) / "exit_status.json"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -30,6 +36,17 @@ def main(argv: list[str]) -> int:
     os.replace(tmp, path)
     print(f"[ops] run exited with code {returncode}", flush=True)
     return 0
+
+
+def run_teeing(cmd: list[str], log_path: Path) -> int:
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with log_path.open("ab") as log:
+        for line in child.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
+    return child.wait()
 
 
 if __name__ == "__main__":

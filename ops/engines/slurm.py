@@ -95,7 +95,14 @@ def in_queue(job_id: str) -> bool:
 class SlurmEngine:
     name = "slurm"
     requeues_itself = True
+    needs_image = False
     snapshots_code = True
+
+    def preflight(self, resources: dict) -> None:
+        import shutil
+
+        if not shutil.which("sbatch"):
+            raise OpsError("--engine slurm: sbatch is not on PATH; run ops on a SLURM login node")
 
     def describe(self, launch: Launch) -> str:
         job_name = launch.run_dir.name

@@ -1,0 +1,91 @@
+"""Run dirs in Cloud Storage (google-cloud-storage, lazy import): upload at submit, read the log,
+and `ops pull`, which downloads what is new, resumes a partial file and skips a file already
+present with the same checksum. STORAGE_EMULATOR_HOST points the client at an emulator.
+"""
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from ops.errors import OpsError
+
+WHAT = {"checkpoints": ("checkpoints/",), "samples": ("samples/", "eval/"), "all": ("",)}
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("gs://"):
+        raise OpsError(f"{uri!r}: not a Cloud Storage path; expected gs://BUCKET/PATH")
+    bucket, _, path = uri.removeprefix("gs://").partition("/")
+    return bucket, path.rstrip("/")
+
+
+def client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def upload_run_dir(run_dir: Path, gcs_run_dir: str, names: tuple[str, ...]) -> None:
+    bucket_name, prefix = split_uri(gcs_run_dir)
+    bucket = client().bucket(bucket_name)
+    for name in names:
+        bucket.blob(f"{prefix}/{name}").upload_from_filename(str(run_dir / name))
+
+
+def read_remote_from(uri: str, offset: int) -> tuple[str, int]:
+    """Like engines.read_from, for a log file in Cloud Storage."""
+    from google.api_core.exceptions import NotFound
+
+    bucket_name, path = split_uri(uri)
+    blob = client().bucket(bucket_name).blob(path)
+    try:
+        data = blob.download_as_bytes(start=offset) if offset else blob.download_as_bytes()
+    except NotFound:
+        return "", offset
+    return data.decode(errors="replace"), offset + len(data)
+
+
+def md5_matches(path: Path, md5_base64: str | None) -> bool:
+    if not md5_base64 or not path.is_file():
+        return False
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode() == md5_base64
+
+
+def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None) -> dict[str, list[str]]:
+    """Download the run dir's files under `what`; returns {"downloaded": [...], "skipped": [...]}."""
+    bucket_name, prefix = split_uri(gcs_run_dir)
+    bucket = client().bucket(bucket_name)
+    result = {"downloaded": [], "skipped": []}
+    blobs = [blob for blob in bucket.list_blobs(prefix=prefix + "/")
+             if blob.name.removeprefix(prefix + "/").startswith(WHAT[what])]
+    for blob in blobs:
+        relative = blob.name.removeprefix(prefix + "/")
+        target = local_dir / relative
+        if md5_matches(target, blob.md5_hash):
+            result["skipped"].append(relative)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        start = partial.stat().st_size if partial.is_file() else 0
+        if start >= (blob.size or 0):
+            partial.unlink(missing_ok=True)  # stale or complete-but-unverified: fetch it again
+            start = 0
+        with partial.open("ab") as f:
+            blob.download_to_file(f, start=start or None)
+        if not md5_matches(partial, blob.md5_hash) and blob.md5_hash:
+            partial.unlink()
+            raise OpsError(f"{blob.name}: downloaded file does not match its checksum; run `ops pull` again")
+        os.replace(partial, target)
+        result["downloaded"].append(relative)
+        if progress:
+            progress(relative)
+    return result

@@ -1,0 +1,98 @@
+"""A local stand-in for Vertex AI's JobService REST API, for the real `aiplatform_v1` client.
+
+It stores the CustomJobs it is sent, records every request, and lets a test move a job through
+its states (or make the next call fail with an HTTP error). It runs no containers: that part of
+Vertex cannot run here.
+"""
+
+import itertools
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+JOB_PATH = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/customJobs$")
+ONE_JOB = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/customJobs/[^/:]+)(:cancel)?$")
+ERROR_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                429: "RESOURCE_EXHAUSTED"}
+
+
+class VertexStandIn:
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+        self.requests: list[dict] = []
+        self.fail_next: tuple[int, str] | None = None
+        self.ids = itertools.count(1000)
+        self.lock = threading.Lock()
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                standin.handle(self, "POST")
+
+            def do_GET(self):
+                standin.handle(self, "GET")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "VertexStandIn":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def set_state(self, job_id: str, state: str, error: str | None = None) -> None:
+        with self.lock:
+            job = self.jobs[job_id]
+            job["state"] = state
+            if error:
+                job["error"] = {"code": 3, "message": error}
+            if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+                job["endTime"] = "2026-11-26T00:00:00Z"
+
+    def reply(self, handler, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def handle(self, handler, method: str) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(length) or b"{}") if length else {}
+        path = handler.path.split("?")[0]
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "body": body})
+            failure, self.fail_next = self.fail_next, None
+        if failure:
+            status, message = failure
+            return self.reply(handler, status, {"error": {"code": status, "message": message,
+                                                          "status": ERROR_STATUS.get(status, "UNKNOWN")}})
+        created = JOB_PATH.match(path)
+        if method == "POST" and created:
+            job_id = str(next(self.ids))
+            job = {**body, "name": f"{created.group(1)}/customJobs/{job_id}", "state": "JOB_STATE_QUEUED",
+                   "createTime": "2026-11-26T00:00:00Z"}
+            with self.lock:
+                self.jobs[job_id] = job
+            return self.reply(handler, 200, job)
+        one = ONE_JOB.match(path)
+        if one:
+            job_id = one.group(1).rsplit("/", 1)[1]
+            if job_id not in self.jobs:
+                return self.reply(handler, 404, {"error": {"code": 404, "message": f"CustomJob {job_id} not found",
+                                                           "status": "NOT_FOUND"}})
+            if one.group(2):  # :cancel
+                self.set_state(job_id, "JOB_STATE_CANCELLED")
+                return self.reply(handler, 200, {})
+            return self.reply(handler, 200, self.jobs[job_id])
+        return self.reply(handler, 404, {"error": {"code": 404, "message": f"no route {method} {path}",
+                                                   "status": "NOT_FOUND"}})
