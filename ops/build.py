@@ -127,5 +127,6 @@ def build_image(project, push: bool, builder: str | None = None, run_dir: Path |
         restore(provenance, patch_path, project.root, context)
         if not (context / "Dockerfile").is_file():
             raise OpsError(f"no Dockerfile at the root of commit {provenance['git']['short_commit']}")
-        digest = build_and_push(builder, context, reference, push, settings.image_tls_verify, build_args or {})
+        build_args = {**({"BASE_IMAGE": settings.image_base} if settings.image_base else {}), **(build_args or {})}
+        digest = build_and_push(builder, context, reference, push, settings.image_tls_verify, build_args)
         return Image(settings.image_repository, tag, digest, built=True, pushed=push)

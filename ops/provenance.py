@@ -19,7 +19,8 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
                            "3 files changed, 10 insertions(+), 2 deletions(-)"; "" when clean
         untracked          paths not in HEAD (untracked, or only staged) that diff.patch includes
         skipped_untracked  [{"path", "bytes"}] for such paths left out of diff.patch: files over
-                           MAX_UNTRACKED_FILE_BYTES, and nested git repositories (bytes None)
+                           MAX_UNTRACKED_FILE_BYTES, nested git repositories (bytes None), and
+                           files that look like secrets (SECRET_PATTERNS; "secret": true)
         patch_bytes        size of diff.patch
     versions       {"python", "torch", "torchvision", "numpy", "pydantic", "diffusion-ops"}: installed
                    versions, None for a package that is not installed
@@ -30,6 +31,7 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
     argv           sys.argv
 """
 
+import fnmatch
 import getpass
 import importlib.metadata
 import platform
@@ -43,6 +45,10 @@ from urllib.parse import urlsplit, urlunsplit
 from ops.errors import OpsError
 
 MAX_UNTRACKED_FILE_BYTES = 1_000_000
+# Untracked files that look like secrets stay out of diff.patch (which travels to clusters,
+# buckets and images); they are listed in skipped_untracked with "secret": true.
+SECRET_PATTERNS = (".env", ".env.*", "*.pem", "*.key", "*credentials*.json", "*service-account*.json",
+                   ".netrc", ".git-credentials", "id_rsa*", "*.p12")
 MAX_PATCH_BYTES = 20_000_000
 
 PACKAGES = ("torch", "torchvision", "numpy", "pydantic", "diffusion-ops")
@@ -142,6 +148,9 @@ def _capture_git(repo, patch: Path) -> dict:
         for path in filter(None, listed):
             if path.endswith("/"):  # a nested repository; adding it would record only a gitlink
                 skipped.append({"path": path, "bytes": None})
+                continue
+            if any(fnmatch.fnmatch(Path(path).name, pattern) for pattern in SECRET_PATTERNS):
+                skipped.append({"path": path, "bytes": None, "secret": True})
                 continue
             size = (root / path).lstat().st_size
             if size > MAX_UNTRACKED_FILE_BYTES:

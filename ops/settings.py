@@ -29,6 +29,7 @@ class Settings:
     gcs_bucket: str | None = None  # gs://bucket/prefix for Vertex run dirs
     image_repository: str | None = None  # e.g. us-central1-docker.pkg.dev/P/R/diffusion
     image_builder: str | None = None  # docker | podman | buildah; None: the first one found
+    image_base: str | None = None  # the Dockerfile's BASE_IMAGE; None: the Dockerfile's default
     image_tls_verify: bool = True  # False for a plain-HTTP registry (a local one)
     vertex_api_endpoint: str | None = None  # None: REGION-aiplatform.googleapis.com; a URL: a stand-in
     github_repo: str | None = None  # owner/name for experiment issues

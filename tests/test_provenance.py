@@ -209,3 +209,23 @@ def test_import_does_not_load_git():
         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert out.strip() == "False"
+
+
+def test_untracked_secrets_stay_out_of_the_patch(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@e.st"], ["config", "user.name", "T"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    (repo / "a.txt").write_text("a\n")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True)
+    (repo / ".env.production").write_text("API_TOKEN=sk-live-123\n")
+    (repo / "gcp-service-account.json").write_text('{"private_key": "sk-live-456"}\n')
+    (repo / "notes.txt").write_text("fine\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = capture(repo, run_dir)
+    patch = (run_dir / "diff.patch").read_text()
+    assert "notes.txt" in patch and "sk-live" not in patch
+    assert {item["path"] for item in record["git"]["skipped_untracked"] if item.get("secret")} == {
+        ".env.production", "gcp-service-account.json"}
