@@ -32,6 +32,8 @@ class Settings:
     image_base: str | None = None  # the Dockerfile's BASE_IMAGE; None: the Dockerfile's default
     image_tls_verify: bool = True  # False for a plain-HTTP registry (a local one)
     vertex_api_endpoint: str | None = None  # None: REGION-aiplatform.googleapis.com; a URL: a stand-in
+    vertex_logs: str = "run-dir"  # where `ops monitor --logs` reads a Vertex job: run-dir | cloud-logging
+    logging_api_endpoint: str | None = None  # None: logging.googleapis.com; a URL: a stand-in
     github_repo: str | None = None  # owner/name for experiment issues
 
 
@@ -57,6 +59,8 @@ def check_settings(raw: dict, source: str) -> Settings:
                 raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be >= 0")
         elif value is not None and not isinstance(value, str):
             raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be a string")
+        elif key == "vertex_logs" and value not in ("run-dir", "cloud-logging"):
+            raise OpsError(f"{source}: {key}: {value!r} is not allowed: run-dir or cloud-logging")
         elif value is None and known[key].default is not None:
             raise OpsError(f"{source}: {key}: null is not allowed: must be a string")
         values[key] = value

@@ -82,6 +82,20 @@ def test_submit_sends_the_custom_job_and_follows_its_states(vertex):
     assert "**Result: SUCCEEDED**" in (root / "EXPERIMENT_LOG.md").read_text()
 
 
+def test_logs_can_come_from_cloud_logging(vertex, monkeypatch):
+    root, standin, _ = vertex
+    monkeypatch.setenv("OPS_VERTEX_LOGS", "cloud-logging")
+    monkeypatch.setenv("OPS_LOGGING_API_ENDPOINT", standin.url)
+    run = ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)["runs"][0]
+    standin.log_entries[run["engine_job_id"]] = ["training on cuda", "step 1/8  loss 0.99"]
+    view = ops_json(root, "monitor", run["ops_id"], "--logs")
+    assert view["log_tail"] == "training on cuda\nstep 1/8  loss 0.99"
+    [query] = [r["body"] for r in standin.requests if r["path"] == "/v2/entries:list"]
+    assert query["filter"].startswith(f'resource.type="ml_job" AND resource.labels.job_id="{run["engine_job_id"]}"'
+                                      ' AND timestamp>="20')
+    assert query["resourceNames"] == ["projects/test-project"]
+
+
 def test_gpus_spot_and_replicas_shape_the_worker_pools(vertex):
     root, standin, _ = vertex
     ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE,

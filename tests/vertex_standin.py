@@ -1,4 +1,5 @@
-"""A local stand-in for Vertex AI's JobService REST API, for the real `aiplatform_v1` client.
+"""A local stand-in for Vertex AI's JobService REST API, for the real `aiplatform_v1` client, and
+for Cloud Logging's entries:list (where Vertex jobs' output goes).
 
 It stores the CustomJobs it is sent, records every request, and lets a test move a job through
 its states (or make the next call fail with an HTTP error). It runs no containers: that part of
@@ -20,6 +21,7 @@ ERROR_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSIO
 class VertexStandIn:
     def __init__(self):
         self.jobs: dict[str, dict] = {}
+        self.log_entries: dict[str, list[str]] = {}  # job id -> lines, as Cloud Logging would hold them
         self.requests: list[dict] = []
         self.fail_next: tuple[int, str] | None = None
         self.ids = itertools.count(1000)
@@ -76,6 +78,14 @@ class VertexStandIn:
             status, message = failure
             return self.reply(handler, status, {"error": {"code": status, "message": message,
                                                           "status": ERROR_STATUS.get(status, "UNKNOWN")}})
+        if method == "POST" and path == "/v2/entries:list":
+            job_id = re.search(r'resource.labels.job_id="([^"]+)"', body.get("filter", "")).group(1)
+            lines = self.log_entries.get(job_id, [])
+            project = body["resourceNames"][0]
+            entries = [{"textPayload": line, "timestamp": f"2026-11-26T00:00:{i:02d}Z",
+                        "logName": f"{project}/logs/workerpool0-0", "insertId": str(i),
+                        "resource": {"type": "ml_job", "labels": {"job_id": job_id}}} for i, line in enumerate(lines)]
+            return self.reply(handler, 200, {"entries": entries})
         created = JOB_PATH.match(path)
         if method == "POST" and created:
             job_id = str(next(self.ids))
