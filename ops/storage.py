@@ -20,14 +20,22 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, path.rstrip("/")
 
 
+NO_CREDENTIALS = ("no Google credentials found; run `gcloud auth application-default login`, "
+                  "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file")
+
+
 def client():
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project="emulator", credentials=AnonymousCredentials())
-    return storage.Client()
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise OpsError(f"Cloud Storage: {NO_CREDENTIALS}") from None
 
 
 def upload_run_dir(run_dir: Path, gcs_run_dir: str, names: tuple[str, ...]) -> None:

@@ -149,6 +149,15 @@ def test_an_unknown_accelerator_is_named_before_anything_is_written(vertex):
     assert standin.requests == [] and not (root / "runs").exists()
 
 
+def test_no_credentials_is_one_line_with_the_fix(git_project, monkeypatch, tmp_path):
+    (git_project / "ops.yaml").write_text("gcp_project: p\ngcs_bucket: gs://b/runs\nimage_repository: r/d\n")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    result = ops(git_project, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "no Google credentials found; run `gcloud auth application-default login`" in result.stderr
+
+
 def test_missing_settings_submit_nothing(git_project):
     result = ops(git_project, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)
     assert result.returncode == 2

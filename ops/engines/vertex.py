@@ -107,8 +107,9 @@ def job_client(settings):
     try:
         credentials, _ = google.auth.default()
     except DefaultCredentialsError:
-        raise OpsError("Vertex AI: no Google credentials found; run `gcloud auth application-default login`, "
-                       "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file") from None
+        from ops.storage import NO_CREDENTIALS
+
+        raise OpsError(f"Vertex AI: {NO_CREDENTIALS}") from None
     return aiplatform_v1.JobServiceClient(
         credentials=credentials, client_options={"api_endpoint": f"{settings.gcp_region}-aiplatform.googleapis.com"})
 
@@ -156,6 +157,7 @@ class VertexEngine:
 
         from ops.storage import upload_run_dir
 
+        client = job_client(self.settings)  # first: no credentials is one line, before any upload
         job_record = json.loads((launch.run_dir / "job.json").read_text())
         image = json.loads((launch.run_dir / "image.json").read_text())["image"]
         gcs_run_dir = remote_run_dir(self.settings.gcs_bucket, job_record["ops_id"])
@@ -164,7 +166,7 @@ class VertexEngine:
         labels = {"ops-id": job_record["ops_id"], "commit": (commit.get("commit") or "no-git")[:12]}
         body = custom_job(launch, job_record["ops_id"], image, gcs_run_dir, labels)
         try:
-            created = job_client(self.settings).create_custom_job(parent=self.parent(), custom_job=body)
+            created = client.create_custom_job(parent=self.parent(), custom_job=body)
         except GoogleAPICallError as exc:
             raise explain(exc, f"Vertex AI create_custom_job in {self.parent()}") from None
         (launch.run_dir / VERTEX_FILE).write_text(json.dumps(
