@@ -110,7 +110,7 @@ def build_image(project, push: bool, builder: str | None = None, run_dir: Path |
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         if run_dir is None:
-            provenance, patch_path = capture(project.root, folder), folder / "diff.patch"
+            provenance, patch_path = capture(project.root, folder, exclude=project.not_code()), folder / "diff.patch"
         else:
             provenance = json.loads((run_dir / "provenance.json").read_text())
             patch_path = run_dir / "diff.patch"

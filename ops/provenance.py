@@ -58,8 +58,11 @@ class ProvenanceError(OpsError):
     """One readable line: why provenance could not be captured or restored."""
 
 
-def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False) -> dict:
-    """Write run_dir/diff.patch and return the provenance record (fields in the module docstring)."""
+def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude: tuple[str, ...] = ()) -> dict:
+    """Write run_dir/diff.patch and return the provenance record (fields in the module docstring).
+
+    `exclude`: paths (relative to the repo root) whose changes are not code and stay out of the
+    patch, e.g. the experiment log that ops itself appends to at every submit."""
     run_dir.mkdir(parents=True, exist_ok=True)
     patch = run_dir / "diff.patch"
     repo = _open_repo(repo_root)
@@ -72,7 +75,7 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False) -> dict:
         patch.write_bytes(b"")
         git_record = None
     else:
-        git_record = _capture_git(repo, patch)
+        git_record = _capture_git(repo, patch, exclude)
     return {
         "git": git_record,
         "versions": {"python": platform.python_version()} | {name: _version(name) for name in PACKAGES},
@@ -130,7 +133,7 @@ def _open_repo(path: Path):
         return None
 
 
-def _capture_git(repo, patch: Path) -> dict:
+def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
     root = Path(repo.working_tree_dir)
     if not repo.head.is_valid():
         raise ProvenanceError(f"{root} has no commits yet; commit once before submitting")
@@ -163,6 +166,8 @@ def _capture_git(repo, patch: Path) -> dict:
             # Literal, so a file named like a glob adds only itself.
             repo.git.add("--pathspec-from-file", str(pathspecs), "--pathspec-file-nul",
                          env=env | {"GIT_LITERAL_PATHSPECS": "1"})
+        if exclude:
+            repo.git.reset("-q", "HEAD", "--", *exclude, env=env)  # back to HEAD in the scratch index only
         # Plumbing diff-index, not `git diff`: it ignores user config (noprefix, color, external diff,
         # textconv) that would make the patch unappliable.
         with patch.open("wb") as f:

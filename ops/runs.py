@@ -174,7 +174,8 @@ def submit(project: Project, registry: Registry, planned: list[Planned], command
     from ops.provenance import capture
 
     preflight(project, planned)
-    created = [create(project, registry, item, command, lambda run_dir: capture(project.root, run_dir, allow_no_git))
+    created = [create(project, registry, item, command,
+                      lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code()))
                for item in planned]
     started = []
     for engine_name in dict.fromkeys(run.engine for run in created):

@@ -113,3 +113,8 @@ class Project:
     @property
     def experiment_log(self) -> Path:
         return self.path(self.settings.experiment_log)
+
+    def not_code(self) -> tuple[str, ...]:
+        """Files ops writes into the repo: their changes are records, not code, and stay out of
+        diff.patch (else every submit would make the next one "dirty", and its image new)."""
+        return (self.settings.experiment_log, f"{self.settings.journal_dir}/blog/posts")

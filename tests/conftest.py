@@ -108,3 +108,39 @@ def slurm_cluster(tmp_path_factory):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def image_infra(tmp_path_factory):
+    """Image builds without a Docker daemon: the test base image and a local registry for the session.
+
+    The base (tests/image_infra.py) is Debian bookworm with the CPU torch and every dependency of pyproject.toml,
+    so that building the repo's Dockerfile on it installs only the project; it is built once per machine (about
+    3 minutes) and kept in buildah's vfs storage. STORAGE_DRIVER=vfs and CONTAINERS_STORAGE_CONF (a storage.conf
+    naming vfs: buildah 1.28 ignores STORAGE_DRIVER) are exported for the session, so that buildah/skopeo run
+    by the code under test with no storage flag use the same storage. Yields an object with `registry`
+    ("127.0.0.1:PORT", plain HTTP: push with --tls-verify=false), `base_image` (a local image name) and `env`
+    (the variables exported).
+    """
+    from types import SimpleNamespace
+
+    from tests.image_infra import (INSTALL_HINT, LocalRegistry, ensure_base_image, image_tools_available,
+                                   vfs_storage_env)
+
+    if not image_tools_available():
+        pytest.skip(f"image tools missing: {INSTALL_HINT}")
+    env = vfs_storage_env(tmp_path_factory.mktemp("containers"))
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    registry = LocalRegistry()
+    try:
+        base_image = ensure_base_image(work_dir=tmp_path_factory.mktemp("image-base"))
+        registry.start(tmp_path_factory.mktemp("registry"))
+        yield SimpleNamespace(registry=registry.address, base_image=base_image, env=env)
+    finally:
+        registry.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

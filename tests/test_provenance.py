@@ -212,13 +212,7 @@ def test_import_does_not_load_git():
 
 
 def test_untracked_secrets_stay_out_of_the_patch(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q"], ["config", "user.email", "t@e.st"], ["config", "user.name", "T"]):
-        subprocess.run(["git", *args], cwd=repo, check=True)
-    (repo / "a.txt").write_text("a\n")
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True)
+    repo = make_repo(tmp_path / "repo")
     (repo / ".env.production").write_text("API_TOKEN=sk-live-123\n")
     (repo / "gcp-service-account.json").write_text('{"private_key": "sk-live-456"}\n')
     (repo / "notes.txt").write_text("fine\n")
@@ -229,3 +223,20 @@ def test_untracked_secrets_stay_out_of_the_patch(tmp_path):
     assert "notes.txt" in patch and "sk-live" not in patch
     assert {item["path"] for item in record["git"]["skipped_untracked"] if item.get("secret")} == {
         ".env.production", "gcp-service-account.json"}
+
+
+def test_excluded_records_do_not_make_the_tree_dirty(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    (repo / "EXPERIMENT_LOG.md").write_text("# log\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "log")
+    (repo / "EXPERIMENT_LOG.md").write_text("# log\n\n## a run\n")
+    (repo / "docs/blog/posts").mkdir(parents=True)
+    (repo / "docs/blog/posts/run.md").write_text("a post\n")
+    run_dir = tmp_path / "run"
+    record = capture(repo, run_dir, exclude=("EXPERIMENT_LOG.md", "docs/blog/posts"))
+    assert record["git"]["dirty"] is False and (run_dir / "diff.patch").read_bytes() == b""
+    (repo / "model.py").write_text("x = 1\n")
+    record = capture(repo, run_dir, exclude=("EXPERIMENT_LOG.md", "docs/blog/posts"))
+    patch = (run_dir / "diff.patch").read_text()
+    assert record["git"]["dirty"] and "model.py" in patch and "a run" not in patch and "a post" not in patch
