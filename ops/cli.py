@@ -122,7 +122,6 @@ def submit(
 
     project = Project()
     planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
-    runs.preflight(project, planned)
     if dry_run:
         return print_dry_run(project, planned, as_json, get_engine, Launch)
     from ops.registry import Registry
@@ -145,7 +144,7 @@ def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
 
     rows = []
     for item in planned:
-        engine = get_engine(item.spec.engine)
+        engine = get_engine(item.spec.engine, project.settings)
         placeholder = project.runs_dir / f"{item.spec.name}-<id>"
         launch = Launch(run_dir=placeholder, project_root=project.root,
                         resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
@@ -210,7 +209,7 @@ def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
     if engine_logs:
         from ops.engines import get_engine
 
-        text, _ = get_engine(run.engine).logs(run)
+        text, _ = get_engine(run.engine, project.settings).logs(run)
         view["log_tail"] = monitor.tail(text, lines)
     if full:
         provenance = run_dir / "provenance.json"
@@ -276,16 +275,18 @@ def monitor(
     follow_run(project, registry, run, as_json, interval)
 
 
-def settled(run) -> bool:
+def settled(project, run) -> bool:
     from ops.engines import get_engine
 
-    return run.finished or (run.state == "PREEMPTED" and not get_engine(run.engine).requeues_itself)
+    # A local PREEMPTED run waits for `ops resume`; a SLURM one comes back by itself.
+    stays_stopped = not get_engine(run.engine, project.settings).requeues_itself
+    return run.finished or (run.state == "PREEMPTED" and stays_stopped)
 
 
 def follow_run(project, registry, run, as_json: bool, interval: float) -> None:
     from ops.engines import get_engine
 
-    engine = get_engine(run.engine)
+    engine = get_engine(run.engine, project.settings)
     text, offset = engine.logs(run)
     try:
         follow_loop(project, registry, run, engine, text, offset, as_json, interval)
@@ -311,7 +312,7 @@ def follow_loop(project, registry, run, engine, text: str, offset: int, as_json:
             else:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-        if settled(run):
+        if settled(project, run):
             break
         time.sleep(interval)
         run, _ = runs.reconcile(project, registry, registry.get(run.ops_id), engine)
@@ -380,7 +381,7 @@ def wait(
     deadline = time.monotonic() + timeout if timeout else None
     while True:
         run, problems = runs.reconcile(project, registry, run)
-        if settled(run):
+        if settled(project, run):
             break
         if deadline and time.monotonic() > deadline:
             typer.echo(f"{run.ops_id}: still {run.state} after {timeout:g} s", err=True)
@@ -411,7 +412,7 @@ def cancel(
     if run.finished:
         message = f"{run.ops_id}: already {run.state}; nothing to cancel"
     else:
-        engine = get_engine(run.engine)
+        engine = get_engine(run.engine, project.settings)
         engine.cancel(run, project.settings.cancel_grace_seconds if grace is None else grace)
         run, _ = runs.reconcile(project, registry, run, engine)
         message = f"{run.ops_id}: {run.state}"

@@ -62,6 +62,7 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
         planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json"))))
+    preflight(project, planned)
     return planned
 
 
@@ -136,14 +137,13 @@ def start(project: Project, registry: Registry, run: Run, code_dir: Path | None 
 
 def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs: list[Path | None]) -> list[Run]:
     """Hand runs of one engine to it in one go (a SLURM job array for a sweep)."""
-    engine = get_engine(runs[0].engine)
+    engine = get_engine(runs[0].engine, project.settings)
     jobs = [read_job(Path(run.run_dir)) for run in runs]
     launches = [launch_for(project, run, job["spec"], code_dir) for run, job, code_dir in zip(runs, jobs, code_dirs)]
     try:
         job_ids = engine.submit_many(launches)
     except Exception as exc:
-        for run in runs:
-            registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail=f"not submitted: {exc}")
+        mark_failed(registry, runs, f"not submitted: {exc}")
         if isinstance(exc, OpsError):
             raise
         raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
@@ -155,6 +155,12 @@ def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs:
         registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
         started.append(reconcile(project, registry, run, engine)[0])
     return started
+
+
+def mark_failed(registry: Registry, runs: list[Run], detail: str) -> None:
+    """Runs that were created but could not be started."""
+    for run in runs:
+        registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail=detail)
 
 
 def snapshot_code(project: Project, run: Run) -> Path | None:
@@ -173,7 +179,6 @@ def submit(project: Project, registry: Registry, planned: list[Planned], command
            allow_no_git: bool = False, image: str | None = None) -> list[Run]:
     from ops.provenance import capture
 
-    preflight(project, planned)
     created = [create(project, registry, item, command,
                       lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code()))
                for item in planned]
@@ -196,8 +201,7 @@ def attach_image(project: Project, registry: Registry, runs: list[Run], image: s
         try:
             built = build_image(project, push=True, run_dir=Path(runs[0].run_dir))  # a sweep shares its code
         except OpsError:
-            for run in runs:
-                registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail="image build failed")
+            mark_failed(registry, runs, "image build failed")
             raise
         record = built.to_json()
     else:
@@ -303,7 +307,7 @@ def do_followups(project: Project, registry: Registry, run: Run) -> list[str]:
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
     """Bring one run's row up to date with its engine, and do its due follow-ups."""
     if not run.finished and run.engine_job_id is not None:
-        engine = engine or get_engine(run.engine)
+        engine = engine or get_engine(run.engine, project.settings)
         observed = engine.state(run)
         requeues = run.requeues if observed.requeues is None else max(run.requeues, observed.requeues)
         detail = observed.detail or None

@@ -64,7 +64,8 @@ def read_from(path: Path, offset: int) -> tuple[str, int]:
     return data.decode(errors="replace"), offset + len(data)
 
 
-def get_engine(name: str, settings=None) -> Engine:
+def get_engine(name: str, settings) -> Engine:
+    """The engine called `name`; `settings` are the project's (ops.settings.Settings)."""
     if name == "local":
         from ops.engines.local import LocalEngine
 
@@ -75,7 +76,6 @@ def get_engine(name: str, settings=None) -> Engine:
         return SlurmEngine()
     if name == "vertex":
         from ops.engines.vertex import VertexEngine
-        from ops.settings import Project
 
-        return VertexEngine(settings or Project().settings)
+        return VertexEngine(settings)
     raise OpsError(f"--engine {name!r}: not available; allowed: local, slurm, vertex")

@@ -74,16 +74,16 @@ def sbatch_script(launch: Launch, job_name: str) -> str:
 def sacct(job_id: str) -> list[dict]:
     """Every attempt of the job (requeues are duplicates), oldest first."""
     result = subprocess.run(
-        ["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,ExitCode,Start,End"],
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,ExitCode"],
         capture_output=True, text=True, timeout=60,
     )
     if result.returncode != 0:
         raise OpsError(f"sacct -j {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")
     rows = []
     for line in result.stdout.splitlines():
-        job, state, exit_code, start, end = line.split("|")
+        job, state, exit_code = line.split("|")
         if job == job_id:
-            rows.append({"state": state.split()[0], "exit_code": exit_code, "start": start, "end": end})
+            rows.append({"state": state.split()[0], "exit_code": exit_code})
     return rows
 
 
