@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ruamel.yaml import YAML
 
 # Top-level keys of a job spec that are not ours: ops validates them.
-JOB_SPEC_KEYS = {"name", "description", "hypothesis", "engine", "resources", "run"}
+JOB_SPEC_KEYS = {"name", "description", "hypothesis", "expected", "engine", "resources", "run"}
 
 
 class Section(BaseModel):

@@ -4,7 +4,13 @@ Every command takes `--json` for agents. Stable fields:
 - a run (`list`, `submit`, `monitor`, `wait`, `cancel`, `sync`): ops_id, name, engine, engine_job_id,
   state (QUEUED RUNNING SUCCEEDED FAILED CANCELLED PREEMPTED UNKNOWN), run_dir, git_commit,
   created_at, started_at, finished_at (unix seconds or null), exit_code, requeues, sweep, overrides,
-  github_issue, journal_post, detail (why it is in its state, in the engine's words).
+  github_issue (the issue's URL), journal_post (the post's path), detail (why it is in its state,
+  in the engine's words).
+- `submit` and `monitor` add outbox: [{kind, error, attempts, failed_at}], the follow-ups (GitHub
+  issue or comment, journal post, experiment log) that failed and wait for the next `ops sync`.
+- `journal`: ops_id, state, post (path), url (in the built site), images.
+- `compare`: runs, states, config {key: [value per run]} (differing keys only), metrics {name:
+  [value per run]}, post (path, with --post).
 - `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
   it_per_s, eta_seconds, percent}, log_tail (with --logs), and with --full: config, provenance,
   job, paths.
@@ -128,8 +134,9 @@ def submit(
 
     registry = Registry(project.registry_path)
     started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
+    warn_outbox(registry, started)
     if as_json:
-        return echo_json({"runs": [run.to_json() for run in started]})
+        return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id)} for run in started]})
     out = console()
     for run in started:
         values = "  " + " ".join(f"{key}={value}" for key, value in run.sweep.items()) if run.sweep else ""
@@ -162,6 +169,13 @@ def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
         typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}\n")
 
 
+def warn_outbox(registry, started) -> None:
+    """The run started; what could not be sent yet (GitHub down) waits for the next `ops sync`."""
+    for run in started:
+        for item in registry.failures(run.ops_id):
+            typer.echo(f"warning: {run.ops_id}: {item['kind']} waits for the next `ops sync`: {item['error']}", err=True)
+
+
 @app.command()
 @one_line_errors
 def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
@@ -172,6 +186,7 @@ def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or lat
 
     project, registry = open_project()
     run = runs.resume(project, registry, runs.find(registry, job_id))
+    warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
     console().print(f"[bold]{run.ops_id}[/] resumed: {run.engine} job {run.engine_job_id}  {styled(run.state)}"
@@ -189,6 +204,7 @@ def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or late
 
     project, registry = open_project()
     run = runs.rerun(project, registry, runs.find(registry, job_id), command_line())
+    warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
     console().print(f"[bold]{run.ops_id}[/] (rerun of {job_id} at {(run.git_commit or '')[:8]}): "
@@ -241,6 +257,12 @@ def print_view(view: dict) -> None:
         out.print(f"  {view['detail']}", markup=False)
     if view["state"] == "PREEMPTED":
         out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
+    if view["github_issue"]:
+        out.print(f"  issue {view['github_issue']}", markup=False)
+    if view["journal_post"]:
+        out.print(f"  journal post {view['journal_post']}", markup=False)
+    for item in view.get("outbox", []):
+        out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
     if "log_tail" in view:
         out.rule("log tail")
         out.print(view["log_tail"], markup=False, highlight=False)
@@ -270,7 +292,7 @@ def monitor(
     for problem in problems:
         typer.echo(f"warning: {problem}", err=True)
     if not follow:
-        view = run_view(project, run, logs, lines, full)
+        view = run_view(project, run, logs, lines, full) | {"outbox": registry.failures(run.ops_id)}
         return echo_json(view) if as_json else print_view(view)
     follow_run(project, registry, run, as_json, interval)
 
@@ -442,6 +464,86 @@ def sync(as_json: bool = JSON_OPTION) -> None:
     for problem in problems:
         out.print(f"[yellow]warning[/] {problem}")
     out.print(f"synced {len(reconciled)} unfinished run(s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# journal, compare
+
+
+@app.command()
+@one_line_errors
+def journal(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+    """Write the run's journal post again, from its run dir.
+
+    The post is JOURNAL_DIR/blog/posts/DATE-OPS_ID.md, served at blog/OPS_ID/, its images in
+    OPS_ID/ beside it. Everything is rewritten except the text inside the marked regions
+    (Observations), which is kept. JSON: ops_id, state, post (path), url (in the site), images."""
+    from ops import runs
+    from ops.journal import write_post
+
+    project, registry = open_project()
+    run, problems = runs.reconcile(project, registry, runs.find(registry, job_id))
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+    path = write_post(project, run)
+    registry.update(run.ops_id, journal_post=str(path))
+    images = sorted(str(image) for image in (path.parent / run.ops_id).glob("*.png"))
+    if as_json:
+        return echo_json({"ops_id": run.ops_id, "state": run.state, "post": str(path), "url": f"blog/{run.ops_id}/",
+                          "images": images})
+    typer.echo(f"{run.ops_id}: {path}")
+
+
+def print_columns(title: str, ids: list[str], rows: dict[str, list]) -> None:
+    from ops.journal import format_value
+
+    def shown(value) -> str:
+        text = "-" if value is None else format_value(value)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    table = [(title, *ids), *((key, *map(shown, values)) for key, values in rows.items())]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        typer.echo("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip())
+
+
+@app.command()
+@one_line_errors
+def compare(
+    job_ids: list[str] = typer.Argument(..., help="Two or more runs: ops ids, engine job ids, or latest."),
+    post: bool = typer.Option(False, "--post", help="Also write a journal post: tables and sample grids side by side."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Runs side by side: the settings that differ, and the final metrics.
+
+    Settings are each run's config.yaml plus its spec's own fields (engine, resources, ...); only
+    keys whose values differ are shown. --post writes JOURNAL_DIR/blog/posts/DATE-compare-HASH.md
+    (category comparisons; HASH names the set of runs, so comparing them again rewrites the same
+    post and keeps its Observations). JSON: runs (ops ids), states, config {key: [value per run]}
+    (differing keys only), metrics {name: [value per run]} (null where a run lacks it), post (path
+    or null)."""
+    from ops import runs
+    from ops.journal import comparison, write_comparison
+
+    project, registry = open_project()
+    found = {}
+    for job_id in job_ids:
+        run = runs.reconcile(project, registry, runs.find(registry, job_id))[0]
+        found.setdefault(run.ops_id, run)
+    if len(found) < 2:
+        raise OpsError(f"JOB_ID: {', '.join(job_ids)} name {len(found)} run; compare needs two or more")
+    compared = comparison(list(found.values()))
+    path = write_comparison(project, list(found.values()), compared) if post else None
+    if as_json:
+        return echo_json(compared | {"post": str(path) if path else None})
+    if compared["config"]:
+        print_columns("differing settings", compared["runs"], compared["config"])
+    else:
+        typer.echo("no differing settings")
+    typer.echo("")
+    print_columns("metric", compared["runs"], {"state": compared["states"], **compared["metrics"]})
+    if path:
+        typer.echo(f"\npost: {path}")
 
 
 @app.command()

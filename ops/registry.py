@@ -51,6 +51,17 @@ MIGRATIONS = [
     """,
     # Why a run is in its state, in the engine's words (SLURM's state and exit code, a signal ...).
     "ALTER TABLE runs ADD COLUMN detail TEXT",
+    # The outbox's undelivered side: the last error of each follow-up not done yet.
+    """
+    CREATE TABLE followup_failures (
+        ops_id TEXT NOT NULL REFERENCES runs (ops_id),
+        kind TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (ops_id, kind)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -184,10 +195,29 @@ class Registry:
         return row is not None
 
     def record_followup(self, ops_id: str, kind: str, detail: str | None = None) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
         self.db.execute(
             "INSERT OR REPLACE INTO followups (ops_id, kind, done_at, detail) VALUES (?, ?, ?, ?)",
             (ops_id, kind, time.time(), detail),
         )
+        self.db.execute("DELETE FROM followup_failures WHERE ops_id = ? AND kind = ?", (ops_id, kind))
+        self.db.execute("COMMIT")
+
+    def record_failure(self, ops_id: str, kind: str, error: str) -> None:
+        """A follow-up that failed this time; it stays due, and the next sync tries again."""
+        self.db.execute(
+            "INSERT INTO followup_failures (ops_id, kind, failed_at, error) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (ops_id, kind) DO UPDATE SET failed_at = excluded.failed_at, "
+            "error = excluded.error, attempts = attempts + 1",
+            (ops_id, kind, time.time(), error),
+        )
+
+    def failures(self, ops_id: str) -> list[dict]:
+        """What waits in the outbox for this run: kind, error, attempts, failed_at."""
+        rows = self.db.execute(
+            "SELECT kind, error, attempts, failed_at FROM followup_failures WHERE ops_id = ? ORDER BY kind", (ops_id,)
+        )
+        return [dict(row) for row in rows]
 
     def forget_followup(self, ops_id: str, kind: str) -> None:
         """A resumed run ends again: its end-of-run follow-up is due again."""

@@ -221,7 +221,9 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
         raise OpsError(f"{run.ops_id}: finished successfully; `ops rerun {run.ops_id}` starts a new run")
     code_dir = Path(run.run_dir) / "code"
     registry.update(run.ops_id, state="QUEUED", finished_at=None, exit_code=None, requeues=run.requeues + 1)
-    registry.forget_followup(run.ops_id, "experiment_log_result")
+    for followup in FOLLOWUPS:
+        if followup.when == "finished":  # it ends again: its end-of-run follow-ups are due again
+            registry.forget_followup(run.ops_id, followup.kind)
     run = registry.get(run.ops_id)
     return start(project, registry, run, code_dir if code_dir.is_dir() else None)
 
@@ -282,26 +284,72 @@ def followup_experiment_log_result(project: Project, run: Run) -> str:
     return str(project.experiment_log)
 
 
-# (kind, due when, action). Later issues add the GitHub issue and the journal post here.
-FOLLOWUPS: list[tuple[str, Callable[[Run], bool], Callable[[Project, Run], str]]] = [
-    ("experiment_log_submit", lambda run: run.engine_job_id is not None, followup_experiment_log_submit),
-    ("experiment_log_result", lambda run: run.finished, followup_experiment_log_result),
+def followup_journal_post(project: Project, run: Run) -> str:
+    from ops.journal import write_post
+
+    return str(write_post(project, run))
+
+
+def followup_github_issue(project: Project, run: Run) -> str | None:
+    from ops.github import open_run_issue
+
+    return open_run_issue(project, run)
+
+
+def followup_github_result(project: Project, run: Run) -> str | None:
+    from ops.github import comment_run_result
+
+    return comment_run_result(project, run)
+
+
+@dataclass(frozen=True)
+class Followup:
+    """Something done once per run, when it has started or when it has finished.
+
+    The action returns what it made (a path, a URL), or None when it does not apply to this
+    project (no GitHub repository): recorded as skipped, never retried. `column` is the registry
+    column that keeps the result; `after` lists follow-ups that must be done first."""
+
+    kind: str
+    when: str  # "started" | "finished"
+    action: Callable[[Project, Run], str | None]
+    column: str | None = None
+    after: tuple[str, ...] = ()
+
+    def due(self, run: Run) -> bool:
+        return run.finished if self.when == "finished" else run.engine_job_id is not None
+
+
+FOLLOWUPS = [
+    Followup("experiment_log_submit", "started", followup_experiment_log_submit),
+    Followup("github_issue", "started", followup_github_issue, column="github_issue"),
+    Followup("experiment_log_result", "finished", followup_experiment_log_result),
+    Followup("journal_post", "finished", followup_journal_post, column="journal_post"),
+    Followup("github_result", "finished", followup_github_result, after=("github_issue",)),
 ]
+SKIPPED = "skipped: not in use"
 
 
-def do_followups(project: Project, registry: Registry, run: Run) -> list[str]:
-    """Each due follow-up once; a failure is reported and retried by the next reconcile."""
+def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, list[str]]:
+    """Each due follow-up once; a failure is reported and retried by the next reconcile.
+    Returns the run as the follow-ups left it (its issue URL, its post) and the failures."""
     problems = []
-    for kind, due, action in FOLLOWUPS:
-        if not due(run) or registry.followup_done(run.ops_id, kind):
+    for followup in FOLLOWUPS:
+        if not followup.due(run) or registry.followup_done(run.ops_id, followup.kind):
             continue
+        if not all(registry.followup_done(run.ops_id, kind) for kind in followup.after):
+            continue  # waits for the one it builds on (the comment needs the issue)
         try:
-            detail = action(project, run)
+            detail = followup.action(project, run)
         except Exception as exc:  # an outbox: keep going, the next sync retries this one
-            problems.append(f"{run.ops_id}: {kind} failed, will retry on the next sync: {exc}")
+            registry.record_failure(run.ops_id, followup.kind, str(exc))
+            problems.append(f"{run.ops_id}: {followup.kind} failed, will retry on the next sync: {exc}")
             continue
-        registry.record_followup(run.ops_id, kind, detail)
-    return problems
+        if followup.column and detail is not None:
+            registry.update(run.ops_id, **{followup.column: detail})
+            run = registry.get(run.ops_id)
+        registry.record_followup(run.ops_id, followup.kind, SKIPPED if detail is None else detail)
+    return run, problems
 
 
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
@@ -317,7 +365,7 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
                 changes["finished_at"] = observed.finished_at or time.time()
             registry.update(run.ops_id, **changes)
             run = registry.get(run.ops_id)
-    return run, do_followups(project, registry, run)
+    return do_followups(project, registry, run)
 
 
 def rebuild_missing(project: Project, registry: Registry) -> list[str]:
@@ -347,8 +395,8 @@ def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], li
         runs.append(run)
         problems += run_problems
     # Finished runs whose follow-ups an earlier crash or outage left undone.
-    for ops_id in registry.pending_followups([kind for kind, _, _ in FOLLOWUPS]):
-        problems += do_followups(project, registry, registry.get(ops_id))
+    for ops_id in registry.pending_followups([followup.kind for followup in FOLLOWUPS]):
+        problems += do_followups(project, registry, registry.get(ops_id))[1]
     return added, runs, problems
 
 

@@ -34,7 +34,11 @@ class Settings:
     vertex_api_endpoint: str | None = None  # None: REGION-aiplatform.googleapis.com; a URL: a stand-in
     vertex_logs: str = "run-dir"  # where `ops monitor --logs` reads a Vertex job: run-dir | cloud-logging
     logging_api_endpoint: str | None = None  # None: logging.googleapis.com; a URL: a stand-in
-    github_repo: str | None = None  # owner/name for experiment issues
+    github_repo: str | None = None  # owner/name for experiment issues; None: the git remote, if on github.com
+    github_issues: bool = True  # False: no experiment issues, even with a GitHub remote
+    github_api_url: str = "https://api.github.com"  # GitHub Enterprise: https://HOST/api/v3
+    github_timeout_seconds: float = 15.0  # per request; a slower GitHub leaves the action in the outbox
+    journal_url: str | None = None  # where the built journal is published (links from issue comments)
 
 
 def check_settings(raw: dict, source: str) -> Settings:
@@ -50,7 +54,7 @@ def check_settings(raw: dict, source: str) -> Settings:
             if text not in ("true", "false"):
                 raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be true or false")
             value = text == "true"
-        elif key == "cancel_grace_seconds":
+        elif isinstance(known[key].default, float):
             try:
                 value = float(value)
             except (TypeError, ValueError):

@@ -75,8 +75,9 @@ class Resources(Section):
 
 class JobSpec(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Lowercase letters, digits and dashes.")
-    description: str = ""
-    hypothesis: str = ""
+    description: str = Field("", description="What the job is, in a sentence.")
+    hypothesis: str = Field("", description="What the run is meant to show, and why.")
+    expected: str = Field("", description="The outcome that would confirm the hypothesis (figures, if any).")
     engine: Literal["local", "slurm", "vertex"] = "local"
     resources: Resources = Field(default_factory=Resources)
     run: RunConfig

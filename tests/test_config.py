@@ -95,3 +95,11 @@ def test_cli_missing_dataset_says_where_and_how_and_writes_nothing(tmp_path):
     assert len(lines) == 1
     assert str(empty / "MNIST" / "raw") in lines[0] and "DIFFUSION_DATA_ROOT" in lines[0]
     assert not out.exists()
+
+
+def test_diffusion_reads_the_same_job_spec_keys_as_ops():
+    """diffusion/ may not import ops/, so it keeps its own list of a spec's top-level keys."""
+    from diffusion.config import JOB_SPEC_KEYS
+    from ops.spec import JobSpec
+
+    assert JOB_SPEC_KEYS == set(JobSpec.model_fields)

@@ -1,0 +1,390 @@
+"""The journal: a mkdocs-material blog post per run, written when the run ends (`ops journal`
+rewrites it), and comparison posts (`ops compare --post`).
+
+Posts live in `{journal_dir}/blog/posts/`: `{YYYY-MM-DD}-{ops_id}.md` with its images in
+`{ops_id}/`, served at `blog/{ops_id}/` (the blog's post_url_format is "{slug}"). A post is
+rewritten whole from the run dir, except what a person wrote inside a marked region, kept verbatim:
+
+    <!-- observations: write below; ops journal keeps this -->
+    ...
+    <!-- /observations -->
+
+The posts use tables, and `??? note` (admonition + pymdownx.details) for the full config.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ops.errors import OpsError
+from ops.registry import Run
+from ops.runs import flatten, read_job
+from ops.settings import Project
+
+KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
+KEEP_START = re.compile(r"<!-- ([\w-]+): write below; ops journal keeps this -->")
+
+# The settings a reader looks for first; the full config follows them, folded.
+MAIN_KEYS = ("task", "device", "data.dataset", "data.subset", "data.only_digit", "model.name", "model.base_channels",
+             "model.channel_mults", "method.name", "method.num_train_timesteps", "method.beta_schedule",
+             "method.prediction_type", "train.batch_size", "train.epochs", "train.max_steps", "train.max_minutes",
+             "train.lr", "train.seed", "sample.sampler", "sample.num_inference_steps")
+
+
+def posts_dir(project: Project) -> Path:
+    return project.path(project.settings.journal_dir) / "blog" / "posts"
+
+
+def post_path(project: Project, run: Run) -> Path:
+    day = time.strftime("%Y-%m-%d", time.localtime(run.created_at))
+    return posts_dir(project) / f"{day}-{run.ops_id}.md"
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then rename over `path`: the site builder never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def keep_regions(new: str, old: str, source: Path) -> str:
+    """`new`, with the text a person wrote inside the marked regions of `old` put back."""
+    kept = {match[2]: match[3] for match in KEEP.finditer(old)}
+    broken = [name for name in KEEP_START.findall(old) if name not in kept]
+    if broken:
+        raise OpsError(f"{source}: the '{broken[0]}' region has lost its end marker <!-- /{broken[0]} -->; "
+                       "put it back, else rewriting the post would drop the text written there")
+    return KEEP.sub(lambda match: match[1] + kept.get(match[2], match[3]) + match[4], new)
+
+
+def region(name: str, placeholder: str) -> list[str]:
+    return [f"<!-- {name}: write below; ops journal keeps this -->", placeholder, f"<!-- /{name} -->"]
+
+
+def write_text(path: Path, text: str) -> Path:
+    old = path.read_text() if path.is_file() else ""
+    text = keep_regions(text, old, path)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# What a post shows, read from the run dir
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_config(run_dir: Path) -> dict:
+    from ruamel.yaml import YAML
+
+    path = run_dir / "config.yaml"
+    return (YAML(typ="safe").load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list, bool)) or value is None:
+        return json.dumps(value)
+    return " ".join(str(value).split())
+
+
+def cell(value: Any) -> str:
+    return "-" if value is None else format_value(value).replace("|", "\\|")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+
+
+def figures(run_dir: Path) -> dict[str, Any]:
+    """A run's end figures by name: summary.json's, its last logged metrics, the eval scores."""
+    summary = read_json(run_dir / "summary.json")
+    found = {key: summary[key] for key in ("step", "total_steps", "epoch", "train_seconds", "num_parameters")
+             if key in summary}
+    last = summary.get("final_metrics") or {}
+    if "step" in last and last["step"] != summary.get("step"):
+        found["last logged step"] = last["step"]  # the figures below are from then, not from the end
+    found |= {key: value for key, value in last.items() if key not in ("step", "total_steps", "epoch", "train_seconds")}
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        record = json.loads(path.read_text())
+        for label, scores in (("", record.get("scores") or {}), (" (real vs real)", record.get("real_floor") or {})):
+            found |= {f"{path.stem} {key}{label}": value for key, value in scores.items() if is_number(value)}
+    return found
+
+
+def last_samples(run_dir: Path) -> Path | None:
+    """The newest sample grid (final.png when there is one), an eval grid, else text samples."""
+    for pattern in ("samples/*.png", "eval/*.png", "samples/*.txt"):
+        found = sorted(run_dir.glob(pattern), key=lambda path: (path.stem == "final", path.stat().st_mtime))
+        if found:
+            return found[-1]
+    return None
+
+
+def plot_loss(metrics_path: Path, out: Path) -> bool:
+    """metrics.jsonl's loss against step as a PNG; False when nothing was logged."""
+    # Complete lines only: a running trainer may be halfway through the last one.
+    lines = metrics_path.read_text().split("\n")[:-1] if metrics_path.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    points = [(record["step"], record["loss"]) for record in records if is_number(record.get("loss"))]
+    if not points:
+        return False
+    from matplotlib.figure import Figure  # no pyplot: no global state; savefig renders PNG with Agg
+
+    steps, losses = zip(*points)
+    figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    axes.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2)
+    if min(losses) > 0:
+        axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(True, which="both", alpha=0.3)
+    replace_atomically(out, lambda tmp: figure.savefig(tmp, format="png"))
+    return True
+
+
+def copy_file(source: Path, target: Path) -> None:
+    replace_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def text_block(text: str, limit: int = 4000) -> list[str]:
+    fence = "~~~~" if "```" in text else "```"
+    return [f"{fence}text", text[:limit].rstrip("\n"), fence]
+
+
+def seconds_text(seconds: float | None) -> str:
+    from ops.monitor import format_seconds
+
+    return f"{seconds:.1f}s" if seconds is not None and seconds < 60 else format_seconds(seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The post of one run
+
+
+def write_post(project: Project, run: Run) -> Path:
+    """Write (or rewrite) the run's post and its images; returns the post's path."""
+    from ops.monitor import elapsed_seconds
+
+    run_dir = Path(run.run_dir)
+    job = read_job(run_dir)
+    spec = job["spec"]
+    provenance = read_json(run_dir / "provenance.json")
+    git = provenance.get("git") or {}
+    summary = read_json(run_dir / "summary.json")
+    config = flatten(read_config(run_dir))
+    found = figures(run_dir)
+    path = post_path(project, run)
+    assets = path.parent / run.ops_id
+
+    title = " ".join((spec.get("description") or run.name).split())
+    hypothesis = " ".join((spec.get("hypothesis") or "").split())
+    expected = " ".join((spec.get("expected") or "").split())
+    created = time.localtime(run.created_at)
+    duration = elapsed_seconds(run)
+    lead = f"**{run.state}** on `{run.engine}`" + (f" after {seconds_text(duration)}" if run.finished and duration else "")
+    if "loss" in found:
+        lead += f", final loss {format_value(found['loss'])}"
+    lines = [
+        "---",
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S', created)}",
+        f"slug: {json.dumps(run.ops_id)}",  # quoted: a name like `on` or `1e3` is no string in YAML
+        "categories:",
+        f"  - {json.dumps(run.name)}",
+        "tags:",
+        f"  - {json.dumps(run.engine)}",
+        f"  - {json.dumps(run.state.lower())}",
+        "---",
+        "",
+        f"# {run.ops_id}: {title}",
+        "",
+        f"{lead}. {'Hypothesis: ' + hypothesis if hypothesis else 'No hypothesis given in the spec.'}",
+        "",
+        "<!-- more -->",
+        "",
+        "## Hypothesis",
+        "",
+        hypothesis or "_None given in the spec._",
+        "",
+    ]
+    if expected:
+        lines += [f"**Expected:** {expected}", ""]
+
+    commit = "no git (submitted with --allow-no-git)"
+    if git.get("commit"):
+        commit = (f"`{git['commit'][:8]}`" + (f" on `{git['branch']}`" if git.get("branch") else "")
+                  + (", with uncommitted changes (`diff.patch`)" if git.get("dirty") else ", clean"))
+    lines += [
+        "## Run",
+        "",
+        f"- **State:** {run.state}" + (f": {' '.join(run.detail.split())}" if run.detail
+                                       else f" (exit code {run.exit_code})" if run.exit_code is not None else ""),
+        f"- **Engine:** `{run.engine}`, job `{run.engine_job_id or 'not submitted'}`"
+        + (f", restarted {run.requeues} time(s)" if run.requeues else ""),
+        f"- **Commit:** {commit}",
+        f"- **Created:** {time.strftime('%Y-%m-%d %H:%M', created)}",
+        f"- **Duration:** {seconds_text(duration)}" + ("" if run.finished else " so far (still running)")
+        + (f", of which training {seconds_text(summary['train_seconds'])}" if "train_seconds" in summary else ""),
+        f"- **Run dir:** `{os.path.relpath(run_dir, project.root)}`",
+    ]
+    vertex = read_json(run_dir / "vertex_job.json")
+    if vertex.get("gcs_run_dir"):
+        lines.append(f"- **Artifacts:** `{vertex['gcs_run_dir']}` (`ops pull {run.ops_id}` copies them into "
+                     f"the run dir, then `ops journal {run.ops_id}` redraws this post)")
+    if run.github_issue:
+        lines.append(f"- **GitHub issue:** [{run.github_issue}]({run.github_issue})")
+    lines += ["", "## Results", ""]
+
+    if summary.get("error"):
+        lines += [f"The run ended with an error: `{format_value(summary['error'])}`", ""]
+        if summary.get("traceback"):
+            traceback = summary["traceback"]
+            lines += text_block("\n".join(traceback) if isinstance(traceback, list) else str(traceback)) + [""]
+    if summary.get("reason"):
+        lines += [f"Stopped: {summary['reason']}.", ""]
+    if found:
+        lines += table(["metric", "value"], [[key, value] for key, value in found.items()]) + [""]
+    else:
+        lines += [f"No final metrics: the run {'ended' if run.finished else 'is'} {run.state} without them.", ""]
+
+    if plot_loss(run_dir / "metrics.jsonl", assets / "loss.png"):
+        lines += ["### Loss", "", f"![loss against step]({run.ops_id}/loss.png)", ""]
+    samples = last_samples(run_dir)
+    lines += ["### Samples", ""]
+    if samples is None:
+        lines += ["No samples: the run wrote none" + ("." if run.finished else " yet."), ""]
+    elif samples.suffix == ".png":
+        copy_file(samples, assets / "samples.png")
+        lines += [f"![samples]({run.ops_id}/samples.png)", "", f"_`{samples.relative_to(run_dir)}`_", ""]
+    else:
+        lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
+
+    lines += ["## Config", ""]
+    changes = job.get("changes") or []
+    if changes:
+        lines += ["Changed from the spec:", ""]
+        lines += table(["key", "spec", "this run"], [[f"`{key}`", old, new] for key, old, new in changes]) + [""]
+    else:
+        lines += [f"The spec `{run.name}` as written, nothing changed.", ""]
+    main = [[f"`{key}`", config[key]] for key in MAIN_KEYS if config.get(key) is not None]
+    if main:
+        lines += ["Main settings:", ""] + table(["setting", "value"], main) + [""]
+    if config:
+        lines += ['??? note "Full config (config.yaml)"', ""]
+        lines += ["    " + line for line in table(["key", "value"], [[f"`{k}`", v] for k, v in config.items()])] + [""]
+
+    lines += [
+        "## Reproduce",
+        "",
+        f"- Run it again on the recorded commit, config and diff: `ops rerun {run.ops_id}`",
+        f"- Original command: `{job.get('command', '')}`",
+        "",
+        "## Observations",
+        "",
+        *region("observations", "_What did this run show? Write it here: `ops journal` keeps this text._"),
+        "",
+    ]
+    return write_text(path, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing runs
+
+
+def comparison(runs: list[Run]) -> dict:
+    """The runs' differing settings (config.yaml and the spec's own fields) and their figures,
+    each as {key: [value per run]}; a value a run lacks is None."""
+    settings, found = [], []
+    for run in runs:
+        run_dir = Path(run.run_dir)
+        spec = {key: value for key, value in read_job(run_dir)["spec"].items() if key != "run"}
+        settings.append(flatten(read_config(run_dir)) | flatten(spec))
+        found.append(figures(run_dir))
+    keys = sorted(set().union(*settings))
+    config = {key: [values.get(key) for values in settings] for key in keys}
+    metric_keys = list(dict.fromkeys(key for values in found for key in values))
+    return {
+        "runs": [run.ops_id for run in runs],
+        "states": [run.state for run in runs],
+        "config": {key: values for key, values in config.items() if any(value != values[0] for value in values)},
+        "metrics": {key: [values.get(key) for values in found] for key in metric_keys},
+    }
+
+
+def write_comparison(project: Project, runs: list[Run], compared: dict) -> Path:
+    """The comparison post; the same set of runs always maps to the same post (and its notes)."""
+    digest = hashlib.sha1(" ".join(sorted(compared["runs"])).encode()).hexdigest()[:8]
+    slug = f"compare-{digest}"
+    folder = posts_dir(project)
+    existing = sorted(folder.glob(f"*-{slug}.md"))
+    path = existing[0] if existing else folder / f"{time.strftime('%Y-%m-%d')}-{slug}.md"
+    ids = compared["runs"]
+    names = sorted({run.name for run in runs})
+
+    def run_link(run: Run) -> str:
+        post = post_path(project, run)
+        return f"[{run.ops_id}]({post.name})" if post.is_file() else run.ops_id  # a dead link fails --strict
+
+    differing = ", ".join(f"`{key}`" for key in compared["config"]) or "nothing in their settings"
+    lines = [
+        "---",
+        f"date: {path.name[:10]}",
+        f"slug: {json.dumps(slug)}",
+        "categories:",
+        "  - comparisons",
+        "---",
+        "",
+        f"# Comparison: {', '.join(ids)}",
+        "",
+        f"{len(ids)} runs of {', '.join(f'`{name}`' for name in names)}; they differ in {differing}.",
+        "",
+        "<!-- more -->",
+        "",
+        "## Runs",
+        "",
+        *(f"- {run_link(run)}: **{run.state}** on `{run.engine}`" for run in runs),
+        "",
+        "## Config differences",
+        "",
+    ]
+    if compared["config"]:
+        lines += table(["key", *ids], [[f"`{key}`", *values] for key, values in compared["config"].items()])
+    else:
+        lines.append("None: the runs share every setting.")
+    lines += ["", "## Final metrics", ""]
+    lines += table(["metric", *ids], [["state", *compared["states"]],
+                                      *([key, *values] for key, values in compared["metrics"].items())])
+    lines += ["", "## Samples", ""]
+    grids, texts = [], []
+    for run in runs:
+        samples = last_samples(Path(run.run_dir))
+        if samples is not None and samples.suffix == ".png":
+            copy_file(samples, folder / slug / f"{run.ops_id}.png")
+            grids.append(f"![{run.ops_id}]({slug}/{run.ops_id}.png)")
+        else:
+            grids.append("no samples" if samples is None else "text, below")
+            if samples is not None:
+                texts += [f"### {run.ops_id}", "", *text_block(samples.read_text()), ""]
+    lines += ["| " + " | ".join(ids) + " |", "|" + "---|" * len(ids), "| " + " | ".join(grids) + " |", "", *texts]
+    lines += [
+        "## Observations",
+        "",
+        *region("observations", "_What does the comparison show? Write it here: `ops compare --post` keeps this text._"),
+        "",
+    ]
+    return write_text(path, "\n".join(lines))
