@@ -22,16 +22,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+IMAGE_DATASETS = ("mnist",)
+TEXT_DATASETS = ("shakespeare",)
+IMAGE_METHODS = ("ddpm",)
+TEXT_METHODS = ("autoregressive", "masked", "embedding")
+
+
 class DataConfig(Section):
-    dataset: Literal["mnist"] = "mnist"
+    dataset: Literal["mnist", "shakespeare"] = "mnist"
     root: str | None = Field(None, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
     download: bool = Field(True, description="Download when the files are missing under the root.")
     only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
     subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+    tokenizer: Literal["char", "bpe"] = Field("char", description="Text: characters, or BPE trained on the corpus.")
+    vocab_size: int = Field(512, ge=64, le=65536, description="Text, bpe: the BPE vocabulary size.")
+    block_size: int = Field(256, ge=8, description="Text: tokens per training example.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out.")
 
 
 class ModelConfig(Section):
-    name: Literal["unet"] = "unet"
+    name: Literal["unet", "transformer"] = Field("unet", description="unet for images, transformer for text.")
     base_channels: int = Field(64, ge=8)
     channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1, max_length=4)
     num_res_blocks: int = Field(2, ge=1)
@@ -40,6 +50,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
     class_conditional: bool = Field(False, description="Add a class embedding (with a null class).")
+    n_layer: int = Field(4, ge=1, description="Transformer: blocks.")
+    n_head: int = Field(4, ge=1, description="Transformer: attention heads.")
+    n_embd: int = Field(256, ge=8, description="Transformer: width; a multiple of n_head.")
 
     @field_validator("norm_groups")
     @classmethod
@@ -51,13 +64,16 @@ class ModelConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["ddpm"] = "ddpm"
+    name: Literal["ddpm", "autoregressive", "masked", "embedding"] = Field(
+        "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM).")
     num_train_timesteps: int = Field(1000, ge=2)
-    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_schedule: Literal["linear", "cosine", "sqrt"] = Field("linear", description="sqrt suits embeddings.")
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(2e-2, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
     clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
+    embedding_dim: int = Field(64, ge=2, description="embedding: size of the diffused token embeddings.")
+    rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
 
 
 class TrainConfig(Section):
@@ -82,7 +98,8 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     checkpoint: str | None = Field(None, description="Run dir or .pt file to sample from (task sample/eval).")
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "ancestral"] = Field(
+        "ddim", description="ddpm, ddim (images, embedding); ancestral (autoregressive, masked).")
     num_inference_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
@@ -91,6 +108,13 @@ class SampleConfig(Section):
     use_ema: bool = True
     seed: int = 0
     class_label: int | None = Field(None, ge=0, description="Class to sample (class-conditional models).")
+    length: int | None = Field(None, ge=1, description="Text: tokens per sample; None: the block size.")
+    block_length: int | None = Field(None, ge=1, description="masked: semi-autoregressive blocks of this many tokens.")
+    temperature: float = Field(1.0, gt=0.0, description="Text: softmax temperature.")
+    top_k: int | None = Field(None, ge=1, description="Text: sample among the k likeliest tokens.")
+    clamp: bool = Field(True, description="embedding: snap predicted x0 to the nearest embedding each step.")
+    guide_checkpoint: str | None = Field(None, description="Text: an autoregressive run to mix logits with.")
+    guidance_alpha: float = Field(1.0, ge=0.0, le=1.0, description="Weight of the diffusion logits (1: no AR).")
 
 
 class EvalConfig(Section):
@@ -98,6 +122,9 @@ class EvalConfig(Section):
     confidence: float = Field(0.9, gt=0.0, le=1.0, description="Softmax threshold for a confident sample.")
     classifier_epochs: int = Field(2, ge=1)
     classifier_subset: int | None = Field(None, ge=100, description="Train the classifier on N images.")
+    scorer_checkpoint: str | None = Field(None, description="Text: an autoregressive run that scores samples "
+                                                            "(their perplexity under it).")
+    val_blocks: int = Field(64, ge=1, description="Text: validation blocks for bits per character.")
 
 
 class RunConfig(Section):
@@ -147,12 +174,38 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
     return f"{key}: {value!r} is not allowed: {message}"
 
 
+def mismatch(config: RunConfig) -> str | None:
+    """The first pair of settings that cannot go together (an image net on text ...), or None."""
+    text = config.data.dataset in TEXT_DATASETS
+    if text != (config.method.name in TEXT_METHODS):
+        allowed = TEXT_METHODS if text else IMAGE_METHODS
+        return f"method.name: {config.method.name!r} is not allowed with data.dataset {config.data.dataset!r}: " \
+               f"use one of {', '.join(allowed)}"
+    if text != (config.model.name == "transformer"):
+        return f"model.name: {config.model.name!r} is not allowed with data.dataset {config.data.dataset!r}: " \
+               f"use {'transformer' if text else 'unet'}"
+    if text and config.data.tokenizer == "bpe" and config.data.vocab_size <= 256:
+        return f"data.vocab_size: {config.data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
+               "must be above 256 (byte-level BPE starts from the 256 bytes)"
+    if text and config.model.n_embd % config.model.n_head:
+        return f"model.n_embd: {config.model.n_embd} is not allowed: must be a multiple of model.n_head ({config.model.n_head})"
+    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(config.method.name, ("ddpm", "ddim"))
+    if config.sample.sampler not in samplers:
+        return f"sample.sampler: {config.sample.sampler!r} is not allowed with method.name {config.method.name!r}: " \
+               f"use {' or '.join(samplers)}"
+    return None
+
+
 def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConfig:
     """Validate a run section; raise ConfigError with the first problem on one line."""
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], RunConfig, prefix)}") from None
+    problem = mismatch(config)
+    if problem:
+        raise ConfigError(f"{source}: {prefix + '.' if prefix else ''}{problem}")
+    return config
 
 
 def read_yaml(path: Path) -> Any:

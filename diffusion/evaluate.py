@@ -263,8 +263,14 @@ def print_record(record: dict) -> None:
 
 
 def eval_task(config, run_dir: Path, in_place: bool) -> int:
+    from diffusion.config import TEXT_DATASETS
     from diffusion.rundir import RunDir
 
+    if config.data.dataset in TEXT_DATASETS:  # text is scored on its samples and its validation bits
+        from diffusion.sample import sample_task
+
+        return sample_task(config.model_copy(update={"sample": config.sample.model_copy(
+            update={"num_samples": config.eval.num_samples})}), run_dir, in_place)
     run = RunDir(run_dir)
     if not in_place:
         run.create(config)

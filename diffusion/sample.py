@@ -9,7 +9,6 @@ import torch
 from diffusion.checkpoint import LATEST, load_checkpoint
 from diffusion.config import ConfigError, RunConfig, SampleConfig, validate_run
 from diffusion.methods import build_method
-from diffusion.nets import build_net
 
 
 def resolve_checkpoint(reference: str | Path) -> Path:
@@ -28,17 +27,23 @@ class TrainedModel:
     """A checkpoint's network (EMA weights by default), its method and what it was trained on."""
 
     def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device):
+        from diffusion.train import build_model
+
         checkpoint = load_checkpoint(checkpoint_path)
         self.path = checkpoint_path
         self.config: RunConfig = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
         self.step: int = checkpoint["step"]
-        self.image_shape = tuple(checkpoint["image_shape"])
-        self.num_classes: int = checkpoint["num_classes"]
-        self.model = build_net(self.config.model, in_channels=self.image_shape[0], num_classes=self.num_classes)
+        # Image checkpoints from before text runs kept the shape and classes at the top level.
+        self.meta: dict = checkpoint.get("data") or {"kind": "image", "image_shape": checkpoint["image_shape"],
+                                                     "num_classes": checkpoint["num_classes"]}
+        self.method = build_method(self.config.method)
+        self.model = build_model(self.config, self.method, self.meta)
         self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
         self.model.to(device).eval()
-        self.method = build_method(self.config.method)
         self.device = device
+        if self.meta["kind"] == "image":
+            self.image_shape = tuple(self.meta["image_shape"])
+            self.num_classes: int = self.meta["num_classes"]
 
     def generate(self, sample: SampleConfig, num_samples: int, progress: bool = False) -> torch.Tensor:
         """`num_samples` images in [-1, 1], in batches, reproducible from `sample.seed`."""
@@ -99,6 +104,10 @@ def sample_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
     run = RunDir(run_dir)
     if not in_place:
         run.create(config)
+    if trained.meta["kind"] == "text":
+        from diffusion.evaluate_text import text_sample_task
+
+        return text_sample_task(config, trained, run, in_place)
     images = trained.generate(config.sample, config.sample.num_samples, progress=True)
     grid = save_samples(images, run.samples, sample_name(config.sample))
     if not in_place:

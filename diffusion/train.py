@@ -168,8 +168,12 @@ def learning_rate_at(step: int, config) -> float:
     return config.lr
 
 
-def build_model(config: RunConfig, image_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    return build_net(config.model, in_channels=image_shape[0], num_classes=num_classes)
+def build_model(config: RunConfig, method, meta: dict) -> torch.nn.Module:
+    """The network for the data `meta` describes: a UNet for images; for text the method decides
+    (a causal or bidirectional transformer, or one wrapped with the embeddings it diffuses)."""
+    if meta["kind"] == "text":
+        return method.build_model(config.model, meta)
+    return build_net(config.model, in_channels=meta["image_shape"][0], num_classes=meta["num_classes"])
 
 
 @torch.no_grad()
@@ -208,6 +212,8 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
 
 def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: DataParallel) -> int:
     dataset = load_dataset(config.data, "train")  # before writing anything: a missing dataset fails clean
+    meta = dataset.meta()
+    validation = load_dataset(config.data, "val") if meta["kind"] == "text" else None
     tc = config.train
     if tc.batch_size % ranks.world_size:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not allowed: must divide among "
@@ -219,14 +225,14 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
     ranks.barrier()
 
     seed_everything(tc.seed)
-    model = build_model(config, dataset.shape, dataset.num_classes).to(device)
+    method = build_method(config.method)
+    model = build_model(config, method, meta).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     trained_model = model
     if ranks.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    method = build_method(config.method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
 
@@ -264,16 +270,23 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
             "train_seconds": train_seconds,
             "rng": capture_rng_state(),
             "config": to_dict(config),
-            "image_shape": list(dataset.shape),
-            "num_classes": dataset.num_classes,
+            "data": meta,  # what sampling needs without the dataset: image shape, or tokenizer
         }
         save_checkpoint(state, run.checkpoints, step, keep=tc.keep_checkpoints)
 
-    def write_grid(name: str) -> None:
+    def write_samples(stem: str) -> list[str] | None:
+        """A PNG grid, or for text the decoded samples (returned, to be scored at the end)."""
         if not ranks.is_main:
-            return
-        path = run.samples / name
-        save_sample_grid(method, ema_model, config, dataset.shape, path, device, dataset.num_classes)
+            return None
+        if meta["kind"] == "text":
+            from diffusion.evaluate_text import generate_text, save_text_samples
+
+            texts = generate_text(method, ema_model, meta, config.sample, min(config.sample.num_samples, 8), device)
+            save_text_samples(texts, run.samples / f"{stem}.txt")
+            return texts
+        save_sample_grid(method, ema_model, config, tuple(meta["image_shape"]), run.samples / f"{stem}.png",
+                         device, meta["num_classes"])
+        return None
 
     num_params = sum(p.numel() for p in model.parameters())
     print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters, "
@@ -281,6 +294,7 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
           + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""), flush=True)
 
     status, stop_reason = "completed", "finished all steps"
+    final_texts = None
     last_checkpoint_time, checkpointed_step = time.monotonic(), step
     loss_sum, loss_count, window_start, window_steps = torch.zeros((), device=device), 0, time.monotonic(), 0
     permutation, permutation_epoch = None, -1
@@ -295,10 +309,9 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                 permutation, permutation_epoch = epoch_permutation(len(dataset), tc.seed, epoch), epoch
             indices = permutation[batch_in_epoch * batch_size : (batch_in_epoch + 1) * batch_size]
             batch = dataset.batch(indices, device)
-            if not config.model.class_conditional:
-                batch.pop("labels")
-            else:
-                batch["class_labels"] = batch.pop("labels")
+            labels = batch.pop("labels", None)
+            if config.model.class_conditional:
+                batch["class_labels"] = labels
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(step, tc)
@@ -329,6 +342,9 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                     "train_seconds": round(train_seconds, 3),
                     "total_steps": total_steps,
                 }
+                if config.method.name == "embedding":  # the collapse this method is prone to, as it happens
+                    record["embedding_norm"] = method.embedding_norm(model)
+                    record["embedding_spread"] = method.embedding_spread(model)  # 0: all tokens alike
                 if ranks.is_main:
                     run.log_metrics(record)
                 progress.log(record)
@@ -338,7 +354,7 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
 
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch and tc.sample_every_epochs and (step // steps_per_epoch) % tc.sample_every_epochs == 0:
-                write_grid(f"epoch_{step // steps_per_epoch:04d}.png")
+                write_samples(f"epoch_{step // steps_per_epoch:04d}")
                 model.train()
 
             out_of_time = tc.max_minutes is not None and train_seconds >= tc.max_minutes * 60
@@ -365,13 +381,21 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
         if status == "completed":
             if checkpointed_step != step:
                 checkpoint_now()
-            write_grid("final.png")
+            final_texts = write_samples("final")
 
     exit_code = EXIT_PREEMPTED if status == "preempted" else 0
     print(f"{status}: {stop_reason}", flush=True)
     if not ranks.is_main:
         return exit_code
     last = run.metrics.read_text().splitlines()[-1:] if run.metrics.is_file() else []
+    scores = {}
+    if final_texts is not None:
+        from diffusion.evaluate_text import evaluate_text
+
+        # Validation bits per character and how healthy the samples look; `collapsed` lists why not.
+        scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed)
+        if scores["collapsed"]:
+            print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
     run.write_summary(
         {
             "status": status,
@@ -387,5 +411,6 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
             "final_metrics": json.loads(last[0]) if last else {},
             "exit_code": exit_code,
         }
+        | ({"scores": scores, "collapsed": bool(scores["collapsed"])} if scores else {})
     )
     return exit_code

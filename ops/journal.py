@@ -29,6 +29,9 @@ from ops.settings import Project
 KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
 KEEP_START = re.compile(r"<!-- ([\w-]+): write below; ops journal keeps this -->")
 
+# Sample grids are a few pixels per digit: shown large, and sharp rather than blurred.
+PIXELS = 'width="360" style="image-rendering: pixelated"'
+
 # The settings a reader looks for first; the full config follows them, folded.
 MAIN_KEYS = ("task", "device", "data.dataset", "data.subset", "data.only_digit", "model.name", "model.base_channels",
              "model.channel_mults", "method.name", "method.num_train_timesteps", "method.beta_schedule",
@@ -119,6 +122,10 @@ def figures(run_dir: Path) -> dict[str, Any]:
     if "step" in last and last["step"] != summary.get("step"):
         found["last logged step"] = last["step"]  # the figures below are from then, not from the end
     found |= {key: value for key, value in last.items() if key not in ("step", "total_steps", "epoch", "train_seconds")}
+    scores = summary.get("scores") or {}  # a text run scores its final samples itself
+    found |= {key: value for key, value in scores.items() if is_number(value)}
+    if scores.get("collapsed"):
+        found["collapsed"] = "; ".join(scores["collapsed"])
     for path in sorted((run_dir / "eval").glob("*.json")):
         record = json.loads(path.read_text())
         for label, scores in (("", record.get("scores") or {}), (" (real vs real)", record.get("real_floor") or {})):
@@ -270,7 +277,7 @@ def write_post(project: Project, run: Run) -> Path:
         lines += ["No samples: the run wrote none" + ("." if run.finished else " yet."), ""]
     elif samples.suffix == ".png":
         copy_file(samples, assets / "samples.png")
-        lines += [f"![samples]({run.ops_id}/samples.png)", "", f"_`{samples.relative_to(run_dir)}`_", ""]
+        lines += [f"![samples]({run.ops_id}/samples.png){{ {PIXELS} }}", "", f"_`{samples.relative_to(run_dir)}`_", ""]
     else:
         lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
 
@@ -375,7 +382,7 @@ def write_comparison(project: Project, runs: list[Run], compared: dict) -> Path:
         samples = last_samples(Path(run.run_dir))
         if samples is not None and samples.suffix == ".png":
             copy_file(samples, folder / slug / f"{run.ops_id}.png")
-            grids.append(f"![{run.ops_id}]({slug}/{run.ops_id}.png)")
+            grids.append(f"![{run.ops_id}]({slug}/{run.ops_id}.png){{ {PIXELS} }}")
         else:
             grids.append("no samples" if samples is None else "text, below")
             if samples is not None:

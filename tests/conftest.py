@@ -18,6 +18,15 @@ def mnist_root() -> Path:
     return Path(root)
 
 
+@pytest.fixture(scope="session")
+def shakespeare_root() -> Path:
+    """The real tiny-shakespeare corpus, from $DIFFUSION_DATA_ROOT (root/tinyshakespeare/input.txt)."""
+    root = os.environ.get("DIFFUSION_DATA_ROOT")
+    if not root or not (Path(root) / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip("set DIFFUSION_DATA_ROOT to a folder holding tinyshakespeare/input.txt (see README)")
+    return Path(root)
+
+
 @pytest.fixture
 def tiny_config(mnist_root) -> RunConfig:
     """A run that trains in seconds on a CPU: 8-channel two-level UNet, 64 images, T=50."""

@@ -24,6 +24,7 @@ decoding, ...) work, and only a CUDA kernel call would do nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -39,7 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_IMAGE = "localhost/diffusion-base:py311-torch"
 DEBIAN_IMAGE = "localhost/diffusion-base:bookworm-python"  # the imported mmdebstrap tree; cached too
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
@@ -109,6 +109,12 @@ def project_dependencies(pyproject: Path = REPO / "pyproject.toml") -> list[str]
     """[project].dependencies of pyproject.toml, read now (not a copy of the list)."""
     with open(pyproject, "rb") as f:
         return list(tomllib.load(f)["project"]["dependencies"])
+
+
+# Tagged by the dependency list: a new dependency makes a new base, so Dockerfile builds on it
+# keep installing only the project.
+BASE_IMAGE = ("localhost/diffusion-base:py311-torch-"
+              + hashlib.sha256("\n".join(project_dependencies()).encode()).hexdigest()[:8])
 
 
 def _requirement_name(requirement: str) -> str:

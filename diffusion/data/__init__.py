@@ -1,9 +1,10 @@
-"""Datasets, held in memory as uint8 tensors: the datasets here are small, and indexing a tensor
-by a seeded permutation makes the data order exact to resume (no DataLoader worker state)."""
+"""Datasets, held in memory as tensors (images uint8, text token ids): the datasets here are small, and
+indexing a tensor by a seeded permutation makes the data order exact to resume (no DataLoader worker state)."""
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ class ImageDataset:
     images: torch.Tensor  # uint8, (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
     num_classes: int
+    kind: ClassVar[str] = "image"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,8 +45,17 @@ class ImageDataset:
         images = self.images[indices].to(device).float() / 127.5 - 1.0
         return {"images": images, "labels": self.labels[indices].to(device)}
 
+    def meta(self) -> dict:
+        """What a checkpoint keeps to rebuild the model without the dataset."""
+        return {"kind": self.kind, "image_shape": list(self.shape), "num_classes": self.num_classes}
 
-def load_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
+
+def load_dataset(config: DataConfig, split: str = "train"):
+    """An ImageDataset (splits train, test) or a TextDataset (splits train, val); both have kind and meta()."""
+    if config.dataset == "shakespeare":
+        from diffusion.data.shakespeare import load_text_dataset
+
+        return load_text_dataset(config, split)
     from diffusion.data.mnist import load_mnist
 
     images, labels = load_mnist(resolve_data_root(config.root), split, download=config.download)

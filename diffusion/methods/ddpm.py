@@ -29,7 +29,15 @@ def make_betas(
         steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64)
         alpha_bar = torch.cos((steps / num_train_timesteps + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {beta_schedule!r}")
+    if beta_schedule == "sqrt":
+        # Diffusion-LM (Li et al. 2022): alpha_bar(t) = 1 - sqrt(t/T + s). Noise rises fast at the
+        # start, where nearly clean embeddings would otherwise make denoising trivial; alpha_bar(1)
+        # is slightly negative, so the cap turns the last betas into 0.999 as with cosine.
+        s = 1e-4
+        steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64)
+        alpha_bar = 1 - torch.sqrt(steps / num_train_timesteps + s)
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"beta_schedule must be 'linear', 'cosine' or 'sqrt', got {beta_schedule!r}")
 
 
 def posterior_coefficients(alpha_prod_t, alpha_prod_t_prev):
@@ -195,6 +203,8 @@ class DDIMScheduler(Scheduler):
 class DDPM:
     """The method: `loss` for training and `sample` for generation. `model(x, t, class_labels=None)`
     is any network that maps noisy images and (B,) long timesteps to a prediction of the same shape."""
+
+    name = "ddpm"  # method.name in the config
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True):

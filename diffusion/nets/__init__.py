@@ -5,12 +5,15 @@ from torch import nn
 from diffusion.config import ModelConfig
 
 
+# The config's fields that are the UNet's own arguments, by the same names (the rest are the transformer's).
+UNET_FIELDS = {"base_channels", "channel_mults", "num_res_blocks", "attention", "attention_heads", "dropout", "norm_groups"}
+
+
 def build_net(config: ModelConfig, in_channels: int, num_classes: int | None) -> nn.Module:
     from diffusion.nets.unet import UNet
 
-    # The config's remaining fields are the UNet's own arguments, by the same names.
     return UNet(
         in_channels=in_channels,
         num_classes=num_classes if config.class_conditional else None,
-        **config.model_dump(exclude={"name", "class_conditional"}),
+        **config.model_dump(include=UNET_FIELDS),
     )

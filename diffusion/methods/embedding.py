@@ -1,0 +1,258 @@
+"""Continuous diffusion on token embeddings: Diffusion-LM (Li et al. 2022), with the fixes for the
+collapse of the first version (samples of nothing but punctuation, or "from"/"no" repeated).
+
+- Scale anchor: the diffused embeddings are the rows of E L2-normalised to sqrt(embedding_dim),
+  a per-dimension RMS of 1 like the noise. Learned unnormalised embeddings shrink, since smaller
+  embeddings make the MSE smaller and denoising trivial; normalised ones cannot.
+- x0 prediction, and the rounding cross-entropy on the PREDICTED x0: it trains the denoiser to land
+  on the right token's embedding, and keeps the embeddings apart (the MSE alone would pull them
+  together). On the clean embeddings it only taught the embeddings to be decodable.
+- Rounding head tied to E: logits = x0_hat . E^T. With rows of equal norm this is -|x0_hat - E_w|^2 / 2
+  up to a constant, i.e. nearest-embedding rounding; it needs no parameters and the sampler's
+  clamping step uses the same rule.
+- Pretrained embeddings (`init_from`, V x d_pre) enter through a LEARNED projection to
+  embedding_dim, not a random one.
+
+Loss: MSE(x0_hat, x0) + rounding_weight * CE(x0_hat . E^T, tokens), timesteps uniform in [0, T).
+The schedule is the config's beta_schedule; "sqrt" (Diffusion-LM's) is the one to use.
+
+bits_per_token is the variational bound on the tokens' negative log-likelihood: with the chain
+tokens -> x_0 = noised E[tokens] (timestep 0) -> ... -> x_{T-1}, the reverse process
+p(x_{t-1} | x_t) = N(posterior mean at x0_hat, beta_tilde_t) and the decoder p(w | x_0) = the
+rounding softmax at timestep 0, -log p(w) <= KL(q(x_{T-1} | w) || N(0, I))
++ sum_{t >= 1} KL(q(x_{t-1} | x_t, w) || p(x_{t-1} | x_t)) - E log p(w | x_0), where
+KL_t = (SNR_{t-1} - SNR_t) / 2 * |E_w - x0_hat|^2. The sum is estimated with t drawn in proportion
+to SNR_{t-1} - SNR_t (importance sampling, stratified), so that the estimate is the total weight
+times half the mean squared error. Sampling's clamping trick is not part of the bound.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import Tensor, nn
+
+from diffusion.methods.ddpm import DDIMScheduler, DDPMScheduler, NoiseSchedule, Scheduler
+
+
+def unwrap(model) -> nn.Module:
+    return getattr(model, "module", model)  # through a DDP wrapper
+
+
+class EmbeddingDiffusionModel(nn.Module):
+    """The token embeddings, the denoiser (a Transformer on vectors) and the tied rounding head."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, denoiser: nn.Module, init_from: Tensor | None = None,
+                 normalize: bool = True):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.block_size = denoiser.block_size
+        self.normalize = normalize
+        if init_from is None:
+            # N(0, 1): rows of norm about sqrt(embedding_dim) from the start, as after normalisation.
+            self.embedding = nn.Embedding(vocab_size, embedding_dim)
+            self.projection = None
+        else:
+            self.register_buffer("pretrained", init_from.detach().float().clone())
+            self.projection = nn.Linear(init_from.shape[1], embedding_dim, bias=False)
+        self.denoiser = denoiser
+
+    def embeddings(self) -> Tensor:
+        """(V, embedding_dim): the embeddings that are diffused."""
+        weight = self.embedding.weight if self.projection is None else self.projection(self.pretrained)
+        if not self.normalize:
+            return weight
+        return F.normalize(weight, dim=-1) * math.sqrt(self.embedding_dim)
+
+    def denoise(self, x: Tensor, timesteps: Tensor) -> Tensor:
+        """x0_hat from x_t (B, L, embedding_dim)."""
+        return self.denoiser(x, timesteps)
+
+    @staticmethod
+    def round(x: Tensor, embeddings: Tensor) -> Tensor:
+        """Rounding logits (B, L, V) of vectors x (B, L, embedding_dim)."""
+        return x @ embeddings.t().to(x.dtype)
+
+    def forward(self, tokens: Tensor, timesteps: Tensor, noise: Tensor, alpha_prod: Tensor):
+        """The training pass, in one call so that DDP sees every parameter used: the clean embeddings
+        x0, the prediction x0_hat from x_t = sqrt(alpha_prod) x0 + sqrt(1 - alpha_prod) noise, and the
+        rounding logits of x0_hat. alpha_prod is (B,), alpha_bar at each example's timestep."""
+        embeddings = self.embeddings()
+        x0 = embeddings[tokens]
+        alpha_prod = alpha_prod.to(x0.dtype)[:, None, None]
+        noisy = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
+        pred_x0 = self.denoise(noisy, timesteps)
+        return x0, pred_x0, self.round(pred_x0, embeddings)
+
+
+class EmbeddingDiffusion:
+    name = "embedding"  # method.name in the config
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "sqrt", beta_start: float = 1e-4,
+                 beta_end: float = 0.02, embedding_dim: int = 64, rounding_weight: float = 1.0,
+                 normalize_embeddings: bool = True):
+        self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                    beta_start=beta_start, beta_end=beta_end)
+        self.schedule = NoiseSchedule(**self.schedule_kwargs)
+        self.num_train_timesteps = num_train_timesteps
+        self.embedding_dim = embedding_dim
+        self.rounding_weight = rounding_weight
+        self.normalize_embeddings = normalize_embeddings  # False only to show the collapse it prevents
+
+    def build_model(self, model_config, meta: dict, init_from: Tensor | None = None) -> nn.Module:
+        from diffusion.nets.transformer import Transformer
+
+        denoiser = Transformer(
+            vocab_size=None,
+            in_dim=self.embedding_dim,
+            out_dim=self.embedding_dim,
+            block_size=meta["block_size"],
+            n_layer=model_config.n_layer,
+            n_head=model_config.n_head,
+            n_embd=model_config.n_embd,
+            dropout=model_config.dropout,
+            time_conditioning=True,
+        )
+        return EmbeddingDiffusionModel(meta["vocab_size"], self.embedding_dim, denoiser, init_from,
+                                       self.normalize_embeddings)
+
+    def loss_terms(self, model, batch: dict, shard: slice | None = None) -> dict[str, Tensor]:
+        """{"mse": ..., "rounding": ...}, means over the batch or over `shard` of it. Timesteps and
+        noise are drawn for the whole batch from the global RNG either way, as in DDPM.loss."""
+        tokens = batch["tokens"]
+        B, L = tokens.shape
+        timesteps = torch.randint(0, self.num_train_timesteps, (B,), device=tokens.device)
+        noise = torch.randn((B, L, unwrap(model).embedding_dim), device=tokens.device)
+        if shard is not None:
+            tokens, timesteps, noise = tokens[shard], timesteps[shard], noise[shard]
+        alpha_prod = self.schedule.alphas_cumprod.to(tokens.device)[timesteps].float()
+        x0, pred_x0, logits = model(tokens, timesteps, noise, alpha_prod)
+        # In float32 even when the model ran under bf16 autocast.
+        return {
+            "mse": F.mse_loss(pred_x0.float(), x0.float()),
+            "rounding": F.cross_entropy(logits.float().transpose(1, 2), tokens),
+        }
+
+    def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
+        terms = self.loss_terms(model, batch, shard)
+        return terms["mse"] + self.rounding_weight * terms["rounding"]
+
+    @torch.no_grad()
+    def embedding_norm(self, model) -> float:
+        """Mean L2 norm of the diffused embeddings' rows (sqrt(embedding_dim) when normalised)."""
+        return unwrap(model).embeddings().norm(dim=-1).mean().item()
+
+    @torch.no_grad()
+    def embedding_spread(self, model) -> float:
+        """Mean distance between two rows of the embeddings, over their mean norm: sqrt(2) for
+        orthogonal rows, 0 when they have collapsed onto one point, the failure that normalisation
+        alone does not prevent (the rounding loss does)."""
+        embeddings = unwrap(model).embeddings().float()
+        V = embeddings.shape[0]
+        return (torch.cdist(embeddings, embeddings).sum() / (V * (V - 1)) / embeddings.norm(dim=-1).mean()).item()
+
+    @torch.no_grad()
+    def bits_per_token(self, model, tokens: Tensor, generator: torch.Generator | None, num_draws: int = 16) -> float:
+        """The variational bound on -log p(tokens) in bits per token (see the module docstring),
+        from num_draws timesteps per sequence for the diffusion terms."""
+        B, L = tokens.shape
+        d = model.embedding_dim
+        alphas_cumprod = self.schedule.alphas_cumprod
+        embeddings = model.embeddings()
+        x0 = embeddings[tokens]
+
+        # Prior: KL(N(sqrt(a) x0, (1 - a) I) || N(0, I)) at the last timestep, per token.
+        a = alphas_cumprod[-1].item()
+        prior = 0.5 * (a * x0.float().pow(2).sum(dim=-1) + d * (-a - math.log(1 - a)))
+
+        # Decoder: -log p(w | x_0), rounding x0_hat at timestep 0.
+        zero = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        x = alphas_cumprod[0].item() ** 0.5 * x0 + (1 - alphas_cumprod[0].item()) ** 0.5 * noise
+        logits = model.round(model.denoise(x, zero), embeddings)
+        decoder = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
+
+        # Diffusion terms, t >= 1: sum_t w_t |x0 - x0_hat|^2 / 2 with w_t = SNR_{t-1} - SNR_t,
+        # t drawn with probability w_t / sum(w).
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        weights = snr[:-1] - snr[1:]  # weights[i] belongs to timestep i + 1
+        cdf = weights.cumsum(0) / weights.sum()
+        n = B * num_draws
+        strata = (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+        draws = (1 + torch.searchsorted(cdf, strata).clamp(max=len(weights) - 1)).view(num_draws, B)
+        squared_error = 0.0
+        for timesteps in draws:
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            alpha_prod = alphas_cumprod[timesteps].to(x0)[:, None, None]
+            x = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
+            pred_x0 = model.denoise(x, timesteps.to(tokens.device))
+            squared_error += (pred_x0.float() - x0.float()).pow(2).sum(dim=-1).mean().item()
+        diffusion = 0.5 * weights.sum().item() * squared_error / num_draws
+
+        return ((prior + decoder).mean().item() + diffusion) / math.log(2)
+
+    def make_scheduler(self, sampler: str, eta: float = 0.0) -> Scheduler:
+        # x0 prediction; no clipping: embeddings are not confined to [-1, 1].
+        kwargs = dict(self.schedule_kwargs, prediction_type="sample", clip_sample=False)
+        if sampler == "ddpm":
+            return DDPMScheduler(**kwargs)
+        if sampler == "ddim":
+            return DDIMScheduler(eta=eta, **kwargs)
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+
+    @staticmethod
+    def clamp_to_embeddings(pred_x0: Tensor, embeddings: Tensor) -> Tensor:
+        """The clamping trick: each predicted vector replaced by its nearest token's embedding."""
+        return embeddings[EmbeddingDiffusionModel.round(pred_x0, embeddings).argmax(dim=-1)].to(pred_x0.dtype)
+
+    @torch.no_grad()
+    def sample(
+        self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
+        progress: bool = False, sampler: str = "ddim", num_inference_steps: int = 50, eta: float = 0.0,
+        timestep_spacing: str = "trailing", clamp: bool = True,
+    ) -> Tensor:
+        scheduler = self.make_scheduler(sampler, eta)
+        scheduler.set_timesteps(num_inference_steps, timestep_spacing)
+        embeddings = model.embeddings()
+        # On the CPU from `generator`, like the schedulers' variance noise: the same samples on every device.
+        x = torch.randn((num_samples, length, model.embedding_dim), generator=generator).to(device)
+        steps = track(scheduler.timesteps.tolist(), description=f"{sampler} sampling", disable=not progress)
+        for timestep in steps:
+            pred_x0 = model.denoise(x, torch.full((num_samples,), timestep, dtype=torch.long, device=device))
+            if clamp:
+                pred_x0 = self.clamp_to_embeddings(pred_x0, embeddings)
+            x = scheduler.step(pred_x0, timestep, x, generator=generator)
+        # The last step returns the (clamped) predicted x0 itself; round it.
+        return model.round(x, embeddings).argmax(dim=-1)
+
+    @torch.no_grad()
+    def next_token_logits(
+        self, model, prefix: Tensor, length: int, generator: torch.Generator | None, num_inference_steps: int = 10,
+        clamp: bool = True,
+    ) -> Tensor:
+        """(B, V) rounding logits at position P = prefix.shape[1], from a short DDIM reverse process
+        that inpaints: at every step the prefix's embeddings are put back, noised to that step's
+        level, and its x0 is known exactly. The window is as in MaskedDiffusion.next_token_logits.
+        These logits are those of the last step's x0_hat, i.e. of one sample: sharp, not a
+        predictive distribution."""
+        B, P = prefix.shape
+        start = max(0, P + 1 - model.block_size)
+        end = min(length, start + model.block_size)
+        embeddings = model.embeddings()
+        known = embeddings[prefix[:, start:]]
+        K = known.shape[1]
+        scheduler = self.make_scheduler("ddim")
+        scheduler.set_timesteps(num_inference_steps)
+        x = torch.randn((B, end - start, model.embedding_dim), generator=generator).to(known)
+        for timestep in scheduler.timesteps.tolist():
+            alpha_prod = scheduler.alpha_prod(timestep)
+            noise = torch.randn(known.shape, generator=generator).to(known)
+            x[:, :K] = alpha_prod**0.5 * known + (1 - alpha_prod) ** 0.5 * noise
+            pred_x0 = model.denoise(x, torch.full((B,), timestep, dtype=torch.long, device=x.device))
+            logits = model.round(pred_x0[:, P - start], embeddings)
+            if clamp:
+                pred_x0 = self.clamp_to_embeddings(pred_x0, embeddings)
+            pred_x0[:, :K] = known
+            x = scheduler.step(pred_x0, timestep, x, generator=generator)
+        return logits.float()

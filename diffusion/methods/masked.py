@@ -1,0 +1,145 @@
+"""Masked (absorbing-state) diffusion: MDLM (Sahoo et al. 2024).
+
+Forward process: every token independently turns into the mask token (id V, an input-only id) with
+probability 1 - alpha_t, where alpha_t = 1 - t (the log-linear schedule) and t runs over (0, 1].
+
+SUBS parameterisation: the model sees the partly masked sequence and gives logits over the V real
+tokens only, so it can never predict the mask; unmasked tokens are carried over unchanged, so only
+masked positions cost anything. No time conditioning: the number of masks tells the model the noise
+level, and MDLM shows that it does not need t.
+
+Loss: the continuous-time NELBO, E_t[-alpha'_t / (1 - alpha_t) * sum over masked positions of
+-log p(x_i | z_t)], with weight 1/t for this schedule, per token. t is stratified over the batch
+(one uniform offset, MDLM's low-discrepancy sampler) and kept above 1e-3 as MDLM does: the
+weight 1/t would otherwise make the estimate heavy-tailed, and the part of the integral below 1e-3
+(about 1e-3 of a near-zero loss) is negligible.
+
+bits_per_token estimates the same NELBO with t integrated out: given that k of the L tokens are
+masked, t's density is proportional to t^(k-1) (1-t)^(L-k), and integrating the 1/t weight against
+it gives exactly 1/k. So the NELBO per token is E over k ~ U{1..L}, and a uniformly random k-subset
+of masked positions, of the mean cross-entropy over the masked positions. Same expectation as the
+training loss (for a model that does not see t, like ours), far lower variance: the weights are at
+most 1 instead of up to 1000. The identity holds for any schedule alpha_t, not just the log-linear one.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import Tensor, nn
+
+from diffusion.methods.autoregressive import sample_from_logits
+
+T_MIN = 1e-3
+
+
+def vocab_size_of(model) -> int:
+    # The number of real tokens, read from the net (through a DDP wrapper): the mask id is this.
+    return getattr(model, "module", model).head.out_features
+
+
+class MaskedDiffusion:
+    name = "masked"  # method.name in the config
+
+    def build_model(self, model_config, meta: dict) -> nn.Module:
+        from diffusion.nets.transformer import Transformer
+
+        return Transformer(
+            vocab_size=meta["vocab_size"] + 1,  # + the mask token
+            out_dim=meta["vocab_size"],  # never the mask
+            block_size=meta["block_size"],
+            n_layer=model_config.n_layer,
+            n_head=model_config.n_head,
+            n_embd=model_config.n_embd,
+            dropout=model_config.dropout,
+            causal=False,
+        )
+
+    def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
+        """The NELBO per token, averaged over the batch or over `shard` of it. The times and the masks
+        are drawn for the whole batch from the global RNG either way, as in DDPM.loss."""
+        tokens = batch["tokens"]
+        B, L = tokens.shape
+        offset = torch.rand((), device=tokens.device)
+        t = T_MIN + (1 - T_MIN) * (offset + torch.arange(B, device=tokens.device)) / B
+        uniforms = torch.rand((B, L), device=tokens.device)
+        if shard is not None:
+            tokens, t, uniforms = tokens[shard], t[shard], uniforms[shard]
+        masked = uniforms < t[:, None]  # probability 1 - alpha_t = t
+        noisy = torch.where(masked, vocab_size_of(model), tokens)
+        logits = model(noisy)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
+        return (ce * masked / t[:, None]).mean()
+
+    @torch.no_grad()
+    def bits_per_token(self, model, tokens: Tensor, generator: torch.Generator | None, num_draws: int = 16) -> float:
+        """The NELBO in bits per token (see the module docstring), from `num_draws` masks per
+        sequence, the numbers of masks k stratified over all of them."""
+        B, L = tokens.shape
+        mask_id = vocab_size_of(model)
+        n = B * num_draws
+        strata = (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+        num_masked = (1 + (strata * L).long()).clamp(max=L).view(num_draws, B).to(tokens.device)
+        total = 0.0
+        for k in num_masked:
+            # The k positions with the smallest uniforms: a uniformly random k-subset.
+            uniforms = torch.rand((B, L), generator=generator).to(tokens.device)
+            masked = uniforms.argsort(dim=1).argsort(dim=1) < k[:, None]
+            logits = model(torch.where(masked, mask_id, tokens))
+            ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
+            total += ((ce * masked).sum(dim=1) / k).sum().item()
+        return total / n / math.log(2)
+
+    @torch.no_grad()
+    def next_token_logits(self, model, prefix: Tensor, length: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B, V) logits at position P = prefix.shape[1], with the prefix given and masks after it up
+        to `length`, inside a block_size window that ends as late as it can while starting at or
+        before the prefix's last block_size - 1 tokens."""
+        B, P = prefix.shape
+        start = max(0, P + 1 - model.block_size)
+        end = min(length, start + model.block_size)
+        masks = torch.full((B, end - P), vocab_size_of(model), dtype=torch.long, device=prefix.device)
+        return model(torch.cat([prefix[:, start:], masks], dim=1))[:, P - start].float()
+
+    @torch.no_grad()
+    def sample(
+        self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
+        progress: bool = False, num_inference_steps: int = 50, block_length: int | None = None,
+        temperature: float = 1.0, top_k: int | None = None,
+    ) -> Tensor:
+        """Ancestral sampling from all-mask. With `block_length`, semi-autoregressively: block by
+        block, each conditioned on the last block_size - block_length tokens before it."""
+        block_length = block_length or length
+        if block_length > model.block_size:
+            raise ValueError(f"block_length (or length, without one) {block_length} exceeds the model's "
+                             f"block size {model.block_size}: set sample.block_length")
+        tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)
+        while tokens.shape[1] < length:
+            n = min(block_length, length - tokens.shape[1])
+            context = tokens[:, tokens.shape[1] - min(tokens.shape[1], model.block_size - n):]
+            block = self.sample_block(model, context, n, generator, num_inference_steps, temperature, top_k,
+                                      progress)
+            tokens = torch.cat([tokens, block], dim=1)
+        return tokens
+
+    def sample_block(
+        self, model, context: Tensor, n: int, generator: torch.Generator | None, num_inference_steps: int,
+        temperature: float, top_k: int | None, progress: bool,
+    ) -> Tensor:
+        """n new tokens after `context` (B, C), from n masks, in num_inference_steps steps."""
+        mask_id = vocab_size_of(model)
+        masks = torch.full((context.shape[0], n), mask_id, dtype=torch.long, device=context.device)
+        x = torch.cat([context, masks], dim=1)
+        steps = track(range(num_inference_steps, 0, -1), description="masked sampling", disable=not progress)
+        for i in steps:
+            t, s = i / num_inference_steps, (i - 1) / num_inference_steps
+            block = x[:, -n:]
+            logits = model(x)[:, -n:]
+            proposal = sample_from_logits(logits, generator, temperature, top_k)
+            # A masked token is revealed between t and s with probability (alpha_s - alpha_t) / (1 - alpha_t)
+            # = (t - s) / t: 1 on the last step, so nothing stays masked.
+            uniforms = torch.rand(block.shape, generator=generator).to(block.device)
+            reveal = (block == mask_id) & (uniforms < (t - s) / t)
+            x[:, -n:] = torch.where(reveal, proposal, block)
+        return x[:, -n:]

@@ -1,0 +1,127 @@
+"""A GPT-style Transformer for text, in the manner of nanoGPT's model.py.
+
+It knows nothing about diffusion: it maps tokens (B, L) or vectors (B, L, in_dim), plus optional
+timestep-like conditioning, to (B, L, out_dim) outputs. Causal or bidirectional attention, learned
+positions, pre-LayerNorm blocks.
+
+Time conditioning: a sinusoidal embedding of `timesteps` (any float or integer scale) through an
+MLP, added to every position's input. Simpler than adaLN and enough for a denoiser whose input
+already carries the noise level.
+"""
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion.nets.unet import timestep_embedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, causal: bool):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_head={n_head} must divide n_embd={n_embd}")
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head = n_head
+        self.dropout = dropout
+        self.causal = causal
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, L, C) -> (B, n_head, L, head_size)
+        q, k, v = (z.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+        )
+        y = y.transpose(1, 2).contiguous().view(B, L, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, causal: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int | None,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+        time_conditioning: bool = False,
+    ):
+        super().__init__()
+        if in_dim is None and vocab_size is None:
+            raise ValueError("give vocab_size (token input) or in_dim (vector input)")
+        if out_dim is None and vocab_size is None:
+            raise ValueError("give out_dim or vocab_size (the output size)")
+        self.block_size = block_size
+        self.n_embd = n_embd
+        # Vectors come in through a Linear; otherwise tokens through their own embedding table.
+        self.wte = nn.Linear(in_dim, n_embd) if in_dim is not None else nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.SiLU(), nn.Linear(4 * n_embd, n_embd))
+            if time_conditioning else None
+        )
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, out_dim if out_dim is not None else vocab_size)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), so that the residual
+        # stream's variance does not grow with depth at initialisation.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, x: Tensor, timesteps: Tensor | None = None) -> Tensor:
+        L = x.shape[1]
+        assert L <= self.block_size, f"cannot forward a sequence of length {L}, block size is {self.block_size}"
+        h = self.wte(x) + self.wpe.weight[:L]
+        if self.time_mlp is not None:
+            emb = self.time_mlp(timestep_embedding(timesteps, self.n_embd).to(h.dtype))
+            h = h + emb[:, None, :]
+        h = self.drop(h)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
