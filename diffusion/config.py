@@ -37,6 +37,8 @@ class DataConfig(Section):
     tokenizer: Literal["char", "bpe"] = Field("char", description="Text: characters, or BPE trained on the corpus.")
     vocab_size: int = Field(512, ge=64, le=65536, description="Text, bpe: the BPE vocabulary size.")
     block_size: int = Field(256, ge=8, description="Text: tokens per training example.")
+    block_stride: int | None = Field(None, ge=1, description="Text: a training window starts every this many "
+                                                             "tokens (overlapping); None: block_size, no overlap.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out.")
 
 
@@ -74,6 +76,8 @@ class MethodConfig(Section):
     clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
     embedding_dim: int = Field(64, ge=2, description="embedding: size of the diffused token embeddings.")
     rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
+    init_embeddings: str | None = Field(None, description="embedding: a trained text run (same tokenizer) whose "
+                                                          "token embeddings start these, through a learned projection.")
 
 
 class TrainConfig(Section):

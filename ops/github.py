@@ -228,7 +228,7 @@ def result_body(project: Project, run: Run, summary: dict, attempt: int) -> str:
         lines += ["", f"Stopped: {summary['reason']}."]
     if summary.get("error"):
         lines += ["", f"Error: `{summary['error']}`"]
-    lines += ["", *sample_links(project, run)]
+    lines += ["", *sample_links(project, run), *text_excerpt(run)]
     lines += ["", f"Details: `ops monitor {run.ops_id} --logs`; reproduce: `ops rerun {run.ops_id}`."]
     return "\n".join(lines)
 
@@ -250,6 +250,17 @@ def sample_links(project: Project, run: Run) -> list[str]:
         final = next((path for path in samples if path.name == "final.png"), samples[-1])
         lines.append(f"Sample grid: `{os.path.relpath(final, project.root)}` (`ops pull {run.ops_id}` for remote runs)")
     return lines
+
+
+def text_excerpt(run: Run, limit: int = 600) -> list[str]:
+    """A text run's first final samples, where the discussion happens (the rest in the run dir)."""
+    path = Path(run.run_dir) / "samples" / "final.txt"
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    shown = text[:limit] + ("\n..." if len(text) > limit else "")
+    fence = "~~~~" if "```" in shown else "```"
+    return ["", "Samples (`samples/final.txt`):", f"{fence}text", shown, fence]
 
 
 def read_json(path: Path) -> dict:

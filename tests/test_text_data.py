@@ -150,3 +150,14 @@ def test_image_dataset_meta():
     dataset = ImageDataset(images=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), labels=torch.zeros(4), num_classes=10)
     assert dataset.kind == "image"
     assert dataset.meta() == {"kind": "image", "image_shape": [1, 28, 28], "num_classes": 10}
+
+
+def test_training_windows_overlap_by_the_stride_and_validation_blocks_do_not(shakespeare_root):
+    data = DataConfig(dataset="shakespeare", root=str(shakespeare_root), download=False, block_size=64, block_stride=16)
+    train = load_text_dataset(data, "train")
+    val = load_text_dataset(data, "val")
+    # A window every 16 tokens: four times as many as non-overlapping blocks, each shifted by 16.
+    assert len(train) == (len(train.ids) - 64) // 16 + 1
+    windows = train.batch(torch.tensor([0, 1, 2]), torch.device("cpu"))["tokens"]
+    assert torch.equal(windows[1, :48], windows[0, 16:]) and torch.equal(windows[2], train.ids[32:96])
+    assert len(val) == len(val.ids) // 64 and torch.equal(val.blocks.flatten(), val.ids[: len(val) * 64])

@@ -102,3 +102,21 @@ def test_text_specs_refuse_image_parts_in_one_line(tmp_path):
     spec.write_text("run:\n  data: {dataset: shakespeare}\n  model: {name: transformer}\n  method: {name: masked}\n")
     with pytest.raises(ConfigError, match=r"sample.sampler: 'ddim' is not allowed with method.name 'masked'"):
         load_run_config(spec)
+
+
+def test_embedding_diffusion_starts_from_a_trained_runs_embeddings(shakespeare_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(shakespeare_root))
+    ar, embedding = tmp_path / "ar", tmp_path / "embedding"
+    assert train(tiny_config("autoregressive"), ar) == 0
+    config = tiny_config("embedding")
+    config.method.init_embeddings = str(ar)
+    assert train(config, embedding) == 0
+    trained = torch.load(embedding / "checkpoints/latest.pt", weights_only=False)["model"]
+    ar_table = torch.load(ar / "checkpoints/latest.pt", weights_only=False)["ema"]["wte.weight"]
+    # The AR run's table (less its start-token row) is kept fixed; a learned projection maps it.
+    assert torch.equal(trained["pretrained"], ar_table[:-1])
+    assert trained["projection.weight"].shape == (8, 32) and "embedding.weight" not in trained
+
+    config.method.init_embeddings = str(embedding)  # an embedding run has no token table to give
+    with pytest.raises(ConfigError, match="no token embedding table"):
+        train(config, tmp_path / "again")

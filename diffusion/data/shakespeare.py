@@ -181,24 +181,33 @@ def fit_tokenizer(config: DataConfig, text: str, folder: Path) -> TextTokenizer:
 
 @dataclass
 class TextDataset:
-    """Non-overlapping consecutive windows of block_size tokens of one split (the ragged tail is
-    dropped). The windows are fixed; the trainer shuffles them by a seeded permutation each epoch,
-    which keeps an epoch well defined and resuming exact."""
+    """Windows of block_size tokens of one split's token stream, starting every `stride` tokens:
+    stride = block_size gives non-overlapping consecutive blocks (validation always), a smaller
+    stride overlapping ones, so that training does not see the same few thousand blocks, with the
+    same boundaries, every epoch (a 6-layer model memorises them). The windows are fixed; the trainer
+    shuffles them by a seeded permutation each epoch, which keeps an epoch well defined and
+    resuming exact. Windows are cut when batched: a stride of 1 costs no memory."""
 
-    blocks: torch.Tensor  # int64, (N, block_size)
+    ids: torch.Tensor  # int64, (T,): the split, tokenized
+    starts: torch.Tensor  # int64, (N,): where each window starts in ids
+    block_size: int
     tokenizer: TextTokenizer
     chars_per_token: float  # of the whole split: bits per character = bits per token / chars_per_token
     kind: ClassVar[str] = "text"
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.starts)
+
+    def windows(self, starts: torch.Tensor) -> torch.Tensor:
+        return self.ids[starts[:, None] + torch.arange(self.block_size)]
 
     @property
-    def block_size(self) -> int:
-        return self.blocks.shape[1]
+    def blocks(self) -> torch.Tensor:
+        """Every window, (N, block_size): for validation sets, whose blocks do not overlap."""
+        return self.windows(self.starts)
 
     def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"tokens": self.blocks[indices].to(device)}
+        return {"tokens": self.windows(self.starts[indices]).to(device)}
 
     def meta(self) -> dict:
         """What a checkpoint keeps to rebuild the model and decode its samples without the corpus."""
@@ -207,17 +216,19 @@ class TextDataset:
 
 
 def load_text_dataset(config: DataConfig, split: str) -> TextDataset:
-    """Split 'train' or 'val' of tiny shakespeare, tokenized as config says; `subset` keeps the first N blocks."""
+    """Split 'train' or 'val' of tiny shakespeare, tokenized as config says, in windows (the training
+    split's every `block_stride` tokens); `subset` keeps the first N windows."""
     root = resolve_data_root(config.root)
     text = load_corpus(root, config.download)
     tokenizer = fit_tokenizer(config, text, root / FOLDER)
     part = split_text(text, split, config.val_fraction)
     ids = torch.tensor(tokenizer.encode(part), dtype=torch.long)
-    count = len(ids) // config.block_size
-    if count == 0:
+    if len(ids) < config.block_size:
         raise ConfigError(f"data.block_size: {config.block_size} is not allowed: the {split} split has only "
                           f"{len(ids)} tokens")
-    blocks = ids[: count * config.block_size].view(count, config.block_size)
+    stride = config.block_stride if split == "train" and config.block_stride else config.block_size
+    starts = torch.arange(0, len(ids) - config.block_size + 1, stride)
     if config.subset is not None:
-        blocks = blocks[: config.subset]
-    return TextDataset(blocks=blocks, tokenizer=tokenizer, chars_per_token=len(part) / len(ids))
+        starts = starts[: config.subset]
+    return TextDataset(ids=ids, starts=starts, block_size=config.block_size, tokenizer=tokenizer,
+                       chars_per_token=len(part) / len(ids))

@@ -86,12 +86,29 @@ class EmbeddingDiffusionModel(nn.Module):
         return x0, pred_x0, self.round(pred_x0, embeddings)
 
 
+def pretrained_embeddings(reference: str, meta: dict) -> Tensor:
+    """(V, d) token embeddings of a trained text run (its EMA weights), for `method.init_embeddings`."""
+    from diffusion.checkpoint import load_checkpoint
+    from diffusion.config import ConfigError
+    from diffusion.sample import resolve_checkpoint
+
+    checkpoint = load_checkpoint(resolve_checkpoint(reference))
+    if (checkpoint.get("data") or {}).get("tokenizer") != meta["tokenizer"]:
+        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
+                          "tokenizer (or is not a text run); give a run with the same data settings")
+    # The token table of an autoregressive or masked run's Transformer (an embedding run has none).
+    table = checkpoint["ema"].get("wte.weight")
+    if table is None:
+        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it has no token embedding table")
+    return table[: meta["vocab_size"]]  # the extra row is the start (AR) or mask (masked) token
+
+
 class EmbeddingDiffusion:
     name = "embedding"  # method.name in the config
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "sqrt", beta_start: float = 1e-4,
                  beta_end: float = 0.02, embedding_dim: int = 64, rounding_weight: float = 1.0,
-                 normalize_embeddings: bool = True):
+                 init_embeddings: str | None = None, normalize_embeddings: bool = True):
         self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                     beta_start=beta_start, beta_end=beta_end)
         self.schedule = NoiseSchedule(**self.schedule_kwargs)
@@ -99,9 +116,13 @@ class EmbeddingDiffusion:
         self.embedding_dim = embedding_dim
         self.rounding_weight = rounding_weight
         self.normalize_embeddings = normalize_embeddings  # False only to show the collapse it prevents
+        self.init_embeddings = init_embeddings
 
     def build_model(self, model_config, meta: dict, init_from: Tensor | None = None) -> nn.Module:
         from diffusion.nets.transformer import Transformer
+
+        if init_from is None and self.init_embeddings:
+            init_from = pretrained_embeddings(self.init_embeddings, meta)
 
         denoiser = Transformer(
             vocab_size=None,
