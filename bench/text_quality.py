@@ -73,7 +73,7 @@ def main() -> None:
                      scores["ar_perplexity"], scores["distinct_2"], seconds, scores["collapsed"]))
         samples[method] = texts
 
-    print("\n== same size, same CPU budget")
+    print(f"\n== same size, same budget ({args.minutes:g} min each on {args.device})")
     print(f"{'method':16}{'params':>9}{'steps':>7}{'val bits/char':>15}{'AR ppl/char':>13}{'distinct-2':>12}"
           f"{'sample s':>10}  collapsed")
     for method, params, steps, bits, ppl, distinct, seconds, collapsed in rows:
