@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ops.errors import OpsError
 from ops.registry import Run
+from ops.runs import read_job, read_json
 from ops.settings import Project
 
 EXPERIMENT_LABEL = "experiment"
@@ -263,10 +264,6 @@ def text_excerpt(run: Run, limit: int = 600) -> list[str]:
     return ["", "Samples (`samples/final.txt`):", f"{fence}text", shown, fence]
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def open_run_issue(project: Project, run: Run) -> str | None:
     """The run's issue (found or created): its html_url, or None when GitHub is not in use."""
     run_dir = Path(run.run_dir)
@@ -275,7 +272,7 @@ def open_run_issue(project: Project, run: Run) -> str | None:
     if repo_name is None:
         return None
     github = GitHub(project, repo_name)
-    job = read_json(run_dir / "job.json")
+    job = read_job(run_dir)
     body = issue_body(project, run, job, provenance, github.repo.html_url)
     return github.open_issue(run, issue_title(run, job, provenance), body).html_url
 

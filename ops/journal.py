@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.runs import flatten, read_job
+from ops.runs import flatten, read_job, read_json
 from ops.settings import Project
 
 KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
@@ -79,10 +79,6 @@ def write_text(path: Path, text: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # What a post shows, read from the run dir
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_config(run_dir: Path) -> dict:

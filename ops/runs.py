@@ -82,6 +82,11 @@ def read_job(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / JOB_FILE).read_text())
 
 
+def read_json(path: Path) -> dict:
+    """A run dir's JSON record, or {} when the run has not written it (yet)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,5 +1,6 @@
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,16 @@ def ops_project(git_project, mnist_root, monkeypatch) -> Path:
     return git_project
 
 
+@contextmanager
+def exported(env: dict[str, str]):
+    """`env` in os.environ for a session fixture's lifetime (the tools the code under test runs
+    read it), and the previous values back afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield
+
+
 def _running_slurm_partition(env: dict[str, str]) -> str | None:
     """The default partition of the cluster $SLURM_CONF points at, or None when no cluster answers."""
     import shutil
@@ -106,17 +117,11 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("SLURM not installed: apt-get install slurmctld slurmd slurm-client munge slurmdbd mariadb-server")
     cluster = SlurmCluster()
     cluster.start(tmp_path_factory.mktemp("slurm"))
-    saved = {name: os.environ.get(name) for name in cluster.env}
-    os.environ.update(cluster.env)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with exported(cluster.env):
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -139,17 +144,11 @@ def image_infra(tmp_path_factory):
     if not image_tools_available():
         pytest.skip(f"image tools missing: {INSTALL_HINT}")
     env = vfs_storage_env(tmp_path_factory.mktemp("containers"))
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
     registry = LocalRegistry()
-    try:
-        base_image = ensure_base_image(work_dir=tmp_path_factory.mktemp("image-base"))
-        registry.start(tmp_path_factory.mktemp("registry"))
-        yield SimpleNamespace(registry=registry.address, base_image=base_image, env=env)
-    finally:
-        registry.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with exported(env):
+        try:
+            base_image = ensure_base_image(work_dir=tmp_path_factory.mktemp("image-base"))
+            registry.start(tmp_path_factory.mktemp("registry"))
+            yield SimpleNamespace(registry=registry.address, base_image=base_image, env=env)
+        finally:
+            registry.stop()

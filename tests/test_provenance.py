@@ -123,11 +123,11 @@ def test_oversized_patch_is_refused(tmp_path, monkeypatch):
 def test_remote_credentials_are_stripped(tmp_path):
     repo = make_repo(tmp_path / "repo")
     git(repo, "remote", "add", "upstream", "https://someone@example.org/other.git")
-    git(repo, "remote", "add", "origin", "https://alice:ghp_SECRET123@github.com/lab/diffusion.git")
+    git(repo, "remote", "add", "origin", "https://alice:tok-SECRET123@github.com/lab/diffusion.git")
     record = capture(repo, tmp_path / "run")
     assert record["git"]["remote"] == "https://github.com/lab/diffusion.git"
     dumped = json.dumps(record)
-    assert "ghp_SECRET123" not in dumped
+    assert "tok-SECRET123" not in dumped
     assert "alice" not in dumped
 
 
