@@ -55,6 +55,8 @@ class ModelConfig(Section):
     n_layer: int = Field(4, ge=1, description="Transformer: blocks.")
     n_head: int = Field(4, ge=1, description="Transformer: attention heads.")
     n_embd: int = Field(256, ge=8, description="Transformer: width; a multiple of n_head.")
+    positions: Literal["rotary", "learned"] = Field(
+        "rotary", description="Transformer: rotary (relative, in attention) or learned (a table added to the input).")
 
     @field_validator("norm_groups")
     @classmethod

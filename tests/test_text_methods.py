@@ -14,11 +14,11 @@ from diffusion.methods.ddpm import DDPM, NoiseSchedule
 from diffusion.methods.embedding import EmbeddingDiffusion
 from diffusion.methods.guided import guided_sample
 from diffusion.methods.masked import MaskedDiffusion
-from diffusion.nets.transformer import Transformer
+from diffusion.nets.transformer import Transformer, rotary_tables, rotate
 
 V, L = 65, 16
 META = {"kind": "text", "vocab_size": V, "block_size": L}
-TINY = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+TINY = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, dropout=0.0, positions="rotary")
 # The corpus: one fixed cycle of 8 tokens, each sequence starting at a random phase.
 PATTERN = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:8]
 
@@ -89,6 +89,36 @@ def test_causal_attention_sees_only_the_past(causal):
         torch.testing.assert_close(before[:, :10], after[:, :10], rtol=0, atol=1e-6)
     else:
         assert not torch.allclose(before[:, :10], after[:, :10])
+
+
+def test_rotary_attention_scores_depend_only_on_the_offset():
+    head_size = 8
+    q, k = torch.randn(2, head_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary_tables(L, head_size)
+    # The same query and key at every position, rotated by position: scores[i, j] = q_i . k_j.
+    scores = rotate(q.expand(1, 1, L, head_size), cos, sin)[0, 0] @ rotate(k.expand(1, 1, L, head_size), cos, sin)[0, 0].T
+    for offset in range(-3, 4):
+        diagonal = torch.diagonal(scores, offset)
+        torch.testing.assert_close(diagonal, diagonal[0].expand_as(diagonal), rtol=0, atol=1e-5)
+    # ...and do depend on it: a neighbour scores differently from a token three away.
+    assert abs(scores[5, 4] - scores[5, 2]) > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_positions_learned_or_rotary(positions):
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32, positions=positions)
+    # Rotary tables are derived, not saved: a checkpoint holds parameters only.
+    assert ("wpe.weight" in net.state_dict()) == (positions == "learned")
+    assert not any("rotary" in key for key in net.state_dict())
+    # Order matters either way (without positions, attention sees a bag of tokens): swapping two
+    # other tokens changes the output at position 4.
+    tokens = torch.arange(L)[None]
+    swapped = tokens.clone()
+    swapped[0, [2, 9]] = swapped[0, [9, 2]]
+    assert not torch.allclose(net(tokens)[0, 4], net(swapped)[0, 4])
+    with pytest.raises(ValueError, match="positions='absolute'"):
+        Transformer(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=32, positions="absolute")
 
 
 # --- schedules and build_method ------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Autoregressive:
             n_head=model_config.n_head,
             n_embd=model_config.n_embd,
             dropout=model_config.dropout,
+            positions=model_config.positions,
             causal=True,
         )
 

@@ -133,6 +133,7 @@ class EmbeddingDiffusion:
             n_head=model_config.n_head,
             n_embd=model_config.n_embd,
             dropout=model_config.dropout,
+            positions=model_config.positions,
             time_conditioning=True,
         )
         return EmbeddingDiffusionModel(meta["vocab_size"], self.embedding_dim, denoiser, init_from,

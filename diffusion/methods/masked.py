@@ -9,17 +9,16 @@ masked positions cost anything. No time conditioning: the number of masks tells 
 level, and MDLM shows that it does not need t.
 
 Loss: the continuous-time NELBO, E_t[-alpha'_t / (1 - alpha_t) * sum over masked positions of
--log p(x_i | z_t)], with weight 1/t for this schedule, per token. t is stratified over the batch
-(one uniform offset, MDLM's low-discrepancy sampler) and kept above 1e-3 as MDLM does: the
-weight 1/t would otherwise make the estimate heavy-tailed, and the part of the integral below 1e-3
-(about 1e-3 of a near-zero loss) is negligible.
+-log p(x_i | z_t)], with weight 1/t for this schedule. For a model that does not see t, like ours,
+t can be integrated out exactly: given that k of the L tokens are masked, t's density is
+proportional to t^(k-1) (1-t)^(L-k), and integrating the 1/t weight against it gives 1/k. So the
+NELBO per token is E over k ~ U{1..L}, and a uniformly random k-subset of masked positions, of the
+mean cross-entropy over the masked positions. The identity holds for any schedule alpha_t.
 
-bits_per_token estimates the same NELBO with t integrated out: given that k of the L tokens are
-masked, t's density is proportional to t^(k-1) (1-t)^(L-k), and integrating the 1/t weight against
-it gives exactly 1/k. So the NELBO per token is E over k ~ U{1..L}, and a uniformly random k-subset
-of masked positions, of the mean cross-entropy over the masked positions. Same expectation as the
-training loss (for a model that does not see t, like ours), far lower variance: the weights are at
-most 1 instead of up to 1000. The identity holds for any schedule alpha_t, not just the log-linear one.
+Both the training loss and bits_per_token use that form, k stratified over the batch (MDLM's
+low-discrepancy sampler, on k instead of t). Same expectation as sampling t, far lower variance:
+a weight of at most 1 per token instead of 1/t, which near t = 0 puts weight 1000 on a single
+token and made the early training steps noisy.
 """
 
 import math
@@ -30,8 +29,6 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from diffusion.methods.autoregressive import sample_from_logits
-
-T_MIN = 1e-3
 
 
 def vocab_size_of(model) -> int:
@@ -53,42 +50,46 @@ class MaskedDiffusion:
             n_head=model_config.n_head,
             n_embd=model_config.n_embd,
             dropout=model_config.dropout,
+            positions=model_config.positions,
             causal=False,
         )
 
+    @staticmethod
+    def random_masks(num_masked: Tensor, L: int, generator: torch.Generator | None = None) -> Tensor:
+        """(B, L) booleans: a uniformly random num_masked[b]-subset of the L positions in each row,
+        the positions of the smallest uniforms."""
+        uniforms = torch.rand((len(num_masked), L), generator=generator).to(num_masked.device)
+        return uniforms.argsort(dim=1).argsort(dim=1) < num_masked[:, None]
+
+    def nelbo_per_token(self, model, tokens: Tensor, masked: Tensor) -> Tensor:
+        """(B,) the mean cross-entropy over each sequence's masked positions, in nats."""
+        logits = model(torch.where(masked, vocab_size_of(model), tokens))
+        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
+        return (ce * masked).sum(dim=1) / masked.sum(dim=1)
+
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
-        """The NELBO per token, averaged over the batch or over `shard` of it. The times and the masks
-        are drawn for the whole batch from the global RNG either way, as in DDPM.loss."""
+        """The NELBO per token, averaged over the batch or over `shard` of it. The numbers of masks
+        and the masks are drawn for the whole batch from the global RNG either way, as in DDPM.loss."""
         tokens = batch["tokens"]
         B, L = tokens.shape
-        offset = torch.rand((), device=tokens.device)
-        t = T_MIN + (1 - T_MIN) * (offset + torch.arange(B, device=tokens.device)) / B
-        uniforms = torch.rand((B, L), device=tokens.device)
+        offset = torch.rand(())
+        num_masked = (1 + ((offset + torch.arange(B)) / B * L).long()).clamp(max=L).to(tokens.device)
+        masked = self.random_masks(num_masked, L)
         if shard is not None:
-            tokens, t, uniforms = tokens[shard], t[shard], uniforms[shard]
-        masked = uniforms < t[:, None]  # probability 1 - alpha_t = t
-        noisy = torch.where(masked, vocab_size_of(model), tokens)
-        logits = model(noisy)
-        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
-        return (ce * masked / t[:, None]).mean()
+            tokens, masked = tokens[shard], masked[shard]
+        return self.nelbo_per_token(model, tokens, masked).mean()
 
     @torch.no_grad()
     def bits_per_token(self, model, tokens: Tensor, generator: torch.Generator | None, num_draws: int = 16) -> float:
         """The NELBO in bits per token (see the module docstring), from `num_draws` masks per
         sequence, the numbers of masks k stratified over all of them."""
         B, L = tokens.shape
-        mask_id = vocab_size_of(model)
         n = B * num_draws
         strata = (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
         num_masked = (1 + (strata * L).long()).clamp(max=L).view(num_draws, B).to(tokens.device)
         total = 0.0
         for k in num_masked:
-            # The k positions with the smallest uniforms: a uniformly random k-subset.
-            uniforms = torch.rand((B, L), generator=generator).to(tokens.device)
-            masked = uniforms.argsort(dim=1).argsort(dim=1) < k[:, None]
-            logits = model(torch.where(masked, mask_id, tokens))
-            ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
-            total += ((ce * masked).sum(dim=1) / k).sum().item()
+            total += self.nelbo_per_token(model, tokens, self.random_masks(k, L, generator)).sum().item()
         return total / n / math.log(2)
 
     @torch.no_grad()
