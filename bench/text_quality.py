@@ -13,6 +13,8 @@ Targets: masked diffusion within 0.3 bits per character of AR; no sampler collap
 """
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +35,9 @@ FULL_JOBS = {"autoregressive": "shakespeare-ar", "masked": "shakespeare-training
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget of each model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a budget in optimizer steps instead of minutes: the same compute for AR and masked "
+                             "diffusion (same net, same batch) on a machine whose load varies")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / f"bench-text-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="guidance weights of the diffusion logits")
@@ -51,11 +56,12 @@ def main() -> None:
     trained = {}
     for method, job in jobs.items():
         run_dir = args.out / method
+        budget = [f"train.max_minutes={args.minutes}"] if args.steps is None else [
+            f"train.max_steps={args.steps}", "train.max_minutes=null"]
         config = load_run_config(REPO / "configs/jobs" / f"{job}.yaml",
-                                 [f"train.max_minutes={args.minutes}", "train.progress=lines", f"device={args.device}",
-                                  *args.overrides])
+                                 [*budget, "train.progress=lines", f"device={args.device}", *args.overrides])
         if not args.skip_train:
-            print(f"\n== training {job} ({method}) for {args.minutes} min", flush=True)
+            print(f"\n== training {job} ({method}) for {budget[0]}", flush=True)
             train(config, run_dir)
         trained[method] = TrainedModel(resolve_checkpoint(run_dir), use_ema=True, device=device)
 
@@ -73,7 +79,8 @@ def main() -> None:
                      scores["ar_perplexity"], scores["distinct_2"], seconds, scores["collapsed"]))
         samples[method] = texts
 
-    print(f"\n== same size, same budget ({args.minutes:g} min each on {args.device})")
+    budget = f"{args.minutes:g} min" if args.steps is None else f"{args.steps} steps"
+    print(f"\n== same size, same budget ({budget} each on {args.device})")
     print(f"{'method':16}{'params':>9}{'steps':>7}{'val bits/char':>15}{'AR ppl/char':>13}{'distinct-2':>12}"
           f"{'sample s':>10}  collapsed")
     for method, params, steps, bits, ppl, distinct, seconds, collapsed in rows:
@@ -84,6 +91,8 @@ def main() -> None:
         gap = bits["masked"] - bits["autoregressive"]
         print(f"masked - AR: {gap:+.3f} bits/char (target <= 0.3: {'met' if gap <= 0.3 else 'NOT met'})")
     print(f"collapsed samplers: {sum(bool(row[7]) for row in rows)} (target 0)")
+
+    print_learning_curves(args.out, list(trained))
 
     for method, texts in samples.items():
         print(f"\n== {method} samples")
@@ -102,6 +111,31 @@ def main() -> None:
             scores = evaluate_text(model.method, model.model, model.meta, validation, texts, device, scorer=ar)
             print(f"{method:12}{alpha:>7.2f}{scores['ar_perplexity']:>13.2f}{scores['distinct_2']:>12.3f}"
                   f"{seconds:>10.1f}  {'; '.join(scores['collapsed']) or 'no'}")
+
+
+def print_learning_curves(out: Path, methods: list[str], points: int = 6) -> None:
+    """Training loss in bits per token against steps, each point the mean of the logged losses
+    around it: exact NLL for AR, the NELBO estimate for masked diffusion (an MSE plus rounding
+    loss for embedding diffusion, not a likelihood, so left out). Shows whether a gap is closing."""
+    import json
+
+    curves = {}
+    for method in methods:
+        if method == "embedding":
+            continue
+        rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        curves[method] = {row["step"]: row["loss"] / math.log(2) for row in rows if "loss" in row}
+    last = min(max(curve) for curve in curves.values())
+    milestones = [round(last * (i + 1) / points) for i in range(points)]
+    print("\n== training loss, bits/token, by step (mean of the logged values within 10% of the step)")
+    print(f"{'step':>7}" + "".join(f"{method:>16}" for method in curves) + ("      gap" if len(curves) == 2 else ""))
+    for milestone in milestones:
+        means = []
+        for curve in curves.values():
+            near = [loss for step, loss in curve.items() if abs(step - milestone) <= 0.1 * milestone]
+            means.append(sum(near) / len(near))
+        print(f"{milestone:>7}" + "".join(f"{mean:>16.3f}" for mean in means)
+              + (f"{means[1] - means[0]:>+9.3f}" if len(means) == 2 else ""))
 
 
 if __name__ == "__main__":

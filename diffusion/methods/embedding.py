@@ -250,14 +250,16 @@ class EmbeddingDiffusion:
 
     @torch.no_grad()
     def next_token_logits(
-        self, model, prefix: Tensor, length: int, generator: torch.Generator | None, num_inference_steps: int = 10,
+        self, model, prefix: Tensor, length: int, generator: torch.Generator | None, num_inference_steps: int = 4,
         clamp: bool = True,
     ) -> Tensor:
         """(B, V) rounding logits at position P = prefix.shape[1], from a short DDIM reverse process
         that inpaints: at every step the prefix's embeddings are put back, noised to that step's
         level, and its x0 is known exactly. The window is as in MaskedDiffusion.next_token_logits.
         These logits are those of the last step's x0_hat, i.e. of one sample: sharp, not a
-        predictive distribution."""
+        predictive distribution. Four steps, not more: it runs once per generated token, so a 128-token
+        sample costs 128 x 4 forward passes (10 steps took 300 s per alpha for 32 samples on 2 CPU
+        cores, 4 steps about 2.5 times less)."""
         B, P = prefix.shape
         start = max(0, P + 1 - model.block_size)
         end = min(length, start + model.block_size)
