@@ -117,8 +117,6 @@ def print_learning_curves(out: Path, methods: list[str], points: int = 6) -> Non
     """Training loss in bits per token against steps, each point the mean of the logged losses
     around it: exact NLL for AR, the NELBO estimate for masked diffusion (an MSE plus rounding
     loss for embedding diffusion, not a likelihood, so left out). Shows whether a gap is closing."""
-    import json
-
     curves = {}
     for method in methods:
         if method == "embedding":

@@ -38,17 +38,14 @@ class Autoregressive:
     name = "autoregressive"  # method.name in the config
 
     def build_model(self, model_config, meta: dict) -> nn.Module:
+        from diffusion.nets import transformer_options
         from diffusion.nets.transformer import Transformer
 
         return Transformer(
             vocab_size=meta["vocab_size"] + 1,  # + BOS
             out_dim=meta["vocab_size"],
             block_size=meta["block_size"],
-            n_layer=model_config.n_layer,
-            n_head=model_config.n_head,
-            n_embd=model_config.n_embd,
-            dropout=model_config.dropout,
-            positions=model_config.positions,
+            **transformer_options(model_config),
             causal=True,
         )
 

@@ -119,6 +119,7 @@ class EmbeddingDiffusion:
         self.init_embeddings = init_embeddings
 
     def build_model(self, model_config, meta: dict, init_from: Tensor | None = None) -> nn.Module:
+        from diffusion.nets import transformer_options
         from diffusion.nets.transformer import Transformer
 
         if init_from is None and self.init_embeddings:
@@ -129,11 +130,7 @@ class EmbeddingDiffusion:
             in_dim=self.embedding_dim,
             out_dim=self.embedding_dim,
             block_size=meta["block_size"],
-            n_layer=model_config.n_layer,
-            n_head=model_config.n_head,
-            n_embd=model_config.n_embd,
-            dropout=model_config.dropout,
-            positions=model_config.positions,
+            **transformer_options(model_config),
             time_conditioning=True,
         )
         return EmbeddingDiffusionModel(meta["vocab_size"], self.embedding_dim, denoiser, init_from,

@@ -40,19 +40,21 @@ class MaskedDiffusion:
     name = "masked"  # method.name in the config
 
     def build_model(self, model_config, meta: dict) -> nn.Module:
+        from diffusion.nets import transformer_options
         from diffusion.nets.transformer import Transformer
 
         return Transformer(
             vocab_size=meta["vocab_size"] + 1,  # + the mask token
             out_dim=meta["vocab_size"],  # never the mask
             block_size=meta["block_size"],
-            n_layer=model_config.n_layer,
-            n_head=model_config.n_head,
-            n_embd=model_config.n_embd,
-            dropout=model_config.dropout,
-            positions=model_config.positions,
+            **transformer_options(model_config),
             causal=False,
         )
+
+    @staticmethod
+    def stratified_num_masked(strata: Tensor, L: int) -> Tensor:
+        """Numbers of masks k in 1..L, uniform over them, from strata in [0, 1)."""
+        return (1 + (strata * L).long()).clamp(max=L)
 
     @staticmethod
     def random_masks(num_masked: Tensor, L: int, generator: torch.Generator | None = None) -> Tensor:
@@ -73,7 +75,7 @@ class MaskedDiffusion:
         tokens = batch["tokens"]
         B, L = tokens.shape
         offset = torch.rand(())
-        num_masked = (1 + ((offset + torch.arange(B)) / B * L).long()).clamp(max=L).to(tokens.device)
+        num_masked = self.stratified_num_masked((offset + torch.arange(B)) / B, L).to(tokens.device)
         masked = self.random_masks(num_masked, L)
         if shard is not None:
             tokens, masked = tokens[shard], masked[shard]
@@ -86,7 +88,7 @@ class MaskedDiffusion:
         B, L = tokens.shape
         n = B * num_draws
         strata = (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
-        num_masked = (1 + (strata * L).long()).clamp(max=L).view(num_draws, B).to(tokens.device)
+        num_masked = self.stratified_num_masked(strata, L).view(num_draws, B).to(tokens.device)
         total = 0.0
         for k in num_masked:
             total += self.nelbo_per_token(model, tokens, self.random_masks(k, L, generator)).sum().item()

@@ -9,6 +9,11 @@ from diffusion.config import ModelConfig
 UNET_FIELDS = {"base_channels", "channel_mults", "num_res_blocks", "attention", "attention_heads", "dropout", "norm_groups"}
 
 
+def transformer_options(config) -> dict:
+    """The config's Transformer arguments, by the same names, for every text method's build_model."""
+    return {name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "dropout", "positions")}
+
+
 def build_net(config: ModelConfig, in_channels: int, num_classes: int | None) -> nn.Module:
     from diffusion.nets.unet import UNet
 
