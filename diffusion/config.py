@@ -80,6 +80,8 @@ class MethodConfig(Section):
     rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
     init_embeddings: str | None = Field(None, description="embedding: a trained text run (same tokenizer) whose "
                                                           "token embeddings start these, through a learned projection.")
+    prefix_fraction: float = Field(0.25, ge=0.0, le=1.0, description="embedding: share of training sequences given "
+                                   "a clean prefix, so that the model learns to continue text (guided decoding needs it).")
 
 
 class TrainConfig(Section):

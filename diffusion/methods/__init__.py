@@ -5,7 +5,7 @@ from diffusion.config import MethodConfig
 # The config's fields that each method takes, as arguments of the same names.
 DDPM_FIELDS = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
 EMBEDDING_FIELDS = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "embedding_dim",
-                    "rounding_weight", "init_embeddings"}
+                    "rounding_weight", "init_embeddings", "prefix_fraction"}
 
 
 def build_method(config: MethodConfig):

@@ -13,8 +13,9 @@ absolute positions that starts at noise level and took masked diffusion ~800 ste
 loss to discover; with rotary, "look one to the left" is a fixed direction from the first step.
 
 Time conditioning: a sinusoidal embedding of `timesteps` (any float or integer scale) through an
-MLP, added to every position's input. Simpler than adaLN and enough for a denoiser whose input
-already carries the noise level.
+MLP, added to the input: one value per sequence (B,), or one per position (B, L) for a sequence
+whose parts sit at different noise levels (a given prefix and a noisy rest). Simpler than adaLN and
+enough for a denoiser whose input already carries the noise level.
 """
 
 import math
@@ -159,8 +160,10 @@ class Transformer(nn.Module):
         else:
             rotary = (self.rotary_cos[:L], self.rotary_sin[:L])
         if self.time_mlp is not None:
-            emb = self.time_mlp(timestep_embedding(timesteps, self.n_embd).to(h.dtype))
-            h = h + emb[:, None, :]
+            # The MLP runs once per distinct value: per-position timesteps hold only a few.
+            values, index = timesteps.flatten().unique(return_inverse=True)
+            emb = self.time_mlp(timestep_embedding(values, self.n_embd).to(h.dtype))[index]
+            h = h + emb.view(x.shape[0], -1, self.n_embd)  # (B, 1, n_embd) or (B, L, n_embd)
         h = self.drop(h)
         for block in self.blocks:
             h = block(h, rotary)
