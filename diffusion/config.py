@@ -97,6 +97,8 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl lines.")
+    val_every_steps: int | None = Field(None, ge=1, description="Text: steps between validation bits per character "
+                                        "of the EMA weights, logged as val_bits_per_char (a curve to early-stop on).")
     sample_every_epochs: int | None = Field(1, ge=1, description="Epochs between sample grids.")
     checkpoint_every_steps: int | None = Field(1000, ge=1)
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
@@ -195,6 +197,9 @@ def mismatch(config: RunConfig) -> str | None:
     if text and config.data.tokenizer == "bpe" and config.data.vocab_size <= 256:
         return f"data.vocab_size: {config.data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
                "must be above 256 (byte-level BPE starts from the 256 bytes)"
+    if not text and config.train.val_every_steps:
+        return f"train.val_every_steps: {config.train.val_every_steps} is not allowed with data.dataset " \
+               f"{config.data.dataset!r}: validation bits per character are for text; leave it unset"
     if text and config.model.n_embd % config.model.n_head:
         return f"model.n_embd: {config.model.n_embd} is not allowed: must be a multiple of model.n_head ({config.model.n_head})"
     samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(config.method.name, ("ddpm", "ddim"))

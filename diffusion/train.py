@@ -329,7 +329,8 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
             loss_count += 1
             window_steps += 1
 
-            if step % tc.log_every == 0 or step == total_steps:
+            validation_due = tc.val_every_steps is not None and step % tc.val_every_steps == 0
+            if step % tc.log_every == 0 or step == total_steps or validation_due:
                 window_seconds = time.monotonic() - window_start
                 record = {
                     "step": step,
@@ -345,6 +346,13 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                 if config.method.name == "embedding":  # the collapse this method is prone to, as it happens
                     record["embedding_norm"] = method.embedding_norm(model)
                     record["embedding_spread"] = method.embedding_spread(model)  # 0: all tokens alike
+                if validation_due:
+                    from diffusion.evaluate_text import validation_bits_per_char
+
+                    # The EMA weights, as scored at the end. Its own seeded generator leaves the training
+                    # RNG alone, so a resumed run stays bit for bit.
+                    record["val_bits_per_char"] = validation_bits_per_char(
+                        method, ema_model, validation, device, config.eval.val_blocks, config.sample.seed)
                 if ranks.is_main:
                     run.log_metrics(record)
                 progress.log(record)
@@ -393,7 +401,8 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
         from diffusion.evaluate_text import evaluate_text
 
         # Validation bits per character and how healthy the samples look; `collapsed` lists why not.
-        scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed)
+        scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed,
+                               num_blocks=config.eval.val_blocks)
         if scores["collapsed"]:
             print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
     run.write_summary(

@@ -71,6 +71,26 @@ def test_masked_text_run_resumes_bit_for_bit(shakespeare_root, monkeypatch, tmp_
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_validation_curve_is_logged_and_leaves_training_alone(shakespeare_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(shakespeare_root))
+    plain, curve = tmp_path / "plain", tmp_path / "curve"
+    assert train(tiny_config("masked"), plain) == 0
+    assert train(tiny_config("masked", val_every_steps=3), curve) == 0
+    records = [json.loads(line) for line in (curve / "metrics.jsonl").read_text().splitlines()]
+    # A line every log_every (2) steps and at every validation (3): a curve point is never skipped.
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9, 10, 12]
+    values = {r["step"]: r["val_bits_per_char"] for r in records if "val_bits_per_char" in r}
+    assert list(values) == [3, 6, 9, 12]
+    assert values[12] < values[3] < 8  # falling, from about log2(65) = 6.0 bits at initialisation
+    # The curve's last point is the final score: the same EMA weights, blocks and seed.
+    assert json.loads((curve / "summary.json").read_text())["scores"]["val_bits_per_char"] == values[12]
+    # The same weights as without the curve: evaluating draws nothing from the training RNG.
+    a = torch.load(plain / "checkpoints/latest.pt", weights_only=False)
+    b = torch.load(curve / "checkpoints/latest.pt", weights_only=False)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 def test_sample_task_with_ar_guidance_and_scoring(shakespeare_root, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(shakespeare_root))
     ar, masked = tmp_path / "ar", tmp_path / "masked"
@@ -101,6 +121,9 @@ def test_text_specs_refuse_image_parts_in_one_line(tmp_path):
         load_run_config(spec)
     spec.write_text("run:\n  data: {dataset: shakespeare}\n  model: {name: transformer}\n  method: {name: masked}\n")
     with pytest.raises(ConfigError, match=r"sample.sampler: 'ddim' is not allowed with method.name 'masked'"):
+        load_run_config(spec)
+    spec.write_text("run:\n  data: {dataset: mnist}\n  train: {val_every_steps: 100}\n")
+    with pytest.raises(ConfigError, match=r"train.val_every_steps: 100 is not allowed with data.dataset 'mnist'"):
         load_run_config(spec)
 
 
