@@ -88,6 +88,9 @@ def read_config(run_dir: Path) -> dict:
     return (YAML(typ="safe").load(path.read_text()) or {}) if path.is_file() else {}
 
 
+TRAINING_COLOUR, VALIDATION_COLOUR = "#1f77b4", "#ff7f0e"  # matplotlib's first two
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -139,11 +142,14 @@ def last_samples(run_dir: Path) -> Path | None:
 
 
 def plot_loss(metrics_path: Path, out: Path) -> bool:
-    """metrics.jsonl's loss against step as a PNG; False when nothing was logged."""
+    """metrics.jsonl's loss against step as a PNG, with a text run's validation bits per character
+    (train.val_every_steps) on a second axis; False when nothing was logged."""
     # Complete lines only: a running trainer may be halfway through the last one.
     lines = metrics_path.read_text().split("\n")[:-1] if metrics_path.is_file() else []
     records = [json.loads(line) for line in lines if line.strip()]
     points = [(record["step"], record["loss"]) for record in records if is_number(record.get("loss"))]
+    validation = [(record["step"], record["val_bits_per_char"]) for record in records
+                  if is_number(record.get("val_bits_per_char"))]
     if not points:
         return False
     from matplotlib.figure import Figure  # no pyplot: no global state; savefig renders PNG with Agg
@@ -151,12 +157,20 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
     steps, losses = zip(*points)
     figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
     axes = figure.subplots()
-    axes.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2)
+    axes.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2,
+              color=TRAINING_COLOUR, label="training loss")
     if min(losses) > 0:
         axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(True, which="both", alpha=0.3)
+    if validation:
+        # Its own axis: bits per character of the EMA weights, not the loss's nats per token.
+        right = axes.twinx()
+        right.plot(*zip(*validation), marker="o", markersize=3, linewidth=1.2, color=VALIDATION_COLOUR,
+                   label="validation bits/char")
+        right.set_ylabel("validation bits/char")
+        figure.legend(loc="outside lower center", ncols=2, frameon=False)
     replace_atomically(out, lambda tmp: figure.savefig(tmp, format="png"))
     return True
 

@@ -254,3 +254,24 @@ def test_the_posts_build_with_mkdocs_strict_and_their_images_resolve(journal_pro
             assert served.read_bytes() == images[Path(source).name].read_bytes()
     failed = tmp_path / "site/blog" / project.runs["failed"]["ops_id"] / "index.html"
     assert "FAILED" in failed.read_text()
+
+
+def test_loss_figure_shows_a_validation_curve_when_one_was_logged(tmp_path):
+    from ops.journal import TRAINING_COLOUR, VALIDATION_COLOUR, plot_loss
+
+    def colour_share(png: Path, colour: str) -> float:
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        with Image.open(png) as image:
+            pixels = np.asarray(image.convert("RGB")).astype(int)
+        return (np.abs(pixels - rgb).sum(axis=-1) < 40).mean()
+
+    rows = [{"step": step, "loss": 3.0 / step**0.3} for step in range(10, 210, 10)]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for row in rows[4::5]:
+        row["val_bits_per_char"] = 6.0 - row["step"] / 100
+    (tmp_path / "curve.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert plot_loss(tmp_path / "plain.jsonl", tmp_path / "plain.png")
+    assert plot_loss(tmp_path / "curve.jsonl", tmp_path / "curve.png")
+    assert colour_share(tmp_path / "plain.png", TRAINING_COLOUR) > 1e-3
+    assert colour_share(tmp_path / "plain.png", VALIDATION_COLOUR) == 0
+    assert colour_share(tmp_path / "curve.png", VALIDATION_COLOUR) > 1e-3
