@@ -60,12 +60,15 @@ class TrainProgress:
         if self.quiet:
             return
         eta = self.eta_seconds(record["step"])
+        validation = f"  val {record['val_bits_per_char']:.3f} bits/char" if "val_bits_per_char" in record else ""
         if self.bar:
+            if validation:  # above the bar, which has no room for it
+                self.bar.console.print(f"step {record['step']}{validation}")
             self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s",
                             eta=format_seconds(eta))
             return
         print(
             f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s  eta {format_seconds(eta)}",
+            f"lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s  eta {format_seconds(eta)}{validation}",
             flush=True,
         )

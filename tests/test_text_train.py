@@ -71,7 +71,7 @@ def test_masked_text_run_resumes_bit_for_bit(shakespeare_root, monkeypatch, tmp_
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_validation_curve_is_logged_and_leaves_training_alone(shakespeare_root, monkeypatch, tmp_path):
+def test_validation_curve_is_logged_and_leaves_training_alone(shakespeare_root, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(shakespeare_root))
     plain, curve = tmp_path / "plain", tmp_path / "curve"
     assert train(tiny_config("masked"), plain) == 0
@@ -81,6 +81,8 @@ def test_validation_curve_is_logged_and_leaves_training_alone(shakespeare_root, 
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9, 10, 12]
     values = {r["step"]: r["val_bits_per_char"] for r in records if "val_bits_per_char" in r}
     assert list(values) == [3, 6, 9, 12]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 9/")]
+    assert printed and printed[0].endswith(f"val {values[9]:.3f} bits/char")
     assert values[12] < values[3] < 8  # falling, from about log2(65) = 6.0 bits at initialisation
     # The curve's last point is the final score: the same EMA weights, blocks and seed.
     assert json.loads((curve / "summary.json").read_text())["scores"]["val_bits_per_char"] == values[12]
