@@ -70,9 +70,10 @@ def to_original_and_epsilon(
 
 
 def _per_example(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
-    """values[timesteps] in like's dtype, shaped (B, 1, ..., 1) to broadcast against like."""
+    """values[timesteps] in like's dtype, shaped to broadcast against like: (B, 1, ..., 1) for one
+    timestep per example, (B, L, 1, ..., 1) for one per position."""
     picked = values.to(like.device)[timesteps.to(like.device)].to(like.dtype)
-    return picked.reshape(-1, *([1] * (like.ndim - 1)))
+    return picked.reshape(*timesteps.shape, *([1] * (like.ndim - timesteps.ndim)))
 
 
 class NoiseSchedule:

@@ -170,7 +170,7 @@ class EmbeddingDiffusion:
         given = self.given_prefixes(B, L).to(tokens.device)
         if shard is not None:
             tokens, timesteps, noise, given = tokens[shard], timesteps[shard], noise[shard], given[shard]
-        if given.any():
+        if self.prefix_fraction:  # from the config, not given.any(): no device sync on every step
             timesteps = torch.where(given, 0, timesteps[:, None])  # one per position
         alpha_prod = self.schedule.alphas_cumprod.to(tokens.device)[timesteps].float()
         x0, pred_x0, logits = model(tokens, timesteps, noise, alpha_prod)
@@ -287,13 +287,12 @@ class EmbeddingDiffusion:
         end = min(length, start + model.block_size)
         given = prefix[:, start:]
         K = given.shape[1]
+        embeddings = model.embeddings()
         # On the CPU from `generator`, as in sample: the same logits on every device.
         noise = torch.randn((B, end - start, model.embedding_dim), generator=generator).to(prefix.device)
         timesteps = torch.full((B, end - start), self.num_train_timesteps - 1, dtype=torch.long, device=prefix.device)
         timesteps[:, :K] = 0
-        alpha_prod = self.schedule.alphas_cumprod.to(noise)[timesteps][..., None]
         x0 = torch.zeros_like(noise)
-        x0[:, :K] = model.embeddings()[given].to(noise)
-        x = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
-        pred_x0 = model.denoise(x, timesteps)
-        return model.round(pred_x0[:, P - start], model.embeddings()).float()
+        x0[:, :K] = embeddings[given].to(noise)
+        pred_x0 = model.denoise(self.schedule.add_noise(x0, noise, timesteps), timesteps)
+        return model.round(pred_x0[:, P - start], embeddings).float()
