@@ -96,7 +96,7 @@ def main() -> None:
     bits = {row[0]: row[3] for row in rows}
     if "masked" in bits:
         gap = bits["masked"] - bits["autoregressive"]
-        print(f"masked - AR: {gap:+.3f} bits/char (target <= 0.3: {'met' if gap <= 0.3 else 'NOT met'})")
+        print(f"masked - AR: {gap_verdict(gap)}")
     print(f"collapsed samplers: {sum(bool(row[7]) for row in rows)} (target 0)")
 
     print_validation_curves(args.out, list(trained))
@@ -121,12 +121,20 @@ def main() -> None:
                   f"{seconds:>10.1f}  {'; '.join(scores['collapsed']) or 'no'}")
 
 
+def gap_verdict(gap: float) -> str:
+    return f"{gap:+.3f} bits/char (target <= 0.3: {'met' if gap <= 0.3 else 'NOT met'})"
+
+
+def metrics_rows(out: Path, method: str) -> list[dict]:
+    return [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+
+
 def print_validation_curves(out: Path, methods: list[str]) -> None:
     """Each model's validation curve (train.val_every_steps), where one was logged: its best point,
     where early stopping would have kept it, and its last; then masked - AR at their best points."""
     best = {}
     for method in methods:
-        rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_rows(out, method)
         curve = {row["step"]: row["val_bits_per_char"] for row in rows if "val_bits_per_char" in row}
         if not curve:
             continue
@@ -136,7 +144,7 @@ def print_validation_curves(out: Path, methods: list[str]) -> None:
         print(f"{method:16} best {curve[step]:.3f} at step {step}, last {curve[max(curve)]:.3f}   ({points})")
     if {"autoregressive", "masked"} <= set(best):
         gap = best["masked"] - best["autoregressive"]
-        print(f"masked - AR, each at its best step: {gap:+.3f} bits/char (target <= 0.3: {'met' if gap <= 0.3 else 'NOT met'})")
+        print(f"masked - AR, each at its best step: {gap_verdict(gap)}")
 
 
 def print_learning_curves(out: Path, methods: list[str], points: int = 6) -> None:
@@ -147,7 +155,7 @@ def print_learning_curves(out: Path, methods: list[str], points: int = 6) -> Non
     for method in methods:
         if method == "embedding":
             continue
-        rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_rows(out, method)
         curves[method] = {row["step"]: row["loss"] / math.log(2) for row in rows if "loss" in row}
     last = min(max(curve) for curve in curves.values())
     milestones = [round(last * (i + 1) / points) for i in range(points)]
