@@ -133,24 +133,56 @@ def test_clipped_x0_and_rederived_eps_stay_consistent_with_x_t(prediction_type):
 # --- samplers ----------------------------------------------------------------------------------
 
 
-def diffusers_timesteps(spacing, T, n):
-    """diffusers DDIMScheduler.set_timesteps with steps_offset=0, copied as reference."""
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-    if spacing == "leading":
-        step_ratio = T // n
-        return (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.int64)
-    step_ratio = T / n
-    return np.round(np.arange(T, 0, -step_ratio)).astype(np.int64) - 1
+SPACINGS = ["leading", "trailing", "linspace"]
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("T, n", [(1000, 50), (10, 3), (1000, 7), (20, 20)])
-def test_timestep_spacings_match_diffusers(spacing, T, n):
-    scheduler = DDIMScheduler(num_train_timesteps=T)
-    scheduler.set_timesteps(n, spacing)
-    assert scheduler.timesteps.dtype == torch.long
-    assert scheduler.timesteps.tolist() == diffusers_timesteps(spacing, T, n).tolist()
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_every_spacing_gives_exactly_n_distinct_descending_timesteps(spacing):
+    for T in (2, 3, 7, 10, 50, 100, 999, 1000, 1001):
+        scheduler = DDIMScheduler(num_train_timesteps=T)
+        for n in range(1, T + 1):
+            scheduler.set_timesteps(n, spacing)
+            timesteps = scheduler.timesteps.tolist()
+            assert len(timesteps) == n, (T, n, timesteps[-3:])
+            assert all(a > b for a, b in zip(timesteps, timesteps[1:])), (T, n)
+            assert 0 <= timesteps[-1] and timesteps[0] <= T - 1, (T, n)
+
+
+def test_trailing_61_of_1000_ends_at_15_not_minus_one():
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(61, "trailing")
+    assert len(scheduler.timesteps) == 61
+    assert scheduler.timesteps[:2].tolist() == [999, 983]
+    assert scheduler.timesteps[-3:].tolist() == [48, 32, 15]
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_timestep_spacings_match_diffusers_except_its_extra_minus_one(spacing):
+    """diffusers (the peer) gives n + 1 trailing timesteps, the last -1, for some n (61 of 1000);
+    everywhere else the lists are equal."""
+    import diffusers
+
+    extra = 0
+    for T in (10, 50, 100, 1000):
+        peer = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+        ours = DDIMScheduler(num_train_timesteps=T)
+        for n in range(1, T + 1):
+            peer.set_timesteps(n)
+            ours.set_timesteps(n, spacing)
+            expected = peer.timesteps.tolist()
+            if len(expected) == n + 1:
+                assert spacing == "trailing" and expected[-1] == -1, (T, n)
+                expected, extra = expected[:-1], extra + 1
+            assert ours.timesteps.tolist() == expected, (T, n)
+    assert (extra > 0) == (spacing == "trailing")  # the case this test is about does occur
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampling_with_61_steps_of_1000_stays_finite(sampler):
+    method = DDPM(num_train_timesteps=1000)
+    out = method.sample(toy_model(1000), 2, (1, 4, 4), sampler=sampler, num_inference_steps=61,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
 
 
 def test_timestep_spacings_small_case_by_hand():

@@ -111,7 +111,10 @@ class Scheduler(NoiseSchedule):
         self.set_timesteps(num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int, timestep_spacing: str = "trailing") -> None:
-        # Exactly diffusers' DDIMScheduler with steps_offset=0 (numpy, for its rounding of aranges).
+        """`num_inference_steps` distinct timesteps in [0, T-1], descending: diffusers' DDIMScheduler
+        spacings with steps_offset=0 (Lin et al. 2024, table 2), in numpy for its rounding.
+
+        Raises ValueError unless 1 <= num_inference_steps <= num_train_timesteps."""
         T = self.num_train_timesteps
         if not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
@@ -119,8 +122,10 @@ class Scheduler(NoiseSchedule):
             step_ratio = T // num_inference_steps
             timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1]
         elif timestep_spacing == "trailing":
+            # np.arange(T, 0, -T/n) has ceil(T / (T/n)) entries in floating point: n + 1 for some n
+            # (61 of 1000), the extra one rounding to timestep -1. Its first n are the right ones.
             step_ratio = T / num_inference_steps
-            timesteps = np.round(np.arange(T, 0, -step_ratio)) - 1
+            timesteps = np.round(np.arange(T, 0, -step_ratio)[:num_inference_steps]) - 1
         elif timestep_spacing == "linspace":
             timesteps = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
         else:
