@@ -184,29 +184,98 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
     return f"{key}: {value!r} is not allowed: {message}"
 
 
-def mismatch(config: RunConfig) -> str | None:
-    """The first pair of settings that cannot go together (an image net on text ...), or None."""
-    text = config.data.dataset in TEXT_DATASETS
-    if text != (config.method.name in TEXT_METHODS):
+# What the datasets hold, for the limits below (the corpus is checked by its sha256 on download).
+NUM_CLASSES = {"mnist": 10}
+CORPUS_CHARACTERS = {"shakespeare": 1_115_394}
+
+
+def conflicts(config: RunConfig):
+    """Every setting that cannot work with another, as `key: value is not allowed: why`, first found
+    first. Each limit that a method, sampler, net or dataset enforces at run time is checked here,
+    so that it stops a run when its config is validated, before any work is done."""
+    data, model, method, sample = config.data, config.model, config.method, config.sample
+    text = data.dataset in TEXT_DATASETS
+    if text != (method.name in TEXT_METHODS):
         allowed = TEXT_METHODS if text else IMAGE_METHODS
-        return f"method.name: {config.method.name!r} is not allowed with data.dataset {config.data.dataset!r}: " \
-               f"use one of {', '.join(allowed)}"
-    if text != (config.model.name == "transformer"):
-        return f"model.name: {config.model.name!r} is not allowed with data.dataset {config.data.dataset!r}: " \
-               f"use {'transformer' if text else 'unet'}"
-    if text and config.data.tokenizer == "bpe" and config.data.vocab_size <= 256:
-        return f"data.vocab_size: {config.data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
-               "must be above 256 (byte-level BPE starts from the 256 bytes)"
-    if not text and config.train.val_every_steps:
-        return f"train.val_every_steps: {config.train.val_every_steps} is not allowed with data.dataset " \
-               f"{config.data.dataset!r}: validation bits per character are for text; leave it unset"
-    if text and config.model.n_embd % config.model.n_head:
-        return f"model.n_embd: {config.model.n_embd} is not allowed: must be a multiple of model.n_head ({config.model.n_head})"
-    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(config.method.name, ("ddpm", "ddim"))
-    if config.sample.sampler not in samplers:
-        return f"sample.sampler: {config.sample.sampler!r} is not allowed with method.name {config.method.name!r}: " \
-               f"use {' or '.join(samplers)}"
-    return None
+        yield f"method.name: {method.name!r} is not allowed with data.dataset {data.dataset!r}: " \
+              f"use one of {', '.join(allowed)}"
+    if text != (model.name == "transformer"):
+        yield f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: " \
+              f"use {'transformer' if text else 'unet'}"
+    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name, ("ddpm", "ddim"))
+    if sample.sampler not in samplers:
+        yield f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: " \
+              f"use {' or '.join(samplers)}"
+    if sample.sampler in ("ddpm", "ddim") and sample.num_inference_steps > method.num_train_timesteps:
+        yield f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= " \
+              f"method.num_train_timesteps ({method.num_train_timesteps})"
+    if method.init_embeddings is not None and method.name != "embedding":
+        yield f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name " \
+              f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
+    yield from (text_conflicts if text else image_conflicts)(config)
+
+
+def image_conflicts(config: RunConfig):
+    data, model, sample = config.data, config.model, config.sample
+    lowest = model.base_channels * model.channel_mults[-1]
+    if model.attention and lowest % model.attention_heads:
+        yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest " \
+              f"level's channels (base_channels * channel_mults[-1] = {lowest})"
+    if sample.class_label is not None and not model.class_conditional:
+        yield f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: " \
+              "an unconditional model takes no class"
+    if sample.class_label is not None and sample.class_label >= NUM_CLASSES[data.dataset]:
+        yield f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes " \
+              f"0 to {NUM_CLASSES[data.dataset] - 1}"
+    for key, value in (("train.val_every_steps", config.train.val_every_steps),
+                       ("sample.guide_checkpoint", sample.guide_checkpoint),
+                       ("eval.scorer_checkpoint", config.eval.scorer_checkpoint)):
+        if value is not None:
+            yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
+
+
+def text_conflicts(config: RunConfig):
+    data, model, method, sample = config.data, config.model, config.method, config.sample
+    for key, value in (("data.only_digit", data.only_digit), ("sample.class_label", sample.class_label)):
+        if value is not None:
+            yield f"{key}: {value} is not allowed with data.dataset {data.dataset!r}: it is for images; leave it unset"
+    if model.class_conditional:
+        yield f"model.class_conditional: true is not allowed with data.dataset {data.dataset!r}: text has no classes"
+    if data.tokenizer == "bpe" and data.vocab_size <= 256:
+        yield f"data.vocab_size: {data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
+              "must be above 256 (byte-level BPE starts from the 256 bytes)"
+    characters = CORPUS_CHARACTERS[data.dataset]
+    val_characters = characters - int(characters * (1 - data.val_fraction))
+    if data.block_size > val_characters:  # a token is at least one character
+        yield f"data.block_size: {data.block_size} is not allowed: must be <= the validation split's " \
+              f"{val_characters} characters (data.val_fraction {data.val_fraction} of {characters})"
+    if model.n_embd % model.n_head:
+        yield f"model.n_embd: {model.n_embd} is not allowed: must be a multiple of model.n_head ({model.n_head})"
+    elif model.positions == "rotary" and (model.n_embd // model.n_head) % 2:
+        yield f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size " \
+              f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
+    # A sample longer than the block size is drawn window by window by the AR model and by guided
+    # decoding, block by block by the masked one; embedding diffusion denoises it all at once.
+    length = sample.length or data.block_size
+    guided = sample.guide_checkpoint is not None
+    if method.name == "masked" and not guided and (sample.block_length or length) > data.block_size:
+        key, value = ("sample.block_length", sample.block_length) if sample.block_length else ("sample.length", length)
+        yield f"{key}: {value} is not allowed: must be <= data.block_size ({data.block_size}); " \
+              "longer masked samples are drawn block by block (set sample.block_length)"
+    if method.name == "embedding" and not guided and length > data.block_size:
+        yield f"sample.length: {length} is not allowed: must be <= data.block_size ({data.block_size}) for " \
+              "embedding diffusion, which denoises a whole sample at once"
+    if not guided and sample.guidance_alpha != 1:
+        yield f"sample.guidance_alpha: {sample.guidance_alpha} is not allowed without sample.guide_checkpoint: " \
+              "set the autoregressive run that guides, or leave alpha at 1"
+    if guided and method.name == "embedding" and method.prefix_fraction == 0:
+        yield "method.prefix_fraction: 0 is not allowed with sample.guide_checkpoint: guided decoding needs an " \
+              "embedding model trained to continue a prefix; train with a share in (0, 1], e.g. 0.25"
+
+
+def conflict(config: RunConfig) -> str | None:
+    """The first of `conflicts`, or None."""
+    return next(conflicts(config), None)
 
 
 def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConfig:
@@ -215,7 +284,7 @@ def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConf
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], RunConfig, prefix)}") from None
-    problem = mismatch(config)
+    problem = conflict(config)
     if problem:
         raise ConfigError(f"{source}: {prefix + '.' if prefix else ''}{problem}")
     return config

@@ -207,6 +207,7 @@ def evaluate_checkpoint(config, run_dir: Path, progress: bool = False) -> dict:
     device = pick_device(config.device)
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
+    trained.check_sampling(config.sample)
     if trained.config.data.dataset != "mnist":
         raise ConfigError(f"data.dataset: {trained.config.data.dataset!r} is not allowed: eval scores MNIST runs")
 

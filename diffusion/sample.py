@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import LATEST, load_checkpoint
-from diffusion.config import ConfigError, RunConfig, SampleConfig, validate_run
+from diffusion.config import ConfigError, RunConfig, SampleConfig, conflict, validate_run
 from diffusion.methods import build_method
 
 
@@ -44,6 +44,13 @@ class TrainedModel:
         if self.meta["kind"] == "image":
             self.image_shape = tuple(self.meta["image_shape"])
             self.num_classes: int = self.meta["num_classes"]
+
+    def check_sampling(self, sample: SampleConfig) -> None:
+        """Raise ConfigError (one line) when `sample` cannot work with this checkpoint's method and
+        network, whose config is the checkpoint's own, not the sampling spec's."""
+        problem = conflict(self.config.model_copy(update={"sample": sample}))
+        if problem:
+            raise ConfigError(f"{self.path}: {problem}")
 
     def generate(self, sample: SampleConfig, num_samples: int, progress: bool = False) -> torch.Tensor:
         """`num_samples` images in [-1, 1], in batches, reproducible from `sample.seed`."""
@@ -101,6 +108,7 @@ def sample_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
     device = pick_device(config.device)
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
+    trained.check_sampling(config.sample)
     run = RunDir(run_dir)
     if not in_place:
         run.create(config)

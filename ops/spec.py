@@ -114,9 +114,29 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
         raise ConfigError(f"{source}: run: {raw['run']!r} is not allowed: must be a mapping (task, data, model ...)")
     validate_run(raw["run"], source, prefix="run")
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], JobSpec)}") from None
+    ranks, how = data_parallel_ranks(spec)
+    if spec.run.task == "train" and spec.run.train.batch_size % ranks:
+        raise ConfigError(f"{source}: run.train.batch_size: {spec.run.train.batch_size} is not allowed on "
+                          f"{spec.engine}: must be a multiple of its {ranks} data-parallel ranks ({how})")
+    return spec
+
+
+def data_parallel_ranks(spec: JobSpec) -> tuple[int, str]:
+    """How many training processes the spec's engine starts, each taking an equal share of every
+    batch, and which resources say so."""
+    if spec.engine == "slurm":
+        slurm = spec.resources.slurm
+        return slurm.nodes * slurm.tasks_per_node, \
+            f"resources.slurm.nodes {slurm.nodes} x tasks_per_node {slurm.tasks_per_node}"
+    if spec.engine == "vertex":
+        vertex = spec.resources.vertex
+        gpus = vertex.accelerator_count if vertex.accelerator_type else 0
+        return vertex.replica_count * max(gpus, 1), \
+            f"resources.vertex.replica_count {vertex.replica_count} x accelerator_count {max(gpus, 1)}"
+    return 1, "one process"
 
 
 def load_spec(path: Path, overrides: list[str] = ()) -> JobSpec:
