@@ -290,10 +290,52 @@ def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConf
     return config
 
 
+def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline: bool = False) -> Any:
+    """One YAML document (bytes must be UTF-8), loaded by `yaml` (default: the safe loader).
+
+    Raises ConfigError, one line: `source:line:column: problem` (`source (column N)` for an
+    `inline` value such as a --set) for text that does not parse, a tab indent or a duplicate key;
+    the line of the first byte that is not UTF-8; and the place of an anchor or alias, which config
+    files never need and which can expand to gigabytes when nested (a "billion laughs")."""
+
+    def place(mark) -> str:
+        return f" (column {mark.column + 1})" if inline else f":{mark.line + 1}:{mark.column + 1}"
+
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = text[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{source}:{line}: byte 0x{text[exc.start]:02x} is not UTF-8; save the file as "
+                              "UTF-8") from None
+    yaml = yaml or YAML(typ="safe")
+    try:
+        for event in yaml.parse(text):
+            if getattr(event, "anchor", None) is not None or type(event).__name__ == "AliasEvent":
+                raise ConfigError(f"{source}{place(event.start_mark)}: YAML anchors and aliases (&name, *name) "
+                                  "are not allowed; write the values out")
+        return yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        # ruamel says what it expected in `context` and what it found in `problem`.
+        problem = " ".join(str(exc.problem or exc.context).split()).split(" with value ")[0]  # duplicate keys
+        if exc.problem and exc.context and problem.startswith("but "):
+            problem = f"{exc.context}, {problem}"
+        elif exc.problem and exc.context_mark and "duplicate" not in problem:
+            start = exc.context_mark
+            problem += f" {exc.context} begun at " + (f"column {start.column + 1}" if inline else
+                                                       f"{start.line + 1}:{start.column + 1}")
+        raise ConfigError(f"{source}{place(mark) if mark else ''}: not valid YAML: {problem}") from None
+    except YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    return YAML(typ="safe").load(path.read_text())
+    return parse_yaml(path.read_bytes(), str(path))
 
 
 def run_section(raw: Any, source: str) -> dict:
@@ -318,7 +360,7 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    return key.strip().split("."), YAML(typ="safe").load(value) if value.strip() else None
+    return key.strip().split("."), parse_yaml(value, f"--set {text!r}", inline=True) if value.strip() else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -608,22 +608,29 @@ def jobs_dir() -> Path:
 @config_app.command("list")
 @one_line_errors
 def config_list(as_json: bool = JSON_OPTION) -> None:
-    """The job specs, with task, engine and description."""
-    from ruamel.yaml import YAML
+    """The job specs, with task, engine and description (or why a spec does not parse)."""
+    from diffusion.config import ConfigError, read_yaml
 
     rows = []
     for path in sorted(jobs_dir().glob("*.yaml")):
-        raw = YAML(typ="safe").load(path.read_text()) or {}
-        rows.append({"name": path.stem, "task": (raw.get("run") or {}).get("task", "train"),
-                     "engine": raw.get("engine", "local"),
-                     "description": " ".join(str(raw.get("description", "")).split())})
+        try:
+            raw = read_yaml(path) or {}
+        except ConfigError as exc:
+            rows.append({"name": path.stem, "task": None, "engine": None, "description": "", "error": str(exc)})
+            continue
+        if not isinstance(raw, dict):
+            raw = {}
+        run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
+        rows.append({"name": path.stem, "task": run.get("task", "train"), "engine": raw.get("engine", "local"),
+                     "description": " ".join(str(raw.get("description", "")).split()), "error": None})
     if as_json:
         return echo_json(rows)
     from rich.table import Table
 
     table = Table("name", "task", "engine", "description")
     for row in rows:
-        table.add_row(row["name"], row["task"], row["engine"], row["description"])
+        description = f"[red]{row['error']}[/]" if row["error"] else row["description"]
+        table.add_row(row["name"], row["task"] or "-", row["engine"] or "-", description)
     console().print(table)
 
 

@@ -79,11 +79,29 @@ def find_root(start: Path | None = None) -> Path:
     raise OpsError(f"{start}: no {SETTINGS_FILE} or configs/jobs/ here or above; run ops inside the project")
 
 
-def load_settings(root: Path) -> Settings:
+def read_settings_file(path: Path) -> dict:
+    """ops.yaml as a mapping ({} when there is none); OpsError, one line with the place, when it
+    does not parse. Not diffusion.config.parse_yaml: that module costs a pydantic import."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+    if not path.is_file():
+        return {}
+    try:
+        return YAML(typ="safe").load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise OpsError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise OpsError(f"{path}{where}: not valid YAML: {' '.join(str(exc.problem or exc.context).split())}") from None
+    except YAMLError as exc:
+        raise OpsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def load_settings(root: Path) -> Settings:
     path = root / SETTINGS_FILE
-    raw = (YAML(typ="safe").load(path.read_text()) or {}) if path.is_file() else {}
+    raw = read_settings_file(path)
     if not isinstance(raw, dict):
         raise OpsError(f"{path}: expected a mapping of settings")
     settings = check_settings(raw, str(path))

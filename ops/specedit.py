@@ -12,7 +12,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from diffusion.config import ConfigError, parse_assignment
+from diffusion.config import ConfigError, parse_assignment, parse_yaml
 from ops.spec import check_name, spec_override, validate_spec
 
 
@@ -24,7 +24,9 @@ def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]
     # ruamel writes None as an empty value; specs spell it `null`.
     yaml.representer.add_representer(
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
-    document = yaml.load(path.read_text())
+    document = parse_yaml(path.read_bytes(), str(path), yaml)
+    if not isinstance(document, dict):
+        validate_spec(document, str(path))  # raises: a spec is a mapping, or there is nothing to set
     changes = []
     for text in assignments:
         parts, value = parse_assignment(spec_override(text))

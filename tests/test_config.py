@@ -103,3 +103,39 @@ def test_diffusion_reads_the_same_job_spec_keys_as_ops():
     from ops.spec import JobSpec
 
     assert JOB_SPEC_KEYS == set(JobSpec.model_fields)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"name: x\nrun: {train: {lr: 1e-3}\n", "job.yaml:3:1: not valid YAML: expected ',' or '}', but got '<stream end>' "
+                                              "while parsing a flow mapping begun at 2:6"),
+    (b"run:\n\ttrain: {}\n", "job.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+    (b"train: {epochs: 1}\ntrain: {lr: 1}\n", 'job.yaml:2:1: not valid YAML: found duplicate key "train"'),
+    (b"description: \xff\n", "job.yaml:1: byte 0xff is not UTF-8; save the file as UTF-8"),
+    (b"a: &a [1, 1]\nb: [*a, *a]\n", "job.yaml:1:4: YAML anchors and aliases (&name, *name) are not allowed"),
+])
+def test_yaml_that_does_not_parse_is_one_line_with_its_place_and_writes_nothing(tmp_path, capsys, text, expected):
+    from diffusion.__main__ import main
+
+    (tmp_path / "job.yaml").write_bytes(text)
+    out = tmp_path / "out"
+    assert main(["train", str(tmp_path / "job.yaml"), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path}/{expected}"), lines
+    assert not out.exists()
+
+
+def test_a_set_value_that_does_not_parse_names_the_item(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_override("model.channel_mults=[1,2")
+    assert str(error.value) == ("--set 'model.channel_mults=[1,2' (column 5): not valid YAML: expected ',' or ']', "
+                                "but got '<stream end>' while parsing a flow sequence begun at column 1")
+
+
+def test_a_broken_ops_yaml_is_one_line_with_its_place(tmp_path):
+    from ops.errors import OpsError
+    from ops.settings import Project
+
+    (tmp_path / "ops.yaml").write_text("runs_dir: runs\ngithub_repo: [a\n")
+    with pytest.raises(OpsError) as error:
+        Project(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'ops.yaml'}:3:1: not valid YAML: expected ',' or ']', but got '<stream end>'"

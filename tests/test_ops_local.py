@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -183,14 +184,20 @@ def test_the_bad_spec_corpus_is_big_enough():
 
 @pytest.mark.parametrize("spec", BAD_SPECS, ids=lambda path: path.stem)
 def test_a_bad_spec_gives_one_line_naming_the_key_and_creates_nothing(git_project, spec):
-    expected = spec.read_text().splitlines()[0].removeprefix("# expect: ")
-    (git_project / "configs/jobs" / spec.name).write_text(spec.read_text())
-    result = ops(git_project, "submit", spec.stem)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], result.stderr
-    assert lines[0].startswith(f"error: configs/jobs/{spec.name}: ")
+    expected = spec.read_bytes().splitlines()[0].decode().removeprefix("# expect: ")
+    (git_project / "configs/jobs" / spec.name).write_bytes(spec.read_bytes())
+    commands = (["submit", spec.stem], ["submit", spec.stem, "--dry-run"], ["config", "show", spec.stem],
+                ["config", "set", spec.stem, "hypothesis=edited"])
+    for command in commands:
+        result = ops(git_project, *command)
+        assert result.returncode == 2, command
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert re.match(rf"error: configs/jobs/{re.escape(spec.name)}(:\d+)*: ", lines[0]), lines[0]
+    result = ops(git_project, "config", "validate", spec.stem)
+    assert result.returncode == 1 and expected in result.stdout and len(result.stdout.splitlines()) == 1
+    assert (git_project / "configs/jobs" / spec.name).read_bytes() == spec.read_bytes()
     assert not (git_project / "runs").exists() and not (git_project / "EXPERIMENT_LOG.md").exists()
 
 
@@ -200,6 +207,10 @@ def test_a_bad_spec_gives_one_line_naming_the_key_and_creates_nothing(git_projec
     (["--sweep", "run.train.lr=1e-3,-1"], "run.train.lr: -1 is not allowed"),
     (["--engine", "kubernetes"], "engine: 'kubernetes' is not allowed"),
     (["--set", "resources.local.treads=2"], "did you mean 'resources.local.threads'?"),
+    (["--set", "run.model.channel_mults=[1,2"], "--set 'run.model.channel_mults=[1,2' (column 5): not valid YAML: "
+     "expected ',' or ']', but got '<stream end>'"),
+    (["--set", "run.train.lr=&x 1"], "--set 'run.train.lr=&x 1' (column 1): YAML anchors and aliases"),
+    (["--sweep", "run.train.lr=1e-3,{a"], "--set 'run.train.lr={a' (column 3): not valid YAML"),
 ])
 def test_bad_overrides_submit_nothing(git_project, args, expected):
     result = ops(git_project, "submit", "tiny", *args)
