@@ -9,7 +9,7 @@ Every error is one line: where, the key path, the bad value and what is allowed.
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
@@ -19,7 +19,13 @@ JOB_SPEC_KEYS = {"name", "description", "hypothesis", "expected", "engine", "res
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float must be finite: an lr of .inf trains to NaN and would still "succeed".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds on sizes are generous (10-100x the largest spec here), so that a typo such as
+# base_channels=1000000 stops at validation instead of allocating terabytes; the trainer checks
+# the memory of what remains before it builds the network.
 
 
 IMAGE_DATASETS = ("mnist",)
@@ -36,7 +42,7 @@ class DataConfig(Section):
     subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     tokenizer: Literal["char", "bpe"] = Field("char", description="Text: characters, or BPE trained on the corpus.")
     vocab_size: int = Field(512, ge=64, le=65536, description="Text, bpe: the BPE vocabulary size.")
-    block_size: int = Field(256, ge=8, description="Text: tokens per training example.")
+    block_size: int = Field(256, ge=8, le=65536, description="Text: tokens per training example.")
     block_stride: int | None = Field(None, ge=1, description="Text: a training window starts every this many "
                                                              "tokens (overlapping); None: block_size, no overlap.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out.")
@@ -44,17 +50,18 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     name: Literal["unet", "transformer"] = Field("unet", description="unet for images, transformer for text.")
-    base_channels: int = Field(64, ge=8)
-    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1, max_length=4)
-    num_res_blocks: int = Field(2, ge=1)
+    base_channels: int = Field(64, ge=8, le=2048)
+    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [1, 2, 2], min_length=1,
+                                                                   max_length=4)
+    num_res_blocks: int = Field(2, ge=1, le=16)
     attention: bool = Field(True, description="Self-attention at the lowest resolution.")
-    attention_heads: int = Field(4, ge=1)
+    attention_heads: int = Field(4, ge=1, le=128)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
     class_conditional: bool = Field(False, description="Add a class embedding (with a null class).")
-    n_layer: int = Field(4, ge=1, description="Transformer: blocks.")
-    n_head: int = Field(4, ge=1, description="Transformer: attention heads.")
-    n_embd: int = Field(256, ge=8, description="Transformer: width; a multiple of n_head.")
+    n_layer: int = Field(4, ge=1, le=128, description="Transformer: blocks.")
+    n_head: int = Field(4, ge=1, le=256, description="Transformer: attention heads.")
+    n_embd: int = Field(256, ge=8, le=16384, description="Transformer: width; a multiple of n_head.")
     positions: Literal["rotary", "learned"] = Field(
         "rotary", description="Transformer: rotary (relative, in attention) or learned (a table added to the input).")
 
@@ -70,13 +77,13 @@ class ModelConfig(Section):
 class MethodConfig(Section):
     name: Literal["ddpm", "autoregressive", "masked", "embedding"] = Field(
         "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM).")
-    num_train_timesteps: int = Field(1000, ge=2)
+    num_train_timesteps: int = Field(1000, ge=2, le=100_000)
     beta_schedule: Literal["linear", "cosine", "sqrt"] = Field("linear", description="sqrt suits embeddings.")
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(2e-2, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
     clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
-    embedding_dim: int = Field(64, ge=2, description="embedding: size of the diffused token embeddings.")
+    embedding_dim: int = Field(64, ge=2, le=4096, description="embedding: size of the diffused token embeddings.")
     rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
     init_embeddings: str | None = Field(None, description="embedding: a trained text run (same tokenizer) whose "
                                                           "token embeddings start these, through a learned projection.")
@@ -86,14 +93,14 @@ class MethodConfig(Section):
 
 class TrainConfig(Section):
     seed: int = 0
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; checkpoints and stops.")
-    lr: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, le=1e6)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl lines.")
@@ -110,10 +117,10 @@ class SampleConfig(Section):
     checkpoint: str | None = Field(None, description="Run dir or .pt file to sample from (task sample/eval).")
     sampler: Literal["ddpm", "ddim", "ancestral"] = Field(
         "ddim", description="ddpm, ddim (images, embedding); ancestral (autoregressive, masked).")
-    num_inference_steps: int = Field(50, ge=1)
+    num_inference_steps: int = Field(50, ge=1, le=100_000)
     eta: float = Field(0.0, ge=0.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    num_samples: int = Field(64, ge=1)
+    num_samples: int = Field(64, ge=1, le=1_000_000)
     batch_size: int = Field(256, ge=1)
     use_ema: bool = True
     seed: int = 0

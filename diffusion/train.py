@@ -42,6 +42,7 @@ from diffusion.progress import TrainProgress
 from diffusion.rundir import RunDir
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; engines requeue or resume on it
+EXIT_FAILED = 1
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -157,6 +158,19 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
         ema_buffer.copy_(buffer)
 
 
+def first_nonfinite_loss(first_step: torch.Tensor, first_loss: torch.Tensor, ranks: "DataParallel",
+                         device: torch.device) -> str | None:
+    """`loss is NaN at step N` for the first step whose loss was not finite (on any rank), else None.
+    The step is tracked on the device and read only here, where the trainer decides something
+    (log, sample, checkpoint): reading it every step would wait for the GPU every step."""
+    step = int(first_step.item())
+    if not ranks.any([step >= 0], device)[0]:
+        return None
+    if step < 0:  # another rank diverged; this one stops with it
+        return "loss is not finite on another data-parallel rank"
+    return f"loss is {'NaN' if math.isnan(first_loss.item()) else first_loss.item()} at step {step}"
+
+
 def ema_decay_at(step: int, max_decay: float) -> float:
     # Warm-up so a short run's EMA is not dominated by its random initialisation.
     return min(max_decay, (1 + step) / (10 + step))
@@ -174,6 +188,30 @@ def build_model(config: RunConfig, method, meta: dict) -> torch.nn.Module:
     if meta["kind"] == "text":
         return method.build_model(config.model, meta)
     return build_net(config.model, in_channels=meta["image_shape"][0], num_classes=meta["num_classes"])
+
+
+# fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
+# on top, so this is a floor, enough to refuse a model that cannot fit before anything is built.
+BYTES_PER_PARAMETER = 20
+
+
+def check_memory(config: RunConfig, method, meta: dict, device: torch.device) -> int:
+    """The network's parameter count, counted on the meta device (no memory, no RNG draws); raises
+    ConfigError when training it cannot fit in the device's free memory."""
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in build_model(config, method, meta).parameters())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil  # only here: the trainer's one use of it
+
+        free = psutil.virtual_memory().available
+    needed = num_params * BYTES_PER_PARAMETER
+    if needed > free:
+        raise ConfigError(f"model: {num_params:,} parameters are not allowed on {device}: training needs at least "
+                          f"{needed / 1e9:,.1f} GB (weights, gradients, AdamW moments and EMA) and "
+                          f"{free / 1e9:,.1f} GB is free; make the model smaller")
+    return num_params
 
 
 @torch.no_grad()
@@ -218,6 +256,8 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
     if tc.batch_size % ranks.world_size:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not allowed: must divide among "
                           f"{ranks.world_size} data-parallel ranks")
+    method = build_method(config.method)
+    num_params = check_memory(config, method, meta, device)  # before writing anything, like the dataset
     run = RunDir(run_dir)
     if ranks.is_main:
         run.create(config)
@@ -225,7 +265,6 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
     ranks.barrier()
 
     seed_everything(tc.seed)
-    method = build_method(config.method)
     model = build_model(config, method, meta).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     trained_model = model
@@ -288,8 +327,8 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                          device, meta["num_classes"])
         return None
 
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters, "
+    print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
+          f"(at least {num_params * BYTES_PER_PARAMETER / 1e9:.2f} GB to train), "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps"
           + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""), flush=True)
 
@@ -297,6 +336,7 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
     final_texts = None
     last_checkpoint_time, checkpointed_step = time.monotonic(), step
     loss_sum, loss_count, window_start, window_steps = torch.zeros((), device=device), 0, time.monotonic(), 0
+    nonfinite_step, nonfinite_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
     permutation, permutation_epoch = None, -1
     model.train()
     seconds_left = tc.max_minutes * 60 - train_seconds if tc.max_minutes else None
@@ -328,9 +368,19 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
             loss_sum += loss.detach()
             loss_count += 1
             window_steps += 1
+            newly_nonfinite = (nonfinite_step < 0) & ~torch.isfinite(loss.detach())
+            nonfinite_step = torch.where(newly_nonfinite, step, nonfinite_step)
+            nonfinite_loss = torch.where(newly_nonfinite, loss.detach().float(), nonfinite_loss)
 
             validation_due = tc.val_every_steps is not None and step % tc.val_every_steps == 0
-            if step % tc.log_every == 0 or step == total_steps or validation_due:
+            log_due = step % tc.log_every == 0 or step == total_steps or validation_due
+            end_of_epoch = step % steps_per_epoch == 0
+            if log_due or end_of_epoch:  # before a NaN is logged or sampled from
+                diverged = first_nonfinite_loss(nonfinite_step, nonfinite_loss, ranks, device)
+                if diverged:
+                    status, stop_reason = "failed", diverged
+                    break
+            if log_due:
                 window_seconds = time.monotonic() - window_start
                 record = {
                     "step": step,
@@ -360,7 +410,6 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                 loss_count, window_start, window_steps = 0, time.monotonic(), 0
             progress.advance(step)
 
-            end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch and tc.sample_every_epochs and (step // steps_per_epoch) % tc.sample_every_epochs == 0:
                 write_samples(f"epoch_{step // steps_per_epoch:04d}")
                 model.train()
@@ -376,6 +425,10 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
             if preempted and preemption.signal is None:
                 preemption.signal = signal.SIGUSR2  # another rank was signalled; stop at the same step
             if preempted or out_of_time or due_by_steps or due_by_time:
+                diverged = first_nonfinite_loss(nonfinite_step, nonfinite_loss, ranks, device)
+                if diverged:  # the weights are not finite either: keep the last good checkpoint
+                    status, stop_reason = "failed", diverged
+                    break
                 checkpoint_now()
                 last_checkpoint_time, checkpointed_step = time.monotonic(), step
             if preemption.signal is not None:
@@ -391,7 +444,10 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                 checkpoint_now()
             final_texts = write_samples("final")
 
-    exit_code = EXIT_PREEMPTED if status == "preempted" else 0
+    exit_code = {"completed": 0, "preempted": EXIT_PREEMPTED, "failed": EXIT_FAILED}[status]
+    if status == "failed":
+        stop_reason += f"; the last good checkpoint is step {checkpointed_step}" if checkpointed_step else \
+            "; no checkpoint was written"
     print(f"{status}: {stop_reason}", flush=True)
     if not ranks.is_main:
         return exit_code

@@ -128,6 +128,8 @@ def submit(
 
     project = Project()
     planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
+    for warning in dict.fromkeys(warning for item in planned for warning in item.warnings):
+        typer.echo(f"warning: {warning}", err=True)
     if dry_run:
         return print_dry_run(project, planned, as_json, get_engine, Launch)
     from ops.registry import Registry
@@ -156,7 +158,7 @@ def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
         launch = Launch(run_dir=placeholder, project_root=project.root,
                         resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
         rows.append({"spec": item.spec.model_dump(mode="json"), "sweep": item.sweep, "overrides": item.overrides,
-                     "changes": item.changes, "would_start": engine.describe(launch)})
+                     "changes": item.changes, "warnings": item.warnings, "would_start": engine.describe(launch)})
     if as_json:
         return echo_json({"dry_run": True, "runs": rows})
     yaml = YAML()

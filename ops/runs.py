@@ -30,6 +30,7 @@ class Planned:
     overrides: list[str]
     sweep: dict[str, str] = field(default_factory=dict)
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,9 +62,21 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
         local_device = spec.resources.local.device
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
-        planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json"))))
+        planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json")),
+                               ignored_resources(spec.engine, run_overrides)))
     preflight(project, planned)
     return planned
+
+
+def ignored_resources(engine: str, overrides: list[str]) -> list[str]:
+    """A warning for each override of another engine's resources: valid, but this run ignores it."""
+    warnings = []
+    for text in overrides:
+        parts = text.partition("=")[0].strip().split(".")
+        if parts[0] == "resources" and len(parts) > 1 and parts[1] != engine:
+            warnings.append(f"--set {text}: the run goes to the {engine} engine, which ignores resources.{parts[1]}; "
+                            f"add --engine {parts[1]} to use it")
+    return warnings
 
 
 def preflight(project: Project, planned: list[Planned]) -> None:

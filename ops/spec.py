@@ -27,7 +27,7 @@ ENGINES = ("local", "slurm", "vertex")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # timeouts of .inf hours are typos
 
 
 class LocalResources(Section):

@@ -338,3 +338,16 @@ def test_submit_outside_git_refuses_unless_allowed(tmp_path, mnist_root, monkeyp
 def test_unknown_job_id_is_one_clear_line(git_project):
     result = ops(git_project, "monitor", "tiny-000000")
     assert result.returncode == 2 and "JOB_ID 'tiny-000000': no such run" in result.stderr
+
+
+def test_resources_of_another_engine_are_named_in_a_warning(git_project):
+    result = ops(git_project, "submit", "tiny", "--dry-run", "--json", "--set", "resources.slurm.gpus_per_node=2")
+    assert result.returncode == 0, result.stderr
+    warning = ("warning: --set resources.slurm.gpus_per_node=2: the run goes to the local engine, which ignores "
+               "resources.slurm; add --engine slurm to use it")
+    assert result.stderr.strip().splitlines() == [warning]
+    assert json.loads(result.stdout)["runs"][0]["warnings"] == [warning.removeprefix("warning: ")]
+    result = ops(git_project, "submit", "tiny", "--dry-run", "--set", "resources.local.threads=2",
+                 "--sweep", "resources.vertex.spot=true,false")
+    assert result.returncode == 0 and result.stderr.count("warning:") == 2  # one per sweep value
+    assert "resources.vertex.spot=false: the run goes to the local engine" in result.stderr

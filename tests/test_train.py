@@ -151,3 +151,56 @@ def test_a_run_dir_alone_runs_its_configured_task_in_place(tiny_config, tmp_path
     result = run_diffusion(run)
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "summary.json").read_text())["step"] == 3
+
+
+def test_a_non_finite_loss_stops_the_run_failed_at_its_first_step(tiny_config, tmp_path):
+    """A checkpoint whose weights went NaN (as a diverged run leaves them) is resumed: the first step's
+    loss is NaN, the run stops there, failed, with no NaN logged and no checkpoint written after."""
+    run = tmp_path / "run"
+    tiny_config.train.max_steps = 2
+    tiny_config.train.log_every = 3  # the stop must not wait for a log step to be due
+    tiny_config.train.sample_every_epochs = None
+    assert train(tiny_config, run) == 0
+    checkpoint = load_checkpoint(run / "checkpoints/latest.pt")
+    checkpoint["model"] = {key: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+                           for key, value in checkpoint["model"].items()}
+    torch.save(checkpoint, run / "checkpoints/latest.pt")
+    lines_before = (run / "metrics.jsonl").read_text()
+
+    tiny_config.train.max_steps = 12
+    tiny_config.train.checkpoint_every_steps = 1
+    assert train(tiny_config, run) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 1
+    assert summary["reason"] == "loss is NaN at step 3; the last good checkpoint is step 2"
+    assert summary["step"] == 3
+    assert (run / "metrics.jsonl").read_text() == lines_before
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt"]
+
+
+def test_infinite_and_huge_values_are_refused_before_any_work(tiny_config, tmp_path):
+    from diffusion.config import ConfigError, validate_run
+
+    raw = tiny_config.model_dump(mode="json")
+    for section, key, value, rule in [("train", "lr", float("inf"), "must be a finite number"),
+                                      ("train", "lr", float("nan"), "must be a finite number"),
+                                      ("train", "lr", 1e30, "must be less than or equal to 1"),
+                                      ("sample", "eta", float("inf"), "must be a finite number"),
+                                      ("model", "base_channels", 1_000_000, "must be less than or equal to 2048"),
+                                      ("model", "channel_mults", [1, 1000], "must be less than or equal to 16")]:
+        with pytest.raises(ConfigError) as error:
+            validate_run({**raw, section: {**raw[section], key: value}})
+        assert rule in str(error.value) and f"{section}.{key}" in str(error.value), str(error.value)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_written(tiny_config, tmp_path):
+    """Within every field's bound, but 3.5 trillion parameters: counted on the meta device, refused."""
+    from diffusion.config import ConfigError
+
+    tiny_config.model.base_channels, tiny_config.model.num_res_blocks = 2048, 16
+    tiny_config.model.channel_mults, tiny_config.model.norm_groups = [16, 16, 16, 16], 8
+    with pytest.raises(ConfigError) as error:
+        train(tiny_config, tmp_path / "run")
+    assert str(error.value).startswith("model: 3,527,368,687,617 parameters are not allowed on cpu: training needs "
+                                       "at least 70,547.4 GB")
+    assert not (tmp_path / "run").exists()
