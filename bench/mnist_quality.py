@@ -10,7 +10,6 @@ digits present.
 """
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 
 from diffusion.config import load_run_config
 from diffusion.evaluate import evaluate_checkpoint
+from diffusion.records import Summary, read_json
+from diffusion.rundir import RunDir
 from diffusion.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +47,16 @@ def main() -> None:
     if not args.skip_train:
         config.train.progress = "lines"
         train(config, run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    throughput = sum(r["examples_per_s"] for r in records[1:]) / max(1, len(records) - 1)
+    run = RunDir(run_dir)
+    summary = Summary.from_json(read_json(run.summary))
+    records = run.read_metrics()
+    throughput = sum(r.examples_per_s for r in records[1:]) / max(1, len(records) - 1)
 
     print("\n== training")
-    print(f"parameters           {summary['num_parameters']:,}")
-    print(f"steps                {summary['step']} ({summary['epoch']:.2f} epochs) in {summary['train_seconds'] / 60:.1f} min")
+    print(f"parameters           {summary.num_parameters:,}")
+    print(f"steps                {summary.step} ({summary.epoch:.2f} epochs) in {summary.train_seconds / 60:.1f} min")
     print(f"throughput           {throughput:.0f} images/s (mean over logged windows after the first)")
-    print(f"final loss           {records[-1]['loss']:.4f}")
+    print(f"final loss           {records[-1].loss:.4f}")
 
     rows = []
     for spec in args.samplers.split(","):

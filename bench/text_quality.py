@@ -16,7 +16,6 @@ the data-constrained regime, where the early-stopped comparison (`--val-every`) 
 """
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from diffusion.config import load_run_config
 from diffusion.data import load_dataset
 from diffusion.evaluate_text import evaluate_text, generate_text
+from diffusion.records import METRICS, read_jsonl
 from diffusion.sample import TrainedModel, resolve_checkpoint
 from diffusion.train import train
 
@@ -126,7 +126,7 @@ def gap_verdict(gap: float) -> str:
 
 
 def metrics_rows(out: Path, method: str) -> list[dict]:
-    return [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / method / METRICS)
 
 
 def print_validation_curves(out: Path, methods: list[str]) -> None:

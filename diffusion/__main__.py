@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from diffusion.config import ConfigError, RunConfig, load_run_config, read_yaml
+from diffusion.records import Summary
 from diffusion.rundir import RunDir
 
 TASKS = ("train", "sample", "eval")
@@ -60,36 +61,38 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     return config, run_dir, into_other_run
 
 
-def run_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
+def run_task(config: RunConfig, run: RunDir) -> int:
     if config.task == "train":
         from diffusion.train import train
 
-        return train(config, run_dir)
+        return train(config, run.path)
     if config.task == "sample":
         from diffusion.sample import sample_task
 
-        return sample_task(config, run_dir, in_place)
+        return sample_task(config, run)
     from diffusion.evaluate import eval_task
 
-    return eval_task(config, run_dir, in_place)
+    return eval_task(config, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from diffusion.data import DatasetNotFoundError
 
-    run_dir = None
+    run = None
     try:
         config, run_dir, in_place = resolve(args)
-        return run_task(config, run_dir, in_place)
+        run = RunDir(run_dir, config.task, in_place)
+        return run_task(config, run)
     except (ConfigError, DatasetNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        # Record the failure where engines and `ops monitor` look for the outcome, then fail loudly.
-        if run_dir is not None and run_dir.is_dir():
+        # Record the failure where engines and `ops monitor` look for this task's outcome (a task run
+        # inside another task's run dir has its own record), then fail loudly.
+        if run is not None and run.path.is_dir():
             tail = traceback.format_exc().strip().splitlines()[-20:]
-            RunDir(run_dir).write_summary({"status": "failed", "error": repr(exc), "traceback": tail})
+            run.write_record(Summary(status="failed", error=repr(exc), traceback=tail))
         raise
 
 

@@ -6,29 +6,15 @@ pointing at the last complete checkpoint. Only the newest `keep` step files are 
 """
 
 import io
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusion.records import atomic_write
+
 LATEST = "latest.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself must reach the disk, or a power cut can bring back the old name.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> Path:
@@ -37,8 +23,8 @@ def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> 
     torch.save(state, buffer)
     data = buffer.getvalue()
     step_path = checkpoint_dir / f"step_{step:08d}.pt"
-    atomic_write_bytes(step_path, data)
-    atomic_write_bytes(checkpoint_dir / LATEST, data)
+    atomic_write(step_path, data)
+    atomic_write(checkpoint_dir / LATEST, data)
     for old in sorted(checkpoint_dir.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return step_path

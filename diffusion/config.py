@@ -398,10 +398,16 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_yaml(data: dict, path: Path) -> None:
+    """`data` as block-style YAML, replacing `path` atomically."""
+    import io
+
+    from diffusion.records import atomic_write
+
     yaml = YAML()
     yaml.default_flow_style = False
-    with path.open("w") as f:
-        yaml.dump(data, f)
+    text = io.StringIO()
+    yaml.dump(data, text)
+    atomic_write(path, text.getvalue().encode())
 
 
 def to_dict(config: RunConfig) -> dict:

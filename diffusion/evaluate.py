@@ -192,25 +192,34 @@ def real_floor(classifier: LeNet, train_images: Tensor, test_images: Tensor, num
 # The eval task: sample from a trained run and score the samples against real MNIST.
 
 
-def evaluate_checkpoint(config, run_dir: Path, progress: bool = False) -> dict:
-    """Sample `eval.num_samples` images from the run's checkpoint with the `sample` settings, score them
-    with the cached LeNet, and write the record to RUN_DIR/eval/NAME.json (with a grid beside it)."""
-    import json
-    import time
-
+def load_for_eval(config, run_dir: Path):
+    """The checkpoint to score (a TrainedModel), checked against the `sample` settings; ConfigError,
+    one line, before any work."""
     from diffusion.config import ConfigError
-    from diffusion.data import resolve_data_root
-    from diffusion.data.mnist import load_mnist
-    from diffusion.sample import TrainedModel, resolve_checkpoint, sample_name, save_samples
+    from diffusion.sample import TrainedModel, resolve_checkpoint
     from diffusion.train import pick_device
 
-    device = pick_device(config.device)
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
-    trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
+    trained = TrainedModel(checkpoint_path, config.sample.use_ema, pick_device(config.device))
     trained.check_sampling(config.sample)
     if trained.config.data.dataset != "mnist":
         raise ConfigError(f"data.dataset: {trained.config.data.dataset!r} is not allowed: eval scores MNIST runs")
+    return trained
 
+
+def evaluate_checkpoint(config, run_dir: Path, progress: bool = False, trained=None) -> dict:
+    """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
+    with the `sample` settings, score them with the cached LeNet, and write the record to
+    RUN_DIR/eval/NAME.json (with a grid beside it)."""
+    import time
+
+    from diffusion.data import resolve_data_root
+    from diffusion.data.mnist import load_mnist
+    from diffusion.records import write_json
+    from diffusion.sample import sample_name, save_samples
+
+    trained = trained or load_for_eval(config, run_dir)
+    device, checkpoint_path = trained.device, trained.path
     root = resolve_data_root(config.data.root)
     train_images, train_labels = load_mnist(root, "train", download=config.data.download)
     test_images, test_labels = load_mnist(root, "test", download=config.data.download)
@@ -244,7 +253,7 @@ def evaluate_checkpoint(config, run_dir: Path, progress: bool = False) -> dict:
     eval_dir = Path(run_dir) / "eval"
     name = sample_name(config.sample)
     save_samples(samples, eval_dir, name)
-    (eval_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(eval_dir / f"{name}.json", record)
     return record
 
 
@@ -263,20 +272,21 @@ def print_record(record: dict) -> None:
     Console().print(table)
 
 
-def eval_task(config, run_dir: Path, in_place: bool) -> int:
+def eval_task(config, run) -> int:
+    """Score a trained run into `run` (a RunDir): its own eval/ when in place, else a new run dir."""
     from diffusion.config import TEXT_DATASETS
-    from diffusion.rundir import RunDir
+    from diffusion.records import Summary
 
     if config.data.dataset in TEXT_DATASETS:  # text is scored on its samples and its validation bits
         from diffusion.sample import sample_task
 
         return sample_task(config.model_copy(update={"sample": config.sample.model_copy(
-            update={"num_samples": config.eval.num_samples})}), run_dir, in_place)
-    run = RunDir(run_dir)
-    if not in_place:
+            update={"num_samples": config.eval.num_samples})}), run)
+    trained = load_for_eval(config, run.path)
+    if not run.in_place:
         run.create(config)
-    record = evaluate_checkpoint(config, run_dir, progress=True)
+    record = evaluate_checkpoint(config, run.path, progress=True, trained=trained)
     print_record(record)
-    if not in_place:
-        run.write_summary({"status": "completed", **record})
+    result = {key: value for key, value in record.items() if key not in ("step", "scores")}
+    run.write_record(Summary(status="completed", step=record["step"], scores=record["scores"], result=result))
     return 0

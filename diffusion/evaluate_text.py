@@ -18,6 +18,7 @@ import torch
 
 from diffusion.config import ConfigError, RunConfig, SampleConfig
 from diffusion.data.shakespeare import tokenizer_from_json
+from diffusion.records import Summary, atomic_write, write_json
 from diffusion.text_metrics import collapse, text_scores
 
 SAMPLE_RULE = "-" * 72
@@ -63,9 +64,7 @@ def save_text_samples(texts: list[str], path: Path) -> Path:
     """One file a person reads: the samples, each under a numbered rule."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(f"{SAMPLE_RULE} sample {index}\n{text}\n" for index, text in enumerate(texts))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
+    atomic_write(path, body.encode())
     return path
 
 
@@ -123,7 +122,7 @@ def sample_name(config: RunConfig) -> str:
     return f"{sample.sampler}{steps}{guide}-t{sample.temperature:g}-seed{sample.seed}"
 
 
-def text_sample_task(config: RunConfig, trained, run, in_place: bool) -> int:
+def text_sample_task(config: RunConfig, trained, run) -> int:
     """`python -m diffusion sample` for a text run: samples (optionally AR-guided) and their scores."""
     from diffusion.data import load_dataset
 
@@ -141,11 +140,11 @@ def text_sample_task(config: RunConfig, trained, run, in_place: bool) -> int:
     record = {"checkpoint": str(trained.path), "step": trained.step, "num_samples": len(texts),
               "sample_seconds": round(seconds, 2), "guidance_alpha": config.sample.guidance_alpha if guide else None,
               "scores": scores, "samples": str(path)}
-    eval_dir = run.path / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    (eval_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    if not in_place:
-        run.write_summary({"status": "completed", **record})
+    run.eval.mkdir(exist_ok=True)
+    write_json(run.eval / f"{name}.json", record)
+    result = {key: value for key, value in record.items() if key not in ("step", "scores")}
+    run.write_record(Summary(status="completed", step=trained.step, scores=scores,
+                             collapsed=bool(scores["collapsed"]), result=result))
     print(json.dumps(scores, indent=2))
     print(f"{len(texts)} samples from {trained.path} (step {trained.step}) -> {path}", flush=True)
     return 0

@@ -6,6 +6,8 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from diffusion.records import MetricsRecord
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
@@ -56,19 +58,19 @@ class TrainProgress:
             eta = min(eta, max(self.seconds_left - elapsed, 0.0))
         return eta
 
-    def log(self, record: dict) -> None:
+    def log(self, record: MetricsRecord) -> None:
         if self.quiet:
             return
-        eta = self.eta_seconds(record["step"])
-        validation = f"  val {record['val_bits_per_char']:.3f} bits/char" if "val_bits_per_char" in record else ""
+        eta = self.eta_seconds(record.step)
+        validation = f"  val {record.val_bits_per_char:.3f} bits/char" if record.val_bits_per_char is not None else ""
         if self.bar:
             if validation:  # above the bar, which has no room for it
-                self.bar.console.print(f"step {record['step']}{validation}")
-            self.bar.update(self.task, loss=f"{record['loss']:.4f}", speed=f"{record['it_per_s']:.1f} it/s",
+                self.bar.console.print(f"step {record.step}{validation}")
+            self.bar.update(self.task, loss=f"{record.loss:.4f}", speed=f"{record.it_per_s:.1f} it/s",
                             eta=format_seconds(eta))
             return
         print(
-            f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.2e}  {record['it_per_s']:.1f} it/s  eta {format_seconds(eta)}{validation}",
+            f"step {record.step}/{self.total_steps}  epoch {record.epoch:.2f}  loss {record.loss:.4f}  "
+            f"lr {record.lr:.2e}  {record.it_per_s:.1f} it/s  eta {format_seconds(eta)}{validation}",
             flush=True,
         )

@@ -1,22 +1,31 @@
-"""The run directory: everything a run writes lives here (layout in shared DESIGN.md)."""
+"""The run directory: everything a run writes lives here (layout in shared DESIGN.md, names and
+fields in diffusion/records.py)."""
 
 import json
 import os
 import time
 from pathlib import Path
 
-from diffusion.checkpoint import atomic_write_bytes
+from diffusion import records
 from diffusion.config import ConfigError, RunConfig, dump_yaml, to_dict
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    """A run dir, as one task sees it. `in_place`: the task runs inside another task's run dir
+    (sampling a training run), so its own record goes to tasks/TASK-TIME.json, never over the
+    run's summary.json."""
+
+    def __init__(self, path: Path, task: str = "train", in_place: bool = False):
         self.path = Path(path)
-        self.config = self.path / "config.yaml"
-        self.metrics = self.path / "metrics.jsonl"
-        self.checkpoints = self.path / "checkpoints"
-        self.samples = self.path / "samples"
-        self.summary = self.path / "summary.json"
+        self.config = self.path / records.CONFIG
+        self.metrics = self.path / records.METRICS
+        self.checkpoints = self.path / records.CHECKPOINTS
+        self.samples = self.path / records.SAMPLES
+        self.eval = self.path / records.EVAL
+        self.summary = self.path / records.SUMMARY
+        self.in_place = in_place
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.record = self.path / records.TASKS / f"{task}-{stamp}-{os.getpid()}.json" if in_place else self.summary
 
     def create(self, config: RunConfig) -> None:
         """Make the folders and write the resolved config; refuse to mix two different models."""
@@ -34,21 +43,22 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
         dump_yaml(to_dict(config), self.config)
 
-    def log_metrics(self, record: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def log_metrics(self, record: records.MetricsRecord) -> None:
+        records.append_jsonl(self.metrics, record.to_json())
+
+    def read_metrics(self) -> list[records.MetricsRecord]:
+        return [records.MetricsRecord.from_json(line) for line in records.read_jsonl(self.metrics)]
 
     def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: they will be logged again."""
+        """On resume, drop lines logged after the checkpoint (they will be logged again) and a line
+        torn by the crash that stopped the run."""
         if not self.metrics.is_file():
             return
-        kept = [
-            line
-            for line in self.metrics.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step
-        ]
-        atomic_write_bytes(self.metrics, "".join(line + "\n" for line in kept).encode())
+        kept = [line for line in records.read_jsonl(self.metrics) if line.get("step", 0) <= after_step]
+        records.atomic_write(self.metrics, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
-    def write_summary(self, summary: dict) -> None:
-        summary = {**summary, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid()}
-        atomic_write_bytes(self.summary, (json.dumps(summary, indent=2) + "\n").encode())
+    def write_record(self, summary: records.Summary) -> None:
+        """This task's record: summary.json, or tasks/TASK-TIME.json for a task run in place."""
+        summary.written_at, summary.pid = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getpid()
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        records.write_json(self.record, summary.to_json())

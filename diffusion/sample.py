@@ -100,26 +100,25 @@ def save_samples(images: torch.Tensor, folder: Path, name: str) -> Path:
     return grid_path
 
 
-def sample_task(config: RunConfig, run_dir: Path, in_place: bool) -> int:
-    """Sample `sample.num_samples` images; into RUN_DIR/samples of the trained run, or a new run dir."""
-    from diffusion.rundir import RunDir
+def sample_task(config: RunConfig, run) -> int:
+    """Sample `sample.num_samples` images into `run` (a RunDir): the trained run's own samples/
+    when sampling it in place, else a new run dir."""
+    from diffusion.records import Summary
     from diffusion.train import pick_device
 
     device = pick_device(config.device)
-    checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
+    checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run.path)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
     trained.check_sampling(config.sample)
-    run = RunDir(run_dir)
-    if not in_place:
+    if not run.in_place:
         run.create(config)
     if trained.meta["kind"] == "text":
         from diffusion.evaluate_text import text_sample_task
 
-        return text_sample_task(config, trained, run, in_place)
+        return text_sample_task(config, trained, run)
     images = trained.generate(config.sample, config.sample.num_samples, progress=True)
     grid = save_samples(images, run.samples, sample_name(config.sample))
-    if not in_place:
-        run.write_summary({"status": "completed", "checkpoint": str(checkpoint_path), "step": trained.step,
-                           "num_samples": len(images), "grid": str(grid)})
+    run.write_record(Summary(status="completed", step=trained.step, result={
+        "checkpoint": str(checkpoint_path), "num_samples": len(images), "grid": str(grid)}))
     print(f"{len(images)} samples from {checkpoint_path} (step {trained.step}) -> {grid}", flush=True)
     return 0

@@ -13,8 +13,9 @@ averages the gradients, so N ranks follow the same trajectory as one process wit
 global batch. Rank 0 alone writes the run dir.
 """
 
+import contextlib
 import copy
-import json
+import errno
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from diffusion.data import load_dataset
 from diffusion.methods import build_method
 from diffusion.nets import build_net
 from diffusion.progress import TrainProgress
+from diffusion.records import MetricsRecord, Summary
 from diffusion.rundir import RunDir
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; engines requeue or resume on it
@@ -244,8 +246,24 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
     device = ranks.start(device or pick_device(config.device))
     try:
         return train_loop(config, run_dir, device, ranks)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return disk_full(RunDir(run_dir), exc)
     finally:
         ranks.stop()
+
+
+def disk_full(run: RunDir, exc: OSError) -> int:
+    """One line naming the last good checkpoint (every checkpoint file is complete: they are
+    written atomically), and the summary, if the disk still takes it."""
+    saved = sorted(run.checkpoints.glob("step_*.pt"))
+    last = f"{saved[-1]} (step {int(saved[-1].stem.removeprefix('step_'))})" if saved else "none (none was written)"
+    reason = f"disk full ({exc.filename or exc.strerror}): the last good checkpoint is {last}"
+    print(f"failed: {reason}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # the disk may take the small summary, or not
+        run.write_record(Summary(status="failed", reason=reason, exit_code=EXIT_FAILED))
+    return EXIT_FAILED
 
 
 def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: DataParallel) -> int:
@@ -382,26 +400,26 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                     break
             if log_due:
                 window_seconds = time.monotonic() - window_start
-                record = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "loss": ranks.mean(loss_sum / loss_count).item(),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm.item(),
-                    "it_per_s": window_steps / window_seconds,
-                    "examples_per_s": window_steps * batch_size / window_seconds,
-                    "train_seconds": round(train_seconds, 3),
-                    "total_steps": total_steps,
-                }
+                record = MetricsRecord(
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=round(step / steps_per_epoch, 4),
+                    loss=ranks.mean(loss_sum / loss_count).item(),
+                    lr=optimizer.param_groups[0]["lr"],
+                    grad_norm=grad_norm.item(),
+                    it_per_s=window_steps / window_seconds,
+                    examples_per_s=window_steps * batch_size / window_seconds,
+                    train_seconds=round(train_seconds, 3),
+                )
                 if config.method.name == "embedding":  # the collapse this method is prone to, as it happens
-                    record["embedding_norm"] = method.embedding_norm(model)
-                    record["embedding_spread"] = method.embedding_spread(model)  # 0: all tokens alike
+                    record.extras["embedding_norm"] = method.embedding_norm(model)
+                    record.extras["embedding_spread"] = method.embedding_spread(model)  # 0: all tokens alike
                 if validation_due:
                     from diffusion.evaluate_text import validation_bits_per_char
 
                     # The EMA weights, as scored at the end. Its own seeded generator leaves the training
                     # RNG alone, so a resumed run stays bit for bit.
-                    record["val_bits_per_char"] = validation_bits_per_char(
+                    record.val_bits_per_char = validation_bits_per_char(
                         method, ema_model, validation, device, config.eval.val_blocks, config.sample.seed)
                 if ranks.is_main:
                     run.log_metrics(record)
@@ -451,7 +469,7 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
     print(f"{status}: {stop_reason}", flush=True)
     if not ranks.is_main:
         return exit_code
-    last = run.metrics.read_text().splitlines()[-1:] if run.metrics.is_file() else []
+    logged = run.read_metrics()
     scores = {}
     if final_texts is not None:
         from diffusion.evaluate_text import evaluate_text
@@ -461,21 +479,19 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                                num_blocks=config.eval.val_blocks)
         if scores["collapsed"]:
             print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
-    run.write_summary(
-        {
-            "status": status,
-            "reason": stop_reason,
-            # Which signal stopped it: engines requeue on their preemption signal, not on a cancel.
-            "signal": signal.Signals(preemption.signal).name if preemption.signal else None,
-            "step": step,
-            "total_steps": total_steps,
-            "epoch": round(step / steps_per_epoch, 4),
-            "train_seconds": round(train_seconds, 3),
-            "num_parameters": num_params,
-            "device": str(device),
-            "final_metrics": json.loads(last[0]) if last else {},
-            "exit_code": exit_code,
-        }
-        | ({"scores": scores, "collapsed": bool(scores["collapsed"])} if scores else {})
-    )
+    run.write_record(Summary(
+        status=status,
+        reason=stop_reason,
+        signal=signal.Signals(preemption.signal).name if preemption.signal else None,
+        exit_code=exit_code,
+        step=step,
+        total_steps=total_steps,
+        epoch=round(step / steps_per_epoch, 4),
+        train_seconds=round(train_seconds, 3),
+        num_parameters=num_params,
+        device=str(device),
+        final_metrics=logged[-1].to_json() if logged else {},
+        scores=scores or None,
+        collapsed=bool(scores["collapsed"]) if scores else None,
+    ))
     return exit_code

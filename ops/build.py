@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ops.errors import OpsError
+from ops.rundir import DIFF, PROVENANCE, read_required
 
 BUILDERS = ("docker", "podman", "buildah")
 
@@ -112,8 +113,8 @@ def build_image(project, push: bool, builder: str | None = None, run_dir: Path |
         if run_dir is None:
             provenance, patch_path = capture(project.root, folder, exclude=project.not_code()), folder / "diff.patch"
         else:
-            provenance = json.loads((run_dir / "provenance.json").read_text())
-            patch_path = run_dir / "diff.patch"
+            provenance = read_required(run_dir / PROVENANCE)
+            patch_path = run_dir / DIFF
         if provenance["git"] is None:
             raise OpsError("an image is tagged by its commit: build inside a git repository")
         tag = image_tag(provenance, patch_path.read_bytes())

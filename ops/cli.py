@@ -218,10 +218,11 @@ def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or late
 
 
 def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
-    from ops import monitor, runs
+    from ops import monitor, rundir
+    from ops.rundir import JOB, PROVENANCE, read_json
 
     run_dir = Path(run.run_dir)
-    job = runs.read_job(run_dir) if (run_dir / runs.JOB_FILE).is_file() else {"spec": {}}
+    job = read_json(run_dir / JOB) or {"spec": {}}
     view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run),
                             "progress": monitor.progress(run, job["spec"])}
     if engine_logs:
@@ -230,13 +231,12 @@ def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
         text, _ = get_engine(run.engine, project.settings).logs(run)
         view["log_tail"] = monitor.tail(text, lines)
     if full:
-        provenance = run_dir / "provenance.json"
         view["job"] = job
         view["config"] = job["spec"].get("run")
-        view["provenance"] = json.loads(provenance.read_text()) if provenance.is_file() else None
+        view["provenance"] = read_json(run_dir / PROVENANCE)
         view["paths"] = {name: str(run_dir / name) for name in
-                         ("config.yaml", "provenance.json", "diff.patch", "metrics.jsonl", "log.txt",
-                          "checkpoints", "samples", "summary.json")}
+                         (rundir.CONFIG, rundir.PROVENANCE, rundir.DIFF, rundir.METRICS, rundir.LOG,
+                          rundir.CHECKPOINTS, rundir.SAMPLES, rundir.SUMMARY)}
     return view
 
 
@@ -580,16 +580,17 @@ def pull(
 
     Resumes partial downloads and skips files already present with the same checksum."""
     from ops import runs
+    from ops.engines.vertex import VERTEX_FILE
+    from ops.rundir import read_required
     from ops.storage import WHAT, pull as pull_files
 
     if what not in WHAT:
         raise OpsError(f"--what {what!r}: not allowed; one of {', '.join(WHAT)}")
     project, registry = open_project()
     run = runs.find(registry, job_id)
-    record_path = Path(run.run_dir) / "vertex_job.json"
-    if not record_path.is_file():
+    if run.engine != "vertex":
         raise OpsError(f"{run.ops_id}: ran on {run.engine}; its run dir is already here: {run.run_dir}")
-    gcs_run_dir = json.loads(record_path.read_text())["gcs_run_dir"]
+    gcs_run_dir = read_required(Path(run.run_dir) / VERTEX_FILE)["gcs_run_dir"]
     result = pull_files(gcs_run_dir, Path(run.run_dir), what,
                         progress=None if as_json else lambda name: typer.echo(f"  {name}"))
     if as_json:

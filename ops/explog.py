@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from ops.rundir import Summary
+
 HEADER = """# Experiment log
 
 One section per run, newest last: what was tried, why, exactly how, and what came of it.
@@ -75,18 +77,17 @@ def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
     return True
 
 
-def results_text(state: str, summary: dict, duration_seconds: float | None) -> str:
+def results_text(state: str, summary: Summary, duration_seconds: float | None) -> str:
     """The block filled in when a run ends: state, duration and the run's own final figures."""
     lines = [f"**Result: {state}**" + (f" after {duration_seconds / 60:.1f} min" if duration_seconds else "")]
-    final = summary.get("final_metrics") or {}
-    if "step" in summary:
-        lines.append(f"- steps {summary['step']}" + (f", epoch {summary['epoch']:.2f}" if "epoch" in summary else "")
+    final = summary.final_metrics or {}
+    if summary.step is not None:
+        lines.append(f"- steps {summary.step}" + (f", epoch {summary.epoch:.2f}" if summary.epoch is not None else "")
                      + (f", final loss {final['loss']:.4f}" if "loss" in final else ""))
-    if summary.get("stop_reason"):
-        lines.append(f"- stopped: {summary['stop_reason']}")
-    scores = summary.get("scores")
-    if scores:
-        lines.append("- scores: " + ", ".join(f"{key} {format_value(value)}" for key, value in scores.items()))
-    if summary.get("error"):
-        lines.append(f"- error: `{summary['error']}`")
+    if summary.reason:
+        lines.append(f"- stopped: {summary.reason}")
+    if summary.scores:
+        lines.append("- scores: " + ", ".join(f"{key} {format_value(value)}" for key, value in summary.scores.items()))
+    if summary.error:
+        lines.append(f"- error: `{summary.error}`")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.runs import read_job, read_json
+from ops.rundir import CONFIG, PROVENANCE, Summary, read_json, read_summary
+from ops.runs import read_job
 from ops.settings import Project
 
 EXPERIMENT_LABEL = "experiment"
@@ -169,7 +170,7 @@ def commit_line(repo_url: str, provenance: dict) -> str:
 
 def issue_body(project: Project, run: Run, job: dict, provenance: dict, repo_url: str) -> str:
     spec = job["spec"]
-    config_text = (Path(run.run_dir) / "config.yaml").read_text()
+    config_text = (Path(run.run_dir) / CONFIG).read_text()
     changes = "\n".join(f"- `{key}`: `{json.dumps(old)}` → `{json.dumps(new)}`" for key, old, new in job["changes"])
     submitted = datetime.fromtimestamp(run.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
@@ -213,22 +214,23 @@ def format_number(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
 
 
-def result_body(project: Project, run: Run, summary: dict, attempt: int) -> str:
+def result_body(project: Project, run: Run, summary: Summary, attempt: int) -> str:
     duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
     lines = [result_marker(run.ops_id, attempt),
              f"### {run.state}" + (f" after {duration / 60:.1f} min" if duration else "")]
     if run.detail:
         lines.append(f"> {run.detail}")
-    final = summary.get("final_metrics") or {}
-    rows = [(key, summary[key]) for key in ("step", "epoch", "train_seconds", "num_parameters") if key in summary]
+    final = summary.final_metrics or {}
+    rows = [(key, value) for key in ("step", "epoch", "train_seconds", "num_parameters")
+            if (value := getattr(summary, key)) is not None]
     rows += [(key, value) for key, value in final.items() if key not in ("step", "epoch", "train_seconds", "total_steps")]
-    rows += list((summary.get("scores") or {}).items())
+    rows += list((summary.scores or {}).items())
     if rows:
         lines += ["", "| metric | value |", "|---|---|", *(f"| {key} | {format_number(value)} |" for key, value in rows)]
-    if summary.get("reason"):
-        lines += ["", f"Stopped: {summary['reason']}."]
-    if summary.get("error"):
-        lines += ["", f"Error: `{summary['error']}`"]
+    if summary.reason:
+        lines += ["", f"Stopped: {summary.reason}."]
+    if summary.error:
+        lines += ["", f"Error: `{summary.error}`"]
     lines += ["", *sample_links(project, run), *text_excerpt(run)]
     lines += ["", f"Details: `ops monitor {run.ops_id} --logs`; reproduce: `ops rerun {run.ops_id}`."]
     return "\n".join(lines)
@@ -267,7 +269,7 @@ def text_excerpt(run: Run, limit: int = 600) -> list[str]:
 def open_run_issue(project: Project, run: Run) -> str | None:
     """The run's issue (found or created): its html_url, or None when GitHub is not in use."""
     run_dir = Path(run.run_dir)
-    provenance = read_json(run_dir / "provenance.json")
+    provenance = read_json(run_dir / PROVENANCE) or {}
     repo_name = repository(project, provenance)
     if repo_name is None:
         return None
@@ -279,11 +281,11 @@ def open_run_issue(project: Project, run: Run) -> str | None:
 
 def comment_run_result(project: Project, run: Run) -> str | None:
     """The result comment on the run's issue: its html_url, or None when the run has no issue."""
-    repo_name = repository(project, read_json(Path(run.run_dir) / "provenance.json"))
+    repo_name = repository(project, (read_json(Path(run.run_dir) / PROVENANCE) or {}))
     if run.github_issue is None or repo_name is None:
         return None
     github = GitHub(project, repo_name)
-    summary = read_json(Path(run.run_dir) / "summary.json")
+    summary = read_summary(Path(run.run_dir)) or Summary()
     number = int(run.github_issue.rstrip("/").rsplit("/", 1)[1])
     body = result_body(project, run, summary, run.requeues)
     return github.comment_result(run, number, body, run.requeues).html_url

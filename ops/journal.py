@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.runs import flatten, read_job, read_json
+from ops.rundir import METRICS, PROVENANCE, Summary, read_json, read_jsonl, read_summary
+from ops.runs import flatten, read_job
 from ops.settings import Project
 
 KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
@@ -114,19 +115,19 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def figures(run_dir: Path) -> dict[str, Any]:
     """A run's end figures by name: summary.json's, its last logged metrics, the eval scores."""
-    summary = read_json(run_dir / "summary.json")
-    found = {key: summary[key] for key in ("step", "total_steps", "epoch", "train_seconds", "num_parameters")
-             if key in summary}
-    last = summary.get("final_metrics") or {}
-    if "step" in last and last["step"] != summary.get("step"):
+    summary = read_summary(run_dir) or Summary()
+    found = {key: value for key in ("step", "total_steps", "epoch", "train_seconds", "num_parameters")
+             if (value := getattr(summary, key)) is not None}
+    last = summary.final_metrics or {}
+    if "step" in last and last["step"] != summary.step:
         found["last logged step"] = last["step"]  # the figures below are from then, not from the end
     found |= {key: value for key, value in last.items() if key not in ("step", "total_steps", "epoch", "train_seconds")}
-    scores = summary.get("scores") or {}  # a text run scores its final samples itself
+    scores = summary.scores or {}  # a text run scores its final samples itself
     found |= {key: value for key, value in scores.items() if is_number(value)}
     if scores.get("collapsed"):
         found["collapsed"] = "; ".join(scores["collapsed"])
     for path in sorted((run_dir / "eval").glob("*.json")):
-        record = json.loads(path.read_text())
+        record = read_json(path) or {}
         for label, scores in (("", record.get("scores") or {}), (" (real vs real)", record.get("real_floor") or {})):
             found |= {f"{path.stem} {key}{label}": value for key, value in scores.items() if is_number(value)}
     return found
@@ -144,9 +145,7 @@ def last_samples(run_dir: Path) -> Path | None:
 def plot_loss(metrics_path: Path, out: Path) -> bool:
     """metrics.jsonl's loss against step as a PNG, with a text run's validation bits per character
     (train.val_every_steps) on a second axis; False when nothing was logged."""
-    # Complete lines only: a running trainer may be halfway through the last one.
-    lines = metrics_path.read_text().split("\n")[:-1] if metrics_path.is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_jsonl(metrics_path)  # complete lines only: a running trainer may be halfway through one
     points = [(record["step"], record["loss"]) for record in records if is_number(record.get("loss"))]
     validation = [(record["step"], record["val_bits_per_char"]) for record in records
                   if is_number(record.get("val_bits_per_char"))]
@@ -201,9 +200,9 @@ def write_post(project: Project, run: Run) -> Path:
     run_dir = Path(run.run_dir)
     job = read_job(run_dir)
     spec = job["spec"]
-    provenance = read_json(run_dir / "provenance.json")
+    provenance = read_json(run_dir / PROVENANCE) or {}
     git = provenance.get("git") or {}
-    summary = read_json(run_dir / "summary.json")
+    summary = read_summary(run_dir) or Summary()
     config = flatten(read_config(run_dir))
     found = figures(run_dir)
     path = post_path(project, run)
@@ -256,10 +255,10 @@ def write_post(project: Project, run: Run) -> Path:
         f"- **Commit:** {commit}",
         f"- **Created:** {time.strftime('%Y-%m-%d %H:%M', created)}",
         f"- **Duration:** {seconds_text(duration)}" + ("" if run.finished else " so far (still running)")
-        + (f", of which training {seconds_text(summary['train_seconds'])}" if "train_seconds" in summary else ""),
+        + (f", of which training {seconds_text(summary.train_seconds)}" if summary.train_seconds is not None else ""),
         f"- **Run dir:** `{os.path.relpath(run_dir, project.root)}`",
     ]
-    vertex = read_json(run_dir / "vertex_job.json")
+    vertex = read_json(run_dir / "vertex_job.json") or {}
     if vertex.get("gcs_run_dir"):
         lines.append(f"- **Artifacts:** `{vertex['gcs_run_dir']}` (`ops pull {run.ops_id}` copies them into "
                      f"the run dir, then `ops journal {run.ops_id}` redraws this post)")
@@ -267,19 +266,18 @@ def write_post(project: Project, run: Run) -> Path:
         lines.append(f"- **GitHub issue:** [{run.github_issue}]({run.github_issue})")
     lines += ["", "## Results", ""]
 
-    if summary.get("error"):
-        lines += [f"The run ended with an error: `{format_value(summary['error'])}`", ""]
-        if summary.get("traceback"):
-            traceback = summary["traceback"]
-            lines += text_block("\n".join(traceback) if isinstance(traceback, list) else str(traceback)) + [""]
-    if summary.get("reason"):
-        lines += [f"Stopped: {summary['reason']}.", ""]
+    if summary.error:
+        lines += [f"The run ended with an error: `{format_value(summary.error)}`", ""]
+        if summary.traceback:
+            lines += text_block("\n".join(summary.traceback)) + [""]
+    if summary.reason:
+        lines += [f"Stopped: {summary.reason}.", ""]
     if found:
         lines += table(["metric", "value"], [[key, value] for key, value in found.items()]) + [""]
     else:
         lines += [f"No final metrics: the run {'ended' if run.finished else 'is'} {run.state} without them.", ""]
 
-    if plot_loss(run_dir / "metrics.jsonl", assets / "loss.png"):
+    if plot_loss(run_dir / METRICS, assets / "loss.png"):
         lines += ["### Loss", "", f"![loss against step]({run.ops_id}/loss.png)", ""]
     samples = last_samples(run_dir)
     lines += ["### Samples", ""]

@@ -3,30 +3,10 @@
 Only json and the file system here, so `ops monitor` stays fast.
 """
 
-import json
 import time
-from pathlib import Path
 
 from ops.registry import Run
-
-
-def last_line(path: Path, chunk: int = 8192) -> str | None:
-    """The last non-empty line, read from the end: metrics files grow long."""
-    if not path.is_file():
-        return None
-    with path.open("rb") as f:
-        f.seek(0, 2)
-        end = f.tell()
-        data = b""
-        while end > 0:
-            start = max(0, end - chunk)
-            f.seek(start)
-            data = f.read(end - start) + data
-            lines = [line for line in data.splitlines() if line.strip()]
-            if len(lines) > 1 or start == 0:
-                return lines[-1].decode() if lines else None
-            end = start
-    return None
+from ops.rundir import last_metrics
 
 
 def tail(text: str, lines: int) -> str:
@@ -45,21 +25,19 @@ def progress(run: Run, spec: dict) -> dict:
     Fields: step, total_steps, epoch, total_epochs, loss, it_per_s, eta_seconds, percent; all
     None before the first metrics line."""
     fields = dict.fromkeys(("step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent"))
-    line = last_line(Path(run.run_dir) / "metrics.jsonl")
+    record = last_metrics(run.run_dir)
     train = spec.get("run", {}).get("train", {})
     fields["total_epochs"] = train.get("epochs")
-    if line is None:
+    if record is None:
         return fields
-    record = json.loads(line)
-    step, total = record.get("step"), record.get("total_steps")
-    fields.update(step=step, total_steps=total, epoch=record.get("epoch"), loss=record.get("loss"),
-                  it_per_s=record.get("it_per_s"))
-    if step is not None and total:
+    step, total = record.step, record.total_steps
+    fields.update(step=step, total_steps=total, epoch=record.epoch, loss=record.loss, it_per_s=record.it_per_s)
+    if total:
         fields["percent"] = round(100 * step / total, 1)
-        if not run.finished and record.get("it_per_s"):
-            eta = (total - step) / record["it_per_s"]
-            if train.get("max_minutes") and record.get("train_seconds") is not None:
-                eta = min(eta, max(train["max_minutes"] * 60 - record["train_seconds"], 0.0))
+        if not run.finished and record.it_per_s:
+            eta = (total - step) / record.it_per_s
+            if train.get("max_minutes") and record.train_seconds is not None:
+                eta = min(eta, max(train["max_minutes"] * 60 - record.train_seconds, 0.0))
             fields["eta_seconds"] = round(eta, 1)
     return fields
 

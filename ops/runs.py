@@ -5,7 +5,6 @@ Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine,
 overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
 """
 
-import json
 import os
 import secrets
 import shutil
@@ -17,9 +16,8 @@ from typing import Any, Callable
 from ops.engines import Engine, Launch, get_engine
 from ops.registry import FINAL_STATES, Registry, Run
 from ops.errors import OpsError
+from ops.rundir import IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
 from ops.settings import Project
-
-JOB_FILE = "job.json"
 
 
 @dataclass
@@ -92,18 +90,7 @@ def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | Non
 
 
 def read_job(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / JOB_FILE).read_text())
-
-
-def read_json(path: Path) -> dict:
-    """A run dir's JSON record, or {} when the run has not written it (yet)."""
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    return read_required(Path(run_dir) / JOB)
 
 
 def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
@@ -134,7 +121,7 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
     except Exception:
         shutil.rmtree(run_dir)
         raise
-    write_json(run_dir / "provenance.json", provenance)
+    write_json(run_dir / PROVENANCE, provenance)
     dump_yaml(spec.run.model_dump(mode="json"), run_dir / "config.yaml")
     run = Run(ops_id=ops_id, name=spec.name, engine=spec.engine, run_dir=str(run_dir),
               git_commit=(provenance.get("git") or {}).get("commit"), sweep=planned.sweep,
@@ -142,7 +129,7 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
     job = {"ops_id": ops_id, "name": spec.name, "engine": spec.engine, "engine_job_id": None,
            "created_at": run.created_at, "command": command, "overrides": planned.overrides,
            "sweep": planned.sweep, "changes": planned.changes, "spec": spec.model_dump(mode="json")}
-    write_json(run_dir / JOB_FILE, job)
+    write_json(run_dir / JOB, job)
     if not registry.insert(run):
         raise OpsError(f"{ops_id}: already in the registry {registry.path}")
     return run
@@ -168,7 +155,7 @@ def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs:
     started = []
     for run, job, job_id in zip(runs, jobs, job_ids):
         job["engine_job_id"] = job_id
-        write_json(Path(run.run_dir) / JOB_FILE, job)
+        write_json(Path(run.run_dir) / JOB, job)
         run.engine_job_id, run.started_at = job_id, time.time()
         registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
         started.append(reconcile(project, registry, run, engine)[0])
@@ -186,7 +173,7 @@ def snapshot_code(project: Project, run: Run) -> Path | None:
     from ops.provenance import restore
 
     run_dir = Path(run.run_dir)
-    provenance = json.loads((run_dir / "provenance.json").read_text())
+    provenance = read_required(run_dir / PROVENANCE)
     if provenance.get("git") is None:
         return None  # --allow-no-git: nothing to restore; the job imports whatever is installed
     restore(provenance, run_dir / "diff.patch", project.root, run_dir / "code")
@@ -225,9 +212,9 @@ def attach_image(project: Project, registry: Registry, runs: list[Run], image: s
     else:
         record = {"image": image, "built": False, "pushed": False, "given": True}
     for run in runs:
-        write_json(Path(run.run_dir) / "image.json", record)
-        provenance_path = Path(run.run_dir) / "provenance.json"
-        write_json(provenance_path, json.loads(provenance_path.read_text()) | {"image": record["image"]})
+        write_json(Path(run.run_dir) / IMAGE, record)
+        provenance_path = Path(run.run_dir) / PROVENANCE
+        write_json(provenance_path, read_required(provenance_path) | {"image": record["image"]})
 
 
 def resume(project: Project, registry: Registry, run: Run) -> Run:
@@ -253,10 +240,10 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
 
     old_dir = Path(run.run_dir)
     job = read_job(old_dir)
-    old_provenance = json.loads((old_dir / "provenance.json").read_text())
+    old_provenance = read_required(old_dir / PROVENANCE)
     if old_provenance.get("git") is None:
         raise OpsError(f"{run.ops_id}: was recorded without git (--allow-no-git); its code cannot be restored")
-    spec = validate_spec(job["spec"], f"{old_dir / JOB_FILE}")
+    spec = validate_spec(job["spec"], f"{old_dir / JOB}")
 
     def restored_provenance(run_dir: Path) -> dict:
         restore(old_provenance, old_dir / "diff.patch", project.root, run_dir / "code")
@@ -284,7 +271,7 @@ def followup_experiment_log_submit(project: Project, run: Run) -> str:
     from ops.explog import append_section
 
     run_dir = Path(run.run_dir)
-    provenance = json.loads((run_dir / "provenance.json").read_text())
+    provenance = read_required(run_dir / PROVENANCE)
     append_section(project.experiment_log, log_entry(project, run, read_job(run_dir), provenance),
                    project.runs_dir / ".experiment_log.lock")
     return str(project.experiment_log)
@@ -293,8 +280,7 @@ def followup_experiment_log_submit(project: Project, run: Run) -> str:
 def followup_experiment_log_result(project: Project, run: Run) -> str:
     from ops.explog import fill_results, results_text
 
-    summary_path = Path(run.run_dir) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run.run_dir) or Summary()
     duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
     results = results_text(run.state, summary, duration)
     if not fill_results(project.experiment_log, run.ops_id, results, project.runs_dir / ".experiment_log.lock"):
@@ -389,12 +375,11 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
 def rebuild_missing(project: Project, registry: Registry) -> list[str]:
     """Rows for run dirs the registry lost (deleted or older registry file): the run dirs are the truth."""
     added = []
-    for job_path in sorted(project.runs_dir.glob(f"*/{JOB_FILE}")):
-        job = json.loads(job_path.read_text())
+    for job_path in sorted(project.runs_dir.glob(f"*/{JOB}")):
+        job = read_required(job_path)
         if registry.get(job["ops_id"]) is not None:
             continue
-        provenance_path = job_path.parent / "provenance.json"
-        provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+        provenance = read_json(job_path.parent / PROVENANCE) or {}
         run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(job_path.parent),
                   state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
                   git_commit=(provenance.get("git") or {}).get("commit"), sweep=job["sweep"],

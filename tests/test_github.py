@@ -201,13 +201,14 @@ def test_without_a_github_repository_nothing_is_sent_and_nothing_waits(ops_proje
 def test_the_result_comment_of_a_text_run_quotes_its_samples(git_project):
     from ops.github import result_body
     from ops.registry import Run
+    from ops.rundir import Summary
     from ops.settings import Project
 
     run_dir = git_project / "runs/text-1"
     (run_dir / "samples").mkdir(parents=True)
     (run_dir / "samples/final.txt").write_text("-" * 72 + " sample 0\nROMEO:\nBut soft, what light\n" + "x" * 2000)
     run = Run(ops_id="text-1", name="text", engine="local", run_dir=str(run_dir), state="SUCCEEDED")
-    summary = {"step": 10, "scores": {"val_bits_per_char": 2.25, "collapsed": []}}
+    summary = Summary(status="completed", step=10, scores={"val_bits_per_char": 2.25, "collapsed": []})
     body = result_body(Project(git_project), run, summary, attempt=0)
     assert "| val_bits_per_char | 2.25 |" in body
     assert "```text\n" + "-" * 72 + " sample 0\nROMEO:\nBut soft, what light\n" in body

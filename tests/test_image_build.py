@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.ops_project import git, ops, ops_json
+from tests.ops_project import git, ops_json
 from tests.vertex_standin import VertexStandIn
 
 SECRET = "sk-live-do-not-ship-0123456789"

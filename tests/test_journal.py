@@ -195,7 +195,7 @@ def test_compare_shows_exactly_the_differing_settings_and_the_metrics(journal_pr
     settings = shown.stdout.split("\n\n")[0].splitlines()
     assert settings[0].split() == ["differing", "settings", a, b]
     assert [line.split() for line in settings[1:]] == [["train.epochs", "2", "1"], ["train.lr", "0.001", "0.002"]]
-    assert re.search(rf"^step\s+8\s+4$", shown.stdout, re.MULTILINE)
+    assert re.search(r"^step\s+8\s+4$", shown.stdout, re.MULTILINE)
 
     assert ops(project.root, "compare", a, a).returncode == 2  # one run is no comparison
 

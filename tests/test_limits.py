@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusion.config import ConfigError, RunConfig, conflict, validate_run
-from tests.conftest import REPO, run_diffusion
+from tests.conftest import run_diffusion
 from tests.ops_project import ops
 
 TEXT = {"data": {"dataset": "shakespeare"}, "model": {"name": "transformer"}, "method": {"name": "masked"},
@@ -78,9 +78,9 @@ CASES = [
      "method.prefix_fraction: 0 is not allowed with sample.guide_checkpoint",
      merged(EMBEDDING, method={"name": "embedding", "prefix_fraction": 0.1},
             sample={"sampler": "ddim", "guide_checkpoint": "runs/ar"})),
-    (merged(TEXT, data={"dataset": "shakespeare", "block_size": 111_541, "val_fraction": 0.1}),
-     "data.block_size: 111541 is not allowed: must be <= the validation split's 111540 characters",
-     merged(TEXT, data={"dataset": "shakespeare", "block_size": 111_540, "val_fraction": 0.1})),
+    (merged(TEXT, data={"dataset": "shakespeare", "block_size": 11_155, "val_fraction": 0.01}),
+     "data.block_size: 11155 is not allowed: must be <= the validation split's 11154 characters",
+     merged(TEXT, data={"dataset": "shakespeare", "block_size": 11_154, "val_fraction": 0.01})),
     (merged(TEXT, method={"name": "masked", "init_embeddings": "runs/ar"}),
      "method.init_embeddings: 'runs/ar' is not allowed with method.name 'masked'",
      merged(EMBEDDING, method={"name": "embedding", "init_embeddings": "runs/ar"})),
@@ -100,7 +100,7 @@ def test_the_validation_split_holds_the_characters_the_limit_counts(shakespeare_
     from diffusion.data.shakespeare import split_text
 
     text = (shakespeare_root / "tinyshakespeare/input.txt").read_text()
-    assert len(split_text(text, "val", 0.1)) == 111_540
+    assert len(split_text(text, "val", 0.01)) == 11_154
 
 
 @pytest.mark.parametrize("base_channels, channel_mults, heads", [(12, [1, 2], 5), (12, [1, 2], 6), (8, [1, 3], 3),

@@ -89,7 +89,7 @@ def test_sigterm_checkpoints_exits_resumable_and_resume_is_bitwise_exact(tiny_co
 
     resumed = run_diffusion("train", run)  # a run dir: resume it in place
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
     assert_same_training_state(
         load_checkpoint(tmp_path / "one-go/checkpoints/latest.pt"), load_checkpoint(run / "checkpoints/latest.pt")
     )

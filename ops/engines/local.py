@@ -7,7 +7,6 @@ from the process itself, identified by pid *and* creation time so that a reused 
 mistaken for our run.
 """
 
-import json
 import os
 import signal
 import sys
@@ -16,12 +15,12 @@ from pathlib import Path
 
 from ops.engines import EngineState, Launch, read_from
 from ops.registry import Run
+from ops.rundir import LOG as LOG_FILE, read_json, read_summary, write_json
 
 EXIT_PREEMPTED = 75  # diffusion's "preempted, resumable" (checkpoint written)
 PROCESS_FILE = "local_process.json"
 EXIT_FILE = "exit_status.json"
 CANCEL_FILE = "cancel_requested"
-LOG_FILE = "log.txt"
 
 
 def command(launch: Launch) -> list[str]:
@@ -49,9 +48,9 @@ def _process(run_dir: Path):
     import psutil
 
     path = run_dir / PROCESS_FILE
-    if not path.is_file():
+    record = read_json(path)
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     try:
         process = psutil.Process(record["pid"])
         if abs(process.create_time() - record["create_time"]) > 0.01:
@@ -95,7 +94,7 @@ class LocalEngine:
             )
         record = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time(),
                   "started_at": time.time()}
-        (run_dir / PROCESS_FILE).write_text(json.dumps(record) + "\n")
+        write_json(run_dir / PROCESS_FILE, record)
         return str(process.pid)
 
     def submit_many(self, launches: list[Launch]) -> list[str]:
@@ -104,9 +103,8 @@ class LocalEngine:
     def state(self, run: Run) -> EngineState:
         run_dir = Path(run.run_dir)
         cancelled = (run_dir / CANCEL_FILE).is_file()
-        exit_path = run_dir / EXIT_FILE
-        if exit_path.is_file():
-            status = json.loads(exit_path.read_text())
+        status = read_json(run_dir / EXIT_FILE)
+        if status is not None:
             code, ended = status["returncode"], status["finished_at"]
             if cancelled:
                 return EngineState("CANCELLED", code, "cancelled by ops cancel", ended)
@@ -122,8 +120,8 @@ class LocalEngine:
         # The wrapper is gone without writing its exit status: killed hard, or the machine rebooted.
         if cancelled:
             return EngineState("CANCELLED", None, "cancelled by ops cancel")
-        summary_path = run_dir / "summary.json"
-        status = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
+        summary = read_summary(run_dir)
+        status = summary.status if summary else None
         if status == "completed":
             return EngineState("SUCCEEDED", 0, "the wrapper vanished after the run completed")
         if status == "preempted":
@@ -148,8 +146,8 @@ class LocalEngine:
             os.killpg(pgid, signal.SIGKILL)
             while _group_alive(pgid):
                 time.sleep(0.05)
-        if not (run_dir / EXIT_FILE).is_file():
-            (run_dir / EXIT_FILE).write_text(json.dumps({"returncode": -signal.SIGKILL, "finished_at": time.time()}))
+        if read_json(run_dir / EXIT_FILE) is None:
+            write_json(run_dir / EXIT_FILE, {"returncode": -signal.SIGKILL, "finished_at": time.time()})
 
 
 def _group_alive(pgid: int) -> bool:

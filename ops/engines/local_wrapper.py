@@ -8,13 +8,13 @@
 checkpoints and exits) and stays alive to record its exit status. Kept free of heavy imports.
 """
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from diffusion.records import write_json  # the standard library only, like this wrapper
 
 
 def main(argv: list[str]) -> int:
@@ -29,11 +29,7 @@ def main(argv: list[str]) -> int:
         returncode = run_teeing(cmd, Path(run_dir) / "log.txt")
     else:
         returncode = subprocess.Popen(cmd).wait()
-    status = {"returncode": returncode, "finished_at": time.time()}
-    path = Path(run_dir) / "exit_status.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(run_dir) / "exit_status.json", {"returncode": returncode, "finished_at": time.time()})
     print(f"[ops] run exited with code {returncode}", flush=True)
     return 0
 

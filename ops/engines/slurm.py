@@ -8,7 +8,6 @@ States come from sacct (with accounting; SLURM's own states mapped onto ours bel
 was requeued after a preemption or a time limit shows PREEMPTED until it runs again.
 """
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,9 @@ from pathlib import Path
 from ops.engines import EngineState, Launch, read_from
 from ops.errors import OpsError
 from ops.registry import Run
+from ops.rundir import read_required, write_json
+
+SLURM_FILE = "slurm_job.json"  # the job id and submitit's folder, for logs
 
 SLURM_STATES = {
     "PENDING": "QUEUED", "CONFIGURING": "QUEUED", "REQUEUED": "PREEMPTED", "REQUEUE_HOLD": "PREEMPTED",
@@ -123,8 +125,8 @@ class SlurmEngine:
         with slurm.batch():
             jobs = [slurm.submit(run) for run in runs]
         for launch, job in zip(launches, jobs):
-            (launch.run_dir / "slurm_job.json").write_text(
-                json.dumps({"job_id": job.job_id, "folder": str(folder), "submitted_at": time.time()}) + "\n")
+            write_json(launch.run_dir / SLURM_FILE, {"job_id": job.job_id, "folder": str(folder),
+                                                     "submitted_at": time.time()})
         return [job.job_id for job in jobs]
 
     def state(self, run: Run) -> EngineState:
@@ -145,7 +147,7 @@ class SlurmEngine:
         return read_from(self.log_path(run), offset)
 
     def log_path(self, run: Run) -> Path:
-        pointer = json.loads((Path(run.run_dir) / "slurm_job.json").read_text())
+        pointer = read_required(Path(run.run_dir) / SLURM_FILE)
         from submitit.core.utils import JobPaths
 
         return JobPaths(Path(pointer["folder"]), job_id=run.engine_job_id, task_id=0).stdout

@@ -57,7 +57,7 @@ class SlurmRun:
 
 def stopped_by(run_dir: str) -> str | None:
     """The signal that stopped the trainer, from its summary.json."""
-    import json
+    from ops.rundir import read_summary
 
-    summary = Path(run_dir) / "summary.json"
-    return json.loads(summary.read_text()).get("signal") if summary.is_file() else None
+    summary = read_summary(Path(run_dir))
+    return summary.signal if summary else None

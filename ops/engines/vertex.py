@@ -14,6 +14,7 @@ from pathlib import Path
 from ops.engines import EngineState, Launch
 from ops.errors import OpsError
 from ops.registry import Run
+from ops.rundir import CONFIG, DIFF, IMAGE, JOB, LOG, PROVENANCE, read_required, write_json
 
 JOB_STATES = {
     "JOB_STATE_QUEUED": "QUEUED", "JOB_STATE_PENDING": "QUEUED", "JOB_STATE_RUNNING": "RUNNING",
@@ -158,26 +159,26 @@ class VertexEngine:
         from ops.storage import upload_run_dir
 
         client = job_client(self.settings)  # first: no credentials is one line, before any upload
-        job_record = json.loads((launch.run_dir / "job.json").read_text())
-        image = json.loads((launch.run_dir / "image.json").read_text())["image"]
+        job_record = read_required(launch.run_dir / JOB)
+        image = read_required(launch.run_dir / IMAGE)["image"]
         gcs_run_dir = remote_run_dir(self.settings.gcs_bucket, job_record["ops_id"])
-        upload_run_dir(launch.run_dir, gcs_run_dir, ("config.yaml", "provenance.json", "diff.patch", "job.json"))
-        commit = json.loads((launch.run_dir / "provenance.json").read_text()).get("git") or {}
+        upload_run_dir(launch.run_dir, gcs_run_dir, (CONFIG, PROVENANCE, DIFF, JOB))
+        commit = read_required(launch.run_dir / PROVENANCE).get("git") or {}
         labels = {"ops-id": job_record["ops_id"], "commit": (commit.get("commit") or "no-git")[:12]}
         body = custom_job(launch, job_record["ops_id"], image, gcs_run_dir, labels)
         try:
             created = client.create_custom_job(parent=self.parent(), custom_job=body)
         except GoogleAPICallError as exc:
             raise explain(exc, f"Vertex AI create_custom_job in {self.parent()}") from None
-        (launch.run_dir / VERTEX_FILE).write_text(json.dumps(
-            {"name": created.name, "gcs_run_dir": gcs_run_dir, "image": image, "submitted_at": time.time()}) + "\n")
+        write_json(launch.run_dir / VERTEX_FILE,
+                   {"name": created.name, "gcs_run_dir": gcs_run_dir, "image": image, "submitted_at": time.time()})
         return created.name.rsplit("/", 1)[1]
 
     def submit_many(self, launches: list[Launch]) -> list[str]:
         return [self.submit(launch) for launch in launches]
 
     def job_name(self, run: Run) -> str:
-        return json.loads((Path(run.run_dir) / VERTEX_FILE).read_text())["name"]
+        return read_required(Path(run.run_dir) / VERTEX_FILE)["name"]
 
     def state(self, run: Run) -> EngineState:
         from google.api_core.exceptions import GoogleAPICallError
@@ -200,8 +201,8 @@ class VertexEngine:
             return self.cloud_logs(run, offset)
         from ops.storage import read_remote_from
 
-        record = json.loads((Path(run.run_dir) / VERTEX_FILE).read_text())
-        return read_remote_from(f"{record['gcs_run_dir']}/log.txt", offset)
+        record = read_required(Path(run.run_dir) / VERTEX_FILE)
+        return read_remote_from(f"{record['gcs_run_dir']}/{LOG}", offset)
 
     def cloud_logs(self, run: Run, offset: int) -> tuple[str, int]:
         from google.api_core.exceptions import GoogleAPICallError

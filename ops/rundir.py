@@ -1,0 +1,50 @@
+"""The run-dir files ops writes and reads, by name; what the run itself writes (metrics, summary)
+is defined in diffusion.records, which ops reads through.
+
+Every JSON file here is written atomically (diffusion.records.write_json) and read so that a
+missing or torn file is "not there" (read_json) or one line naming it (read_required).
+"""
+
+from pathlib import Path
+
+from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's files through these)
+    CHECKPOINTS,
+    CONFIG,
+    LOG,
+    METRICS,
+    SAMPLES,
+    SUMMARY,
+    MetricsRecord,
+    Summary,
+    last_jsonl,
+    read_json,
+    read_jsonl,
+    write_json,
+)
+from ops.errors import OpsError
+
+JOB = "job.json"  # what ops knows of the run: ops id, spec, engine, engine job id, overrides
+PROVENANCE = "provenance.json"  # commit, dirty flag, diff stat, image, versions, host
+DIFF = "diff.patch"  # uncommitted changes at submit
+CODE = "code"  # the recorded commit + diff.patch, for engines whose jobs start later
+IMAGE = "image.json"  # the container image a cloud run uses
+
+
+def read_required(path: Path) -> dict:
+    """A record ops itself wrote and cannot do without; OpsError naming it when missing or damaged."""
+    data = read_json(path)
+    if data is None:
+        state = "damaged (not JSON)" if Path(path).is_file() else "missing"
+        raise OpsError(f"{path}: {state}; `ops sync` reports the run dirs it cannot read")
+    return data
+
+
+def read_summary(run_dir: Path) -> Summary | None:
+    """The run's summary.json, or None before the run has written one."""
+    data = read_json(Path(run_dir) / SUMMARY)
+    return None if data is None else Summary.from_json(data)
+
+
+def last_metrics(run_dir: Path) -> MetricsRecord | None:
+    data = last_jsonl(Path(run_dir) / METRICS)
+    return None if data is None else MetricsRecord.from_json(data)
