@@ -258,8 +258,9 @@ def evaluate_checkpoint(config, run_dir: Path, progress: bool = False, trained=N
 
 
 def print_record(record: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from diffusion.progress import console
 
     scores, floor = record["scores"], record["real_floor"]
     table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
@@ -269,7 +270,7 @@ def print_record(record: dict) -> None:
     for label, row in (("samples", scores), ("real vs real", floor)):
         table.add_row(label, f"{row['fid']:.3f}", f"{row['confident_share']:.1%}", f"{row['class_entropy_bits']:.3f}",
                       str(sum(count > 0 for count in row["class_counts"])))
-    Console().print(table)
+    console().print(table)
 
 
 def eval_task(config, run) -> int:

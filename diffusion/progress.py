@@ -9,6 +9,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from diffusion.records import MetricsRecord
 
 
+def console():
+    """A rich console that never wraps a line when the output is a file or a pipe (log.txt, an
+    engine's log): width unlimited and no soft wrapping there; the terminal's width on a terminal."""
+    from rich.console import Console
+
+    terminal = sys.stdout.isatty()
+    return Console(soft_wrap=not terminal, width=None if terminal else 1_000_000)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -35,6 +44,7 @@ class TrainProgress:
                 TextColumn("{task.fields[speed]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta {task.fields[eta]}"),
+                console=console(),
             )
             self.bar.start()
             self.task = self.bar.add_task(

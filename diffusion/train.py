@@ -346,7 +346,7 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
         return None
 
     print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
-          f"(at least {num_params * BYTES_PER_PARAMETER / 1e9:.2f} GB to train), "
+          f"(at least {num_params * BYTES_PER_PARAMETER / 1e6:,.0f} MB to train), "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps"
           + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""), flush=True)
 

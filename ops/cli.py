@@ -67,9 +67,20 @@ def echo_json(data) -> None:
 
 
 def console():
+    """Rich output for people. To a file or a pipe (a log, an agent) it never wraps a line: width
+    unlimited, no soft wrapping, so that grep and parsers see each line whole."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    terminal = sys.stdout.isatty()
+    return Console(highlight=False, soft_wrap=not terminal, width=None if terminal else 1_000_000)
+
+
+def rule(out, title: str) -> None:
+    """A section rule: the console's width on a terminal, a short one elsewhere."""
+    if out.is_terminal:
+        out.rule(title)
+    else:
+        out.print(f"── {title} " + "─" * 40)
 
 
 def open_project():
@@ -266,12 +277,12 @@ def print_view(view: dict) -> None:
     for item in view.get("outbox", []):
         out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
     if "log_tail" in view:
-        out.rule("log tail")
+        rule(out, "log tail")
         out.print(view["log_tail"], markup=False, highlight=False)
     if "provenance" in view:
         from ruamel.yaml import YAML
 
-        out.rule("full record")
+        rule(out, "full record")
         YAML().dump({key: view[key] for key in ("paths", "provenance", "job")}, sys.stdout)
 
 

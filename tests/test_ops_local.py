@@ -351,3 +351,14 @@ def test_resources_of_another_engine_are_named_in_a_warning(git_project):
                  "--sweep", "resources.vertex.spot=true,false")
     assert result.returncode == 0 and result.stderr.count("warning:") == 2  # one per sweep value
     assert "resources.vertex.spot=false: the run goes to the local engine" in result.stderr
+
+
+def test_output_to_a_pipe_never_wraps_a_line(ops_project):
+    run = ops_json(ops_project, "submit", "tiny", "--set", "run.train.max_steps=2")["runs"][0]
+    assert ops(ops_project, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    log_lines = (Path(run["run_dir"]) / "log.txt").read_text().splitlines()
+    long_lines = [line for line in log_lines if len(line) > 80]  # rich wrapped at 80 off a terminal
+    assert long_lines, log_lines  # "training on cpu: 64 examples, ..." and the step lines
+    shown = ops(ops_project, "monitor", run["ops_id"], "--logs", "--lines", "50").stdout.splitlines()
+    assert all(line in shown for line in long_lines), shown
+    assert any(line.startswith(f"  run dir {run['run_dir']}") for line in shown)
