@@ -83,12 +83,16 @@ def rule(out, title: str) -> None:
         out.print(f"── {title} " + "─" * 40)
 
 
-def open_project():
+def open_project(create: bool = False):
+    """The project and its registry. A command that only looks at runs writes nothing: in a project
+    without a registry yet it gets an empty one in memory (no run to find, none to list)."""
     from ops.registry import Registry
     from ops.settings import Project
 
     project = Project()
-    return project, Registry(project.registry_path)
+    if create or project.registry_path.is_file():
+        return project, Registry(project.registry_path)
+    return project, Registry.empty()
 
 
 def command_line() -> str:
@@ -464,8 +468,9 @@ def sync(as_json: bool = JSON_OPTION) -> None:
     Polls the engine of every unfinished run, adds registry rows for run dirs it lacks, and
     retries follow-ups (experiment log ...) that failed before."""
     from ops import runs
+    from ops.settings import Project
 
-    project, registry = open_project()
+    project, registry = open_project(create=Project().runs_dir.is_dir())  # run dirs to index, or nothing yet
     added, reconciled, problems = runs.sync(project, registry)
     if as_json:
         return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})

@@ -106,9 +106,11 @@ def _from_row(row: sqlite3.Row) -> Run:
 
 
 class Registry:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path | str):
+        self.path = path
+        if path != ":memory:":
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: every write below opens its own BEGIN IMMEDIATE transaction, so
         # concurrent CLIs queue on the write lock (busy timeout) instead of failing mid-way.
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -116,6 +118,11 @@ class Registry:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         self._migrate()
+
+    @classmethod
+    def empty(cls) -> "Registry":
+        """A registry with no runs, in memory: what a project that has none yet looks like."""
+        return cls(":memory:")
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]

@@ -362,3 +362,29 @@ def test_output_to_a_pipe_never_wraps_a_line(ops_project):
     shown = ops(ops_project, "monitor", run["ops_id"], "--logs", "--lines", "50").stdout.splitlines()
     assert all(line in shown for line in long_lines), shown
     assert any(line.startswith(f"  run dir {run['run_dir']}") for line in shown)
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): path.read_bytes().hex()[:64] if path.is_file() else "dir"
+            for path in sorted(root.rglob("*")) if ".git" not in path.parts}
+
+
+@pytest.mark.parametrize("command, code, line", [
+    (["monitor", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["monitor", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
+    (["cancel", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["resume", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["rerun", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
+    (["wait", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["journal", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["compare", "a", "b"], 2, "JOB_ID 'a': no such run"),
+    (["pull", "nope"], 2, "JOB_ID 'nope': no such run"),
+    (["list"], 0, ""),
+    (["sync"], 0, ""),
+])
+def test_commands_that_only_look_write_nothing_in_a_fresh_clone(git_project, command, code, line):
+    before = tree(git_project)
+    result = ops(git_project, *command)
+    assert result.returncode == code, result.stderr
+    assert line in result.stderr and len(result.stderr.splitlines()) == (1 if line else 0)
+    assert tree(git_project) == before
