@@ -362,12 +362,13 @@ def run_section(raw: Any, source: str) -> dict:
     return raw
 
 
-def parse_assignment(text: str) -> tuple[list[str], Any]:
-    """`train.epochs=3` -> (['train', 'epochs'], 3). Values are YAML scalars or flow lists."""
+def parse_assignment(text: str, yaml: YAML | None = None) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3). Values are YAML scalars or flow lists, loaded
+    by `yaml` (default: the safe loader; a round-trip one keeps `1e-4` written as typed)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    return key.strip().split("."), parse_yaml(value, f"--set {text!r}", inline=True) if value.strip() else None
+    return key.strip().split("."), parse_yaml(value, f"--set {text!r}", yaml, inline=True) if value.strip() else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

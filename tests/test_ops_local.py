@@ -224,8 +224,7 @@ def test_config_set_keeps_comments_and_refuses_invalid_values(git_project):
     result = ops(git_project, "config", "set", "tiny", "run.train.lr=5e-4", "resources.vertex.accelerator_type=NVIDIA_TESLA_V100")
     assert result.returncode == 0, result.stderr
     after = path.read_text()
-    assert "lr: 5.0e-4                 # a comment `ops config set` must keep" in after or \
-        "lr: 0.0005                 # a comment `ops config set` must keep" in after
+    assert "    lr: 5e-4                   # a comment `ops config set` must keep" in after  # as typed
     assert "threads: 1      # many runs share two cores in the tests" in after
     changed = set(before.splitlines()) ^ set(after.splitlines())
     assert all("lr:" in line or "vertex" in line or "accelerator_type" in line for line in changed), changed
@@ -388,3 +387,20 @@ def test_commands_that_only_look_write_nothing_in_a_fresh_clone(git_project, com
     assert result.returncode == code, result.stderr
     assert line in result.stderr and len(result.stderr.splitlines()) == (1 if line else 0)
     assert tree(git_project) == before
+
+
+def test_config_set_writes_values_as_typed_and_keeps_section_comments_above_their_sections(git_project):
+    path = git_project / "configs/jobs/tiny.yaml"
+    path.write_text(path.read_text().replace("    lr: 1.0e-3  ", "    lr: 2.0e-4  ").replace(
+        "  sample: {num_samples: 4, num_inference_steps: 5}\n",
+        "  # how the run samples\n  sample:\n    num_samples: 4\n    num_inference_steps: 5\n# end of the spec\n"))
+    result = ops(git_project, "config", "set", "tiny", "run.train.lr=1e-4", "run.train.weight_decay=1.5E-2",
+                 "run.model.channel_mults=[1, 2]", "run.sample.seed=7", "run.eval.num_samples=16")
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    assert "    lr: 1e-4                   # a comment `ops config set` must keep\n" in text
+    assert "    weight_decay: 1.5E-2\n  # how the run samples\n  sample:\n" in text  # the comment stays with sample
+    assert "channel_mults: [1, 2]" in text
+    assert text.endswith("    num_inference_steps: 5\n    seed: 7\n  eval:\n    num_samples: 16\n# end of the spec\n")
+    spec = ops_json(git_project, "config", "show", "tiny")["run"]
+    assert (spec["train"]["lr"], spec["train"]["weight_decay"], spec["sample"]["seed"]) == (1e-4, 1.5e-2, 7)
