@@ -11,9 +11,9 @@ Images are float tensors in [-1, 1] of shape (N, 1, 28, 28); uint8 images (0..25
 """
 
 import hashlib
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusion.nets.lenet import LeNet
+from diffusion.records import atomic_write
 
 # Part of the cache key: bump it whenever LeNet or the training recipe below changes, so stale weights are not reused.
 CLASSIFIER_VERSION = "lenet-v1:conv16-conv32-fc256-fc128-fc10:adam-onecycle-5e-3:batch-64"
@@ -87,15 +88,12 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, dev
 
 
 def save_atomically(state_dict: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a half-written file,
-    and two processes training the same classifier at once both end up with a valid one."""
+    """Readers never see a half-written file, and two processes training the same classifier at once
+    both end up with a valid one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as file:
-        torch.save(state_dict, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.chmod(file.name, 0o644)  # temp files are created owner-only; a cache may be shared
-    os.replace(file.name, path)
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_or_train_classifier(images: Tensor, labels: Tensor, epochs: int = 2, seed: int = 0,

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from ops.rundir import Summary
+from ops.rundir import Summary, atomic_write
 
 HEADER = """# Experiment log
 
@@ -61,7 +61,7 @@ def append_section(path: Path, run: dict, lock: Path) -> None:
         text = path.read_text() if path.is_file() else HEADER
         if _markers(run["ops_id"])[0] in text:
             return  # already there: a retried follow-up
-        path.write_text(text.rstrip("\n") + "\n\n" + section(run))
+        atomic_write(path, (text.rstrip("\n") + "\n\n" + section(run)).encode())
 
 
 def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
@@ -73,7 +73,7 @@ def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
             return False
         head, rest = text.split(start, 1)
         tail = rest.split(end, 1)[1]
-        path.write_text(f"{head}{start}\n{results.strip()}\n{end}{tail}")
+        atomic_write(path, f"{head}{start}\n{results.strip()}\n{end}{tail}".encode())
     return True
 
 

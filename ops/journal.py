@@ -13,17 +13,17 @@ The posts use tables, and `??? note` (admonition + pymdownx.details) for the ful
 """
 
 import hashlib
+import io
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.rundir import METRICS, PROVENANCE, Summary, read_json, read_jsonl, read_summary
+from ops.rundir import METRICS, PROVENANCE, Summary, atomic_write, read_json, read_jsonl, read_summary
 from ops.runs import flatten, read_job
 from ops.settings import Project
 
@@ -49,14 +49,6 @@ def post_path(project: Project, run: Run) -> Path:
     return posts_dir(project) / f"{day}-{run.ops_id}.md"
 
 
-def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)`, then rename over `path`: the site builder never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def keep_regions(new: str, old: str, source: Path) -> str:
     """`new`, with the text a person wrote inside the marked regions of `old` put back."""
     kept = {match[2]: match[3] for match in KEEP.finditer(old)}
@@ -74,7 +66,8 @@ def region(name: str, placeholder: str) -> list[str]:
 def write_text(path: Path, text: str) -> Path:
     old = path.read_text() if path.is_file() else ""
     text = keep_regions(text, old, path)
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text.encode())
     return path
 
 
@@ -170,12 +163,16 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
                    label="validation bits/char")
         right.set_ylabel("validation bits/char")
         figure.legend(loc="outside lower center", ncols=2, frameon=False)
-    replace_atomically(out, lambda tmp: figure.savefig(tmp, format="png"))
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, png.getvalue())
     return True
 
 
 def copy_file(source: Path, target: Path) -> None:
-    replace_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, source.read_bytes())
 
 
 def text_block(text: str, limit: int = 4000) -> list[str]:

@@ -43,6 +43,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ops.errors import OpsError
+from ops.rundir import atomic_write
 
 MAX_UNTRACKED_FILE_BYTES = 1_000_000
 # Untracked files that look like secrets stay out of diff.patch (which travels to clusters,
@@ -170,13 +171,15 @@ def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
             repo.git.reset("-q", "HEAD", "--", *exclude, env=env)  # back to HEAD in the scratch index only
         # Plumbing diff-index, not `git diff`: it ignores user config (noprefix, color, external diff,
         # textconv) that would make the patch unappliable.
-        with patch.open("wb") as f:
+        scratch = Path(tmp) / "diff.patch"
+        with scratch.open("wb") as f:
             repo.git.diff_index("--cached", "--patch", "--binary", "HEAD", env=env, output_stream=f)
         diff_stat = repo.git.diff_index("--cached", "--shortstat", "HEAD", env=env).strip()
+        patch_bytes = scratch.stat().st_size
+        if patch_bytes <= MAX_PATCH_BYTES:
+            atomic_write(patch, scratch.read_bytes())
 
-    patch_bytes = patch.stat().st_size
     if patch_bytes > MAX_PATCH_BYTES:
-        patch.unlink()
         raise ProvenanceError(
             f"uncommitted changes make a {patch_bytes / 1e6:.1f} MB patch (limit {MAX_PATCH_BYTES / 1e6:.0f} MB); "
             "commit them, or .gitignore large files"

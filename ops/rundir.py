@@ -16,6 +16,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     SUMMARY,
     MetricsRecord,
     Summary,
+    atomic_write,
     last_jsonl,
     read_json,
     read_jsonl,

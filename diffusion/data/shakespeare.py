@@ -19,6 +19,7 @@ import torch
 
 from diffusion.config import ConfigError, DataConfig
 from diffusion.data import DatasetNotFoundError, resolve_data_root
+from diffusion.records import atomic_write
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -169,9 +170,7 @@ def fit_tokenizer(config: DataConfig, text: str, folder: Path) -> TextTokenizer:
         return BPETokenizer.from_str(cache.read_text())
     tokenizer = BPETokenizer.fit(train_text, config.vocab_size)
     if os.access(folder, os.W_OK):  # only a cache: a read-only data root retrains each run
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.part")
-        tmp.write_text(tokenizer.tokenizer.to_str())
-        tmp.replace(cache)
+        atomic_write(cache, tokenizer.tokenizer.to_str().encode())
     return tokenizer
 
 
