@@ -101,7 +101,8 @@ def test_gpus_spot_and_replicas_shape_the_worker_pools(vertex):
     ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE,
              "--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_V100",
              "--set", "resources.vertex.accelerator_count=2", "--set", "resources.vertex.spot=true",
-             "--set", "resources.vertex.replica_count=3", "--set", "resources.vertex.service_account=sa@p.iam")
+             "--set", "resources.vertex.replica_count=3", "--set", "resources.vertex.service_account=sa@p.iam",
+             "--set", "run.train.batch_size=24")  # split among 3 replicas x 2 GPUs
     [job] = created_jobs(standin)
     chief, workers = job["jobSpec"]["workerPoolSpecs"]
     from google.cloud import aiplatform_v1
