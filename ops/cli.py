@@ -190,7 +190,8 @@ def warn_outbox(registry, started) -> None:
     """The run started; what could not be sent yet (GitHub down) waits for the next `ops sync`."""
     for run in started:
         for item in registry.failures(run.ops_id):
-            typer.echo(f"warning: {run.ops_id}: {item['kind']} waits for the next `ops sync`: {item['error']}", err=True)
+            when = "waits for `ops sync --retry` once fixed" if item["permanent"] else "waits for the next `ops sync`"
+            typer.echo(f"warning: {run.ops_id}: {item['kind']} {when}: {item['error']}", err=True)
 
 
 @app.command()
@@ -279,7 +280,11 @@ def print_view(view: dict) -> None:
     if view["journal_post"]:
         out.print(f"  journal post {view['journal_post']}", markup=False)
     for item in view.get("outbox", []):
-        out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
+        if item["permanent"]:
+            out.print(f"  [red]stopped[/] {item['kind']} until fixed, then `ops sync --retry`: {item['error']}",
+                      markup=True)
+        else:
+            out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
     if "log_tail" in view:
         rule(out, "log tail")
         out.print(view["log_tail"], markup=False, highlight=False)
@@ -462,7 +467,11 @@ def cancel(
 
 @app.command()
 @one_line_errors
-def sync(as_json: bool = JSON_OPTION) -> None:
+def sync(
+    retry: bool = typer.Option(False, "--retry", help="Also retry follow-ups stopped by a permanent error "
+                                                       "(a GitHub 4xx), after fixing its cause."),
+    as_json: bool = JSON_OPTION,
+) -> None:
     """Reconcile unfinished runs, rebuild rows, retry follow-ups.
 
     Polls the engine of every unfinished run, adds registry rows for run dirs it lacks, and
@@ -471,6 +480,8 @@ def sync(as_json: bool = JSON_OPTION) -> None:
     from ops.settings import Project
 
     project, registry = open_project(create=Project().runs_dir.is_dir())  # run dirs to index, or nothing yet
+    if retry:
+        registry.retry_stopped()
     added, reconciled, problems = runs.sync(project, registry)
     if as_json:
         return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})

@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ops.errors import OpsError
+from ops.errors import OpsError, PermanentError
 from ops.registry import Run
 from ops.rundir import CONFIG, PROVENANCE, Summary, read_json, read_summary
 from ops.runs import read_job
@@ -31,6 +31,15 @@ LABEL_COLORS = {
     "engine": "c5def5",
     "queued": "fbca04", "running": "fbca04", "preempted": "f9d0c4", "unknown": "ededed",
     "succeeded": "0e8a16", "failed": "d73a4a", "cancelled": "cccccc",
+}
+# Answers that the same request will get again, and what to fix; anything else (5xx, timeouts,
+# rate limits) is retried by the next sync.
+PERMANENT_STATUS = {
+    401: "the token is not valid: export a fresh GITHUB_TOKEN (or `gh auth login`)",
+    403: "the token may not do this: give it the 'issues: write' permission on the repository",
+    404: "no such repository, or the token cannot see it: check github_repo in ops.yaml and the token's access",
+    410: "issues are turned off for this repository: turn them on, or set github_issues: false in ops.yaml",
+    422: "GitHub refused the request as invalid",
 }
 GITHUB_REMOTE = re.compile(r"github\.com[:/](?P<repo>[^/\s]+/[^/\s]+?)(?:\.git)?/?$")
 
@@ -101,16 +110,31 @@ class GitHub:
             raise OpsError(f"GitHub {self.repo_name}: rate limited{when}") from None
         except GithubException as exc:
             message = (exc.data or {}).get("message") if isinstance(exc.data, dict) else exc.data
-            raise OpsError(scrub(f"GitHub {self.repo_name}: HTTP {exc.status}: {message}", self.secret)) from None
+            line = scrub(f"GitHub {self.repo_name}: HTTP {exc.status}: {message}", self.secret)
+            if exc.status in PERMANENT_STATUS:
+                raise PermanentError(f"{line}; {PERMANENT_STATUS[exc.status]}") from None
+            raise OpsError(line) from None
         except requests.RequestException as exc:
             raise OpsError(scrub(f"GitHub {self.repo_name}: {type(exc).__name__}: {exc}", self.secret)) from None
 
-    def ensure_labels(self, names: list[str]) -> None:
-        existing = {label.name for label in self.call(lambda: list(self.repo.get_labels()))}
+    def ensure_labels(self, names: list[str]) -> list[str]:
+        """The labels, created where missing; GitHub compares label names ignoring case, so an
+        existing `Experiment` is `experiment`, under the name the repository gave it."""
+        def labels() -> dict[str, str]:
+            return {label.name.lower(): label.name for label in self.call(lambda: list(self.repo.get_labels()))}
+
+        existing = labels()
         for name in names:
-            if name not in existing:
-                color = LABEL_COLORS.get(name.split(": ")[-1], LABEL_COLORS["engine"])
-                self.call(lambda: self.repo.create_label(name, color))
+            if name.lower() in existing:
+                continue
+            color = LABEL_COLORS.get(name.split(": ")[-1], LABEL_COLORS["engine"])
+            try:
+                existing[name.lower()] = self.call(lambda: self.repo.create_label(name, color)).name
+            except PermanentError:  # a 422 "already_exists": another ops created it a moment ago
+                existing = labels()
+                if name.lower() not in existing:
+                    raise
+        return [existing[name.lower()] for name in names]
 
     def find_issue(self, ops_id: str, since: float):
         """The run's issue if one was opened already (its body carries the marker)."""
@@ -121,10 +145,9 @@ class GitHub:
         return next((issue for issue in issues if marker in (issue.body or "")), None)
 
     def open_issue(self, run: Run, title: str, body: str):
-        labels = run_labels(run)
         issue = self.find_issue(run.ops_id, run.created_at)
         if issue is None:
-            self.ensure_labels(labels)
+            labels = self.ensure_labels(run_labels(run))
             issue = self.call(lambda: self.repo.create_issue(title=scrub(title, self.secret),
                                                              body=scrub(body, self.secret), labels=labels))
         return issue
@@ -136,9 +159,8 @@ class GitHub:
         comment = next((c for c in comments if marker in (c.body or "")), None)
         if comment is None:
             comment = self.call(lambda: issue.create_comment(scrub(body, self.secret)))
-        labels = run_labels(run)
-        self.ensure_labels(labels)
-        kept = [label.name for label in issue.labels if not label.name.startswith(("state: ", "engine: "))]
+        labels = self.ensure_labels(run_labels(run))
+        kept = [label.name for label in issue.labels if not label.name.lower().startswith(("state: ", "engine: "))]
         self.call(lambda: issue.set_labels(*dict.fromkeys([*kept, *labels])))
         return comment
 

@@ -62,6 +62,8 @@ MIGRATIONS = [
         PRIMARY KEY (ops_id, kind)
     );
     """,
+    # A failure that retrying cannot mend (a GitHub 4xx): kept out of the retries until `ops sync --retry`.
+    "ALTER TABLE followup_failures ADD COLUMN permanent INTEGER NOT NULL DEFAULT 0",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -210,21 +212,32 @@ class Registry:
         self.db.execute("DELETE FROM followup_failures WHERE ops_id = ? AND kind = ?", (ops_id, kind))
         self.db.execute("COMMIT")
 
-    def record_failure(self, ops_id: str, kind: str, error: str) -> None:
-        """A follow-up that failed this time; it stays due, and the next sync tries again."""
+    def record_failure(self, ops_id: str, kind: str, error: str, permanent: bool = False) -> None:
+        """A follow-up that failed this time; it stays due, and the next sync tries again, unless
+        the failure is permanent: then it waits for `ops sync --retry`."""
         self.db.execute(
-            "INSERT INTO followup_failures (ops_id, kind, failed_at, error) VALUES (?, ?, ?, ?) "
+            "INSERT INTO followup_failures (ops_id, kind, failed_at, error, permanent) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (ops_id, kind) DO UPDATE SET failed_at = excluded.failed_at, "
-            "error = excluded.error, attempts = attempts + 1",
-            (ops_id, kind, time.time(), error),
+            "error = excluded.error, attempts = attempts + 1, permanent = excluded.permanent",
+            (ops_id, kind, time.time(), error, int(permanent)),
         )
 
+    def followup_stopped(self, ops_id: str, kind: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM followup_failures WHERE ops_id = ? AND kind = ? AND permanent = 1",
+                              (ops_id, kind)).fetchone()
+        return row is not None
+
+    def retry_stopped(self) -> int:
+        """Put every permanently failed follow-up back in the retries (after its cause was fixed)."""
+        return self.db.execute("UPDATE followup_failures SET permanent = 0 WHERE permanent = 1").rowcount
+
     def failures(self, ops_id: str) -> list[dict]:
-        """What waits in the outbox for this run: kind, error, attempts, failed_at."""
+        """What waits in the outbox for this run: kind, error, attempts, failed_at, permanent."""
         rows = self.db.execute(
-            "SELECT kind, error, attempts, failed_at FROM followup_failures WHERE ops_id = ? ORDER BY kind", (ops_id,)
+            "SELECT kind, error, attempts, failed_at, permanent FROM followup_failures WHERE ops_id = ? ORDER BY kind",
+            (ops_id,),
         )
-        return [dict(row) for row in rows]
+        return [dict(row) | {"permanent": bool(row["permanent"])} for row in rows]
 
     def forget_followup(self, ops_id: str, kind: str) -> None:
         """A resumed run ends again: its end-of-run follow-up is due again."""

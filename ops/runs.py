@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ops.engines import Engine, Launch, get_engine
 from ops.registry import FINAL_STATES, Registry, Run
-from ops.errors import OpsError
+from ops.errors import OpsError, PermanentError
 from ops.rundir import IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
 from ops.settings import Project
 
@@ -334,25 +334,56 @@ FOLLOWUPS = [
 SKIPPED = "skipped: not in use"
 
 
+def followup_lock(project: Project, ops_id: str):
+    """The claim on a run's follow-ups: one ops at a time does them. Another reconciling command
+    (sync, wait, monitor, list) waits here, then finds them done; a crashed holder's claim goes
+    with its process (an fcntl lock)."""
+    from filelock import FileLock
+
+    folder = project.runs_dir / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{ops_id}.followups.lock"), timeout=FOLLOWUP_LOCK_SECONDS)
+
+
+FOLLOWUP_LOCK_SECONDS = 600  # a GitHub at its slowest takes a few requests of 15 s each
+
+
 def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, list[str]]:
-    """Each due follow-up once; a failure is reported and retried by the next reconcile.
-    Returns the run as the follow-ups left it (its issue URL, its post) and the failures."""
+    """Each due follow-up once, under the run's follow-up claim; a failure is reported and retried
+    by the next reconcile, a permanent one (a GitHub 4xx) waits for `ops sync --retry`. Returns
+    the run as the follow-ups left it (its issue URL, its post) and the failures."""
+    from filelock import Timeout
+
+    def pending(followup: Followup) -> bool:
+        return (followup.due(run) and not registry.followup_done(run.ops_id, followup.kind)
+                and not registry.followup_stopped(run.ops_id, followup.kind))
+
+    if not any(pending(followup) for followup in FOLLOWUPS):
+        return run, []
     problems = []
-    for followup in FOLLOWUPS:
-        if not followup.due(run) or registry.followup_done(run.ops_id, followup.kind):
-            continue
-        if not all(registry.followup_done(run.ops_id, kind) for kind in followup.after):
-            continue  # waits for the one it builds on (the comment needs the issue)
-        try:
-            detail = followup.action(project, run)
-        except Exception as exc:  # an outbox: keep going, the next sync retries this one
-            registry.record_failure(run.ops_id, followup.kind, str(exc))
-            problems.append(f"{run.ops_id}: {followup.kind} failed, will retry on the next sync: {exc}")
-            continue
-        if followup.column and detail is not None:
-            registry.update(run.ops_id, **{followup.column: detail})
-            run = registry.get(run.ops_id)
-        registry.record_followup(run.ops_id, followup.kind, SKIPPED if detail is None else detail)
+    try:
+        with followup_lock(project, run.ops_id):
+            for followup in FOLLOWUPS:
+                if not pending(followup):  # asked again under the claim: another ops may have done it
+                    continue
+                if not all(registry.followup_done(run.ops_id, kind) for kind in followup.after):
+                    continue  # waits for the one it builds on (the comment needs the issue)
+                try:
+                    detail = followup.action(project, run)
+                except Exception as exc:  # an outbox: keep going, the next sync retries this one
+                    permanent = isinstance(exc, PermanentError)
+                    registry.record_failure(run.ops_id, followup.kind, str(exc), permanent)
+                    problems.append(f"{run.ops_id}: {followup.kind} failed, " + (
+                        "stopped until it is fixed (then `ops sync --retry`)" if permanent else
+                        "will retry on the next sync") + f": {exc}")
+                    continue
+                if followup.column and detail is not None:
+                    registry.update(run.ops_id, **{followup.column: detail})
+                    run = registry.get(run.ops_id)
+                registry.record_followup(run.ops_id, followup.kind, SKIPPED if detail is None else detail)
+    except Timeout:
+        problems.append(f"{run.ops_id}: its follow-ups are being done by another ops for over "
+                        f"{FOLLOWUP_LOCK_SECONDS} s; the next sync looks again")
     return run, problems
 
 

@@ -1,8 +1,11 @@
 """A local stand-in for the part of GitHub's REST API that `ops` uses, for PyGithub to talk to.
 
 Repositories, labels, issues (with the `state`, `labels` and `since` filters) and comments, kept in
-memory. Faults are queued per request: `fail("500")`, `fail("timeout")` (answers after the
-client gave up), `fail("rate-limit")` (403 with the rate-limit headers GitHub sends), and
+memory. Label names compare ignoring case, as on GitHub: creating `experiment` where `Experiment`
+exists is a 422, and filters and new issues use the existing label. Faults are queued per
+request: `fail("500")`, `fail("timeout")` (answers after the client gave up), `fail("rate-limit")`
+(403 with the rate-limit headers GitHub sends), `fail("401")`; `down` answers 500 to everything
+while set; `latency` delays every answer (the real API takes about 0.1 s); and
 `hang_after_create` (creates the issue, then holds the answer: the client can be killed between
 GitHub creating an issue and ops recording it). Every request is kept for the tests to read.
 """
@@ -29,6 +32,8 @@ class GitHubStandIn:
         self.requests: list[dict] = []
         self.faults: list[str] = []
         self.hang_after_create = False
+        self.down = False
+        self.latency = 0.0
         self.created = threading.Event()  # set once hang_after_create has created an issue
         self.release = threading.Event()
         self.timeout_seconds = 3.0
@@ -57,6 +62,10 @@ class GitHubStandIn:
         return {"id": 1, "name": name, "full_name": self.repo_name, "owner": {"login": owner},
                 "url": f"{self.url}/repos/{self.repo_name}", "html_url": f"https://github.example/{self.repo_name}"}
 
+    def label_name(self, name: str) -> str:
+        """The repository's own spelling of a label, which GitHub matches ignoring case."""
+        return next((existing for existing in self.labels if existing.lower() == name.lower()), name)
+
     def label_json(self, name: str) -> dict:
         return {"name": name, "color": self.labels[name]["color"],
                 "url": f"{self.url}/repos/{self.repo_name}/labels/{name}"}
@@ -76,20 +85,22 @@ class GitHubStandIn:
         if rest == "/labels" and method == "GET":
             return 200, [self.label_json(name) for name in self.labels]
         if rest == "/labels" and method == "POST":
-            if body["name"] in self.labels:
+            if body["name"].lower() in {name.lower() for name in self.labels}:
                 return 422, {"message": "Validation Failed", "errors": [{"code": "already_exists"}]}
             self.labels[body["name"]] = {"color": body.get("color", "ededed")}
             return 201, self.label_json(body["name"])
         if rest == "/issues" and method == "GET":
-            wanted = set(query.get("labels", [""])[0].split(",")) - {""}
+            wanted = {name.lower() for name in query.get("labels", [""])[0].split(",")} - {""}
             since = query.get("since", [""])[0]
             state = query.get("state", ["open"])[0]
             found = [self.issue_json(number) for number, issue in sorted(self.issues.items())
-                     if wanted <= set(issue["labels"]) and (not since or issue["updated_at"] >= since)
+                     if wanted <= {name.lower() for name in issue["labels"]}
+                     and (not since or issue["updated_at"] >= since)
                      and state in ("all", issue["state"])]
             return 200, found
         if rest == "/issues" and method == "POST":
-            for name in body.get("labels", []):
+            body["labels"] = [self.label_name(name) for name in body.get("labels", [])]
+            for name in body["labels"]:
                 self.labels.setdefault(name, {"color": "ededed"})
             number = len(self.issues) + 1
             self.issues[number] = {
@@ -118,7 +129,7 @@ class GitHubStandIn:
             self.issues[number]["updated_at"] = now_iso()
             return 201, comment
         if sub == "/labels" and method == "PUT":
-            names = body if isinstance(body, list) else body["labels"]
+            names = [self.label_name(name) for name in (body if isinstance(body, list) else body["labels"])]
             for name in names:
                 self.labels.setdefault(name, {"color": "ededed"})
             self.issues[number]["labels"] = list(names)
@@ -142,12 +153,15 @@ class GitHubStandIn:
                 with standin.lock:
                     standin.requests.append({"method": self.command, "path": url.path, "query": url.query,
                                              "headers": dict(self.headers), "body": raw})
-                    fault = standin.faults.pop(0) if standin.faults else None
+                    fault = standin.faults.pop(0) if standin.faults else ("500" if standin.down else None)
+                time.sleep(standin.latency)
                 if fault == "500":
                     return self.reply(500, {"message": "Server Error"})
                 if fault == "timeout":
                     time.sleep(standin.timeout_seconds)
                     return self.reply(504, {"message": "too late"})
+                if fault == "401":
+                    return self.reply(401, {"message": "Bad credentials"})
                 if fault == "rate-limit":
                     reset = str(int(time.time()) + 600)
                     return self.reply(403, {"message": "API rate limit exceeded for user."},

@@ -213,3 +213,62 @@ def test_the_result_comment_of_a_text_run_quotes_its_samples(git_project):
     assert "| val_bits_per_char | 2.25 |" in body
     assert "```text\n" + "-" * 72 + " sample 0\nROMEO:\nBut soft, what light\n" in body
     assert body.count("x") < 700  # an excerpt, not the whole file
+
+
+def start_ops(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ops", *args], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_reconciling_commands_at_once_post_each_issue_and_comment_once(ops_project, github):
+    """GitHub down while runs are submitted and finish, then back at the real API's pace: two syncs
+    (then a sync, a list, a monitor and a wait) at once must not both open an issue or comment."""
+    root = ops_project
+    github.down = True
+    for round_number, runs in enumerate((3, 2)):
+        submitted = [ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=2")["runs"][0]
+                     for _ in range(runs)]
+        for run in submitted:
+            wait_for(lambda: (Path(run["run_dir"]) / "exit_status.json").is_file())
+        github.down, github.latency = False, 0.1
+        commands = [["sync", "--json"], ["sync", "--json"]] if round_number == 0 else \
+            [["sync", "--json"], ["list", "--json"], ["monitor", submitted[0]["ops_id"], "--json"],
+             ["wait", submitted[1]["ops_id"]]]
+        processes = [start_ops(root, *command) for command in commands]
+        for process, command in zip(processes, commands):
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err
+            if command[0] == "sync":
+                assert json.loads(out)["problems"] == [], out
+        github.down = True
+    numbers = {issue["body"].split("ops-run: ")[1].split(" ")[0]: number for number, issue in github.issues.items()}
+    assert len(github.issues) == 5 and len(numbers) == 5  # one issue per run
+    assert all(len(github.comments[number]) == 1 for number in numbers.values()), github.comments
+    assert len(posts(github, "/issues")) == 5
+
+
+def test_an_existing_label_in_another_case_is_used_and_a_permanent_error_is_not_retried(ops_project, github):
+    root = ops_project
+    github.labels["Experiment"] = {"color": "000000"}  # the repository's own spelling
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=2")["runs"][0]
+    assert run["outbox"] == [] and run["github_issue"] is not None
+    assert github.issues[1]["labels"][0] == "Experiment" and "experiment" not in github.labels
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    assert len(github.comments[1]) == 1 and [p for p in posts(github, "/labels")] == [
+        p for p in posts(github, "/labels") if "xperiment" not in p["body"]]
+
+    github.fail("401")
+    second = ops(root, "submit", "tiny", "--set", "run.train.max_steps=2", "--json")
+    [item] = json.loads(second.stdout)["runs"][0]["outbox"]
+    assert item["permanent"] and "HTTP 401: Bad credentials; the token is not valid" in item["error"]
+    assert "github_issue waits for `ops sync --retry` once fixed" in second.stderr
+    ops_id = json.loads(second.stdout)["runs"][0]["ops_id"]
+    sent = len(github.requests)
+    for _ in range(2):
+        synced = ops(root, "sync", "--json")
+        assert json.loads(synced.stdout)["problems"] == []  # shown once, not again at every sync
+    assert len(github.requests) == sent  # and not retried
+    shown = ops(root, "monitor", ops_id)
+    assert "stopped github_issue until fixed, then `ops sync --retry`" in shown.stdout
+    assert ops(root, "sync", "--retry").returncode == 0
+    assert len(github.issues) == 2 and ops_json(root, "monitor", ops_id)["outbox"] == []
