@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             tail = traceback.format_exc().strip().splitlines()[-20:]
             run.write_record(Summary(status="failed", error=repr(exc), traceback=tail))
         raise
+    finally:
+        if run is not None:
+            run.unlock()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class RunDir:
         self.eval = self.path / records.EVAL
         self.summary = self.path / records.SUMMARY
         self.in_place = in_place
+        self._lock: int | None = None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.record = self.path / records.TASKS / f"{task}-{stamp}-{os.getpid()}.json" if in_place else self.summary
 
@@ -41,7 +42,32 @@ class RunDir:
                     )
         for folder in (self.path, self.checkpoints, self.samples):
             folder.mkdir(parents=True, exist_ok=True)
+        self.lock()
         dump_yaml(to_dict(config), self.config)
+
+    def lock(self) -> None:
+        """Hold RUN_DIR/.lock for the rest of this process: one writer per run dir (two trainers
+        would interleave metrics and checkpoints). The lock goes with the process, however it ends.
+        ConfigError naming the holder when another process has it."""
+        import fcntl
+        import socket
+
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.path}: is being written by {holder}; wait for it to end, or stop it "
+                              "(`ops cancel`, or kill that process)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._lock = fd  # open until unlock (or the process's end): closing it releases the lock
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def log_metrics(self, record: records.MetricsRecord) -> None:
         records.append_jsonl(self.metrics, record.to_json())

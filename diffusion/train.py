@@ -244,13 +244,15 @@ def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) 
     """Train (or resume) the run in `run_dir`. Returns the process exit code."""
     ranks = DataParallel()
     device = ranks.start(device or pick_device(config.device))
+    run = RunDir(run_dir)
     try:
-        return train_loop(config, run_dir, device, ranks)
+        return train_loop(config, run, device, ranks)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        return disk_full(RunDir(run_dir), exc)
+        return disk_full(run, exc)
     finally:
+        run.unlock()
         ranks.stop()
 
 
@@ -266,7 +268,7 @@ def disk_full(run: RunDir, exc: OSError) -> int:
     return EXIT_FAILED
 
 
-def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: DataParallel) -> int:
+def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: DataParallel) -> int:
     dataset = load_dataset(config.data, "train")  # before writing anything: a missing dataset fails clean
     meta = dataset.meta()
     validation = load_dataset(config.data, "val") if meta["kind"] == "text" else None
@@ -276,7 +278,6 @@ def train_loop(config: RunConfig, run_dir: Path, device: torch.device, ranks: Da
                           f"{ranks.world_size} data-parallel ranks")
     method = build_method(config.method)
     num_params = check_memory(config, method, meta, device)  # before writing anything, like the dataset
-    run = RunDir(run_dir)
     if ranks.is_main:
         run.create(config)
         remove_partial_writes(run.checkpoints)

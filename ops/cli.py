@@ -22,8 +22,10 @@ Heavy imports live inside the commands that need them, so `ops --help` stays fas
 import functools
 import json
 import shlex
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -95,6 +97,22 @@ def open_project(create: bool = False):
     return project, Registry.empty()
 
 
+@contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (KeyboardInterrupt), so that a run it was
+    starting is marked FAILED, not left QUEUED with nobody to start it."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def command_line() -> str:
     return shlex.join(["ops", *sys.argv[1:]])
 
@@ -150,7 +168,8 @@ def submit(
     from ops.registry import Registry
 
     registry = Registry(project.registry_path)
-    started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
+    with signals_interrupt():
+        started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
     warn_outbox(registry, started)
     if as_json:
         return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id)} for run in started]})
@@ -203,7 +222,8 @@ def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or lat
     from ops import runs
 
     project, registry = open_project()
-    run = runs.resume(project, registry, runs.find(registry, job_id))
+    with signals_interrupt():
+        run = runs.resume(project, registry, runs.find(registry, job_id))
     warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
@@ -221,7 +241,8 @@ def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or late
     from ops import runs
 
     project, registry = open_project()
-    run = runs.rerun(project, registry, runs.find(registry, job_id), command_line())
+    with signals_interrupt():
+        run = runs.rerun(project, registry, runs.find(registry, job_id), command_line())
     warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
@@ -479,10 +500,20 @@ def sync(
     from ops import runs
     from ops.settings import Project
 
-    project, registry = open_project(create=Project().runs_dir.is_dir())  # run dirs to index, or nothing yet
+    from ops.registry import Registry, RegistryDamaged, move_aside
+
+    project = Project()
+    repaired = []
+    try:
+        _, registry = open_project(create=project.runs_dir.is_dir())  # run dirs to index, or nothing yet
+    except RegistryDamaged as exc:
+        aside = move_aside(project.registry_path)
+        repaired.append(f"{exc.args[0].split(';')[0]}; moved it to {aside} and rebuilt the registry from the run dirs")
+        registry = Registry(project.registry_path)
     if retry:
         registry.retry_stopped()
     added, reconciled, problems = runs.sync(project, registry)
+    problems = repaired + problems
     if as_json:
         return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})
     out = console()

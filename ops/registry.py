@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ops.errors import OpsError
+
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "PREEMPTED", "UNKNOWN")
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -64,6 +66,9 @@ MIGRATIONS = [
     """,
     # A failure that retrying cannot mend (a GitHub 4xx): kept out of the retries until `ops sync --retry`.
     "ALTER TABLE followup_failures ADD COLUMN permanent INTEGER NOT NULL DEFAULT 0",
+    # The ops process that is handing the run to its engine (host, pid, start time): while it lives,
+    # a run without an engine job is being started; once it is gone, the run is an orphan.
+    "ALTER TABLE runs ADD COLUMN submitter TEXT NOT NULL DEFAULT 'null'",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -87,6 +92,7 @@ class Run:
     github_issue: str | None = None
     journal_post: str | None = None
     detail: str | None = None
+    submitter: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -97,7 +103,7 @@ class Run:
 
 
 COLUMNS = [f.name for f in fields(Run)]
-JSON_COLUMNS = ("sweep", "overrides")
+JSON_COLUMNS = ("sweep", "overrides", "submitter")
 
 
 def _from_row(row: sqlite3.Row) -> Run:
@@ -105,6 +111,19 @@ def _from_row(row: sqlite3.Row) -> Run:
     for name in JSON_COLUMNS:
         values[name] = json.loads(values[name])
     return Run(**values)
+
+
+class RegistryDamaged(OpsError):
+    """The registry file cannot be read as one; the line says how to rebuild it."""
+
+
+def move_aside(path: Path) -> Path:
+    """A damaged registry (and its WAL files) renamed out of the way, kept for a post-mortem."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{path}{suffix}").exists():
+            Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+    return aside
 
 
 class Registry:
@@ -117,9 +136,15 @@ class Registry:
         # concurrent CLIs queue on the write lock (busy timeout) instead of failing mid-way.
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
+            self.db.execute("SELECT ops_id FROM runs LIMIT 1")  # the index ops needs is really there
+        except sqlite3.DatabaseError as exc:  # garbage, a truncated file, another program's database
+            self.db.close()
+            raise RegistryDamaged(f"{self.path}: damaged, not a run registry ({exc}); `ops sync` moves it aside "
+                                  "and rebuilds it from the run dirs") from None
 
     @classmethod
     def empty(cls) -> "Registry":
@@ -158,12 +183,20 @@ class Registry:
         return cursor.rowcount == 1
 
     def update(self, ops_id: str, **changes) -> None:
+        self.update_if(ops_id, {}, **changes)
+
+    def update_if(self, ops_id: str, expected: dict, **changes) -> bool:
+        """Compare-and-set: apply `changes` only if the row still holds `expected`; True if it did.
+        Two ops acting on one run at once: exactly one of them wins."""
         for name in JSON_COLUMNS:
             if name in changes:
                 changes[name] = json.dumps(changes[name])
         changes["updated_at"] = time.time()
         assignments = ", ".join(f"{name} = ?" for name in changes)
-        self.db.execute(f"UPDATE runs SET {assignments} WHERE ops_id = ?", [*changes.values(), ops_id])
+        conditions = "".join(f" AND {name} IS ?" for name in expected)
+        cursor = self.db.execute(f"UPDATE runs SET {assignments} WHERE ops_id = ?{conditions}",
+                                 [*changes.values(), ops_id, *expected.values()])
+        return cursor.rowcount == 1
 
     def get(self, job_id: str) -> Run | None:
         """By ops id, else by engine job id (the newest run with it: local pids get reused)."""

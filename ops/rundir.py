@@ -29,6 +29,7 @@ PROVENANCE = "provenance.json"  # commit, dirty flag, diff stat, image, versions
 DIFF = "diff.patch"  # uncommitted changes at submit
 CODE = "code"  # the recorded commit + diff.patch, for engines whose jobs start later
 IMAGE = "image.json"  # the container image a cloud run uses
+FOLLOWUPS_FILE = "followups.json"  # the follow-ups done (issue URL, journal post ...), for a rebuilt registry
 
 
 def read_required(path: Path) -> dict:

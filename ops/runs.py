@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from ops.engines import Engine, Launch, get_engine
 from ops.registry import FINAL_STATES, Registry, Run
 from ops.errors import OpsError, PermanentError
-from ops.rundir import IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
+from ops.rundir import FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
 from ops.settings import Project
 
 
@@ -93,6 +94,31 @@ def read_job(run_dir: Path) -> dict:
     return read_required(Path(run_dir) / JOB)
 
 
+def this_process() -> dict:
+    """Who is starting a run: host, pid and the process's start time (a reused pid is another process)."""
+    import socket
+
+    import psutil  # only here: the cheap commands never start a run
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def submitter_alive(submitter: dict | None) -> bool | None:
+    """Whether the ops that is starting a run still runs; None when it runs on another host (unknown)."""
+    import socket
+
+    import psutil
+
+    if not submitter:
+        return False
+    if submitter["host"] != socket.gethostname():
+        return None
+    try:
+        return abs(psutil.Process(submitter["pid"]).create_time() - submitter["started"]) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+
+
 def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
     """A fresh ops id and its run dir; mkdir is the atomic claim, so concurrent submits never share."""
     project.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -125,10 +151,11 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
     dump_yaml(spec.run.model_dump(mode="json"), run_dir / "config.yaml")
     run = Run(ops_id=ops_id, name=spec.name, engine=spec.engine, run_dir=str(run_dir),
               git_commit=(provenance.get("git") or {}).get("commit"), sweep=planned.sweep,
-              overrides=planned.overrides)
+              overrides=planned.overrides, submitter=this_process())
     job = {"ops_id": ops_id, "name": spec.name, "engine": spec.engine, "engine_job_id": None,
            "created_at": run.created_at, "command": command, "overrides": planned.overrides,
-           "sweep": planned.sweep, "changes": planned.changes, "spec": spec.model_dump(mode="json")}
+           "sweep": planned.sweep, "changes": planned.changes, "spec": spec.model_dump(mode="json"),
+           "submitter": run.submitter}
     write_json(run_dir / JOB, job)
     if not registry.insert(run):
         raise OpsError(f"{ops_id}: already in the registry {registry.path}")
@@ -154,9 +181,9 @@ def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs:
         raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
     started = []
     for run, job, job_id in zip(runs, jobs, job_ids):
-        job["engine_job_id"] = job_id
+        run.engine_job_id, run.started_at = job_id, run.started_at or time.time()  # a resume keeps the first start
+        job |= {"engine_job_id": job_id, "started_at": run.started_at, "requeues": run.requeues}
         write_json(Path(run.run_dir) / JOB, job)
-        run.engine_job_id, run.started_at = job_id, time.time()
         registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
         started.append(reconcile(project, registry, run, engine)[0])
     return started
@@ -184,18 +211,31 @@ def submit(project: Project, registry: Registry, planned: list[Planned], command
            allow_no_git: bool = False, image: str | None = None) -> list[Run]:
     from ops.provenance import capture
 
-    created = [create(project, registry, item, command,
-                      lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code()))
-               for item in planned]
-    started = []
-    for engine_name in dict.fromkeys(run.engine for run in created):
-        group = [run for run in created if run.engine == engine_name]
-        engine = get_engine(engine_name, project.settings)
-        if engine.needs_image:
-            attach_image(project, registry, group, image)
-        code_dirs = [snapshot_code(project, run) if engine.snapshots_code else None for run in group]
-        started += start_many(project, registry, group, code_dirs)
+    created, started = [], []
+    with failed_if_interrupted(registry, created):
+        for item in planned:
+            created.append(create(project, registry, item, command,
+                                  lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code())))
+        for engine_name in dict.fromkeys(run.engine for run in created):
+            group = [run for run in created if run.engine == engine_name]
+            engine = get_engine(engine_name, project.settings)
+            if engine.needs_image:
+                attach_image(project, registry, group, image)
+            code_dirs = [snapshot_code(project, run) if engine.snapshots_code else None for run in group]
+            started += start_many(project, registry, group, code_dirs)
     return started
+
+
+@contextmanager
+def failed_if_interrupted(registry: Registry, runs: list[Run]):
+    """Runs being started that no engine has taken when the command is interrupted (Ctrl-C, or
+    SIGTERM / SIGHUP, which the CLI turns into it) are FAILED, resumable, never left QUEUED."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mark_failed(registry, [run for run in runs if registry.get(run.ops_id).engine_job_id is None],
+                    "not started: interrupted")
+        raise
 
 
 def attach_image(project: Project, registry: Registry, runs: list[Run], image: str | None) -> None:
@@ -220,17 +260,27 @@ def attach_image(project: Project, registry: Registry, runs: list[Run], image: s
 def resume(project: Project, registry: Registry, run: Run) -> Run:
     """Continue a stopped run in its own run dir (the trainer resumes from latest.pt)."""
     run = reconcile(project, registry, run)[0]
+    if run.state == "QUEUED" and run.engine_job_id is None:
+        doing = "resumed" if run.requeues else "submitted"
+        raise OpsError(f"{run.ops_id} is being {doing} by another ops (pid {(run.submitter or {}).get('pid')})")
     if run.state in ("RUNNING", "QUEUED"):
         raise OpsError(f"{run.ops_id}: is {run.state}; nothing to resume")
     if run.state == "SUCCEEDED":
         raise OpsError(f"{run.ops_id}: finished successfully; `ops rerun {run.ops_id}` starts a new run")
     code_dir = Path(run.run_dir) / "code"
-    registry.update(run.ops_id, state="QUEUED", finished_at=None, exit_code=None, requeues=run.requeues + 1)
+    # Compare-and-set: of two ops resuming at once, one wins. The old engine job id goes, so that
+    # nobody reconciles this run against the job that stopped; the submitter marks it as ours.
+    claimed = registry.update_if(run.ops_id, {"state": run.state, "requeues": run.requeues}, state="QUEUED",
+                                 engine_job_id=None, finished_at=None, exit_code=None, detail=None,
+                                 requeues=run.requeues + 1, submitter=this_process())
+    if not claimed:
+        raise OpsError(f"{run.ops_id} is being resumed by another ops")
     for followup in FOLLOWUPS:
         if followup.when == "finished":  # it ends again: its end-of-run follow-ups are due again
             registry.forget_followup(run.ops_id, followup.kind)
     run = registry.get(run.ops_id)
-    return start(project, registry, run, code_dir if code_dir.is_dir() else None)
+    with failed_if_interrupted(registry, [run]):
+        return start(project, registry, run, code_dir if code_dir.is_dir() else None)
 
 
 def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
@@ -252,7 +302,8 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
 
     planned = Planned(spec, job["overrides"], job["sweep"], [tuple(change) for change in job["changes"]])
     new = create(project, registry, planned, command, restored_provenance)
-    return start(project, registry, new, code_dir=Path(new.run_dir) / "code")
+    with failed_if_interrupted(registry, [new]):
+        return start(project, registry, new, code_dir=Path(new.run_dir) / "code")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,13 +372,14 @@ class Followup:
     after: tuple[str, ...] = ()
 
     def due(self, run: Run) -> bool:
-        return run.finished if self.when == "finished" else run.engine_job_id is not None
+        # A run that ended without ever starting (refused, interrupted, orphaned) is recorded too.
+        return run.finished or (self.when == "started" and run.engine_job_id is not None)
 
 
 FOLLOWUPS = [
     Followup("experiment_log_submit", "started", followup_experiment_log_submit),
     Followup("github_issue", "started", followup_github_issue, column="github_issue"),
-    Followup("experiment_log_result", "finished", followup_experiment_log_result),
+    Followup("experiment_log_result", "finished", followup_experiment_log_result, after=("experiment_log_submit",)),
     Followup("journal_post", "finished", followup_journal_post, column="journal_post"),
     Followup("github_result", "finished", followup_github_result, after=("github_issue",)),
 ]
@@ -381,6 +433,8 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
                     registry.update(run.ops_id, **{followup.column: detail})
                     run = registry.get(run.ops_id)
                 registry.record_followup(run.ops_id, followup.kind, SKIPPED if detail is None else detail)
+                done_path = Path(run.run_dir) / FOLLOWUPS_FILE  # so that a rebuilt registry does not redo it
+                write_json(done_path, (read_json(done_path) or {}) | {followup.kind: detail})
     except Timeout:
         problems.append(f"{run.ops_id}: its follow-ups are being done by another ops for over "
                         f"{FOLLOWUP_LOCK_SECONDS} s; the next sync looks again")
@@ -388,7 +442,14 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
 
 
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
-    """Bring one run's row up to date with its engine, and do its due follow-ups."""
+    """Bring one run's row up to date with its engine, and do its due follow-ups. A run that no
+    engine took and whose submitting ops is gone (killed) is an orphan: FAILED, resumable."""
+    if not run.finished and run.engine_job_id is None and submitter_alive(run.submitter) is False:
+        pid = (run.submitter or {}).get("pid")
+        registry.update_if(run.ops_id, {"engine_job_id": None, "state": run.state}, state="FAILED",
+                           finished_at=time.time(), detail=f"not started: the ops that was starting it "
+                           f"({'pid ' + str(pid) if pid else 'unknown'}) ended first; `ops resume {run.ops_id}` starts it")
+        run = registry.get(run.ops_id)
     if not run.finished and run.engine_job_id is not None:
         engine = engine or get_engine(run.engine, project.settings)
         observed = engine.state(run)
@@ -403,27 +464,45 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
     return do_followups(project, registry, run)
 
 
-def rebuild_missing(project: Project, registry: Registry) -> list[str]:
-    """Rows for run dirs the registry lost (deleted or older registry file): the run dirs are the truth."""
-    added = []
+JOB_KEYS = ("ops_id", "name", "engine", "engine_job_id", "created_at", "overrides", "sweep")
+
+
+def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], list[str]]:
+    """Rows for run dirs the registry lost (deleted, damaged or older registry file), with every
+    field the run dirs hold: the engine then gives the state, the exit code and the end time, and
+    follow-ups done before are not done again. Returns (ops ids added, problems): a damaged run
+    dir is skipped with a line naming it."""
+    added, problems = [], []
     for job_path in sorted(project.runs_dir.glob(f"*/{JOB}")):
-        job = read_required(job_path)
+        job = read_json(job_path)
+        if job is None or not all(key in job for key in JOB_KEYS):
+            problems.append(f"{job_path}: damaged (not a complete ops record); skipped, so this run is not in "
+                            "the registry")
+            continue
         if registry.get(job["ops_id"]) is not None:
             continue
-        provenance = read_json(job_path.parent / PROVENANCE) or {}
-        run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(job_path.parent),
+        if job["engine_job_id"] is None and submitter_alive(job.get("submitter")):
+            continue  # being submitted right now: its submitter adds the row
+        run_dir = job_path.parent
+        provenance = read_json(run_dir / PROVENANCE) or {}
+        done = read_json(run_dir / FOLLOWUPS_FILE) or {}
+        run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(run_dir),
                   state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
+                  started_at=job.get("started_at"), requeues=job.get("requeues", 0),
                   git_commit=(provenance.get("git") or {}).get("commit"), sweep=job["sweep"],
-                  overrides=job["overrides"])
+                  overrides=job["overrides"], submitter=job.get("submitter"),
+                  **{followup.column: done.get(followup.kind) for followup in FOLLOWUPS if followup.column})
         registry.insert(run)
+        for kind, detail in done.items():
+            registry.record_followup(run.ops_id, kind, SKIPPED if detail is None else detail)
         added.append(run.ops_id)
-    return added
+    return added, problems
 
 
 def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], list[str]]:
     """(rebuilt ops ids, reconciled runs, problems) for every run not yet settled."""
-    added = rebuild_missing(project, registry)
-    runs, problems = [], []
+    added, problems = rebuild_missing(project, registry)
+    runs = []
     for run in registry.unfinished():
         run, run_problems = reconcile(project, registry, run)
         runs.append(run)
