@@ -171,8 +171,12 @@ def submit(
     with signals_interrupt():
         started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
     warn_outbox(registry, started)
+    left_out = snapshot_left_out(started)
+    for item in left_out:
+        typer.echo(f"note: left out of the run's code snapshot: {item['path']} ({item['reason']})", err=True)
     if as_json:
-        return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id)} for run in started]})
+        return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id), "left_out": left_out}
+                                   for run in started]})
     out = console()
     for run in started:
         values = "  " + " ".join(f"{key}={value}" for key, value in run.sweep.items()) if run.sweep else ""
@@ -203,6 +207,15 @@ def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
             typer.echo(f"# changed from the spec: {key}: {old} -> {new}")
         yaml.dump(row["spec"], sys.stdout)
         typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}\n")
+
+
+def snapshot_left_out(started) -> list[dict]:
+    """The untracked files that provenance kept out of diff.patch (the same for every run of a
+    submit): [{path, reason, ...}]; the user should know that the run will not see them."""
+    from ops.rundir import PROVENANCE, read_json
+
+    provenance = read_json(Path(started[0].run_dir) / PROVENANCE) if started else None
+    return ((provenance or {}).get("git") or {}).get("skipped_untracked", [])
 
 
 def warn_outbox(registry, started) -> None:

@@ -18,9 +18,10 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
         diff_stat          summary line of the captured changes, e.g.
                            "3 files changed, 10 insertions(+), 2 deletions(-)"; "" when clean
         untracked          paths not in HEAD (untracked, or only staged) that diff.patch includes
-        skipped_untracked  [{"path", "bytes"}] for such paths left out of diff.patch: files over
-                           MAX_UNTRACKED_FILE_BYTES, nested git repositories (bytes None), and
-                           files that look like secrets (SECRET_PATTERNS; "secret": true)
+        skipped_untracked  [{"path", "bytes", "reason", "secret"}] for such paths left out of
+                           diff.patch: secrets by name (SECRET_NAMES) or content (SECRET_CONTENT),
+                           files that are not code or config (CODE_SUFFIXES), files over
+                           MAX_UNTRACKED_FILE_BYTES, nested git repositories (bytes None)
         patch_bytes        size of diff.patch
     versions       {"python", "torch", "torchvision", "numpy", "pydantic", "diffusion-ops"}: installed
                    versions, None for a package that is not installed
@@ -35,6 +36,7 @@ import fnmatch
 import getpass
 import importlib.metadata
 import platform
+import re
 import socket
 import sys
 import tempfile
@@ -45,11 +47,25 @@ from urllib.parse import urlsplit, urlunsplit
 from ops.errors import OpsError
 from ops.rundir import atomic_write
 
+# What an untracked file must be to enter a snapshot (diff.patch, which travels to clusters, buckets
+# and images as RUN_DIR/code and the build context): code or config the run may need, at most
+# MAX_UNTRACKED_FILE_BYTES, with no secret in its name or its content. Everything else is left out
+# and listed in skipped_untracked with its reason; `ops submit` says which.
 MAX_UNTRACKED_FILE_BYTES = 1_000_000
-# Untracked files that look like secrets stay out of diff.patch (which travels to clusters,
-# buckets and images); they are listed in skipped_untracked with "secret": true.
-SECRET_PATTERNS = (".env", ".env.*", "*.pem", "*.key", "*credentials*.json", "*service-account*.json",
-                   ".netrc", ".git-credentials", "id_rsa*", "*.p12")
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".sh",
+                 ".yaml", ".yml", ".toml", ".json", ".cfg", ".ini", ".txt", ".md", ".rst", ".ipynb", ".jinja")
+CODE_NAMES = ("dockerfile", "makefile", ".dockerignore", ".gitignore")
+# Names (of the file, or of any folder above it) matched ignoring case. .dockerignore carries the
+# same list (dockerignore_lines; a test holds the two together).
+SECRET_NAMES = (".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
+                "*.ovpn", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*credential*", "*service-account*",
+                "*service_account*", "*secret*", "kaggle.json", ".netrc", "_netrc", ".git-credentials", ".pypirc",
+                ".npmrc", ".dockercfg", ".htpasswd", ".ssh", ".aws", ".gnupg", ".kube", ".docker")
+# Content that is a secret whatever the file is called: private keys, cloud service accounts, tokens.
+SECRET_CONTENT = re.compile(
+    rb"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"|\"type\"\s*:\s*\"service_account\"|aws_secret_access_key"
+    rb"|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}"
+    rb"|xox[abposr]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{20,}|hf_[A-Za-z0-9]{30,}", re.IGNORECASE)
 MAX_PATCH_BYTES = 20_000_000
 
 PACKAGES = ("torch", "torchvision", "numpy", "pydantic", "diffusion-ops")
@@ -125,6 +141,35 @@ def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> None:
         repo.git.checkout_index("--all", f"--prefix={dest.resolve()}/", env=env)
 
 
+def secret_name(path: str) -> bool:
+    return any(fnmatch.fnmatch(part.lower(), pattern) for part in Path(path).parts for pattern in SECRET_NAMES)
+
+
+def left_out(root: Path, path: str) -> str | None:
+    """Why an untracked file stays out of the snapshot, or None when it goes in."""
+    if path.endswith("/"):
+        return "nested repository"  # adding it would record only a gitlink
+    if secret_name(path):
+        return "secret by its name"
+    name = Path(path).name.lower()
+    if not (name.endswith(CODE_SUFFIXES) or name in CODE_NAMES):
+        return "not code or config"
+    size = (root / path).lstat().st_size
+    if size > MAX_UNTRACKED_FILE_BYTES:
+        return f"larger than {MAX_UNTRACKED_FILE_BYTES:,} bytes"
+    if SECRET_CONTENT.search((root / path).read_bytes()):
+        return "secret in its content"
+    return None
+
+
+def dockerignore_lines() -> list[str]:
+    """SECRET_NAMES as .dockerignore lines, at any depth and in any case (Docker matches case)."""
+    def any_case(pattern: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+
+    return [f"**/{any_case(pattern)}" for pattern in SECRET_NAMES]
+
+
 def _open_repo(path: Path):
     import git
 
@@ -150,17 +195,12 @@ def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
         listed = repo.git.ls_files("--others", "--exclude-standard", "-z", env=env).split("\0")
         untracked, skipped = [], []
         for path in filter(None, listed):
-            if path.endswith("/"):  # a nested repository; adding it would record only a gitlink
-                skipped.append({"path": path, "bytes": None})
-                continue
-            if any(fnmatch.fnmatch(Path(path).name, pattern) for pattern in SECRET_PATTERNS):
-                skipped.append({"path": path, "bytes": None, "secret": True})
-                continue
-            size = (root / path).lstat().st_size
-            if size > MAX_UNTRACKED_FILE_BYTES:
-                skipped.append({"path": path, "bytes": size})
-            else:
+            reason = left_out(root, path)
+            if reason is None:
                 untracked.append(path)
+            else:
+                size = None if path.endswith("/") else (root / path).lstat().st_size
+                skipped.append({"path": path, "bytes": size, "reason": reason, "secret": reason.startswith("secret")})
         if untracked:
             pathspecs = Path(tmp) / "pathspecs"
             pathspecs.write_text("\0".join(untracked))

@@ -81,6 +81,11 @@ def test_build_tags_by_commit_skips_a_known_tag_and_keeps_secrets_out(image_proj
     (root / ".env").write_text(f"TOKEN={SECRET}\n")  # ignored by git
     (root / ".env.production").write_text(f"TOKEN={SECRET}\n")  # not ignored by git: .dockerignore's job
     (root / "configs/credentials.json").write_text(json.dumps({"key": SECRET}))
+    # Names in other cases, and a secret under an innocent name, where the Dockerfile copies files.
+    (root / "configs/.envrc").write_text(f"export TOKEN={SECRET}\n")
+    (root / "configs/kaggle.json").write_text(json.dumps({"username": "me", "key": SECRET}))
+    (root / "configs/Credentials.JSON").write_text(json.dumps({"key": SECRET}))
+    (root / "configs/local.yaml").write_text(f"token: ghp_{'A' * 36}\n# {SECRET}\n")
     readme = root / "README.md"
     readme.write_text(readme.read_text() + "\nA local edit.\n")
     dirty = ops_json(root, "build", "--push")

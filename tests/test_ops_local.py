@@ -404,3 +404,19 @@ def test_config_set_writes_values_as_typed_and_keeps_section_comments_above_thei
     assert text.endswith("    num_inference_steps: 5\n    seed: 7\n  eval:\n    num_samples: 16\n# end of the spec\n")
     spec = ops_json(git_project, "config", "show", "tiny")["run"]
     assert (spec["train"]["lr"], spec["train"]["weight_decay"], spec["sample"]["seed"]) == (1e-4, 1.5e-2, 7)
+
+
+def test_submit_names_the_untracked_files_it_leaves_out_of_the_snapshot(ops_project):
+    root = ops_project
+    (root / ".envrc").write_text("export TOKEN=sk-live-0123456789abcdefghijklmnop\n")
+    (root / "Credentials.json").write_text("{}\n")
+    (root / "helper.py").write_text("x = 1\n")
+    result = ops(root, "submit", "tiny", "--set", "run.train.max_steps=1", "--json")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: left out of the run's code snapshot: .envrc (secret by its name)",
+                     "note: left out of the run's code snapshot: Credentials.json (secret by its name)"]
+    [run] = json.loads(result.stdout)["runs"]
+    assert [item["path"] for item in run["left_out"]] == [".envrc", "Credentials.json"]
+    patch = (Path(run["run_dir"]) / "diff.patch").read_text()
+    assert "helper.py" in patch and "sk-live" not in patch and "Credentials" not in patch

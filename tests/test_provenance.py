@@ -55,7 +55,7 @@ def test_dirty_tree_restores_exactly_and_leaves_index_alone(tmp_path):
     (repo / "pkg" / "old.py").unlink()
     (repo / "notes.txt").write_text("an idea\n")
     (repo / "data").mkdir()
-    (repo / "data" / "blob.bin").write_bytes(bytes(range(256)))
+    (repo / "data" / "table.txt").write_bytes(bytes(range(256)))  # binary content: the patch is binary-safe
     (repo / "train.log").write_text("ignored\n")
     (repo / "staged.py").write_text("x = 1\n")
     git(repo, "add", "staged.py")  # staged but not committed: must be captured, and stay staged
@@ -69,7 +69,7 @@ def test_dirty_tree_restores_exactly_and_leaves_index_alone(tmp_path):
     assert (repo / ".git" / "index").read_bytes() == index_before
     info = record["git"]
     assert info["dirty"] is True
-    assert sorted(info["untracked"]) == ["data/blob.bin", "notes.txt", "staged.py"]
+    assert sorted(info["untracked"]) == ["data/table.txt", "notes.txt", "staged.py"]
     assert info["skipped_untracked"] == []
     assert info["diff_stat"].startswith("5 files changed")
     patch = tmp_path / "run" / "diff.patch"
@@ -80,7 +80,7 @@ def test_dirty_tree_restores_exactly_and_leaves_index_alone(tmp_path):
     restore(record, patch, repo, dest)
     expected = {k: v for k, v in tree_files(repo).items() if k != "train.log"}
     assert tree_files(dest) == expected
-    assert (dest / "data" / "blob.bin").read_bytes() == bytes(range(256))
+    assert (dest / "data" / "table.txt").read_bytes() == bytes(range(256))
     assert not (dest / "train.log").exists()
     assert not (dest / "pkg" / "old.py").exists()
 
@@ -98,7 +98,7 @@ def test_restore_into_a_folder_inside_the_repo(tmp_path):
 def test_oversized_untracked_file_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "MAX_UNTRACKED_FILE_BYTES", 100)
     repo = make_repo(tmp_path / "repo")
-    (repo / "weights.bin").write_bytes(b"\x01" * 500)
+    (repo / "weights.json").write_bytes(b"\x01" * 500)
     record = capture(repo, tmp_path / "run")
     assert record["git"]["dirty"] is True  # the tree differs from HEAD even though the patch is empty
     assert (tmp_path / "run" / "diff.patch").read_bytes() == b""
@@ -106,10 +106,11 @@ def test_oversized_untracked_file_is_skipped(tmp_path, monkeypatch):
     (repo / "small.txt").write_text("small\n")
     record = capture(repo, tmp_path / "run")
     assert record["git"]["untracked"] == ["small.txt"]
-    assert record["git"]["skipped_untracked"] == [{"path": "weights.bin", "bytes": 500}]
+    assert record["git"]["skipped_untracked"] == [{"path": "weights.json", "bytes": 500,
+                                                   "reason": "larger than 100 bytes", "secret": False}]
     text = (tmp_path / "run" / "diff.patch").read_bytes()
     assert b"small.txt" in text
-    assert b"weights.bin" not in text
+    assert b"weights.json" not in text
 
 
 def test_oversized_patch_is_refused(tmp_path, monkeypatch):
@@ -211,18 +212,55 @@ def test_import_does_not_load_git():
     assert out.strip() == "False"
 
 
-def test_untracked_secrets_stay_out_of_the_patch(tmp_path):
+SECRET = "sk-live-0123456789abcdefghijklmnop"
+KEY_BLOCK = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def test_only_code_without_secrets_enters_the_snapshot(tmp_path):
+    """Secret names in any case, secrets inside files with innocent names, and files that are not
+    code stay out of diff.patch, each with its reason; code and config go in."""
     repo = make_repo(tmp_path / "repo")
-    (repo / ".env.production").write_text("API_TOKEN=sk-live-123\n")
-    (repo / "gcp-service-account.json").write_text('{"private_key": "sk-live-456"}\n')
-    (repo / "notes.txt").write_text("fine\n")
+    secrets_by_name = {".env.production": f"API_TOKEN={SECRET}\n", ".envrc": f"export TOKEN={SECRET}\n",
+                       "kaggle.json": f'{{"username": "me", "key": "{SECRET}"}}\n',
+                       "Credentials.json": f'{{"token": "{SECRET}"}}\n', "gcp-service-account.json": "{}\n",
+                       "deploy/ID_RSA": KEY_BLOCK, ".ssh/config": f"IdentityFile {SECRET}\n",
+                       "Secrets/train.yaml": f"token: {SECRET}\n"}
+    secrets_by_content = {"notes/key.txt": KEY_BLOCK, "config_local.yaml": f"hf: hf_{'a' * 34}\n",
+                          "sa.json": '{"type": "service_account", "project_id": "p"}\n'}
+    code = {"model.py": "x = 1\n", "configs/jobs/new.yaml": "name: new\n", "notes.txt": "fine\n",
+            "Dockerfile.gpu": None}
+    others = {"data.csv": "1,2\n", "weights.bin": "\0\0"}
+    for path, text in {**secrets_by_name, **secrets_by_content, **code, **others}.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text if text is not None else "FROM base\n")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     record = capture(repo, run_dir)
     patch = (run_dir / "diff.patch").read_text()
-    assert "notes.txt" in patch and "sk-live" not in patch
-    assert {item["path"] for item in record["git"]["skipped_untracked"] if item.get("secret")} == {
-        ".env.production", "gcp-service-account.json"}
+    assert SECRET not in patch and "PRIVATE KEY" not in patch and "service_account" not in patch
+    for path in ("model.py", "configs/jobs/new.yaml", "notes.txt"):
+        assert f"b/{path}" in patch
+    reasons = {item["path"]: item["reason"] for item in record["git"]["skipped_untracked"]}
+    assert {path: reasons[path] for path in secrets_by_name} == dict.fromkeys(secrets_by_name, "secret by its name")
+    assert {path: reasons[path] for path in secrets_by_content} == dict.fromkeys(secrets_by_content,
+                                                                                  "secret in its content")
+    assert {reasons[path] for path in others} == {"not code or config"}
+    assert reasons["Dockerfile.gpu"] == "not code or config"  # only Dockerfile itself is known by name
+    assert all(item["secret"] == item["reason"].startswith("secret") for item in record["git"]["skipped_untracked"])
+
+
+def test_dockerignore_carries_the_secret_names_in_any_case():
+    """One list: the snapshot's SECRET_NAMES are .dockerignore's secret lines."""
+    from ops.provenance import SECRET_NAMES, dockerignore_lines
+
+    lines = (Path(__file__).resolve().parents[1] / ".dockerignore").read_text().splitlines()
+    assert [line for line in lines if line.startswith("**/") and "[" in line] == dockerignore_lines()
+    assert len(dockerignore_lines()) == len(SECRET_NAMES)
+    import fnmatch
+
+    # Docker matches case-sensitively; the any-case pattern takes every spelling.
+    pattern = dockerignore_lines()[SECRET_NAMES.index("kaggle.json")].removeprefix("**/")
+    assert all(fnmatch.fnmatchcase(name, pattern) for name in ("kaggle.json", "Kaggle.JSON", "KAGGLE.json"))
 
 
 def test_excluded_records_do_not_make_the_tree_dirty(tmp_path):
