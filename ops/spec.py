@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffusion.config import (
     ConfigError,
@@ -54,17 +54,86 @@ class SlurmResources(Section):
     max_requeues: int = Field(3, ge=0)
 
 
+# Vertex AI's own rules for a CustomJob, checked at validation rather than after an upload and an
+# image build. GPU machine types and the accelerator counts each offers (Compute Engine's GPU
+# machine types); n1 machines take T4, V100, P100 and P4 GPUs, the other families come with theirs.
+N1_GPUS = {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8), "NVIDIA_TESLA_P100": (1, 2, 4),
+           "NVIDIA_TESLA_P4": (1, 2, 4)}
+GPU_MACHINES = {
+    "NVIDIA_TESLA_A100": {"a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4, "a2-highgpu-8g": 8,
+                          "a2-megagpu-16g": 16},
+    "NVIDIA_A100_80GB": {"a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4, "a2-ultragpu-8g": 8},
+    "NVIDIA_L4": {"g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1, "g2-standard-16": 1,
+                  "g2-standard-32": 1, "g2-standard-24": 2, "g2-standard-48": 4, "g2-standard-96": 8},
+    "NVIDIA_H100_80GB": {"a3-highgpu-1g": 1, "a3-highgpu-2g": 2, "a3-highgpu-4g": 4, "a3-highgpu-8g": 8},
+    "NVIDIA_H100_MEGA_80GB": {"a3-megagpu-8g": 8},
+    "NVIDIA_H200_141GB": {"a3-ultragpu-8g": 8},
+    "NVIDIA_B200": {"a4-highgpu-8g": 8},
+}
+MAX_LABELS = 64
+OPS_LABELS = ("ops-id", "commit")  # the labels ops adds to every job
+
+
+def label_problem(text: str, what: str) -> str | None:
+    """Why a Vertex label key or value is refused: at most 63 characters of lowercase letters
+    (international ones too), digits, `_` and `-`; a key starts with a letter."""
+    if len(text) > 63:
+        return f"{what} {text!r} is longer than 63 characters"
+    bad = [c for c in text if not (c.islower() or c.isdigit() or c in "_-" or (c.isalpha() and not c.isupper()))]
+    if bad:
+        return f"{what} {text!r} has {bad[0]!r}: only lowercase letters, digits, '_' and '-' are allowed"
+    if what == "key" and not (text[:1].isalpha()):
+        return f"key {text!r} must start with a lowercase letter"
+    return None
+
+
 class VertexResources(Section):
     machine_type: str = "n1-standard-8"
     accelerator_type: str | None = Field(None, description="e.g. NVIDIA_TESLA_T4, NVIDIA_TESLA_V100")
     accelerator_count: int = Field(0, ge=0, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
     replica_count: int = Field(1, ge=1, description="Machines; > 1 trains data-parallel across them.")
-    boot_disk_gb: int = Field(100, ge=10)
+    boot_disk_gb: int = Field(100, ge=100, le=64000, description="Vertex takes 100 to 64,000 GB.")
     spot: bool = Field(False, description="Spot VMs: cheaper, may be preempted.")
     restart_job_on_worker_restart: bool = Field(True, description="Restart after a worker restart; resumes.")
     timeout_hours: float = Field(24.0, gt=0)
     service_account: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Extra job labels (ops id and commit are added).")
+
+    @field_validator("labels")
+    @classmethod
+    def _vertex_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            problem = label_problem(key, "key") or label_problem(value, "value")
+            if problem:
+                raise ValueError(problem)
+            if key in OPS_LABELS:
+                raise ValueError(f"key {key!r} is one that ops sets itself ({', '.join(OPS_LABELS)})")
+        if len(labels) + len(OPS_LABELS) > MAX_LABELS:
+            raise ValueError(f"{len(labels)} labels and the {len(OPS_LABELS)} of ops are over Vertex's {MAX_LABELS}")
+        return labels
+
+    @model_validator(mode="after")
+    def _machine_takes_the_accelerator(self) -> "VertexResources":
+        machine, accelerator, count = self.machine_type, self.accelerator_type, self.accelerator_count
+        if accelerator and not count:
+            raise ValueError(f"accelerator_count 0 is not allowed with accelerator_type {accelerator}: set 1 or more")
+        family = next((name for name, machines in GPU_MACHINES.items() if machine in machines), None)
+        if family and accelerator != family:
+            raise ValueError(f"machine_type {machine!r} comes with {GPU_MACHINES[family][machine]} x {family}: set "
+                             f"accelerator_type {family} and accelerator_count {GPU_MACHINES[family][machine]}")
+        if accelerator in GPU_MACHINES:
+            machines = GPU_MACHINES[accelerator]
+            if machines.get(machine) != count:
+                fits = ", ".join(f"{name} ({gpus})" for name, gpus in machines.items())
+                raise ValueError(f"accelerator_type {accelerator} x {count} needs its machine type, one of {fits}")
+        if accelerator in N1_GPUS:
+            if not machine.startswith("n1-"):
+                raise ValueError(f"accelerator_type {accelerator} attaches to n1 machine types (n1-standard-8 ...), "
+                                 f"not {machine!r}")
+            if count not in N1_GPUS[accelerator]:
+                raise ValueError(f"accelerator_count {count} is not offered for {accelerator}: "
+                                 f"{', '.join(map(str, N1_GPUS[accelerator]))}")
+        return self
 
 
 class Resources(Section):
@@ -74,7 +143,8 @@ class Resources(Section):
 
 
 class JobSpec(Section):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Lowercase letters, digits and dashes.")
+    # At most 50: the ops id (NAME-xxxxxx) is a Vertex label value, which may have 63 characters.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=50, description="Lowercase letters, digits and dashes.")
     description: str = Field("", description="What the job is, in a sentence.")
     hypothesis: str = Field("", description="What the run is meant to show, and why.")
     expected: str = Field("", description="The outcome that would confirm the hypothesis (figures, if any).")

@@ -217,3 +217,45 @@ def test_the_container_wrapper_tees_the_output_into_the_run_dir(tmp_path):
     assert "step 1" in result.stdout
     assert (tmp_path / "log.txt").read_text() == "step 1\n"
     assert json.loads((tmp_path / "exit_status.json").read_text())["returncode"] == 3
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("resources.vertex.labels={Team: ML, cost-center: A/B}",
+     "resources.vertex.labels: {'Team': 'ML', 'cost-center': 'A/B'} is not allowed: key 'Team' has 'T'"),
+    ("resources.vertex.labels={team: a/b}", "value 'a/b' has '/': only lowercase letters"),
+    ("resources.vertex.labels={1team: x}", "key '1team' must start with a lowercase letter"),
+    (f"resources.vertex.labels={{team: {'x' * 64}}}", "is longer than 63 characters"),
+    ("resources.vertex.labels={ops-id: mine}", "key 'ops-id' is one that ops sets itself"),
+    ("resources.vertex.accelerator_type=NVIDIA_TESLA_A100", "accelerator_count 0 is not allowed with "
+     "accelerator_type NVIDIA_TESLA_A100: set 1 or more"),
+    ("resources.vertex.accelerator_type=NVIDIA_L4", "accelerator_count 0 is not allowed"),
+    ("resources.vertex.machine_type=g2-standard-8", "machine_type 'g2-standard-8' comes with 1 x NVIDIA_L4"),
+    ("resources.vertex.accelerator_count=3", "accelerator_count 3 is not offered for NVIDIA_TESLA_T4: 1, 2, 4"),
+    ("resources.vertex.boot_disk_gb=50", "resources.vertex.boot_disk_gb: 50 is not allowed"),
+])
+def test_vertex_rules_are_checked_before_anything_is_uploaded_or_built(vertex, setting, line):
+    root, standin, bucket = vertex
+    extra = ["--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_T4"] if "count=3" in setting else []
+    for command in (["submit", "tiny", "--engine", "vertex", "--image", IMAGE], ["config", "set", "tiny"]):
+        args = [*command, "--set", setting, *extra] if command[0] == "submit" else [*command, setting, *extra[1:]]
+        result = ops(root, *args)
+        assert result.returncode == 2 and line in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert standin.requests == [] and list(bucket.list_blobs()) == [] and not (root / "runs").exists()
+
+
+def test_the_labels_ops_adds_satisfy_vertex_and_its_refusals_name_their_cause(vertex):
+    root, standin, _ = vertex
+    longest = "a" * 50  # the longest spec name: its ops id is a label value Vertex must take
+    spec = (root / "configs/jobs/tiny.yaml").read_text().replace("name: tiny", f"name: {longest}")
+    (root / f"configs/jobs/{longest}.yaml").write_text(spec)
+    run = ops_json(root, "submit", longest, "--engine", "vertex", "--image", IMAGE,
+                   "--set", "resources.vertex.labels={team: vision, 'cost-center': a-b}")["runs"][0]
+    [job] = created_jobs(standin)
+    assert job["labels"]["ops-id"] == run["ops_id"] and job["labels"]["team"] == "vision"
+    too_long = ops(root, "config", "set", "tiny", f"name={'b' * 51}")
+    assert too_long.returncode == 2 and "name: '" in too_long.stderr and "at most 50 characters" in too_long.stderr
+
+    standin.fail_next = (400, "Invalid label: Team=ML. Label keys and values can be no longer than 63 characters")
+    refused = ops(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)
+    assert refused.returncode == 2
+    assert "check resources.vertex.labels" in refused.stderr and "machine_type" not in refused.stderr

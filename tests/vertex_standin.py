@@ -2,8 +2,9 @@
 for Cloud Logging's entries:list (where Vertex jobs' output goes).
 
 It stores the CustomJobs it is sent, records every request, and lets a test move a job through
-its states (or make the next call fail with an HTTP error). It runs no containers: that part of
-Vertex cannot run here.
+its states (or make the next call fail with an HTTP error). It refuses a CustomJob as Vertex does
+when its labels or display name break Vertex's rules (400 INVALID_ARGUMENT), written here from
+Vertex's documentation, not from ops. It runs no containers: that part of Vertex cannot run here.
 """
 
 import itertools
@@ -16,6 +17,24 @@ JOB_PATH = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/customJobs$")
 ONE_JOB = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/customJobs/[^/:]+)(:cancel)?$")
 ERROR_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 429: "RESOURCE_EXHAUSTED"}
+
+
+LABEL = re.compile(r"^[a-z\u00c0-\uffff][a-z0-9_\u00c0-\uffff-]{0,62}$")  # keys; values may also start otherwise
+
+
+def job_problem(job: dict) -> str | None:
+    """Vertex's answer to a CustomJob whose labels or display name it refuses."""
+    if len(job.get("displayName", "")) > 128:
+        return "Display name must be at most 128 characters."
+    labels = job.get("labels", {})
+    if len(labels) > 64:
+        return "At most 64 labels are allowed."
+    for key, value in labels.items():
+        if not LABEL.match(key) or (value and not LABEL.match("a" + value[1:] if value[:1].isdigit() else value)) \
+                or any(c.isupper() for c in key + value) or len(value) > 63:
+            return f"Invalid label: {key}={value}. Label keys and values can be no longer than 63 characters, " \
+                   "can only contain lowercase letters, numeric characters, underscores and dashes."
+    return None
 
 
 class VertexStandIn:
@@ -87,6 +106,9 @@ class VertexStandIn:
                         "resource": {"type": "ml_job", "labels": {"job_id": job_id}}} for i, line in enumerate(lines)]
             return self.reply(handler, 200, {"entries": entries})
         created = JOB_PATH.match(path)
+        if method == "POST" and created and job_problem(body):
+            return self.reply(handler, 400, {"error": {"code": 400, "message": job_problem(body),
+                                                       "status": "INVALID_ARGUMENT"}})
         if method == "POST" and created:
             job_id = str(next(self.ids))
             job = {**body, "name": f"{created.group(1)}/customJobs/{job_id}", "state": "JOB_STATE_QUEUED",

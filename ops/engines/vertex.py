@@ -88,8 +88,17 @@ def explain(exc: Exception, context: str) -> OpsError:
         return OpsError(f"{context}: not found ({message}); check gcp_project / gcp_region in ops.yaml, or that "
                         "the image was pushed (`ops build --push`)")
     if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest)):
-        return OpsError(f"{context}: rejected ({message}); check resources.vertex (machine_type, accelerator_type "
-                        "and count must be a combination the region offers)")
+        lowered = message.lower()
+        if "label" in lowered:
+            cause = "resources.vertex.labels (lowercase letters, digits, '_' and '-', at most 63 characters)"
+        elif "display name" in lowered:
+            cause = "the job's display name (the ops id, at most 128 characters)"
+        elif any(word in lowered for word in ("accelerator", "machine", "gpu")):
+            cause = "resources.vertex: machine_type, accelerator_type and accelerator_count must be a combination " \
+                    "the region offers"
+        else:
+            cause = "resources.vertex and the rest of the CustomJob (`ops submit --dry-run` shows it)"
+        return OpsError(f"{context}: rejected ({message}); check {cause}")
     return OpsError(f"{context}: {type(exc).__name__}: {message}")
 
 
@@ -144,8 +153,6 @@ class VertexEngine:
             close = difflib.get_close_matches(accelerator, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(known)}"
             raise OpsError(f"resources.vertex.accelerator_type: {accelerator!r} is not allowed: {hint}")
-        if accelerator and not resources["accelerator_count"]:
-            raise OpsError("resources.vertex.accelerator_count: 0 is not allowed with an accelerator_type: set 1 or more")
 
     def describe(self, launch: Launch) -> str:
         self.preflight(launch.resources)
