@@ -124,8 +124,7 @@ def build_image(project, push: bool, builder: str | None = None, run_dir: Path |
             if digest:
                 return Image(settings.image_repository, tag, digest, built=False, pushed=False)
         builder = pick_builder(builder or settings.image_builder)
-        context = folder / "context"
-        restore(provenance, patch_path, project.root, context)
+        context = restore(provenance, patch_path, project.root, folder / "context")  # the project's folder
         if not (context / "Dockerfile").is_file():
             raise OpsError(f"no Dockerfile at the root of commit {provenance['git']['short_commit']}")
         build_args = {**({"BASE_IMAGE": settings.image_base} if settings.image_base else {}), **(build_args or {})}

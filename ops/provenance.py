@@ -23,6 +23,7 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
                            files that are not code or config (CODE_SUFFIXES), files over
                            MAX_UNTRACKED_FILE_BYTES, nested git repositories (bytes None)
         patch_bytes        size of diff.patch
+        project_dir        the project's folder within the repository, "" at its root
     versions       {"python", "torch", "torchvision", "numpy", "pydantic", "diffusion-ops"}: installed
                    versions, None for a package that is not installed
     host           socket.gethostname()
@@ -92,7 +93,7 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude:
         patch.write_bytes(b"")
         git_record = None
     else:
-        git_record = _capture_git(repo, patch, exclude)
+        git_record = _capture_git(repo, patch, Path(repo_root), exclude)
     return {
         "git": git_record,
         "versions": {"python": platform.python_version()} | {name: _version(name) for name in PACKAGES},
@@ -104,9 +105,10 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude:
     }
 
 
-def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> None:
+def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> Path:
     """Materialise the code as it was at capture into dest (which must be missing or empty):
-    the recorded commit's tree from the repository at repo_root, with diff.patch applied."""
+    the recorded commit's tree from the repository at repo_root, with diff.patch applied.
+    Returns the project's folder in it: dest itself, or dest/SUB for a project in a subfolder."""
     info = provenance.get("git")
     if info is None:
         raise ProvenanceError("this run was recorded without git (--allow-no-git), so its code cannot be restored")
@@ -139,6 +141,7 @@ def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> None:
                 raise ProvenanceError(f"{patch} does not apply to commit {short}: {first}")
         dest.mkdir(parents=True, exist_ok=True)
         repo.git.checkout_index("--all", f"--prefix={dest.resolve()}/", env=env)
+    return dest / info.get("project_dir", "")
 
 
 def secret_name(path: str) -> bool:
@@ -179,8 +182,11 @@ def _open_repo(path: Path):
         return None
 
 
-def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
-    root = Path(repo.working_tree_dir)
+def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()) -> dict:
+    root = Path(repo.working_tree_dir).resolve()
+    # The project may sit in a folder of its repository: git wants paths from the repository's root.
+    project_dir = project.resolve().relative_to(root).as_posix()
+    exclude = tuple((Path(project_dir) / path).as_posix() for path in exclude)
     if not repo.head.is_valid():
         raise ProvenanceError(f"{root} has no commits yet; commit once before submitting")
     commit = repo.head.commit.hexsha
@@ -195,6 +201,8 @@ def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
         listed = repo.git.ls_files("--others", "--exclude-standard", "-z", env=env).split("\0")
         untracked, skipped = [], []
         for path in filter(None, listed):
+            if any(path == record or path.startswith(record + "/") for record in exclude):
+                continue  # ops' own records: neither code nor a reason to call the tree dirty
             reason = left_out(root, path)
             if reason is None:
                 untracked.append(path)
@@ -234,6 +242,7 @@ def _capture_git(repo, patch: Path, exclude: tuple[str, ...] = ()) -> dict:
         "untracked": untracked,
         "skipped_untracked": skipped,
         "patch_bytes": patch_bytes,
+        "project_dir": "" if project_dir == "." else project_dir,
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ops.engines import Engine, Launch, get_engine
 from ops.registry import FINAL_STATES, Registry, Run
 from ops.errors import OpsError, PermanentError
-from ops.rundir import FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
+from ops.rundir import CODE, DIFF, FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
 from ops.settings import Project
 
 
@@ -203,8 +203,15 @@ def snapshot_code(project: Project, run: Run) -> Path | None:
     provenance = read_required(run_dir / PROVENANCE)
     if provenance.get("git") is None:
         return None  # --allow-no-git: nothing to restore; the job imports whatever is installed
-    restore(provenance, run_dir / "diff.patch", project.root, run_dir / "code")
-    return run_dir / "code"
+    return restore(provenance, run_dir / DIFF, project.root, run_dir / CODE)
+
+
+def code_folder(run_dir: Path) -> Path | None:
+    """The project's folder in a run's code snapshot (RUN_DIR/code, or a subfolder of it for a
+    project that is not at its repository's root); None when the run has no snapshot."""
+    git = (read_json(run_dir / PROVENANCE) or {}).get("git") or {}
+    folder = run_dir / CODE / git.get("project_dir", "")
+    return folder if folder.is_dir() else None
 
 
 def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
@@ -267,7 +274,7 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
         raise OpsError(f"{run.ops_id}: is {run.state}; nothing to resume")
     if run.state == "SUCCEEDED":
         raise OpsError(f"{run.ops_id}: finished successfully; `ops rerun {run.ops_id}` starts a new run")
-    code_dir = Path(run.run_dir) / "code"
+    code_dir = code_folder(Path(run.run_dir))
     # Compare-and-set: of two ops resuming at once, one wins. The old engine job id goes, so that
     # nobody reconciles this run against the job that stopped; the submitter marks it as ours.
     claimed = registry.update_if(run.ops_id, {"state": run.state, "requeues": run.requeues}, state="QUEUED",
@@ -280,7 +287,7 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
             registry.forget_followup(run.ops_id, followup.kind)
     run = registry.get(run.ops_id)
     with failed_if_interrupted(registry, [run]):
-        return start(project, registry, run, code_dir if code_dir.is_dir() else None)
+        return start(project, registry, run, code_dir)
 
 
 def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
@@ -296,14 +303,14 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     spec = validate_spec(job["spec"], f"{old_dir / JOB}")
 
     def restored_provenance(run_dir: Path) -> dict:
-        restore(old_provenance, old_dir / "diff.patch", project.root, run_dir / "code")
-        shutil.copyfile(old_dir / "diff.patch", run_dir / "diff.patch")
+        restore(old_provenance, old_dir / DIFF, project.root, run_dir / CODE)
+        shutil.copyfile(old_dir / DIFF, run_dir / DIFF)
         return {**old_provenance, "rerun_of": run.ops_id, "rerun_at": time.time()}
 
     planned = Planned(spec, job["overrides"], job["sweep"], [tuple(change) for change in job["changes"]])
     new = create(project, registry, planned, command, restored_provenance)
     with failed_if_interrupted(registry, [new]):
-        return start(project, registry, new, code_dir=Path(new.run_dir) / "code")
+        return start(project, registry, new, code_dir=code_folder(Path(new.run_dir)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@
 checkpoints and exits) and stays alive to record its exit status. Kept free of heavy imports.
 """
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-from diffusion.records import write_json  # the standard library only, like this wrapper
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +29,12 @@ def main(argv: list[str]) -> int:
         returncode = run_teeing(cmd, Path(run_dir) / "log.txt")
     else:
         returncode = subprocess.Popen(cmd).wait()
-    write_json(Path(run_dir) / "exit_status.json", {"returncode": returncode, "finished_at": time.time()})
+    # Written atomically by hand: the wrapper imports nothing of the project (not even
+    # diffusion.records), so a working tree that no longer imports cannot stop it recording the end.
+    path = Path(run_dir) / "exit_status.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"returncode": returncode, "finished_at": time.time()}) + "\n")
+    os.replace(tmp, path)
     print(f"[ops] run exited with code {returncode}", flush=True)
     return 0
 
