@@ -160,6 +160,16 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
         ema_buffer.copy_(buffer)
 
 
+@contextlib.contextmanager
+def signals_ignored(signals):
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def first_nonfinite_loss(first_step: torch.Tensor, first_loss: torch.Tensor, ranks: "DataParallel",
                          device: torch.device) -> str | None:
     """`loss is NaN at step N` for the first step whose loss was not finite (on any rank), else None.
@@ -463,36 +473,39 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                 checkpoint_now()
             final_texts = write_samples("final")
 
-    exit_code = {"completed": 0, "preempted": EXIT_PREEMPTED, "failed": EXIT_FAILED}[status]
-    if status == "failed":
-        stop_reason += f"; the last good checkpoint is step {checkpointed_step}" if checkpointed_step else \
-            "; no checkpoint was written"
-    print(f"{status}: {stop_reason}", flush=True)
-    if not ranks.is_main:
-        return exit_code
-    logged = run.read_metrics()
-    scores = {}
-    if final_texts is not None:
-        from diffusion.evaluate_text import evaluate_text
+    # A completed run stays completed: a signal that comes now (a late preemption, a time limit)
+    # is ignored while the scores and the summary are written, as it would be after the exit.
+    with signals_ignored(PREEMPT_SIGNALS) if status == "completed" else contextlib.nullcontext():
+        exit_code = {"completed": 0, "preempted": EXIT_PREEMPTED, "failed": EXIT_FAILED}[status]
+        if status == "failed":
+            stop_reason += f"; the last good checkpoint is step {checkpointed_step}" if checkpointed_step else \
+                "; no checkpoint was written"
+        print(f"{status}: {stop_reason}", flush=True)
+        if not ranks.is_main:
+            return exit_code
+        logged = run.read_metrics()
+        scores = {}
+        if final_texts is not None:
+            from diffusion.evaluate_text import evaluate_text
 
-        # Validation bits per character and how healthy the samples look; `collapsed` lists why not.
-        scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed,
-                               num_blocks=config.eval.val_blocks)
-        if scores["collapsed"]:
-            print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
-    run.write_record(Summary(
-        status=status,
-        reason=stop_reason,
-        signal=signal.Signals(preemption.signal).name if preemption.signal else None,
-        exit_code=exit_code,
-        step=step,
-        total_steps=total_steps,
-        epoch=round(step / steps_per_epoch, 4),
-        train_seconds=round(train_seconds, 3),
-        num_parameters=num_params,
-        device=str(device),
-        final_metrics=logged[-1].to_json() if logged else {},
-        scores=scores or None,
-        collapsed=bool(scores["collapsed"]) if scores else None,
-    ))
-    return exit_code
+            # Validation bits per character and how healthy the samples look; `collapsed` lists why not.
+            scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed,
+                                   num_blocks=config.eval.val_blocks)
+            if scores["collapsed"]:
+                print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
+        run.write_record(Summary(
+            status=status,
+            reason=stop_reason,
+            signal=signal.Signals(preemption.signal).name if status == "preempted" else None,
+            exit_code=exit_code,
+            step=step,
+            total_steps=total_steps,
+            epoch=round(step / steps_per_epoch, 4),
+            train_seconds=round(train_seconds, 3),
+            num_parameters=num_params,
+            device=str(device),
+            final_metrics=logged[-1].to_json() if logged else {},
+            scores=scores or None,
+            collapsed=bool(scores["collapsed"]) if scores else None,
+        ))
+        return exit_code

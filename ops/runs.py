@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ops.engines import Engine, Launch, get_engine
+from ops.engines import Engine, EngineState, Launch, get_engine
 from ops.registry import FINAL_STATES, Registry, Run
 from ops.errors import OpsError, PermanentError
 from ops.rundir import CODE, DIFF, FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
@@ -448,6 +448,20 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
     return run, problems
 
 
+def records_decide(run: Run, observed: EngineState) -> EngineState:
+    """The engine's word, unless the run's own complete records say otherwise: a run whose task
+    completed (summary.json) is SUCCEEDED whatever a late signal made of its job (SLURM FAILED or
+    PREEMPTED, a requeue), on every engine; the disagreement is kept in the detail."""
+    if observed.state in ("SUCCEEDED", "RUNNING", "QUEUED"):
+        return observed
+    summary = read_summary(run.run_dir)
+    if summary is None or summary.status != "completed":
+        return observed
+    said = observed.detail or observed.state
+    return EngineState("SUCCEEDED", 0, f"the run completed (summary.json); the engine said otherwise "
+                                       f"afterwards ({said}), a late signal", observed.finished_at, observed.requeues)
+
+
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
     """Bring one run's row up to date with its engine, and do its due follow-ups. A run that no
     engine took and whose submitting ops is gone (killed) is an orphan: FAILED, resumable."""
@@ -459,7 +473,7 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
         run = registry.get(run.ops_id)
     if not run.finished and run.engine_job_id is not None:
         engine = engine or get_engine(run.engine, project.settings)
-        observed = engine.state(run)
+        observed = records_decide(run, engine.state(run))
         requeues = run.requeues if observed.requeues is None else max(run.requeues, observed.requeues)
         detail = observed.detail or None
         if (observed.state, observed.exit_code, requeues, detail) != (run.state, run.exit_code, run.requeues, run.detail):

@@ -151,3 +151,24 @@ def test_a_queued_job_runs_the_code_as_submitted(slurm_project):
     view = wait_ok(root, run["ops_id"])
     assert view["state"] == "SUCCEEDED"
     assert "def train_loop(" in (Path(run["run_dir"]) / "code/diffusion/train.py").read_text()
+
+
+@pytest.mark.parametrize("moment", ["completed: finished all steps", "Exiting after successful completion"])
+def test_a_late_signal_cannot_fail_or_requeue_a_completed_run(slurm_project, moment):
+    """USR2 (what SLURM sends for a preemption or a time limit) the moment the log says the run has
+    completed: the job, ops and the experiment log still say SUCCEEDED."""
+    from ops.engines.slurm import SlurmEngine
+    from ops.registry import Run
+
+    root = slurm_project
+    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.max_steps=20",
+                   "--set", "train.max_minutes=null")["runs"][0]
+    log = SlurmEngine().log_path(Run(ops_id=run["ops_id"], name="tiny", engine="slurm", run_dir=run["run_dir"],
+                                     engine_job_id=run["engine_job_id"]))
+    wait_for(lambda: log.is_file() and moment in log.read_text(errors="replace"), timeout=300, interval=0.02)
+    subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], capture_output=True)
+    view = wait_ok(root, run["ops_id"])
+    assert view["state"] == "SUCCEEDED" and view["exit_code"] == 0, view
+    assert json.loads((Path(run["run_dir"]) / "summary.json").read_text())["status"] == "completed"
+    assert f"**Result: SUCCEEDED**" in (root / "EXPERIMENT_LOG.md").read_text()
+    assert view["requeues"] == 0

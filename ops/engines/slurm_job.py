@@ -35,6 +35,11 @@ class SlurmRun:
         from diffusion.__main__ import main
 
         code = main([self.run_dir])
+        if code == 0:
+            # Complete: a preemption or time-limit signal from now on must not requeue or fail it
+            # (submitit's handler would, while it saves the result).
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(signum, signal.SIG_IGN)
         if code == EXIT_PREEMPTED and environment.global_rank == 0 and stopped_by(self.run_dir) == "SIGTERM":
             # scancel (or a node going down): SLURM decides what happens next, not a requeue by us.
             raise RuntimeError("stopped by SIGTERM after a checkpoint (cancelled?); `ops resume` continues it")
