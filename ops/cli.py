@@ -652,7 +652,7 @@ def pull(
     Resumes partial downloads and skips files already present with the same checksum."""
     from ops import runs
     from ops.engines.vertex import VERTEX_FILE
-    from ops.rundir import read_required
+    from ops.rundir import OPS_RECORDS, read_required
     from ops.storage import WHAT, pull as pull_files
 
     if what not in WHAT:
@@ -662,7 +662,7 @@ def pull(
     if run.engine != "vertex":
         raise OpsError(f"{run.ops_id}: ran on {run.engine}; its run dir is already here: {run.run_dir}")
     gcs_run_dir = read_required(Path(run.run_dir) / VERTEX_FILE)["gcs_run_dir"]
-    result = pull_files(gcs_run_dir, Path(run.run_dir), what,
+    result = pull_files(gcs_run_dir, Path(run.run_dir), what, keep=OPS_RECORDS | {VERTEX_FILE},
                         progress=None if as_json else lambda name: typer.echo(f"  {name}"))
     if as_json:
         return echo_json({"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result})

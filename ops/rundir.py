@@ -30,6 +30,9 @@ DIFF = "diff.patch"  # uncommitted changes at submit
 CODE = "code"  # the recorded commit + diff.patch, for engines whose jobs start later
 IMAGE = "image.json"  # the container image a cloud run uses
 FOLLOWUPS_FILE = "followups.json"  # the follow-ups done (issue URL, journal post ...), for a rebuilt registry
+# Written by ops on this machine, which keeps their one authoritative copy (a remote run dir holds
+# copies made at submit, older than these): nothing that syncs a run dir may overwrite them.
+OPS_RECORDS = frozenset({CONFIG, JOB, PROVENANCE, DIFF, IMAGE, FOLLOWUPS_FILE})
 
 
 def read_required(path: Path) -> dict:

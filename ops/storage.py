@@ -68,16 +68,21 @@ def md5_matches(path: Path, md5_base64: str | None) -> bool:
     return base64.b64encode(digest.digest()).decode() == md5_base64
 
 
-def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None) -> dict[str, list[str]]:
-    """Download the run dir's files under `what`; returns {"downloaded": [...], "skipped": [...]}."""
+def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
+         keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Download the run dir's files under `what`, except the local records in `keep` (ops' own, whose
+    remote copies are older); returns {"downloaded": [...], "skipped": [...], "kept": [...]}."""
     bucket_name, prefix = split_uri(gcs_run_dir)
     bucket = client().bucket(bucket_name)
-    result = {"downloaded": [], "skipped": []}
+    result = {"downloaded": [], "skipped": [], "kept": []}
     blobs = [blob for blob in bucket.list_blobs(prefix=prefix + "/")
              if blob.name.removeprefix(prefix + "/").startswith(WHAT[what])]
     for blob in blobs:
         relative = blob.name.removeprefix(prefix + "/")
         target = local_dir / relative
+        if relative in keep:
+            result["kept"].append(relative)
+            continue
         if md5_matches(target, blob.md5_hash):
             result["skipped"].append(relative)
             continue

@@ -259,3 +259,25 @@ def test_the_labels_ops_adds_satisfy_vertex_and_its_refusals_name_their_cause(ve
     refused = ops(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)
     assert refused.returncode == 2
     assert "check resources.vertex.labels" in refused.stderr and "machine_type" not in refused.stderr
+
+
+def test_pull_never_overwrites_the_records_ops_keeps_here(vertex):
+    """The bucket's job.json was uploaded before the job existed (engine_job_id null): a pull that
+    took it would make a rebuilt registry lose the job. ops' records keep their local copy."""
+    root, standin, bucket = vertex
+    run = ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)["runs"][0]
+    prefix, run_dir = f"runs/{run['ops_id']}", Path(run["run_dir"])
+    assert json.loads(bucket.blob(f"{prefix}/job.json").download_as_bytes())["engine_job_id"] is None
+    bucket.blob(f"{prefix}/config.yaml").upload_from_string("task: train\n")  # the run's own rewrite
+    bucket.blob(f"{prefix}/summary.json").upload_from_string('{"status": "completed", "step": 8}\n')
+    kept = {name: (run_dir / name).read_bytes() for name in
+            ("job.json", "provenance.json", "config.yaml", "diff.patch", "image.json", "vertex_job.json")}
+    pulled = ops_json(root, "pull", run["ops_id"])
+    assert "summary.json" in pulled["downloaded"] and {"job.json", "config.yaml"} <= set(pulled["kept"])
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+    (root / "runs/registry.sqlite").unlink()
+    synced = ops_json(root, "sync")
+    assert synced["rebuilt"] == [run["ops_id"]]
+    [row] = registry_rows(root)
+    assert row["engine_job_id"] == run["engine_job_id"] and row["state"] != "UNKNOWN"
