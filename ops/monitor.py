@@ -6,7 +6,7 @@ Only json and the file system here, so `ops monitor` stays fast.
 import time
 
 from ops.registry import Run
-from ops.rundir import last_metrics
+from ops.rundir import MetricsRecord, last_metrics, read_summary
 
 
 def tail(text: str, lines: int) -> str:
@@ -28,6 +28,11 @@ def progress(run: Run, spec: dict) -> dict:
     record = last_metrics(run.run_dir)
     train = spec.get("run", {}).get("train", {})
     fields["total_epochs"] = train.get("epochs")
+    summary = read_summary(run.run_dir) if run.finished else None
+    if summary is not None and summary.step is not None:
+        # Where it ended, not the last logged step before a budget or a signal stopped it.
+        record = MetricsRecord(**{**(record or MetricsRecord()).__dict__, "step": summary.step,
+                                  "epoch": summary.epoch, "total_steps": summary.total_steps})
     if record is None:
         return fields
     step, total = record.step, record.total_steps

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -420,3 +421,25 @@ def test_submit_names_the_untracked_files_it_leaves_out_of_the_snapshot(ops_proj
     assert [item["path"] for item in run["left_out"]] == [".envrc", "Credentials.json"]
     patch = (Path(run["run_dir"]) / "diff.patch").read_text()
     assert "helper.py" in patch and "sk-live" not in patch and "Credentials" not in patch
+
+
+def test_monitor_shows_where_a_run_ended_and_a_resumed_run_counts_from_its_first_start(ops_project):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=1000", "--set", "run.train.log_every=1000",
+                   "--set", "run.train.max_minutes=0.05", "--set", "run.train.checkpoint_every_steps=1000")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+    assert summary["reason"].startswith("time budget") and 0 < summary["step"] < 1000
+    shown = ops_json(root, "monitor", run["ops_id"])["progress"]
+    assert shown["step"] == summary["step"] and shown["epoch"] == summary["epoch"]  # nothing was logged before
+
+    long = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.log_every=1")["runs"][0]
+    wait_for(lambda: metrics_steps(long["run_dir"]) >= 2)
+    assert ops(root, "cancel", long["ops_id"], "--grace", "30").returncode == 0
+    first_start = ops_json(root, "monitor", long["ops_id"])["started_at"]
+    time.sleep(1.0)
+    resumed = ops_json(root, "resume", long["ops_id"])
+    assert resumed["started_at"] == first_start
+    view = ops_json(root, "monitor", long["ops_id"])
+    assert view["elapsed_seconds"] >= time.time() - first_start - 1 > 1.0
+    assert ops(root, "cancel", long["ops_id"], "--grace", "30").returncode == 0

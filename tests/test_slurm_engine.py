@@ -170,5 +170,25 @@ def test_a_late_signal_cannot_fail_or_requeue_a_completed_run(slurm_project, mom
     view = wait_ok(root, run["ops_id"])
     assert view["state"] == "SUCCEEDED" and view["exit_code"] == 0, view
     assert json.loads((Path(run["run_dir"]) / "summary.json").read_text())["status"] == "completed"
-    assert f"**Result: SUCCEEDED**" in (root / "EXPERIMENT_LOG.md").read_text()
+    assert "**Result: SUCCEEDED**" in (root / "EXPERIMENT_LOG.md").read_text()
     assert view["requeues"] == 0
+
+
+def test_a_requeue_by_sigterm_says_so_in_a_line_and_the_run_ends_whole(slurm_project):
+    """`scontrol requeue` (SIGTERM, as a default preemption sends) mid-run: no traceback, one plain
+    line, the job resumes, and ops shows the whole run: its first start, its final step."""
+    root = slurm_project
+    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=150",
+                   "--set", "train.checkpoint_every_steps=5", "--set", "train.log_every=7")["runs"][0]
+    run_dir = Path(run["run_dir"])
+    wait_for(lambda: metrics_steps(run_dir) >= 14, timeout=300)
+    started = registry_rows(root)[0]["started_at"]
+    subprocess.run(["scontrol", "requeue", run["engine_job_id"]], check=True)
+    view = wait_ok(root, run["ops_id"])
+    log = view["log_tail"]
+    assert view["state"] == "SUCCEEDED" and view["requeues"] >= 1, view
+    assert "Traceback" not in log and "(cancelled?)" not in log
+    assert "[ops] checkpointed on SIGTERM: SLURM is cancelling or requeueing job" in log
+    assert view["progress"]["step"] == 150
+    [row] = registry_rows(root)
+    assert row["started_at"] == started and view["elapsed_seconds"] >= row["finished_at"] - started - 1

@@ -41,8 +41,12 @@ class SlurmRun:
             for signum in (signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(signum, signal.SIG_IGN)
         if code == EXIT_PREEMPTED and environment.global_rank == 0 and stopped_by(self.run_dir) == "SIGTERM":
-            # scancel (or a node going down): SLURM decides what happens next, not a requeue by us.
-            raise RuntimeError("stopped by SIGTERM after a checkpoint (cancelled?); `ops resume` continues it")
+            # scancel, `scontrol requeue`, or a preemption with the default signal: SLURM decides what
+            # comes next, not a requeue by us. Either way nothing is lost; no traceback for it.
+            print(f"[ops] checkpointed on SIGTERM: SLURM is cancelling or requeueing job "
+                  f"{os.environ.get('SLURM_JOB_ID', '?')}; a requeued job resumes from this checkpoint, a cancelled "
+                  "one with `ops resume`", flush=True)
+            return code
         if code == EXIT_PREEMPTED:
             print(f"[ops] checkpointed at a preemption signal; requeueing (restart "
                   f"{os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
