@@ -52,13 +52,16 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
         config_path = target
         run_dir = args.out or default_run_dir(target)
     config = load_run_config(config_path, args.overrides)
-    stored_task = config.task
     if args.task:
         config.task = args.task
     if args.device:
         config.device = args.device
-    into_other_run = target.is_dir() and args.out is None and config.task != stored_task
-    return config, run_dir, into_other_run
+    # The run dir belongs to the task its config.yaml names, whatever --set, a task word or --out
+    # ask for: another task run there writes beside it, never over its config or summary.
+    existing = Path(run_dir) / "config.yaml"
+    stored = read_yaml(existing) if existing.is_file() else None
+    owner = stored.get("task", "train") if isinstance(stored, dict) else config.task
+    return config, run_dir, owner != config.task
 
 
 def run_task(config: RunConfig, run: RunDir) -> int:

@@ -6,12 +6,14 @@ pointing at the last complete checkpoint. Only the newest `keep` step files are 
 """
 
 import io
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusion.config import ConfigError
 from diffusion.records import atomic_write
 
 LATEST = "latest.pt"
@@ -36,9 +38,25 @@ def remove_partial_writes(checkpoint_dir: Path) -> None:
         tmp.unlink()
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    path = checkpoint_dir / LATEST
-    return path if path.is_file() else None
+def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads: latest.pt, else the step files newest first (every file
+    is written atomically, so only damage from outside can break one). None when there is none;
+    ConfigError naming the folder when none of them loads."""
+    candidates = [checkpoint_dir / LATEST, *sorted(checkpoint_dir.glob("step_*.pt"), reverse=True)]
+    problems = []
+    for path in (path for path in candidates if path.is_file()):
+        try:
+            checkpoint = load_checkpoint(path)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torn or not a checkpoint
+            problems.append(f"{path.name}: {' '.join(str(exc).split())[:120]}")
+            continue
+        if problems:
+            print(f"warning: damaged checkpoint skipped ({'; '.join(problems)}); resuming from {path}", flush=True)
+        return path, checkpoint
+    if problems:
+        raise ConfigError(f"{checkpoint_dir}: no checkpoint loads ({'; '.join(problems)}); remove the folder to "
+                          "start over, or resume from a copy")
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -8,11 +8,14 @@ Every error is one line: where, the key path, the bad value and what is allowed.
 """
 
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
+
+from diffusion.yamlfile import ConfigError, parse_yaml  # noqa: F401 (ConfigError is every caller's error type)
 
 # Top-level keys of a job spec that are not ours: ops validates them.
 JOB_SPEC_KEYS = {"name", "description", "hypothesis", "expected", "engine", "resources", "run"}
@@ -34,9 +37,13 @@ IMAGE_METHODS = ("ddpm",)
 TEXT_METHODS = ("autoregressive", "masked", "embedding")
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+NO_NUL = r"^[^\x00]*$"  # a path with a NUL byte cannot be opened
+
+
 class DataConfig(Section):
     dataset: Literal["mnist", "shakespeare"] = "mnist"
-    root: str | None = Field(None, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
+    root: str | None = Field(None, pattern=NO_NUL, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
     download: bool = Field(True, description="Download when the files are missing under the root.")
     only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
     subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
@@ -79,20 +86,20 @@ class MethodConfig(Section):
         "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM).")
     num_train_timesteps: int = Field(1000, ge=2, le=100_000)
     beta_schedule: Literal["linear", "cosine", "sqrt"] = Field("linear", description="sqrt suits embeddings.")
-    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
-    beta_end: float = Field(2e-2, gt=0.0, lt=1.0)
+    beta_start: float = Field(1e-4, ge=1e-8, lt=1.0)
+    beta_end: float = Field(2e-2, ge=1e-8, lt=1.0)
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
     clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
     embedding_dim: int = Field(64, ge=2, le=4096, description="embedding: size of the diffused token embeddings.")
     rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
-    init_embeddings: str | None = Field(None, description="embedding: a trained text run (same tokenizer) whose "
+    init_embeddings: str | None = Field(None, pattern=NO_NUL, description="embedding: a trained text run (same tokenizer) whose "
                                                           "token embeddings start these, through a learned projection.")
     prefix_fraction: float = Field(0.25, ge=0.0, le=1.0, description="embedding: share of training sequences given "
                                    "a clean prefix, so that the model learns to continue text (guided decoding needs it).")
 
 
 class TrainConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -114,32 +121,33 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    checkpoint: str | None = Field(None, description="Run dir or .pt file to sample from (task sample/eval).")
+    checkpoint: str | None = Field(None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval).")
     sampler: Literal["ddpm", "ddim", "ancestral"] = Field(
         "ddim", description="ddpm, ddim (images, embedding); ancestral (autoregressive, masked).")
     num_inference_steps: int = Field(50, ge=1, le=100_000)
-    eta: float = Field(0.0, ge=0.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     num_samples: int = Field(64, ge=1, le=1_000_000)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=65536)
     use_ema: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     class_label: int | None = Field(None, ge=0, description="Class to sample (class-conditional models).")
     length: int | None = Field(None, ge=1, description="Text: tokens per sample; None: the block size.")
     block_length: int | None = Field(None, ge=1, description="masked: semi-autoregressive blocks of this many tokens.")
-    temperature: float = Field(1.0, gt=0.0, description="Text: softmax temperature.")
+    temperature: float = Field(1.0, ge=0.01, le=100.0, description="Text: softmax temperature (below 0.01 "
+                               "a softmax underflows; that is greedy decoding).")
     top_k: int | None = Field(None, ge=1, description="Text: sample among the k likeliest tokens.")
     clamp: bool = Field(True, description="embedding: snap predicted x0 to the nearest embedding each step.")
-    guide_checkpoint: str | None = Field(None, description="Text: an autoregressive run to mix logits with.")
+    guide_checkpoint: str | None = Field(None, pattern=NO_NUL, description="Text: an autoregressive run to mix logits with.")
     guidance_alpha: float = Field(1.0, ge=0.0, le=1.0, description="Weight of the diffusion logits (1: no AR).")
 
 
 class EvalConfig(Section):
-    num_samples: int = Field(1000, ge=2)
+    num_samples: int = Field(1000, ge=2, le=1_000_000)
     confidence: float = Field(0.9, gt=0.0, le=1.0, description="Softmax threshold for a confident sample.")
     classifier_epochs: int = Field(2, ge=1)
     classifier_subset: int | None = Field(None, ge=100, description="Train the classifier on N images.")
-    scorer_checkpoint: str | None = Field(None, description="Text: an autoregressive run that scores samples "
+    scorer_checkpoint: str | None = Field(None, pattern=NO_NUL, description="Text: an autoregressive run that scores samples "
                                                             "(their perplexity under it).")
     val_blocks: int = Field(64, ge=1, description="Text: validation blocks for bits per character.")
 
@@ -153,10 +161,6 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-
-class ConfigError(ValueError):
-    """A config problem, always a single readable line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +192,8 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
+        message = "must not contain a NUL byte"
     return f"{key}: {value!r} is not allowed: {message}"
 
 
@@ -196,11 +202,47 @@ NUM_CLASSES = {"mnist": 10}
 CORPUS_CHARACTERS = {"shakespeare": 1_115_394}
 
 
+# alpha_bar must stay inside these: at 0 the samplers divide by zero (and far below 1e-20 an
+# unclipped x0 estimate leaves float32), at 1 the first timestep adds no noise.
+MIN_ALPHA_BAR, MAX_ALPHA_BAR = 1e-20, 1 - 1e-12
+
+
+def alpha_bar_range(method: MethodConfig) -> tuple[float, float]:
+    """alpha_bar at the first and the last training timestep, in float64, from the same schedules
+    as diffusion.methods.ddpm.make_betas (a test holds the two together): a validation-time
+    check, written without torch."""
+    T, start, end = method.num_train_timesteps, method.beta_start, method.beta_end
+    if method.beta_schedule == "linear":
+        betas = [start + (end - start) * i / (T - 1) for i in range(T)]
+    else:
+        if method.beta_schedule == "cosine":
+            def level(t: int) -> float:
+                return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        else:  # sqrt
+            def level(t: int) -> float:
+                return 1 - math.sqrt(t / T + 1e-4)
+        betas = [min(1 - level(t + 1) / level(t), 0.999) for t in range(T)]
+    log_alpha_bar = sum(math.log1p(-beta) for beta in betas)
+    return 1 - betas[0], math.exp(log_alpha_bar)
+
+
 def conflicts(config: RunConfig):
     """Every setting that cannot work with another, as `key: value is not allowed: why`, first found
     first. Each limit that a method, sampler, net or dataset enforces at run time is checked here,
-    so that it stops a run when its config is validated, before any work is done."""
-    data, model, method, sample = config.data, config.model, config.method, config.sample
+    so that it stops a run when its config is validated, before any work is done.
+
+    A sample or eval task that reads a checkpoint (sample.checkpoint) samples with the checkpoint's
+    method, network and data, not with its own sections: its sample settings are checked against
+    the checkpoint's config once that is known (`sampling_conflicts`: by ops at submit for a run
+    dir it can read, by the task when it loads the checkpoint)."""
+    yield from model_conflicts(config)
+    if config.task == "train" or config.sample.checkpoint is None:
+        yield from sampling_conflicts(config, config.sample)
+
+
+def model_conflicts(config: RunConfig):
+    """What cannot be trained: data, network and method that do not go together."""
+    data, model, method = config.data, config.model, config.method
     text = data.dataset in TEXT_DATASETS
     if text != (method.name in TEXT_METHODS):
         allowed = TEXT_METHODS if text else IMAGE_METHODS
@@ -209,6 +251,49 @@ def conflicts(config: RunConfig):
     if text != (model.name == "transformer"):
         yield f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: " \
               f"use {'transformer' if text else 'unet'}"
+    if method.name in ("ddpm", "embedding"):
+        first, last = alpha_bar_range(method)
+        if last < MIN_ALPHA_BAR or first > MAX_ALPHA_BAR:
+            yield f"method.beta_end: {method.beta_end} is not allowed with method.beta_schedule {method.beta_schedule!r}, " \
+                  f"beta_start {method.beta_start} and num_train_timesteps {method.num_train_timesteps}: alpha_bar " \
+                  f"runs from {first:.3g} to {last:.3g}; it must stay within [{MIN_ALPHA_BAR:g}, 1 - 1e-12] (fewer " \
+                  "timesteps or smaller betas)"
+    if method.init_embeddings is not None and method.name != "embedding":
+        yield f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name " \
+              f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
+    if text:
+        for key, value in (("data.only_digit", data.only_digit),):
+            if value is not None:
+                yield f"{key}: {value} is not allowed with data.dataset {data.dataset!r}: it is for images; leave it unset"
+        if model.class_conditional:
+            yield f"model.class_conditional: true is not allowed with data.dataset {data.dataset!r}: text has no classes"
+        if data.tokenizer == "bpe" and data.vocab_size <= 256:
+            yield f"data.vocab_size: {data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
+                  "must be above 256 (byte-level BPE starts from the 256 bytes)"
+        characters = CORPUS_CHARACTERS[data.dataset]
+        val_characters = characters - int(characters * (1 - data.val_fraction))
+        if data.block_size > val_characters:  # a token is at least one character
+            yield f"data.block_size: {data.block_size} is not allowed: must be <= the validation split's " \
+                  f"{val_characters} characters (data.val_fraction {data.val_fraction} of {characters})"
+        if model.n_embd % model.n_head:
+            yield f"model.n_embd: {model.n_embd} is not allowed: must be a multiple of model.n_head ({model.n_head})"
+        elif model.positions == "rotary" and (model.n_embd // model.n_head) % 2:
+            yield f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size " \
+                  f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
+    else:
+        lowest = model.base_channels * model.channel_mults[-1]
+        if model.attention and lowest % model.attention_heads:
+            yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest " \
+                  f"level's channels (base_channels * channel_mults[-1] = {lowest})"
+        for key, value in (("train.val_every_steps", config.train.val_every_steps),
+                           ("eval.scorer_checkpoint", config.eval.scorer_checkpoint)):
+            if value is not None:
+                yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
+
+
+def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
+    """What `sample` cannot do with the method, network and data of `config` (a checkpoint's)."""
+    data, model, method = config.data, config.model, config.method
     samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name, ("ddpm", "ddim"))
     if sample.sampler not in samplers:
         yield f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: " \
@@ -216,51 +301,23 @@ def conflicts(config: RunConfig):
     if sample.sampler in ("ddpm", "ddim") and sample.num_inference_steps > method.num_train_timesteps:
         yield f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= " \
               f"method.num_train_timesteps ({method.num_train_timesteps})"
-    if method.init_embeddings is not None and method.name != "embedding":
-        yield f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name " \
-              f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
-    yield from (text_conflicts if text else image_conflicts)(config)
-
-
-def image_conflicts(config: RunConfig):
-    data, model, sample = config.data, config.model, config.sample
-    lowest = model.base_channels * model.channel_mults[-1]
-    if model.attention and lowest % model.attention_heads:
-        yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest " \
-              f"level's channels (base_channels * channel_mults[-1] = {lowest})"
-    if sample.class_label is not None and not model.class_conditional:
-        yield f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: " \
-              "an unconditional model takes no class"
-    if sample.class_label is not None and sample.class_label >= NUM_CLASSES[data.dataset]:
-        yield f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes " \
-              f"0 to {NUM_CLASSES[data.dataset] - 1}"
-    for key, value in (("train.val_every_steps", config.train.val_every_steps),
-                       ("sample.guide_checkpoint", sample.guide_checkpoint),
-                       ("eval.scorer_checkpoint", config.eval.scorer_checkpoint)):
-        if value is not None:
-            yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
-
-
-def text_conflicts(config: RunConfig):
-    data, model, method, sample = config.data, config.model, config.method, config.sample
-    for key, value in (("data.only_digit", data.only_digit), ("sample.class_label", sample.class_label)):
-        if value is not None:
-            yield f"{key}: {value} is not allowed with data.dataset {data.dataset!r}: it is for images; leave it unset"
-    if model.class_conditional:
-        yield f"model.class_conditional: true is not allowed with data.dataset {data.dataset!r}: text has no classes"
-    if data.tokenizer == "bpe" and data.vocab_size <= 256:
-        yield f"data.vocab_size: {data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
-              "must be above 256 (byte-level BPE starts from the 256 bytes)"
-    characters = CORPUS_CHARACTERS[data.dataset]
-    val_characters = characters - int(characters * (1 - data.val_fraction))
-    if data.block_size > val_characters:  # a token is at least one character
-        yield f"data.block_size: {data.block_size} is not allowed: must be <= the validation split's " \
-              f"{val_characters} characters (data.val_fraction {data.val_fraction} of {characters})"
-    if model.n_embd % model.n_head:
-        yield f"model.n_embd: {model.n_embd} is not allowed: must be a multiple of model.n_head ({model.n_head})"
-    elif model.positions == "rotary" and (model.n_embd // model.n_head) % 2:
-        yield f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size " \
-              f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
+    if data.dataset not in TEXT_DATASETS:
+        if sample.class_label is not None and not model.class_conditional:
+            yield f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: " \
+                  "an unconditional model takes no class"
+        if sample.class_label is not None and sample.class_label >= NUM_CLASSES[data.dataset]:
+            yield f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes " \
+                  f"0 to {NUM_CLASSES[data.dataset] - 1}"
+        if sample.guide_checkpoint is not None:
+            yield f"sample.guide_checkpoint: {sample.guide_checkpoint!r} is not allowed with data.dataset " \
+                  f"{data.dataset!r}: it is for text; leave it unset"
+        return
+    if sample.class_label is not None:
+        yield f"sample.class_label: {sample.class_label} is not allowed with data.dataset {data.dataset!r}: it is " \
+              "for images; leave it unset"
+    if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
+        yield f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no " \
+              "tokens (top_k is for autoregressive, masked and guided sampling)"
     # A sample longer than the block size is drawn window by window by the AR model and by guided
     # decoding, block by block by the masked one; embedding diffusion denoises it all at once.
     length = sample.length or data.block_size
@@ -285,6 +342,11 @@ def conflict(config: RunConfig) -> str | None:
     return next(conflicts(config), None)
 
 
+def sampling_conflict(trained: RunConfig, sample: "SampleConfig") -> str | None:
+    """The first of `sampling_conflicts` for `sample` with a checkpoint whose config is `trained`."""
+    return next(sampling_conflicts(trained, sample), None)
+
+
 def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConfig:
     """Validate a run section; raise ConfigError with the first problem on one line."""
     try:
@@ -295,48 +357,6 @@ def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConf
     if problem:
         raise ConfigError(f"{source}: {prefix + '.' if prefix else ''}{problem}")
     return config
-
-
-def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline: bool = False) -> Any:
-    """One YAML document (bytes must be UTF-8), loaded by `yaml` (default: the safe loader).
-
-    Raises ConfigError, one line: `source:line:column: problem` (`source (column N)` for an
-    `inline` value such as a --set) for text that does not parse, a tab indent or a duplicate key;
-    the line of the first byte that is not UTF-8; and the place of an anchor or alias, which config
-    files never need and which can expand to gigabytes when nested (a "billion laughs")."""
-
-    def place(mark) -> str:
-        return f" (column {mark.column + 1})" if inline else f":{mark.line + 1}:{mark.column + 1}"
-
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
-
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = text[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"{source}:{line}: byte 0x{text[exc.start]:02x} is not UTF-8; save the file as "
-                              "UTF-8") from None
-    yaml = yaml or YAML(typ="safe")
-    try:
-        for event in yaml.parse(text):
-            if getattr(event, "anchor", None) is not None or type(event).__name__ == "AliasEvent":
-                raise ConfigError(f"{source}{place(event.start_mark)}: YAML anchors and aliases (&name, *name) "
-                                  "are not allowed; write the values out")
-        return yaml.load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        # ruamel says what it expected in `context` and what it found in `problem`.
-        problem = " ".join(str(exc.problem or exc.context).split()).split(" with value ")[0]  # duplicate keys
-        if exc.problem and exc.context and problem.startswith("but "):
-            problem = f"{exc.context}, {problem}"
-        elif exc.problem and exc.context_mark and "duplicate" not in problem:
-            start = exc.context_mark
-            problem += f" {exc.context} begun at " + (f"column {start.column + 1}" if inline else
-                                                       f"{start.line + 1}:{start.column + 1}")
-        raise ConfigError(f"{source}{place(mark) if mark else ''}: not valid YAML: {problem}") from None
-    except YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def read_yaml(path: Path) -> Any:
@@ -366,14 +386,18 @@ def parse_assignment(text: str, yaml: YAML | None = None) -> tuple[list[str], An
     """`train.epochs=3` -> (['train', 'epochs'], 3). Values are YAML scalars or flow lists, loaded
     by `yaml` (default: the safe loader; a round-trip one keeps `1e-4` written as typed)."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    return key.strip().split("."), parse_yaml(value, f"--set {text!r}", yaml, inline=True) if value.strip() else None
+    return parts, parse_yaml(value, f"--set {text!r}", yaml, inline=True) if value.strip() else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """A run-config override; job-spec paths (`run.train.epochs=3`) are accepted too."""
     parts, value = parse_assignment(text)
+    if parts == ["run"]:
+        raise ConfigError(f"--set {text!r}: the run section as a whole cannot be set; set a key inside it, "
+                          "e.g. run.train.epochs=3")
     return (parts[1:] if parts[0] == "run" else parts), value
 
 
@@ -393,7 +417,10 @@ def apply_overrides(raw: dict, overrides: list[str], parse=parse_override) -> di
 def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run config or a job spec, apply `--set` overrides, validate."""
     path = Path(path)
-    raw = run_section(read_yaml(path), str(path))
+    document = read_yaml(path)
+    if document is None:  # a truncated or blank file must not train with every default
+        raise ConfigError(f"{path}: empty; a run config holds at least one section (task, data, model ...)")
+    raw = run_section(document, str(path))
     raw = apply_overrides(dict(raw), list(overrides))
     return validate_run(raw, str(path))
 

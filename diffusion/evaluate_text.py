@@ -30,7 +30,7 @@ def sampling_options(method_name: str, sample: SampleConfig) -> dict:
         return {"temperature": sample.temperature, "top_k": sample.top_k}
     if method_name == "masked":
         return {"num_inference_steps": sample.num_inference_steps, "temperature": sample.temperature,
-                "block_length": sample.block_length}
+                "top_k": sample.top_k, "block_length": sample.block_length}
     return {"sampler": sample.sampler, "num_inference_steps": sample.num_inference_steps, "eta": sample.eta,
             "timestep_spacing": sample.timestep_spacing, "clamp": sample.clamp}
 
@@ -51,9 +51,6 @@ def generate_text(method, model, meta: dict, sample: SampleConfig, num_samples: 
     else:
         from diffusion.methods.guided import guided_sample
 
-        if guide.meta["tokenizer"] != meta["tokenizer"]:
-            raise ConfigError("sample.guide_checkpoint: its tokenizer differs from the diffusion run's; "
-                              "guide with an autoregressive run trained on the same data settings")
         tokens = guided_sample(guide.method, guide.model, method, model, num_samples, length, sample.guidance_alpha,
                                generator, device, greedy=False, temperature=sample.temperature, top_k=sample.top_k,
                                progress=progress)
@@ -103,15 +100,21 @@ def evaluate_text(method, model, meta: dict, validation, texts: list[str], devic
     return scores
 
 
-def load_scorer(reference: str | None, device):
+def load_scorer(reference: str | None, device, key: str = "eval.scorer_checkpoint", tokenizer: dict | None = None):
+    """The autoregressive run that scores text samples, or guides their decoding (key
+    sample.guide_checkpoint, which must share the sampled run's `tokenizer`); None without a
+    reference. ConfigError naming `key` when it is missing or will not do."""
     from diffusion.sample import TrainedModel, resolve_checkpoint
 
     if reference is None:
         return None
-    scorer = TrainedModel(resolve_checkpoint(reference), use_ema=True, device=device)
+    scorer = TrainedModel(resolve_checkpoint(reference, key), use_ema=True, device=device)
     if scorer.config.method.name != "autoregressive":
-        raise ConfigError(f"{reference}: not an autoregressive run (method.name {scorer.config.method.name!r}); "
-                          "text is scored and guided by an autoregressive run")
+        raise ConfigError(f"{key}: {reference!r} is not allowed: not an autoregressive run (method.name "
+                          f"{scorer.config.method.name!r}); text is scored and guided by an autoregressive run")
+    if tokenizer is not None and scorer.meta["tokenizer"] != tokenizer:
+        raise ConfigError(f"{key}: {reference!r} is not allowed: its tokenizer differs from the sampled run's; "
+                          "guide with an autoregressive run trained on the same data settings")
     return scorer
 
 
@@ -126,8 +129,11 @@ def text_sample_task(config: RunConfig, trained, run) -> int:
     """`python -m diffusion sample` for a text run: samples (optionally AR-guided) and their scores."""
     from diffusion.data import load_dataset
 
-    guide = load_scorer(config.sample.guide_checkpoint, trained.device)
+    guide = load_scorer(config.sample.guide_checkpoint, trained.device, "sample.guide_checkpoint",
+                        tokenizer=trained.meta["tokenizer"])
     scorer = load_scorer(config.eval.scorer_checkpoint, trained.device) or guide
+    if not run.in_place:
+        run.create(config)  # after every reference was found: a bad one writes nothing
     validation = load_dataset(trained.config.data, "val")
     started = time.monotonic()
     texts = generate_text(trained.method, trained.model, trained.meta, config.sample, config.sample.num_samples,

@@ -50,10 +50,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON record, or None when it is missing or does not parse (a crash of an older writer)."""
+    """A JSON record, or None when it is missing or damaged: does not parse (a crash of an older
+    writer), is not an object, or is not a readable file."""
     try:
         data = json.loads(Path(path).read_bytes())
-    except (FileNotFoundError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
 
@@ -82,7 +83,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """Every complete record of a JSON-lines file; [] when it is missing."""
     try:
         return parse_lines(Path(path).read_bytes())
-    except FileNotFoundError:
+    except OSError:  # missing, or not a readable file
         return []
 
 
@@ -90,7 +91,8 @@ def last_jsonl(path: Path, chunk: int = 8192) -> dict | None:
     """The last complete record, read from the end (metrics files grow long); None when none."""
     try:
         f = Path(path).open("rb")
-    except FileNotFoundError:
+        f.seek(0, os.SEEK_END)  # a directory opens, and fails here
+    except OSError:
         return None
     with f:
         end = f.seek(0, os.SEEK_END)
@@ -107,17 +109,32 @@ def last_jsonl(path: Path, chunk: int = 8192) -> dict | None:
     return None
 
 
+# What a field may hold, by its annotation; a value of another type is damage and reads as missing.
+FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def fits(value: Any, annotation) -> bool:
+    """Whether `value` is of the field's type: `int | None`, `dict[str, Any] | None`, `str` ..."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    names = {part.strip().split("[")[0] for part in text.split("|")}
+    allowed = tuple(t for name in names for t in FIELD_TYPES.get(name, ()))
+    # bool is an int to Python, not to a record: True is no step count.
+    return value is None or (isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)))
+
+
 class Record:
     """A dataclass that reads from JSON written by any version: unknown keys are ignored (or kept
-    in `extras`, where the class has it), missing ones take their defaults."""
+    in `extras`, where the class has it), missing ones take their defaults, and a value of the
+    wrong type (a damaged file) counts as missing."""
 
     @classmethod
     def from_json(cls, data: dict | None):
         data = data or {}
-        names = {f.name for f in fields(cls)}
-        known = {key: value for key, value in data.items() if key in names and key != "extras"}
-        if "extras" in names:
-            known["extras"] = {key: value for key, value in data.items() if key not in names}
+        annotations = {f.name: f.type for f in fields(cls)}
+        known = {key: value for key, value in data.items()
+                 if key in annotations and key != "extras" and fits(value, annotations[key])}
+        if "extras" in annotations:
+            known["extras"] = {key: value for key, value in data.items() if key not in annotations}
         return cls(**known)
 
     def to_json(self) -> dict:

@@ -80,7 +80,8 @@ class RunDir:
         torn by the crash that stopped the run."""
         if not self.metrics.is_file():
             return
-        kept = [line for line in records.read_jsonl(self.metrics) if line.get("step", 0) <= after_step]
+        kept = [line for line in records.read_jsonl(self.metrics)
+                if records.fits(line.get("step"), int) and line.get("step", 0) <= after_step]
         records.atomic_write(self.metrics, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
     def write_record(self, summary: records.Summary) -> None:

@@ -7,18 +7,19 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import LATEST, load_checkpoint
-from diffusion.config import ConfigError, RunConfig, SampleConfig, conflict, validate_run
+from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_run
 from diffusion.methods import build_method
 
 
-def resolve_checkpoint(reference: str | Path) -> Path:
-    """A run dir (its latest.pt), a checkpoints/ folder, or a .pt file."""
+def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") -> Path:
+    """A run dir (its latest.pt), a checkpoints/ folder, or a .pt file; ConfigError naming `key`,
+    the setting that gave the reference, when there is none."""
     path = Path(reference).expanduser()
     for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
         if candidate.is_file():
             return candidate
     raise ConfigError(
-        f"sample.checkpoint: {str(reference)!r} is not allowed: no checkpoint there "
+        f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
         f"(expected a .pt file or a run dir holding checkpoints/{LATEST})"
     )
 
@@ -48,7 +49,7 @@ class TrainedModel:
     def check_sampling(self, sample: SampleConfig) -> None:
         """Raise ConfigError (one line) when `sample` cannot work with this checkpoint's method and
         network, whose config is the checkpoint's own, not the sampling spec's."""
-        problem = conflict(self.config.model_copy(update={"sample": sample}))
+        problem = sampling_conflict(self.config, sample)
         if problem:
             raise ConfigError(f"{self.path}: {problem}")
 
@@ -110,12 +111,12 @@ def sample_task(config: RunConfig, run) -> int:
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run.path)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, device)
     trained.check_sampling(config.sample)
-    if not run.in_place:
-        run.create(config)
     if trained.meta["kind"] == "text":
         from diffusion.evaluate_text import text_sample_task
 
-        return text_sample_task(config, trained, run)
+        return text_sample_task(config, trained, run)  # creates the run dir once its references are found
+    if not run.in_place:
+        run.create(config)
     images = trained.generate(config.sample, config.sample.num_samples, progress=True)
     grid = save_samples(images, run.samples, sample_name(config.sample))
     run.write_record(Summary(status="completed", step=trained.step, result={

@@ -29,13 +29,12 @@ import torch
 
 from diffusion.checkpoint import (
     capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     remove_partial_writes,
     restore_rng_state,
     save_checkpoint,
 )
-from diffusion.config import ConfigError, RunConfig, to_dict
+from diffusion.config import ConfigError, RunConfig, to_dict, validate_run
 from diffusion.data import load_dataset
 from diffusion.methods import build_method
 from diffusion.nets import build_net
@@ -288,6 +287,11 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                           f"{ranks.world_size} data-parallel ranks")
     method = build_method(config.method)
     num_params = check_memory(config, method, meta, device)  # before writing anything, like the dataset
+    scorer = None
+    if config.eval.scorer_checkpoint is not None:  # text: the final samples' perplexity under an AR run
+        from diffusion.evaluate_text import load_scorer
+
+        scorer = load_scorer(config.eval.scorer_checkpoint, device)
     if ranks.is_main:
         run.create(config)
         remove_partial_writes(run.checkpoints)
@@ -313,9 +317,14 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
         total_steps = min(total_steps, tc.max_steps)
 
     step, train_seconds = 0, 0.0
-    checkpoint_path = latest_checkpoint(run.checkpoints)
-    if checkpoint_path:
-        checkpoint = load_checkpoint(checkpoint_path)
+    latest = load_latest(run.checkpoints)
+    if latest:
+        checkpoint_path, checkpoint = latest
+        trained = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
+        for section in ("data", "model", "method"):
+            if getattr(trained, section) != getattr(config, section):
+                raise ConfigError(f"{checkpoint_path}: was trained with another '{section}' section than "
+                                  f"{run.config} now holds; put that section back, or train in another run dir")
         model.load_state_dict(checkpoint["model"])
         ema_model.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -490,7 +499,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
 
             # Validation bits per character and how healthy the samples look; `collapsed` lists why not.
             scores = evaluate_text(method, ema_model, meta, validation, final_texts, device, seed=config.sample.seed,
-                                   num_blocks=config.eval.val_blocks)
+                                   num_blocks=config.eval.val_blocks, scorer=scorer)
             if scores["collapsed"]:
                 print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
         run.write_record(Summary(

@@ -44,9 +44,9 @@ JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output (field
 
 def user_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [OpsError]
-    config = sys.modules.get("diffusion.config")  # not imported: none of its errors can be raised
-    if config is not None:
-        errors.append(config.ConfigError)
+    yamlfile = sys.modules.get("diffusion.yamlfile")  # not imported: no ConfigError can have been raised
+    if yamlfile is not None:
+        errors.append(yamlfile.ConfigError)
     return tuple(errors)
 
 
@@ -272,9 +272,9 @@ def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
     from ops.rundir import JOB, PROVENANCE, read_json
 
     run_dir = Path(run.run_dir)
-    job = read_json(run_dir / JOB) or {"spec": {}}
-    view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run),
-                            "progress": monitor.progress(run, job["spec"])}
+    job = read_json(run_dir / JOB) or {}
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}  # a damaged job.json shows less
+    view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run), "progress": monitor.progress(run, spec)}
     if engine_logs:
         from ops.engines import get_engine
 
@@ -282,7 +282,7 @@ def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
         view["log_tail"] = monitor.tail(text, lines)
     if full:
         view["job"] = job
-        view["config"] = job["spec"].get("run")
+        view["config"] = spec.get("run")
         view["provenance"] = read_json(run_dir / PROVENANCE)
         view["paths"] = {name: str(run_dir / name) for name in
                          (rundir.CONFIG, rundir.PROVENANCE, rundir.DIFF, rundir.METRICS, rundir.LOG,
@@ -300,8 +300,12 @@ def print_view(view: dict) -> None:
               + (f"  exit code {view['exit_code']}" if view["exit_code"] is not None else "")
               + (f"  restarts {view['requeues']}" if view["requeues"] else ""))
     if p["step"] is not None:
-        out.print(f"  step {p['step']}/{p['total_steps']} ({p['percent']}%)  epoch {p['epoch']:.2f}/{p['total_epochs']}"
-                  f"  loss {p['loss']:.4f}  {p['it_per_s']:.1f} it/s  eta {format_seconds(p['eta_seconds'])}")
+        def shown(value, form: str) -> str:  # a field an old or damaged metrics line lacks
+            return "-" if value is None else format(value, form)
+
+        out.print(f"  step {p['step']}/{shown(p['total_steps'], '')} ({shown(p['percent'], '')}%)  "
+                  f"epoch {shown(p['epoch'], '.2f')}/{shown(p['total_epochs'], '')}  loss {shown(p['loss'], '.4f')}  "
+                  f"{shown(p['it_per_s'], '.1f')} it/s  eta {format_seconds(p['eta_seconds'])}")
     else:
         out.print("  no metrics yet")
     out.print(f"  run dir {view['run_dir']}")
@@ -321,7 +325,7 @@ def print_view(view: dict) -> None:
             out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
     if "log_tail" in view:
         rule(out, "log tail")
-        out.print(view["log_tail"], markup=False, highlight=False)
+        typer.echo(view["log_tail"])  # as the run wrote it: rich would expand its tabs
     if "provenance" in view:
         from ruamel.yaml import YAML
 

@@ -76,10 +76,14 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def read_config(run_dir: Path) -> dict:
-    from ruamel.yaml import YAML
+    """The run's config.yaml, or {} when it is missing or damaged (the post is written without it)."""
+    from diffusion.yamlfile import ConfigError, parse_yaml
 
-    path = run_dir / "config.yaml"
-    return (YAML(typ="safe").load(path.read_text()) or {}) if path.is_file() else {}
+    try:
+        config = parse_yaml((run_dir / "config.yaml").read_bytes(), str(run_dir / "config.yaml"))
+    except (OSError, ConfigError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 TRAINING_COLOUR, VALIDATION_COLOUR = "#1f77b4", "#ff7f0e"  # matplotlib's first two

@@ -26,7 +26,7 @@ def progress(run: Run, spec: dict) -> dict:
     None before the first metrics line."""
     fields = dict.fromkeys(("step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent"))
     record = last_metrics(run.run_dir)
-    train = spec.get("run", {}).get("train", {})
+    train = ((spec.get("run") or {}).get("train") or {}) if isinstance(spec.get("run"), dict) else {}
     fields["total_epochs"] = train.get("epochs")
     summary = read_summary(run.run_dir) if run.finished else None
     if summary is not None and summary.step is not None:

@@ -69,12 +69,17 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
 
 def ignored_resources(engine: str, overrides: list[str]) -> list[str]:
     """A warning for each override of another engine's resources: valid, but this run ignores it."""
+    from diffusion.config import parse_assignment
+
     warnings = []
     for text in overrides:
-        parts = text.partition("=")[0].strip().split(".")
-        if parts[0] == "resources" and len(parts) > 1 and parts[1] != engine:
-            warnings.append(f"--set {text}: the run goes to the {engine} engine, which ignores resources.{parts[1]}; "
-                            f"add --engine {parts[1]} to use it")
+        parts, value = parse_assignment(text)
+        if parts[0] != "resources":
+            continue
+        named = [parts[1]] if len(parts) > 1 else list(value) if isinstance(value, dict) else []
+        for other in [name for name in named if name != engine]:
+            warnings.append(f"--set {text}: the run goes to the {engine} engine, which ignores resources.{other}; "
+                            f"add --engine {other} to use it")
     return warnings
 
 
@@ -91,7 +96,21 @@ def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | Non
 
 
 def read_job(run_dir: Path) -> dict:
-    return read_required(Path(run_dir) / JOB)
+    """job.json, complete; OpsError naming it when it is missing or damaged."""
+    path = Path(run_dir) / JOB
+    job = read_required(path)
+    if not complete_job(job):
+        raise OpsError(f"{path}: damaged (not a complete ops record); `ops sync` reports the run dirs it cannot read")
+    return job
+
+
+JOB_FIELDS = {"ops_id": str, "name": str, "engine": str, "created_at": (int, float), "command": str,
+              "overrides": list, "sweep": dict, "changes": list, "spec": dict}
+
+
+def complete_job(job: dict | None) -> bool:
+    return job is not None and all(isinstance(job.get(key), kind) for key, kind in JOB_FIELDS.items()) \
+        and "engine_job_id" in job
 
 
 def this_process() -> dict:
@@ -485,9 +504,6 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
     return do_followups(project, registry, run)
 
 
-JOB_KEYS = ("ops_id", "name", "engine", "engine_job_id", "created_at", "overrides", "sweep")
-
-
 def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], list[str]]:
     """Rows for run dirs the registry lost (deleted, damaged or older registry file), with every
     field the run dirs hold: the engine then gives the state, the exit code and the end time, and
@@ -496,7 +512,7 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
     added, problems = [], []
     for job_path in sorted(project.runs_dir.glob(f"*/{JOB}")):
         job = read_json(job_path)
-        if job is None or not all(key in job for key in JOB_KEYS):
+        if not complete_job(job):
             problems.append(f"{job_path}: damaged (not a complete ops record); skipped, so this run is not in "
                             "the registry")
             continue
@@ -525,7 +541,11 @@ def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], li
     added, problems = rebuild_missing(project, registry)
     runs = []
     for run in registry.unfinished():
-        run, run_problems = reconcile(project, registry, run)
+        try:
+            run, run_problems = reconcile(project, registry, run)
+        except OpsError as exc:  # one run's damaged records or its engine's refusal: the others go on
+            problems.append(f"{run.ops_id}: {exc}")
+            continue
         runs.append(run)
         problems += run_problems
     # Finished runs whose follow-ups an earlier crash or outage left undone.

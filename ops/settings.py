@@ -59,8 +59,8 @@ def check_settings(raw: dict, source: str) -> Settings:
                 value = float(value)
             except (TypeError, ValueError):
                 raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be a number of seconds") from None
-            if value < 0:
-                raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be >= 0")
+            if not 0 <= value <= 86400:  # also refuses nan and inf
+                raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be between 0 and 86400 seconds")
         elif value is not None and not isinstance(value, str):
             raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be a string")
         elif key == "vertex_logs" and value not in ("run-dir", "cloud-logging"):
@@ -81,22 +81,17 @@ def find_root(start: Path | None = None) -> Path:
 
 def read_settings_file(path: Path) -> dict:
     """ops.yaml as a mapping ({} when there is none); OpsError, one line with the place, when it
-    does not parse. Not diffusion.config.parse_yaml: that module costs a pydantic import."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    does not parse or holds what a settings file never needs (anchors, tags, deep nesting)."""
+    from diffusion.yamlfile import ConfigError, parse_yaml
 
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise OpsError(f"{path}: not a file; ops.yaml holds the project's settings as YAML")
     try:
-        return YAML(typ="safe").load(path.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError:
-        raise OpsError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise OpsError(f"{path}{where}: not valid YAML: {' '.join(str(exc.problem or exc.context).split())}") from None
-    except YAMLError as exc:
-        raise OpsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        return parse_yaml(path.read_bytes(), str(path)) or {}
+    except ConfigError as exc:
+        raise OpsError(str(exc)) from None
 
 
 def load_settings(root: Path) -> Settings:

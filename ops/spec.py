@@ -32,7 +32,7 @@ class Section(BaseModel):
 
 class LocalResources(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] | None = Field(None, description="Overrides run.device.")
-    threads: int | None = Field(None, ge=1, description="OMP/torch CPU threads (OMP_NUM_THREADS).")
+    threads: int | None = Field(None, ge=1, le=1024, description="OMP/torch CPU threads (OMP_NUM_THREADS).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
 
 
@@ -40,18 +40,19 @@ class SlurmResources(Section):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_minutes: int = Field(60, ge=1)
-    nodes: int = Field(1, ge=1)
-    tasks_per_node: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(2, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
+    time_minutes: int = Field(60, ge=1, le=525_600)  # a year
+    nodes: int = Field(1, ge=1, le=10_000)
+    tasks_per_node: int = Field(1, ge=1, le=1024)
+    gpus_per_node: int = Field(0, ge=0, le=64)
+    cpus_per_task: int = Field(2, ge=1, le=1024)
+    mem_gb: float | None = Field(None, ge=0.01, le=100_000, description="Per node; sbatch --mem in MB "
+                                 "(0 would mean all of it).")
     constraint: str | None = None
     exclude: str | None = None
     additional_parameters: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run first (module load ...).")
-    signal_delay_s: int = Field(120, ge=0, description="USR2 this long before the time limit.")
-    max_requeues: int = Field(3, ge=0)
+    signal_delay_s: int = Field(120, ge=0, le=86_400, description="USR2 this long before the time limit.")
+    max_requeues: int = Field(3, ge=0, le=1000)
 
 
 # Vertex AI's own rules for a CustomJob, checked at validation rather than after an upload and an
@@ -90,12 +91,12 @@ def label_problem(text: str, what: str) -> str | None:
 class VertexResources(Section):
     machine_type: str = "n1-standard-8"
     accelerator_type: str | None = Field(None, description="e.g. NVIDIA_TESLA_T4, NVIDIA_TESLA_V100")
-    accelerator_count: int = Field(0, ge=0, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
-    replica_count: int = Field(1, ge=1, description="Machines; > 1 trains data-parallel across them.")
+    accelerator_count: int = Field(0, ge=0, le=16, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
+    replica_count: int = Field(1, ge=1, le=1000, description="Machines; > 1 trains data-parallel across them.")
     boot_disk_gb: int = Field(100, ge=100, le=64000, description="Vertex takes 100 to 64,000 GB.")
     spot: bool = Field(False, description="Spot VMs: cheaper, may be preempted.")
     restart_job_on_worker_restart: bool = Field(True, description="Restart after a worker restart; resumes.")
-    timeout_hours: float = Field(24.0, gt=0)
+    timeout_hours: float = Field(24.0, ge=1 / 60, le=24 * 30, description="Between a minute and 30 days.")
     service_account: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Extra job labels (ops id and commit are added).")
 
@@ -187,6 +188,11 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], JobSpec)}") from None
+    slurm = spec.resources.slurm
+    if spec.engine == "slurm" and slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
+        raise ConfigError(f"{source}: resources.slurm.tasks_per_node: {slurm.tasks_per_node} is not allowed with "
+                          f"gpus_per_node {slurm.gpus_per_node}: each task trains on a GPU of its own; set "
+                          "tasks_per_node to at most gpus_per_node")
     ranks, how = data_parallel_ranks(spec)
     if spec.run.task == "train" and spec.run.train.batch_size % ranks:
         raise ConfigError(f"{source}: run.train.batch_size: {spec.run.train.batch_size} is not allowed on "

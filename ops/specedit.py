@@ -87,6 +87,6 @@ def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]
     yaml.dump(document, buffer)
     new_text = buffer.getvalue()
 
-    check_name(validate_spec(YAML(typ="safe").load(new_text), str(path)), path)
+    check_name(validate_spec(parse_yaml(new_text, str(path)), str(path)), path)
     atomic_write(path, new_text.encode())
     return changes

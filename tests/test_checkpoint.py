@@ -9,8 +9,7 @@ import torch
 
 from diffusion.checkpoint import (
     capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     remove_partial_writes,
     restore_rng_state,
     save_checkpoint,
@@ -22,7 +21,7 @@ def test_retention_keeps_the_newest_step_files_and_latest(tmp_path):
     for step in (10, 20, 30, 40):
         save_checkpoint({"step": step}, tmp_path, step, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000030.pt", "step_00000040.pt"]
-    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 40
+    assert load_latest(tmp_path)[1]["step"] == 40
 
 
 def test_rng_state_round_trip():
@@ -58,7 +57,7 @@ def test_crash_in_the_middle_of_a_write_leaves_latest_at_the_previous_checkpoint
     writer.wait()
 
     assert list(tmp_path.glob(".*.tmp")), "the crash left no partial file: the kill came too late"
-    checkpoint = load_checkpoint(latest_checkpoint(tmp_path))
+    checkpoint = load_latest(tmp_path)[1]
     assert checkpoint["step"] == 1 and torch.equal(checkpoint["weights"], torch.ones(10))
     remove_partial_writes(tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))

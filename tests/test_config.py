@@ -137,4 +137,18 @@ def test_a_broken_ops_yaml_is_one_line_with_its_place(tmp_path):
     (tmp_path / "ops.yaml").write_text("runs_dir: runs\ngithub_repo: [a\n")
     with pytest.raises(OpsError) as error:
         Project(tmp_path)
-    assert str(error.value) == f"{tmp_path / 'ops.yaml'}:3:1: not valid YAML: expected ',' or ']', but got '<stream end>'"
+    assert str(error.value) == (f"{tmp_path / 'ops.yaml'}:3:1: not valid YAML: expected ',' or ']', but got "
+                                "'<stream end>' while parsing a flow sequence begun at 2:14")
+    (tmp_path / "ops.yaml").write_text("gcp_region: &r europe-west4\ngcs_bucket: *r\n")
+    with pytest.raises(OpsError, match=r"ops.yaml:1:13: YAML anchors and aliases \(&name, \*name\) are not allowed"):
+        Project(tmp_path)
+    (tmp_path / "ops.yaml").unlink()
+    (tmp_path / "configs/jobs").mkdir(parents=True)  # the project is found by its specs
+    (tmp_path / "ops.yaml").mkdir()
+    with pytest.raises(OpsError, match="ops.yaml: not a file"):
+        Project(tmp_path)
+    (tmp_path / "ops.yaml").rmdir()
+    for value in (".nan", ".inf", "1e308"):
+        (tmp_path / "ops.yaml").write_text(f"cancel_grace_seconds: {value}\n")
+        with pytest.raises(OpsError, match="cancel_grace_seconds: .* is not allowed: must be between 0 and 86400"):
+            Project(tmp_path)

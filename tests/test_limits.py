@@ -190,8 +190,9 @@ def test_ops_refuses_a_limit_in_submit_dry_run_config_set_and_validate(git_proje
 @pytest.mark.parametrize("engine, resources, ranks", [
     ("slurm", ["resources.slurm.nodes=2", "resources.slurm.tasks_per_node=3"], "6 data-parallel ranks "
      "(resources.slurm.nodes 2 x tasks_per_node 3)"),
-    ("vertex", ["resources.vertex.accelerator_type=NVIDIA_TESLA_T4", "resources.vertex.accelerator_count=3"],
-     "3 data-parallel ranks (resources.vertex.replica_count 1 x accelerator_count 3)"),
+    ("vertex", ["resources.vertex.accelerator_type=NVIDIA_TESLA_T4", "resources.vertex.accelerator_count=1",
+                "resources.vertex.replica_count=3"],
+     "3 data-parallel ranks (resources.vertex.replica_count 3 x accelerator_count 1)"),
 ])
 def test_batch_size_must_split_evenly_among_the_engines_ranks(git_project, engine, resources, ranks):
     args = [f"--set={item}" for item in resources]

@@ -107,7 +107,7 @@ def pretrained_embeddings(reference: str, meta: dict) -> Tensor:
     from diffusion.config import ConfigError
     from diffusion.sample import resolve_checkpoint
 
-    checkpoint = load_checkpoint(resolve_checkpoint(reference))
+    checkpoint = load_checkpoint(resolve_checkpoint(reference, "method.init_embeddings"))
     if (checkpoint.get("data") or {}).get("tokenizer") != meta["tokenizer"]:
         raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
                           "tokenizer (or is not a text run); give a run with the same data settings")

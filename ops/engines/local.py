@@ -47,13 +47,13 @@ def _process(run_dir: Path):
     """The wrapper's psutil.Process if it is still ours and alive, else None."""
     import psutil
 
-    path = run_dir / PROCESS_FILE
-    record = read_json(path)
-    if record is None:
-        return None
+    record = read_json(run_dir / PROCESS_FILE) or {}
+    pid, created = record.get("pid"), record.get("create_time")
+    if not isinstance(pid, int) or not isinstance(created, (int, float)):
+        return None  # missing or damaged: no process we can recognise as ours
     try:
-        process = psutil.Process(record["pid"])
-        if abs(process.create_time() - record["create_time"]) > 0.01:
+        process = psutil.Process(pid)
+        if abs(process.create_time() - created) > 0.01:
             return None  # the pid was reused by another process
         if process.status() == psutil.STATUS_ZOMBIE:
             return None
@@ -103,9 +103,10 @@ class LocalEngine:
     def state(self, run: Run) -> EngineState:
         run_dir = Path(run.run_dir)
         cancelled = (run_dir / CANCEL_FILE).is_file()
-        status = read_json(run_dir / EXIT_FILE)
-        if status is not None:
-            code, ended = status["returncode"], status["finished_at"]
+        status = read_json(run_dir / EXIT_FILE) or {}
+        code, ended = status.get("returncode"), status.get("finished_at")
+        if isinstance(code, int) and not isinstance(code, bool):  # else unreadable: judged as if missing
+            ended = ended if isinstance(ended, (int, float)) else None
             if cancelled:
                 return EngineState("CANCELLED", code, "cancelled by ops cancel", ended)
             if code == 0:
