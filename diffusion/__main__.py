@@ -56,6 +56,8 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
         config.task = args.task
     if args.device:
         config.device = args.device
+    if target.is_dir() and config.task != "train" and config.sample.checkpoint is None:
+        config.sample.checkpoint = str(target)  # sample the run named, wherever --out puts the samples
     # The run dir belongs to the task its config.yaml names, whatever --set, a task word or --out
     # ask for: another task run there writes beside it, never over its config or summary.
     existing = Path(run_dir) / "config.yaml"

@@ -294,6 +294,9 @@ def model_conflicts(config: RunConfig):
 def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
     """What `sample` cannot do with the method, network and data of `config` (a checkpoint's)."""
     data, model, method = config.data, config.model, config.method
+    if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
+        yield f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no " \
+              "tokens (top_k is for autoregressive, masked and guided sampling)"
     samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name, ("ddpm", "ddim"))
     if sample.sampler not in samplers:
         yield f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: " \
@@ -315,9 +318,6 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
     if sample.class_label is not None:
         yield f"sample.class_label: {sample.class_label} is not allowed with data.dataset {data.dataset!r}: it is " \
               "for images; leave it unset"
-    if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
-        yield f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no " \
-              "tokens (top_k is for autoregressive, masked and guided sampling)"
     # A sample longer than the block size is drawn window by window by the AR model and by guided
     # decoding, block by block by the masked one; embedding diffusion denoises it all at once.
     length = sample.length or data.block_size

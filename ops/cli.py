@@ -515,14 +515,14 @@ def sync(
     Polls the engine of every unfinished run, adds registry rows for run dirs it lacks, and
     retries follow-ups (experiment log ...) that failed before."""
     from ops import runs
-    from ops.settings import Project
-
     from ops.registry import Registry, RegistryDamaged, move_aside
+    from ops.rundir import JOB
+    from ops.settings import Project
 
     project = Project()
     repaired = []
     try:
-        _, registry = open_project(create=project.runs_dir.is_dir())  # run dirs to index, or nothing yet
+        _, registry = open_project(create=any(project.runs_dir.glob(f"*/{JOB}")))  # run dirs to index, or none yet
     except RegistryDamaged as exc:
         aside = move_aside(project.registry_path)
         repaired.append(f"{exc.args[0].split(';')[0]}; moved it to {aside} and rebuilt the registry from the run dirs")
@@ -690,7 +690,7 @@ def config_list(as_json: bool = JSON_OPTION) -> None:
     from diffusion.config import ConfigError, read_yaml
 
     rows = []
-    for path in sorted(jobs_dir().glob("*.yaml")):
+    for path in sorted(path for path in jobs_dir().glob("*.yaml") if path.is_file()):
         try:
             raw = read_yaml(path) or {}
         except ConfigError as exc:
@@ -744,7 +744,7 @@ def config_validate(
     from ops.spec import load_spec, spec_path
 
     folder = jobs_dir()
-    paths = [spec_path(folder, name) for name in names or sorted(p.stem for p in folder.glob("*.yaml"))]
+    paths = [spec_path(folder, name) for name in names or sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())]
     results = []
     for path in paths:
         try:

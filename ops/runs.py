@@ -61,10 +61,42 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
         local_device = spec.resources.local.device
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
+        check_references(project, spec, str(path))
         planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json")),
                                ignored_resources(spec.engine, run_overrides)))
     preflight(project, planned)
     return planned
+
+
+def check_references(project: Project, spec, source: str) -> None:
+    """The runs a spec reads, checked at submit where this machine sees them (local and SLURM;
+    Vertex jobs read theirs in the cloud): each is there, and a sample or eval task's settings suit
+    its checkpoint's own method, network and data (that run's config.yaml). ConfigError, one line."""
+    from diffusion.config import ConfigError, load_run_config, sampling_conflict
+
+    run = spec.run
+    sampling = run.task != "train"
+    if sampling and run.sample.checkpoint is None:
+        raise ConfigError(f"{source}: run.sample.checkpoint: required for a {run.task} task: the run dir (or .pt "
+                          "file) to sample from")
+    if spec.engine == "vertex":
+        return
+    references = {"sample.checkpoint": run.sample.checkpoint if sampling else None,
+                  "sample.guide_checkpoint": run.sample.guide_checkpoint if sampling else None,
+                  "eval.scorer_checkpoint": run.eval.scorer_checkpoint,
+                  "method.init_embeddings": None if sampling else run.method.init_embeddings}
+    for key, reference in references.items():
+        if reference is None:
+            continue
+        path = project.root / Path(reference).expanduser()  # a relative path is the project's, where runs start
+        if not any(candidate.is_file() for candidate in (path, path / "latest.pt", path / "checkpoints/latest.pt")):
+            raise ConfigError(f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
+                              "holding checkpoints/latest.pt, or a .pt file)")
+    trained = project.root / Path(run.sample.checkpoint or "").expanduser() / "config.yaml"
+    if sampling and trained.is_file():
+        problem = sampling_conflict(load_run_config(trained), run.sample)
+        if problem:
+            raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
 
 
 def ignored_resources(engine: str, overrides: list[str]) -> list[str]:

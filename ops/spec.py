@@ -19,6 +19,7 @@ from diffusion.config import (
     apply_overrides,
     parse_assignment,
     describe_error,
+    parse_yaml,
     read_yaml,
     validate_run,
 )
@@ -250,5 +251,7 @@ def expand_sweep(sweeps: list[str]) -> list[dict[str, str]]:
         key, sep, values = text.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2,..., e.g. run.train.lr=1e-3,1e-4")
+        for value in split_values(values):  # each value parses, or the line names the --sweep it came from
+            parse_yaml(value, f"--sweep {text!r}", inline=True)
         axes.append([(key.strip(), value.strip()) for value in split_values(values)])
     return [dict(combination) for combination in itertools.product(*axes)]

@@ -19,6 +19,25 @@ from diffusion.records import atomic_write
 from ops.spec import check_name, spec_override, validate_spec
 
 
+class Typed(str):
+    """A number, boolean or null written exactly as it was typed (`.5e-3`, `FALSE`), under the tag
+    YAML reads it as: ruamel would print its own spelling (`50.e-5`, `false`)."""
+
+    def __new__(cls, text: str, tag: str):
+        typed = super().__new__(cls, text)
+        typed.tag = tag
+        return typed
+
+
+SCALAR_TAGS = {bool: "bool", int: "int", float: "float", type(None): "null"}
+
+
+def as_typed(text: str, value: Any) -> Any:
+    """`value`, parsed from `text`, kept as `text` where it is a number, a boolean or null."""
+    kind = next((name for python_type, name in SCALAR_TAGS.items() if isinstance(value, python_type)), None)
+    return Typed(text.strip(), f"tag:yaml.org,2002:{kind}") if kind and text.strip() else value
+
+
 def round_trip_yaml() -> YAML:
     yaml = YAML()
     yaml.preserve_quotes = True
@@ -26,6 +45,7 @@ def round_trip_yaml() -> YAML:
     # ruamel writes None as an empty value; specs spell it `null`.
     yaml.representer.add_representer(
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.representer.add_representer(Typed, lambda representer, data: representer.represent_scalar(data.tag, data))
     return yaml
 
 
@@ -54,10 +74,32 @@ def move_following_comments(source: tuple[Any, Any, int], target: tuple[Any, Any
     entry[target_slot] = CommentToken("\n" + following, token.start_mark)
 
 
+def indents(text: str) -> tuple[int, int, int]:
+    """(mapping, sequence, offset) indentation as the file writes it (ruamel's YAML.indent), so that
+    an edit keeps a 4-space file in 4 spaces; (2, 2, 0) when the file shows none."""
+    mapping, sequence, offset = None, None, None
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for parent, child in zip(lines, lines[1:]):
+        depth, child_depth = len(parent) - len(parent.lstrip()), len(child) - len(child.lstrip())
+        if not parent.rstrip().endswith(":") or child_depth <= depth and not child.lstrip().startswith("- "):
+            continue
+        if child.lstrip().startswith("- ") and sequence is None:
+            offset = child_depth - depth
+            sequence = offset + 2
+        elif not child.lstrip().startswith("- ") and mapping is None:
+            mapping = child_depth - depth
+    return mapping or 2, sequence or 2, offset or 0
+
+
 def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]:
-    """Apply KEY=VALUE assignments to the spec file; returns (key, old, new) for each."""
+    """Apply KEY=VALUE assignments to the spec file; returns (key, old, new) for each. The file keeps
+    its indentation, line endings and byte-order mark."""
     yaml = round_trip_yaml()
-    document = parse_yaml(path.read_bytes(), str(path), yaml)
+    raw = path.read_bytes()
+    original = raw.decode("utf-8", errors="replace")
+    mapping, sequence, offset = indents(original)
+    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+    document = parse_yaml(raw, str(path), yaml)
     if not isinstance(document, dict):
         validate_spec(document, str(path))  # raises: a spec is a mapping, or there is nothing to set
     grown = {}  # id -> (mapping, where its comments after the last line were before keys were added)
@@ -77,7 +119,7 @@ def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: {'.'.join(parts[: depth + 1])}: is a value, not a section; cannot set {text!r}")
         old = node.get(parts[-1])
-        node[parts[-1]] = value
+        node[parts[-1]] = as_typed(text.partition("=")[2], value)
         changes.append((".".join(parts), old, value))
     for mapping, before in grown.values():
         after = last_line_comment(mapping)
@@ -88,5 +130,8 @@ def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]
     new_text = buffer.getvalue()
 
     check_name(validate_spec(parse_yaml(new_text, str(path)), str(path)), path)
-    atomic_write(path, new_text.encode())
+    if "\r\n" in original:
+        new_text = new_text.replace("\r\n", "\n").replace("\n", "\r\n")
+    bom = "\ufeff" if original.startswith("\ufeff") and not new_text.startswith("\ufeff") else ""
+    atomic_write(path, (bom + new_text).encode())
     return changes

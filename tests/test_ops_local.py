@@ -211,7 +211,7 @@ def test_a_bad_spec_gives_one_line_naming_the_key_and_creates_nothing(git_projec
     (["--set", "run.model.channel_mults=[1,2"], "--set 'run.model.channel_mults=[1,2' (column 5): not valid YAML: "
      "expected ',' or ']', but got '<stream end>'"),
     (["--set", "run.train.lr=&x 1"], "--set 'run.train.lr=&x 1' (column 1): YAML anchors and aliases"),
-    (["--sweep", "run.train.lr=1e-3,{a"], "--set 'run.train.lr={a' (column 3): not valid YAML"),
+    (["--sweep", "run.train.lr=1e-3,{a"], "--sweep 'run.train.lr=1e-3,{a' (column 3): not valid YAML"),
 ])
 def test_bad_overrides_submit_nothing(git_project, args, expected):
     result = ops(git_project, "submit", "tiny", *args)
