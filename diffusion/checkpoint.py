@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.records import atomic_write
+from diffusion.records import LATEST, atomic_write
 
-LATEST = "latest.pt"
 
 
 def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> Path:

@@ -18,9 +18,18 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
+LATEST = "latest.pt"  # in CHECKPOINTS: the newest checkpoint
 SAMPLES = "samples"
 EVAL = "eval"
 TASKS = "tasks"  # records of sample and eval tasks run inside another task's run dir
+
+
+def checkpoint_file(reference: str | Path) -> Path | None:
+    """The checkpoint a reference names: a .pt file, a checkpoints/ folder's latest.pt, or a run
+    dir's; None when there is none."""
+    path = Path(reference).expanduser()
+    return next((candidate for candidate in (path, path / LATEST, path / CHECKPOINTS / LATEST)
+                 if candidate.is_file()), None)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -6,22 +6,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.checkpoint import LATEST, load_checkpoint
-from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_run
+from diffusion.checkpoint import load_checkpoint
+from diffusion.config import (
+    ConfigError,
+    RunConfig,
+    SampleConfig,
+    sampling_conflict,
+    validate_run,
+)
 from diffusion.methods import build_method
+from diffusion.records import CHECKPOINTS, LATEST, checkpoint_file
 
 
 def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") -> Path:
     """A run dir (its latest.pt), a checkpoints/ folder, or a .pt file; ConfigError naming `key`,
     the setting that gave the reference, when there is none."""
-    path = Path(reference).expanduser()
-    for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
-        f"(expected a .pt file or a run dir holding checkpoints/{LATEST})"
-    )
+    found = checkpoint_file(reference)
+    if found is None:
+        raise ConfigError(f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
+                          f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST})")
+    return found
 
 
 class TrainedModel:

@@ -73,6 +73,7 @@ def check_references(project: Project, spec, source: str) -> None:
     Vertex jobs read theirs in the cloud): each is there, and a sample or eval task's settings suit
     its checkpoint's own method, network and data (that run's config.yaml). ConfigError, one line."""
     from diffusion.config import ConfigError, load_run_config, sampling_conflict
+    from diffusion.records import checkpoint_file
 
     run = spec.run
     sampling = run.task != "train"
@@ -88,8 +89,7 @@ def check_references(project: Project, spec, source: str) -> None:
     for key, reference in references.items():
         if reference is None:
             continue
-        path = project.root / Path(reference).expanduser()  # a relative path is the project's, where runs start
-        if not any(candidate.is_file() for candidate in (path, path / "latest.pt", path / "checkpoints/latest.pt")):
+        if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
             raise ConfigError(f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
                               "holding checkpoints/latest.pt, or a .pt file)")
     trained = project.root / Path(run.sample.checkpoint or "").expanduser() / "config.yaml"
