@@ -156,7 +156,7 @@ def test_twenty_concurrent_submits_get_distinct_ids_and_a_consistent_registry(op
     processes = [subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(20)]
     outputs = [process.communicate(timeout=300) for process in processes]
-    assert all(process.returncode == 0 for process in processes), [err for _, err in outputs]
+    assert all(process.returncode == 0 for process in processes), [(process.returncode, err) for process, (_, err) in zip(processes, outputs)]
     ids = [json.loads(out)["runs"][0]["ops_id"] for out, _ in outputs]
     assert len(set(ids)) == 20
 
