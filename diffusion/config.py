@@ -191,7 +191,8 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
         return f"{key}: unknown key; {hint}"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be").replace(
+        "String should match pattern", "must match the pattern").replace("String should have", "must have")
     if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
         message = "must not contain a NUL byte"
     return f"{key}: {value!r} is not allowed: {message}"

@@ -5,7 +5,8 @@ data is the step count; the checkpoint holds model, EMA, optimizer, scaler, step
 state, and is written only between steps. N steps in one go equal N/2 + resume + N/2, bitwise.
 
 Preemption: SIGTERM, SIGUSR1 or SIGUSR2 finish the current step, write a checkpoint and exit with
-EXIT_PREEMPTED; a second signal exits at once (the last checkpoint stays valid).
+EXIT_PREEMPTED; a second SIGTERM exits at once (the last checkpoint stays valid), a repeated
+SIGUSR1/2 changes nothing.
 
 Data parallel: when RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are set (torchrun, or the SLURM
 engine), every rank takes the same global batch, computes the loss on its shard of it, and DDP
@@ -48,7 +49,9 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class PreemptionFlag:
-    """The first signal asks for a checkpoint at the end of the step; the second one exits now."""
+    """The first signal asks for a checkpoint at the end of the step. A second SIGTERM exits now
+    (someone insists); a repeated preemption notice (SIGUSR1/2, which schedulers may send more than
+    once) changes nothing: the checkpoint is already on its way."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -65,7 +68,9 @@ class PreemptionFlag:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signal is not None:
-            sys.exit(128 + signum)
+            if signum == signal.SIGTERM:
+                sys.exit(128 + signum)
+            return
         self.signal = signum
         print(f"\nreceived {signal.Signals(signum).name}: checkpointing after this step", flush=True)
 

@@ -23,6 +23,7 @@ import functools
 import json
 import shlex
 import signal
+import sqlite3
 import sys
 import time
 from contextlib import contextmanager
@@ -59,6 +60,10 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except user_errors() as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except sqlite3.DatabaseError as exc:  # the registry, damaged past what opening it reads
+            typer.echo(f"error: the run registry is damaged ({exc}); `ops sync` moves it aside and rebuilds it "
+                       "from the run dirs", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -114,7 +119,10 @@ def signals_interrupt():
 
 
 def command_line() -> str:
-    return shlex.join(["ops", *sys.argv[1:]])
+    """This command as it is recorded (job.json, the experiment log, issues): secrets hidden."""
+    from ops.secrets import redact_words
+
+    return shlex.join(["ops", *redact_words(sys.argv[1:])])
 
 
 def when(timestamp: float | None) -> str:
@@ -212,10 +220,10 @@ def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
 def snapshot_left_out(started) -> list[dict]:
     """The untracked files that provenance kept out of diff.patch (the same for every run of a
     submit): [{path, reason, ...}]; the user should know that the run will not see them."""
-    from ops.rundir import PROVENANCE, read_json
+    from ops.rundir import PROVENANCE, git_of, read_json
 
     provenance = read_json(Path(started[0].run_dir) / PROVENANCE) if started else None
-    return ((provenance or {}).get("git") or {}).get("skipped_untracked", [])
+    return git_of(provenance).get("skipped_untracked", [])
 
 
 def warn_outbox(registry, started) -> None:
@@ -312,7 +320,13 @@ def print_view(view: dict) -> None:
     if view["detail"]:
         out.print(f"  {view['detail']}", markup=False)
     if view["state"] == "PREEMPTED":
-        out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
+        from ops.engines import get_engine
+        from ops.settings import Project
+
+        if get_engine(view["engine"], Project().settings).requeues_itself:
+            out.print(f"  stopped at a checkpoint; {view['engine']} requeues it and it resumes by itself")
+        else:
+            out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
     if view["github_issue"]:
         out.print(f"  issue {view['github_issue']}", markup=False)
     if view["journal_post"]:
@@ -527,9 +541,17 @@ def sync(
         aside = move_aside(project.registry_path)
         repaired.append(f"{exc.args[0].split(';')[0]}; moved it to {aside} and rebuilt the registry from the run dirs")
         registry = Registry(project.registry_path)
-    if retry:
-        registry.retry_stopped()
-    added, reconciled, problems = runs.sync(project, registry)
+    try:
+        if retry:
+            registry.retry_stopped()
+        added, reconciled, problems = runs.sync(project, registry)
+    except sqlite3.DatabaseError as exc:  # damage that opening it did not reach: rebuild all the same
+        registry.close()
+        aside = move_aside(project.registry_path)
+        repaired.append(f"{project.registry_path}: damaged ({exc}); moved it to {aside} and rebuilt the registry "
+                        "from the run dirs")
+        registry = Registry(project.registry_path)
+        added, reconciled, problems = runs.sync(project, registry)
     problems = repaired + problems
     if as_json:
         return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})
@@ -668,6 +690,8 @@ def pull(
     gcs_run_dir = read_required(Path(run.run_dir) / VERTEX_FILE)["gcs_run_dir"]
     result = pull_files(gcs_run_dir, Path(run.run_dir), what, keep=OPS_RECORDS | {VERTEX_FILE},
                         progress=None if as_json else lambda name: typer.echo(f"  {name}"))
+    if run.finished and result["downloaded"]:
+        runs.refresh_records(project, run)  # the log's results and the post, now with the run's figures
     if as_json:
         return echo_json({"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result})
     typer.echo(f"{len(result['downloaded'])} downloaded, {len(result['skipped'])} unchanged, into {run.run_dir}")

@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ops.errors import OpsError, PermanentError
+from ops.monitor import elapsed_seconds
 from ops.registry import Run
-from ops.rundir import CONFIG, PROVENANCE, Summary, read_json, read_summary
+from ops.rundir import CONFIG, PROVENANCE, Summary, git_of, read_json, read_summary
 from ops.runs import read_job
 from ops.settings import Project
 
@@ -63,7 +64,7 @@ def repository(project: Project, provenance: dict) -> str | None:
         return None
     if project.settings.github_repo:
         return project.settings.github_repo
-    match = GITHUB_REMOTE.search((provenance.get("git") or {}).get("remote") or "")
+    match = GITHUB_REMOTE.search(git_of(provenance).get("remote") or "")
     return match["repo"] if match else None
 
 
@@ -170,7 +171,7 @@ class GitHub:
 
 
 def issue_title(run: Run, job: dict, provenance: dict) -> str:
-    git = provenance.get("git") or {}
+    git = git_of(provenance)
     commit = (git.get("short_commit") or "no git") + ("+dirty" if git.get("dirty") else "")
     changed = ", ".join(f"{key.removeprefix('run.')}={json.dumps(new) if not isinstance(new, str) else new}"
                         for key, _, new in job["changes"])
@@ -237,7 +238,7 @@ def format_number(value) -> str:
 
 
 def result_body(project: Project, run: Run, summary: Summary, attempt: int) -> str:
-    duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
+    duration = elapsed_seconds(run) if run.finished_at else None
     lines = [result_marker(run.ops_id, attempt),
              f"### {run.state}" + (f" after {duration / 60:.1f} min" if duration else "")]
     if run.detail:

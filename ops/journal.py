@@ -23,8 +23,9 @@ from typing import Any
 
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.rundir import METRICS, PROVENANCE, Summary, atomic_write, read_json, read_jsonl, read_summary
+from ops.rundir import METRICS, PROVENANCE, Summary, atomic_write, git_of, read_json, read_jsonl, read_summary
 from ops.runs import flatten, read_job
+from ops.secrets import redact_value
 from ops.settings import Project
 
 KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
@@ -45,7 +46,12 @@ def posts_dir(project: Project) -> Path:
 
 
 def post_path(project: Project, run: Run) -> Path:
-    day = time.strftime("%Y-%m-%d", time.localtime(run.created_at))
+    """The run's post: the one it has (whatever time zone dated it), else DAY-OPS_ID.md in UTC."""
+    existing = [path for path in sorted(posts_dir(project).glob(f"*-{run.ops_id}.md"))
+                if path.name[len("YYYY-MM-DD-"):] == f"{run.ops_id}.md"]
+    if existing:
+        return existing[0]
+    day = time.strftime("%Y-%m-%d", time.gmtime(run.created_at))
     return posts_dir(project) / f"{day}-{run.ops_id}.md"
 
 
@@ -202,7 +208,7 @@ def write_post(project: Project, run: Run) -> Path:
     job = read_job(run_dir)
     spec = job["spec"]
     provenance = read_json(run_dir / PROVENANCE) or {}
-    git = provenance.get("git") or {}
+    git = git_of(provenance)
     summary = read_summary(run_dir) or Summary()
     config = flatten(read_config(run_dir))
     found = figures(run_dir)
@@ -329,7 +335,8 @@ def comparison(runs: list[Run]) -> dict:
     for run in runs:
         run_dir = Path(run.run_dir)
         spec = {key: value for key, value in read_job(run_dir)["spec"].items() if key != "run"}
-        settings.append(flatten(read_config(run_dir)) | flatten(spec))
+        settings.append(flatten(read_config(run_dir)) | {key: redact_value(key, value)
+                                                         for key, value in flatten(spec).items()})
         found.append(figures(run_dir))
     keys = sorted(set().union(*settings))
     config = {key: [values.get(key) for values in settings] for key in keys}

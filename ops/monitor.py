@@ -16,7 +16,7 @@ def tail(text: str, lines: int) -> str:
 def elapsed_seconds(run: Run) -> float | None:
     if run.started_at is None:
         return None
-    return (run.finished_at or time.time()) - run.started_at
+    return max(0.0, (run.finished_at or time.time()) - run.started_at)  # an engine's clock may run behind ours
 
 
 def progress(run: Run, spec: dict) -> dict:

@@ -30,14 +30,13 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
     user           getpass.getuser()
     platform       platform.platform()
     captured_at    UTC time of capture, ISO 8601 with Z, e.g. "2025-01-31T12:00:00Z"
-    argv           sys.argv
+    argv           sys.argv, secrets given as KEY=VALUE replaced by *** (ops.secrets)
 """
 
-import fnmatch
 import getpass
 import importlib.metadata
+import os
 import platform
-import re
 import socket
 import sys
 import tempfile
@@ -47,26 +46,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ops.errors import OpsError
 from ops.rundir import atomic_write
+from ops.secrets import redact_words, secret_content, secret_name
 
 # What an untracked file must be to enter a snapshot (diff.patch, which travels to clusters, buckets
 # and images as RUN_DIR/code and the build context): code or config the run may need, at most
 # MAX_UNTRACKED_FILE_BYTES, with no secret in its name or its content. Everything else is left out
 # and listed in skipped_untracked with its reason; `ops submit` says which.
 MAX_UNTRACKED_FILE_BYTES = 1_000_000
-CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".sh",
-                 ".yaml", ".yml", ".toml", ".json", ".cfg", ".ini", ".txt", ".md", ".rst", ".ipynb", ".jinja")
-CODE_NAMES = ("dockerfile", "makefile", ".dockerignore", ".gitignore")
-# Names (of the file, or of any folder above it) matched ignoring case. .dockerignore carries the
-# same list (dockerignore_lines; a test holds the two together).
-SECRET_NAMES = (".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
-                "*.ovpn", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*credential*", "*service-account*",
-                "*service_account*", "*secret*", "kaggle.json", ".netrc", "_netrc", ".git-credentials", ".pypirc",
-                ".npmrc", ".dockercfg", ".htpasswd", ".ssh", ".aws", ".gnupg", ".kube", ".docker")
-# Content that is a secret whatever the file is called: private keys, cloud service accounts, tokens.
-SECRET_CONTENT = re.compile(
-    rb"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"|\"type\"\s*:\s*\"service_account\"|aws_secret_access_key"
-    rb"|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}"
-    rb"|xox[abposr]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{20,}|hf_[A-Za-z0-9]{30,}", re.IGNORECASE)
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".sh", ".proto",
+                 ".yaml", ".yml", ".toml", ".json", ".cfg", ".ini", ".txt", ".md", ".rst", ".ipynb", ".jinja", ".j2",
+                 ".sql", ".lock", ".cmake", ".mk", ".in", ".js", ".ts", ".css", ".html")
+CODE_NAMES = ("makefile", ".dockerignore", ".gitignore")  # and dockerfile, Dockerfile.gpu ...
 MAX_PATCH_BYTES = 20_000_000
 
 PACKAGES = ("torch", "torchvision", "numpy", "pydantic", "diffusion-ops")
@@ -101,7 +91,7 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude:
         "user": getpass.getuser(),
         "platform": platform.platform(),
         "captured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "argv": list(sys.argv),
+        "argv": redact_words(sys.argv),
     }
 
 
@@ -144,33 +134,23 @@ def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> Path:
     return dest / info.get("project_dir", "")
 
 
-def secret_name(path: str) -> bool:
-    return any(fnmatch.fnmatch(part.lower(), pattern) for part in Path(path).parts for pattern in SECRET_NAMES)
-
-
 def left_out(root: Path, path: str) -> str | None:
     """Why an untracked file stays out of the snapshot, or None when it goes in."""
     if path.endswith("/"):
         return "nested repository"  # adding it would record only a gitlink
     if secret_name(path):
         return "secret by its name"
+    if (root / path).is_symlink():
+        return "a symbolic link"  # it may point anywhere, a key file included
     name = Path(path).name.lower()
-    if not (name.endswith(CODE_SUFFIXES) or name in CODE_NAMES):
+    if not (name.endswith(CODE_SUFFIXES) or name in CODE_NAMES or name.startswith("dockerfile")):
         return "not code or config"
     size = (root / path).lstat().st_size
     if size > MAX_UNTRACKED_FILE_BYTES:
         return f"larger than {MAX_UNTRACKED_FILE_BYTES:,} bytes"
-    if SECRET_CONTENT.search((root / path).read_bytes()):
+    if secret_content((root / path).read_bytes()):
         return "secret in its content"
     return None
-
-
-def dockerignore_lines() -> list[str]:
-    """SECRET_NAMES as .dockerignore lines, at any depth and in any case (Docker matches case)."""
-    def any_case(pattern: str) -> str:
-        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
-
-    return [f"**/{any_case(pattern)}" for pattern in SECRET_NAMES]
 
 
 def _open_repo(path: Path):
@@ -186,7 +166,7 @@ def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()
     root = Path(repo.working_tree_dir).resolve()
     # The project may sit in a folder of its repository: git wants paths from the repository's root.
     project_dir = project.resolve().relative_to(root).as_posix()
-    exclude = tuple((Path(project_dir) / path).as_posix() for path in exclude)
+    exclude = tuple(Path(os.path.normpath(Path(project_dir) / path)).as_posix() for path in exclude)
     if not repo.head.is_valid():
         raise ProvenanceError(f"{root} has no commits yet; commit once before submitting")
     commit = repo.head.commit.hexsha
@@ -211,7 +191,7 @@ def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()
                 skipped.append({"path": path, "bytes": size, "reason": reason, "secret": reason.startswith("secret")})
         if untracked:
             pathspecs = Path(tmp) / "pathspecs"
-            pathspecs.write_text("\0".join(untracked))
+            pathspecs.write_bytes(b"\0".join(os.fsencode(path) for path in untracked))  # any file name
             # Literal, so a file named like a glob adds only itself.
             repo.git.add("--pathspec-from-file", str(pathspecs), "--pathspec-file-nul",
                          env=env | {"GIT_LITERAL_PATHSPECS": "1"})

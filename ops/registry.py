@@ -156,7 +156,8 @@ class Registry:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {version} is newer than this ops ({SCHEMA_VERSION}); update ops")
+            raise OpsError(f"{self.path}: written by a newer ops (schema {version}, this one knows {SCHEMA_VERSION}); "
+                           "update ops (pip install -e . in the project)")
         self.db.execute("BEGIN IMMEDIATE")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]  # another CLI may have migrated
         for number in range(version, SCHEMA_VERSION):

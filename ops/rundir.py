@@ -53,3 +53,9 @@ def read_summary(run_dir: Path) -> Summary | None:
 def last_metrics(run_dir: Path) -> MetricsRecord | None:
     data = last_jsonl(Path(run_dir) / METRICS)
     return None if data is None else MetricsRecord.from_json(data)
+
+
+def git_of(provenance: dict | None) -> dict:
+    """provenance.json's git record, {} when the run was recorded without git or the file is damaged."""
+    git = (provenance or {}).get("git")
+    return git if isinstance(git, dict) else {}

@@ -8,6 +8,7 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 import os
 import secrets
 import shutil
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ops.engines import Engine, EngineState, Launch, get_engine
+from ops.monitor import elapsed_seconds
 from ops.registry import FINAL_STATES, Registry, Run
 from ops.errors import OpsError, PermanentError
-from ops.rundir import CODE, DIFF, FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, read_json, read_required, read_summary, write_json
+from ops.rundir import (CODE, DIFF, FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, git_of, read_json, read_required, read_summary, write_json)
+from ops.secrets import redact_value, redact_words
 from ops.settings import Project
 
 
@@ -195,17 +198,22 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
     ops_id, run_dir = claim_run_dir(project, spec.name)
     try:
         provenance = provenance_into(run_dir)
-    except Exception:
+    except BaseException:  # an error, or Ctrl-C while a rerun restores its code: no half-made run dir
         shutil.rmtree(run_dir)
         raise
     write_json(run_dir / PROVENANCE, provenance)
     dump_yaml(spec.run.model_dump(mode="json"), run_dir / "config.yaml")
+    # What is recorded and shown (registry, job.json's record of the submit, issues, logs) hides
+    # secrets given on the command line; the spec in job.json keeps them, for the engine.
+    overrides = redact_words(planned.overrides)
+    sweep = {key: redact_value(key, value) for key, value in planned.sweep.items()}
+    changes = [(key, redact_value(key, old), redact_value(key, new)) for key, old, new in planned.changes]
     run = Run(ops_id=ops_id, name=spec.name, engine=spec.engine, run_dir=str(run_dir),
-              git_commit=(provenance.get("git") or {}).get("commit"), sweep=planned.sweep,
-              overrides=planned.overrides, submitter=this_process())
+              git_commit=(provenance.get("git") or {}).get("commit"), sweep=sweep,
+              overrides=overrides, submitter=this_process())
     job = {"ops_id": ops_id, "name": spec.name, "engine": spec.engine, "engine_job_id": None,
-           "created_at": run.created_at, "command": command, "overrides": planned.overrides,
-           "sweep": planned.sweep, "changes": planned.changes, "spec": spec.model_dump(mode="json"),
+           "created_at": run.created_at, "command": command, "overrides": overrides,
+           "sweep": sweep, "changes": changes, "spec": spec.model_dump(mode="json"),
            "submitter": run.submitter}
     write_json(run_dir / JOB, job)
     if not registry.insert(run):
@@ -223,21 +231,54 @@ def start_many(project: Project, registry: Registry, runs: list[Run], code_dirs:
     engine = get_engine(runs[0].engine, project.settings)
     jobs = [read_job(Path(run.run_dir)) for run in runs]
     launches = [launch_for(project, run, job["spec"], code_dir) for run, job, code_dir in zip(runs, jobs, code_dirs)]
+    with signals_deferred():  # the engine takes the runs and their ids are recorded, or neither
+        try:
+            job_ids = engine.submit_many(launches)
+        except Exception as exc:
+            mark_failed(registry, runs, f"not submitted: {exc}")
+            if isinstance(exc, OpsError):
+                raise
+            raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
+        for run, job, job_id in zip(runs, jobs, job_ids):
+            record_start(registry, run, job_id, job)
+    return [reconcile(project, registry, run, engine)[0] for run in runs]
+
+
+def record_start(registry: Registry, run: Run, job_id: str, job: dict | None = None) -> None:
+    """The engine has the run: its job id and start time, in job.json and the registry."""
+    run.engine_job_id, run.started_at = job_id, run.started_at or time.time()  # a resume keeps the first start
+    job = job or read_job(Path(run.run_dir))
+    job |= {"engine_job_id": job_id, "started_at": run.started_at, "requeues": run.requeues}
+    write_json(Path(run.run_dir) / JOB, job)
+    registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then interrupt as they would have:
+    a job the engine took is never left without its id. (Handlers, not a blocked signal mask,
+    which the engine's child processes would inherit.)"""
+    received = []
+    previous = {signum: signal.signal(signum, lambda number, frame: received.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        job_ids = engine.submit_many(launches)
-    except Exception as exc:
-        mark_failed(registry, runs, f"not submitted: {exc}")
-        if isinstance(exc, OpsError):
-            raise
-        raise OpsError(f"{runs[0].ops_id}: the {runs[0].engine} engine refused the job: {exc}") from exc
-    started = []
-    for run, job, job_id in zip(runs, jobs, job_ids):
-        run.engine_job_id, run.started_at = job_id, run.started_at or time.time()  # a resume keeps the first start
-        job |= {"engine_job_id": job_id, "started_at": run.started_at, "requeues": run.requeues}
-        write_json(Path(run.run_dir) / JOB, job)
-        registry.update(run.ops_id, engine_job_id=job_id, started_at=run.started_at)
-        started.append(reconcile(project, registry, run, engine)[0])
-    return started
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def adopt_recorded_job(project: Project, registry: Registry, run: Run) -> Run:
+    """A run with no job id whose engine wrote one into its run dir (its submitter died between the
+    two): the run is the engine's; record it instead of calling it not started."""
+    job_id = get_engine(run.engine, project.settings).recorded_job(Path(run.run_dir))
+    if job_id is None:
+        return run
+    registry.update(run.ops_id, state="QUEUED", finished_at=None, detail=None)
+    record_start(registry, registry.get(run.ops_id), job_id)
+    return registry.get(run.ops_id)
 
 
 def mark_failed(registry: Registry, runs: list[Run], detail: str) -> None:
@@ -252,7 +293,7 @@ def snapshot_code(project: Project, run: Run) -> Path | None:
 
     run_dir = Path(run.run_dir)
     provenance = read_required(run_dir / PROVENANCE)
-    if provenance.get("git") is None:
+    if not git_of(provenance):
         return None  # --allow-no-git: nothing to restore; the job imports whatever is installed
     return restore(provenance, run_dir / DIFF, project.root, run_dir / CODE)
 
@@ -260,7 +301,7 @@ def snapshot_code(project: Project, run: Run) -> Path | None:
 def code_folder(run_dir: Path) -> Path | None:
     """The project's folder in a run's code snapshot (RUN_DIR/code, or a subfolder of it for a
     project that is not at its repository's root); None when the run has no snapshot."""
-    git = (read_json(run_dir / PROVENANCE) or {}).get("git") or {}
+    git = git_of(read_json(run_dir / PROVENANCE))
     folder = run_dir / CODE / git.get("project_dir", "")
     return folder if folder.is_dir() else None
 
@@ -270,7 +311,7 @@ def submit(project: Project, registry: Registry, planned: list[Planned], command
     from ops.provenance import capture
 
     created, started = [], []
-    with failed_if_interrupted(registry, created):
+    with failed_if_interrupted(project, registry, created):
         for item in planned:
             created.append(create(project, registry, item, command,
                                   lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code())))
@@ -285,13 +326,14 @@ def submit(project: Project, registry: Registry, planned: list[Planned], command
 
 
 @contextmanager
-def failed_if_interrupted(registry: Registry, runs: list[Run]):
+def failed_if_interrupted(project: Project, registry: Registry, runs: list[Run]):
     """Runs being started that no engine has taken when the command is interrupted (Ctrl-C, or
     SIGTERM / SIGHUP, which the CLI turns into it) are FAILED, resumable, never left QUEUED."""
     try:
         yield
     except KeyboardInterrupt:
-        mark_failed(registry, [run for run in runs if registry.get(run.ops_id).engine_job_id is None],
+        mark_failed(registry, [run for run in runs if registry.get(run.ops_id).engine_job_id is None
+                               and adopt_recorded_job(project, registry, run).engine_job_id is None],
                     "not started: interrupted")
         raise
 
@@ -318,6 +360,10 @@ def attach_image(project: Project, registry: Registry, runs: list[Run], image: s
 def resume(project: Project, registry: Registry, run: Run) -> Run:
     """Continue a stopped run in its own run dir (the trainer resumes from latest.pt)."""
     run = reconcile(project, registry, run)[0]
+    engine = get_engine(run.engine, project.settings)
+    if run.state == "PREEMPTED" and engine.requeues_itself:
+        raise OpsError(f"{run.ops_id}: is waiting for {run.engine} to requeue it, and resumes by itself; "
+                       f"`ops cancel {run.ops_id}` first to resume it by hand")
     if run.state == "QUEUED" and run.engine_job_id is None:
         doing = "resumed" if run.requeues else "submitted"
         raise OpsError(f"{run.ops_id} is being {doing} by another ops (pid {(run.submitter or {}).get('pid')})")
@@ -333,11 +379,13 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
                                  requeues=run.requeues + 1, submitter=this_process())
     if not claimed:
         raise OpsError(f"{run.ops_id} is being resumed by another ops")
-    for followup in FOLLOWUPS:
-        if followup.when == "finished":  # it ends again: its end-of-run follow-ups are due again
-            registry.forget_followup(run.ops_id, followup.kind)
+    again = [followup.kind for followup in FOLLOWUPS if followup.when == "finished"]
+    for kind in again:  # it ends again: its end-of-run follow-ups are due again, here and in a rebuild
+        registry.forget_followup(run.ops_id, kind)
+    done_path = Path(run.run_dir) / FOLLOWUPS_FILE
+    write_json(done_path, {kind: detail for kind, detail in (read_json(done_path) or {}).items() if kind not in again})
     run = registry.get(run.ops_id)
-    with failed_if_interrupted(registry, [run]):
+    with failed_if_interrupted(project, registry, [run]):
         return start(project, registry, run, code_dir)
 
 
@@ -349,7 +397,7 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     old_dir = Path(run.run_dir)
     job = read_job(old_dir)
     old_provenance = read_required(old_dir / PROVENANCE)
-    if old_provenance.get("git") is None:
+    if not git_of(old_provenance):
         raise OpsError(f"{run.ops_id}: was recorded without git (--allow-no-git); its code cannot be restored")
     spec = validate_spec(job["spec"], f"{old_dir / JOB}")
 
@@ -360,7 +408,7 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
 
     planned = Planned(spec, job["overrides"], job["sweep"], [tuple(change) for change in job["changes"]])
     new = create(project, registry, planned, command, restored_provenance)
-    with failed_if_interrupted(registry, [new]):
+    with failed_if_interrupted(project, registry, [new]):
         return start(project, registry, new, code_dir=code_folder(Path(new.run_dir)))
 
 
@@ -369,7 +417,7 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
 
 
 def log_entry(project: Project, run: Run, job: dict, provenance: dict) -> dict:
-    git = provenance.get("git") or {}
+    git = git_of(provenance)
     return {"ops_id": run.ops_id, "name": run.name, "hypothesis": job["spec"].get("hypothesis", ""),
             "command": job["command"], "engine": run.engine, "engine_job_id": run.engine_job_id,
             "run_dir": os.path.relpath(run.run_dir, project.root), "commit": git.get("commit"), "dirty": git.get("dirty", False),
@@ -390,11 +438,18 @@ def followup_experiment_log_result(project: Project, run: Run) -> str:
     from ops.explog import fill_results, results_text
 
     summary = read_summary(run.run_dir) or Summary()
-    duration = run.finished_at - run.started_at if run.finished_at and run.started_at else None
+    duration = elapsed_seconds(run) if run.finished_at else None
     results = results_text(run.state, summary, duration)
     if not fill_results(project.experiment_log, run.ops_id, results, project.runs_dir / ".experiment_log.lock"):
         raise OpsError(f"{project.experiment_log}: no section for {run.ops_id} to fill in")
     return str(project.experiment_log)
+
+
+def refresh_records(project: Project, run: Run) -> None:
+    """Rewrite what a finished run's local records say (the experiment log's results, the journal
+    post, which keeps its Observations) from its run dir: after `ops pull` brought its figures."""
+    followup_experiment_log_result(project, run)
+    followup_journal_post(project, run)
 
 
 def followup_journal_post(project: Project, run: Run) -> str:
@@ -516,6 +571,14 @@ def records_decide(run: Run, observed: EngineState) -> EngineState:
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
     """Bring one run's row up to date with its engine, and do its due follow-ups. A run that no
     engine took and whose submitting ops is gone (killed) is an orphan: FAILED, resumable."""
+    if not run.finished and not Path(run.run_dir).is_dir():
+        detail = f"its run dir {run.run_dir} is gone (moved or deleted): nothing of the run can be read"
+        registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail=detail)
+        for followup in FOLLOWUPS:  # there is nothing to report from, now or later
+            registry.record_followup(run.ops_id, followup.kind, f"skipped: {detail}")
+        return registry.get(run.ops_id), [f"{run.ops_id}: {detail}"]
+    if run.engine_job_id is None and run.state in ("QUEUED", "UNKNOWN", "FAILED"):
+        run = adopt_recorded_job(project, registry, run)
     if not run.finished and run.engine_job_id is None and submitter_alive(run.submitter) is False:
         pid = (run.submitter or {}).get("pid")
         registry.update_if(run.ops_id, {"engine_job_id": None, "state": run.state}, state="FAILED",
@@ -527,8 +590,9 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
         observed = records_decide(run, engine.state(run))
         requeues = run.requeues if observed.requeues is None else max(run.requeues, observed.requeues)
         detail = observed.detail or None
-        if (observed.state, observed.exit_code, requeues, detail) != (run.state, run.exit_code, run.requeues, run.detail):
-            changes = {"state": observed.state, "exit_code": observed.exit_code, "requeues": requeues, "detail": detail}
+        exit_code = None if observed.state in ("QUEUED", "RUNNING") else observed.exit_code  # a requeued job's last
+        if (observed.state, exit_code, requeues, detail) != (run.state, run.exit_code, run.requeues, run.detail):
+            changes = {"state": observed.state, "exit_code": exit_code, "requeues": requeues, "detail": detail}
             if observed.state in FINAL_STATES:
                 changes["finished_at"] = observed.finished_at or time.time()
             registry.update(run.ops_id, **changes)
@@ -554,11 +618,14 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
             continue  # being submitted right now: its submitter adds the row
         run_dir = job_path.parent
         provenance = read_json(run_dir / PROVENANCE) or {}
-        done = read_json(run_dir / FOLLOWUPS_FILE) or {}
+        if not git_of(provenance) and provenance.get("git", "missing") is not None:  # None: recorded without git
+            problems.append(f"{run_dir / PROVENANCE}: missing or damaged; {job['ops_id']} is indexed without its commit")
+        done = {kind: detail for kind, detail in (read_json(run_dir / FOLLOWUPS_FILE) or {}).items()
+                if kind in {followup.kind for followup in FOLLOWUPS} and isinstance(detail, (str, type(None)))}
         run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(run_dir),
                   state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
                   started_at=job.get("started_at"), requeues=job.get("requeues", 0),
-                  git_commit=(provenance.get("git") or {}).get("commit"), sweep=job["sweep"],
+                  git_commit=git_of(provenance).get("commit"), sweep=job["sweep"],
                   overrides=job["overrides"], submitter=job.get("submitter"),
                   **{followup.column: done.get(followup.kind) for followup in FOLLOWUPS if followup.column})
         registry.insert(run)

@@ -81,7 +81,8 @@ def label_problem(text: str, what: str) -> str | None:
     (international ones too), digits, `_` and `-`; a key starts with a letter."""
     if len(text) > 63:
         return f"{what} {text!r} is longer than 63 characters"
-    bad = [c for c in text if not (c.islower() or c.isdigit() or c in "_-" or (c.isalpha() and not c.isupper()))]
+    # Lowercase letters, international ones included; letters without case (CJK ...), numerals.
+    bad = [c for c in text if not (c in "_-" or c.isnumeric() or (c.isalpha() and c == c.lower()))]
     if bad:
         return f"{what} {text!r} has {bad[0]!r}: only lowercase letters, digits, '_' and '-' are allowed"
     if what == "key" and not (text[:1].isalpha()):
@@ -90,7 +91,8 @@ def label_problem(text: str, what: str) -> str | None:
 
 
 class VertexResources(Section):
-    machine_type: str = "n1-standard-8"
+    machine_type: str = Field("n1-standard-8", pattern=r"^[a-z][a-z0-9-]*$", description="A Compute Engine machine "
+                              "type, lowercase: n1-standard-8, a2-highgpu-1g, g2-standard-8 ...")
     accelerator_type: str | None = Field(None, description="e.g. NVIDIA_TESLA_T4, NVIDIA_TESLA_V100")
     accelerator_count: int = Field(0, ge=0, le=16, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
     replica_count: int = Field(1, ge=1, le=1000, description="Machines; > 1 trains data-parallel across them.")
@@ -100,6 +102,15 @@ class VertexResources(Section):
     timeout_hours: float = Field(24.0, ge=1 / 60, le=24 * 30, description="Between a minute and 30 days.")
     service_account: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Extra job labels (ops id and commit are added).")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _values_as_text(cls, labels):
+        """`version: 2` and `preemptible: true` are labels too: Vertex's values are text."""
+        if not isinstance(labels, dict):
+            return labels
+        return {key: str(value).lower() if isinstance(value, bool) else str(value) if isinstance(value, (int, float))
+                else value for key, value in labels.items()}
 
     @field_validator("labels")
     @classmethod
@@ -119,6 +130,11 @@ class VertexResources(Section):
         machine, accelerator, count = self.machine_type, self.accelerator_type, self.accelerator_count
         if accelerator and not count:
             raise ValueError(f"accelerator_count 0 is not allowed with accelerator_type {accelerator}: set 1 or more")
+        if count and not accelerator:
+            raise ValueError(f"accelerator_count {count} is not allowed without accelerator_type: name the GPU")
+        if accelerator and accelerator not in N1_GPUS and accelerator not in GPU_MACHINES:
+            raise ValueError(f"accelerator_type {accelerator} is not one ops can place (withdrawn, a TPU, or not in its "
+                             f"table): one of {', '.join([*N1_GPUS, *GPU_MACHINES])}")
         family = next((name for name, machines in GPU_MACHINES.items() if machine in machines), None)
         if family and accelerator != family:
             raise ValueError(f"machine_type {machine!r} comes with {GPU_MACHINES[family][machine]} x {family}: set "

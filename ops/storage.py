@@ -72,6 +72,16 @@ def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
          keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
     """Download the run dir's files under `what`, except the local records in `keep` (ops' own, whose
     remote copies are older); returns {"downloaded": [...], "skipped": [...], "kept": [...]}."""
+    from google.api_core.exceptions import GoogleAPICallError
+
+    try:
+        return pull_blobs(gcs_run_dir, local_dir, what, progress, keep)
+    except GoogleAPICallError as exc:
+        raise OpsError(f"{gcs_run_dir}: Cloud Storage refused the download ({' '.join(str(exc).split())}); "
+                       "`ops pull` again resumes it") from None
+
+
+def pull_blobs(gcs_run_dir: str, local_dir: Path, what: str, progress, keep: frozenset[str]) -> dict[str, list[str]]:
     bucket_name, prefix = split_uri(gcs_run_dir)
     bucket = client().bucket(bucket_name)
     result = {"downloaded": [], "skipped": [], "kept": []}
@@ -80,6 +90,10 @@ def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
     for blob in blobs:
         relative = blob.name.removeprefix(prefix + "/")
         target = local_dir / relative
+        if relative.endswith("/") or not relative:
+            continue  # a folder's placeholder object (the console and gcsfuse make them), not a file
+        if ".." in Path(relative).parts or Path(relative).is_absolute():
+            raise OpsError(f"gs://{bucket_name}/{blob.name}: its name leads out of the run dir; not downloaded")
         if relative in keep:
             result["kept"].append(relative)
             continue

@@ -79,3 +79,19 @@ def test_a_slurm_job_of_a_project_in_a_subfolder_imports_its_snapshot(nested, sl
     assert result.returncode == 0, ops(project, "monitor", run["ops_id"], "--logs").stdout
     assert imported_by(project, run["run_dir"]) == {str(Path(run["run_dir"]) / "code/sub/diffusion/__init__.py")}
     assert os.path.isdir(Path(run["run_dir"]) / "code/sub/configs")
+
+
+def test_records_kept_outside_the_project_folder_stay_out_of_the_patch(nested):
+    project = nested
+    (project / "ops.yaml").write_text("experiment_log: ../EXPERIMENT_LOG.md\njournal_dir: ../docs\n")
+    from tests.ops_project import git
+
+    git(project.parent, "add", "-A")
+    git(project.parent, "commit", "-qm", "records at the repository's root")
+    first = ops_json(project, "submit", "tiny", "--set", "run.train.max_steps=1")["runs"][0]
+    assert ops(project, "wait", first["ops_id"], "--interval", "0.3").returncode == 0
+    assert (project.parent / "EXPERIMENT_LOG.md").is_file() and list(project.parent.glob("docs/blog/posts/*.md"))
+    second = ops_json(project, "submit", "tiny", "--set", "run.train.max_steps=1")["runs"][0]
+    provenance = json.loads((Path(second["run_dir"]) / "provenance.json").read_text())
+    assert provenance["git"]["dirty"] is False and provenance["git"]["skipped_untracked"] == []
+    assert ops(project, "wait", second["ops_id"], "--interval", "0.3").returncode == 0

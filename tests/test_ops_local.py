@@ -444,3 +444,21 @@ def test_monitor_shows_where_a_run_ended_and_a_resumed_run_counts_from_its_first
     view = ops_json(root, "monitor", long["ops_id"])
     assert view["elapsed_seconds"] >= time.time() - first_start - 1 > 1.0
     assert ops(root, "cancel", long["ops_id"], "--grace", "30").returncode == 0
+
+
+def test_a_secret_given_on_the_command_line_is_recorded_nowhere(ops_project):
+    root = ops_project
+    token = "hf_" + "Q" * 34
+    result = ops(root, "submit", "tiny", "--set", "run.train.max_steps=1", "--set",
+                 f"resources.local.env.HF_TOKEN={token}", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    assert token not in json.dumps(run)
+    job = json.loads((Path(run["run_dir"]) / "job.json").read_text())
+    assert job["spec"]["resources"]["local"]["env"]["HF_TOKEN"] == token  # the engine needs it ...
+    published = [root / "EXPERIMENT_LOG.md", Path(run["run_dir"]) / "provenance.json", *root.glob("docs/blog/posts/*.md")]
+    assert all(token not in path.read_text() for path in published)  # ... nobody else sees it
+    assert token not in json.dumps(job["overrides"]) + job["command"] + json.dumps(job["changes"])
+    assert all(token not in json.dumps(row) for row in registry_rows(root))
+    assert "resources.local.env.HF_TOKEN=***" in job["command"]

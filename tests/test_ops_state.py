@@ -139,3 +139,115 @@ def test_a_garbage_registry_is_one_line_and_sync_rebuilds_every_field(ops_projec
     # Follow-ups done before are not done again: the log and the posts (with their durations) stand.
     assert (root / "EXPERIMENT_LOG.md").read_text() == log_before
     assert {path: path.read_text() for path in root.glob("docs/blog/posts/*.md")} == posts_before
+
+
+def kill_when(root: Path, pattern: str, process: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to `process` the moment a file matching `pattern` appears under `root`."""
+    wait_for(lambda: any(root.glob(pattern)) or process.poll() is not None, interval=0.005)
+    process.send_signal(signum)
+    process.communicate(timeout=120)
+
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_a_submit_interrupted_after_the_engine_took_its_runs_keeps_them(ops_project, kill):
+    """Killed the moment the engine wrote its record: the runs are the engine's, never 'not started'."""
+    root = ops_project
+    submit = start_ops(root, "submit", "tiny", "--sweep", "run.train.max_steps=1,2")
+    kill_when(root, "runs/*/local_process.json", submit, kill)
+    synced = ops_json(root, "sync")
+    for row in registry_rows(root):
+        if row["engine_job_id"] is None:  # never handed over: interrupted (SIGTERM) or an orphan (SIGKILL)
+            assert row["state"] == "FAILED" and not (Path(row["run_dir"]) / "local_process.json").exists()
+            continue
+        assert ops(root, "wait", row["ops_id"], "--interval", "0.3").returncode == 0, synced
+    assert any(row["engine_job_id"] for row in registry_rows(root))
+
+
+def test_a_registry_from_a_newer_ops_or_damaged_inside_is_one_line(ops_project):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=1")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    registry = root / "runs/registry.sqlite"
+    db = sqlite3.connect(registry)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    result = ops(root, "list")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "written by a newer ops (schema 99" in result.stderr
+    assert ops(root, "sync").returncode == 2 and registry.is_file()  # not moved aside: it is not damaged
+
+    db = sqlite3.connect(registry)
+    db.execute("PRAGMA user_version = 6")
+    db.execute("CREATE TABLE filler (x TEXT)")
+    db.executemany("INSERT INTO filler VALUES (?)", [("x" * 500,) for _ in range(400)])
+    db.commit()
+    db.close()
+    data = bytearray(registry.read_bytes())
+    data[4096 * 20: 4096 * 21] = b"\xde\xad" * 2048  # a page in the middle, past what opening reads
+    registry.write_bytes(bytes(data))
+    listed = ops(root, "list")
+    assert listed.returncode in (0, 2) and "Traceback" not in listed.stderr
+    synced = ops(root, "sync", "--json")
+    assert synced.returncode == 0, synced.stderr
+    assert [row["ops_id"] for row in registry_rows(root)] == [run["ops_id"]]
+
+
+def test_resumed_then_rebuilt_its_end_is_recorded_again(ops_project):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.max_steps=60",
+                   "--set", "run.train.log_every=1")["runs"][0]
+    wait_for(lambda: metrics_steps(run["run_dir"]) >= 2)
+    assert ops(root, "cancel", run["ops_id"], "--grace", "30").returncode == 0
+    assert ops(root, "sync").returncode == 0
+    assert "**Result: CANCELLED**" in (root / "EXPERIMENT_LOG.md").read_text()
+    assert ops(root, "resume", run["ops_id"]).returncode == 0
+    for path in root.glob("runs/registry.sqlite*"):
+        path.unlink()
+    assert ops(root, "sync").returncode == 0
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    log = (root / "EXPERIMENT_LOG.md").read_text()
+    assert "**Result: SUCCEEDED**" in log and "**Result: CANCELLED**" not in log
+
+
+def test_a_run_dir_gone_while_running_ends_the_run(ops_project, tmp_path):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.log_every=1")["runs"][0]
+    wait_for(lambda: metrics_steps(run["run_dir"]) >= 2)
+    Path(run["run_dir"]).rename(tmp_path / "moved")
+    try:
+        view = ops_json(root, "monitor", run["ops_id"])
+        assert view["state"] == "FAILED" and "is gone (moved or deleted)" in view["detail"]
+        assert ops(root, "wait", run["ops_id"], "--timeout", "30").returncode == 1
+        cancelled = ops(root, "cancel", run["ops_id"])
+        assert cancelled.returncode == 0 and "already FAILED" in cancelled.stdout
+    finally:
+        pid = json.loads((tmp_path / "moved/local_process.json").read_text())["pid"]
+        subprocess.run(["kill", "-TERM", f"-{pid}"], capture_output=True)
+
+
+def test_damaged_provenance_and_followups_records_are_reported_not_fatal(ops_project):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=1")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    run_dir = Path(run["run_dir"])
+    (run_dir / "provenance.json").write_text('{"git": "abc"}')
+    (run_dir / "followups.json").write_text('{"journal_post": ["a"], "nonsense": 1}')
+    for path in root.glob("runs/registry.sqlite*"):
+        path.unlink()
+    synced = ops(root, "sync", "--json")
+    assert synced.returncode == 0, synced.stderr
+    problems = json.loads(synced.stdout)["problems"]
+    assert any("provenance.json: missing or damaged" in problem for problem in problems)
+    assert ops(root, "journal", run["ops_id"]).returncode == 0
+
+
+def test_the_journal_post_of_a_run_is_the_same_file_in_any_time_zone(ops_project, monkeypatch):
+    root = ops_project
+    run = ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=1")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    posts = sorted(root.glob("docs/blog/posts/*.md"))
+    for zone in ("Pacific/Pago_Pago", "Pacific/Kiritimati"):
+        monkeypatch.setenv("TZ", zone)
+        assert ops(root, "journal", run["ops_id"]).returncode == 0
+    assert sorted(root.glob("docs/blog/posts/*.md")) == posts

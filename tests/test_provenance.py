@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,13 +246,13 @@ def test_only_code_without_secrets_enters_the_snapshot(tmp_path):
     assert {path: reasons[path] for path in secrets_by_content} == dict.fromkeys(secrets_by_content,
                                                                                   "secret in its content")
     assert {reasons[path] for path in others} == {"not code or config"}
-    assert reasons["Dockerfile.gpu"] == "not code or config"  # only Dockerfile itself is known by name
+    assert "Dockerfile.gpu" not in reasons and "b/Dockerfile.gpu" in patch  # a Dockerfile by any suffix is code
     assert all(item["secret"] == item["reason"].startswith("secret") for item in record["git"]["skipped_untracked"])
 
 
 def test_dockerignore_carries_the_secret_names_in_any_case():
     """One list: the snapshot's SECRET_NAMES are .dockerignore's secret lines."""
-    from ops.provenance import SECRET_NAMES, dockerignore_lines
+    from ops.secrets import SECRET_NAMES, dockerignore_lines
 
     lines = (Path(__file__).resolve().parents[1] / ".dockerignore").read_text().splitlines()
     assert [line for line in lines if line.startswith("**/") and "[" in line] == dockerignore_lines()
@@ -278,3 +279,37 @@ def test_excluded_records_do_not_make_the_tree_dirty(tmp_path):
     record = capture(repo, run_dir, exclude=("EXPERIMENT_LOG.md", "docs/blog/posts"))
     patch = (run_dir / "diff.patch").read_text()
     assert record["git"]["dirty"] and "model.py" in patch and "a run" not in patch and "a post" not in patch
+
+
+def test_odd_untracked_files_are_left_out_with_a_reason_not_a_crash(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    (repo / "deep").mkdir()
+    (repo / "deep/dangling.py").symlink_to("/nonexistent/file.py")
+    (repo / "deep/etc_link.py").symlink_to("/etc")
+    (repo / os.fsdecode(b"bad\xffname.py")).write_text("x = 1\n")
+    record = capture(repo, tmp_path / "run")
+    reasons = {item["path"]: item["reason"] for item in record["git"]["skipped_untracked"]}
+    assert reasons["deep/dangling.py"] == reasons["deep/etc_link.py"] == "a symbolic link"
+    assert any(path.startswith("bad") for path in record["git"]["untracked"])  # a name that is not UTF-8 goes in
+
+
+def test_secrets_in_more_formats_stay_out_and_code_that_only_looks_like_one_goes_in(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    secrets = {"adc.json": '{"type": "authorized_user", "client_secret": "x", "refresh_token": "y"}\n',
+               "keys.py": f'API_KEY = "AIza{"A" * 35}"\n', "netrc.txt": "machine example.com login me password p\n",
+               "docker/config.json": '{"auths": {"registry.example": {"auth": "eA=="}}}\n',
+               "pay.py": f'STRIPE = "sk_live_{"a" * 24}"\n',
+               "hooks.yaml": "url: https://hooks.slack.com/services/T000/B000/XXXX\n"}
+    code = {"names.py": 'RUN = "mask-diffusion-ablation-lr-sweep"\n', "exp.yaml": "arch: task-conditioned_model_v2\n",
+            "secret_sharing.py": "def share(): pass\n", "credentials.py": "def load(): pass\n",
+            "schema.proto": "message A {}\n", "Dockerfile.cuda": "FROM base\n", "uv.lock": "version = 1\n",
+            "query.sql": "select 1;\n", "template.j2": "{{ x }}\n"}
+    for path, text in {**secrets, **code}.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    record = capture(repo, tmp_path / "run")
+    patch = (tmp_path / "run/diff.patch").read_text()
+    reasons = {item["path"]: item["reason"] for item in record["git"]["skipped_untracked"]}
+    assert set(secrets) <= set(reasons) and all(reasons[path].startswith("secret") for path in secrets), reasons
+    assert sorted(record["git"]["untracked"]) == sorted(code)
+    assert all(f"b/{path}" in patch for path in code)

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,24 @@ def test_a_requeue_by_sigterm_says_so_in_a_line_and_the_run_ends_whole(slurm_pro
     assert view["progress"]["step"] == 150
     [row] = registry_rows(root)
     assert row["started_at"] == started and view["elapsed_seconds"] >= row["finished_at"] - started - 1
+
+
+def test_two_preemption_notices_checkpoint_once_and_the_job_requeues(slurm_project):
+    root = slurm_project
+    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=80",
+                   "--set", "train.log_every=1")["runs"][0]
+    wait_for(lambda: metrics_steps(Path(run["run_dir"])) >= 20, timeout=300)
+    for _ in range(2):
+        subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], check=True)
+    # While it waits for its requeue, resuming by hand would start a second job on the run dir.
+    for _ in range(100):
+        view = ops_json(root, "monitor", run["ops_id"])
+        if view["state"] != "RUNNING":
+            break
+        time.sleep(0.2)
+    if view["state"] == "PREEMPTED":
+        refused = ops(root, "resume", run["ops_id"])
+        assert refused.returncode == 2 and "resumes by itself" in refused.stderr
+    view = wait_ok(root, run["ops_id"])
+    assert view["state"] == "SUCCEEDED" and view["requeues"] >= 1 and view["progress"]["step"] == 80
+    assert "Exited with exit code 140" not in view["log_tail"]

@@ -281,3 +281,34 @@ def test_pull_never_overwrites_the_records_ops_keeps_here(vertex):
     assert synced["rebuilt"] == [run["ops_id"]]
     [row] = registry_rows(root)
     assert row["engine_job_id"] == run["engine_job_id"] and row["state"] != "UNKNOWN"
+
+
+@pytest.mark.parametrize("setting, allowed", [
+    ("resources.vertex.labels.version=2", True), ("resources.vertex.labels.flag=true", True),
+    ("resources.vertex.labels={half: ½}", True), ("resources.vertex.labels={ǅx: a}", False),
+    ("resources.vertex.accelerator_type=NVIDIA_GB200", False), ("resources.vertex.accelerator_count=4", False),
+    ("resources.vertex.machine_type=N1-STANDARD-8", False),
+])
+def test_vertex_rules_neither_refuse_valid_labels_nor_take_unplaceable_gpus(vertex, setting, allowed):
+    root, standin, _ = vertex
+    extra = ["--set", "resources.vertex.accelerator_count=1"] if "GB200" in setting else []
+    result = ops(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE, "--dry-run", "--set", setting, *extra)
+    assert (result.returncode == 0) == allowed, result.stderr
+    assert allowed or len(result.stderr.splitlines()) == 1
+
+
+def test_pull_skips_folder_placeholders_and_refreshes_the_records(vertex):
+    root, standin, bucket = vertex
+    run = ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)["runs"][0]
+    standin.set_state(run["engine_job_id"], "JOB_STATE_SUCCEEDED")
+    assert ops_json(root, "monitor", run["ops_id"])["state"] == "SUCCEEDED"
+    assert "final loss" not in (root / "EXPERIMENT_LOG.md").read_text()  # nothing pulled yet
+    prefix = f"runs/{run['ops_id']}"
+    bucket.blob(f"{prefix}/summary.json").upload_from_string(
+        '{"status": "completed", "step": 8, "epoch": 2.0, "final_metrics": {"step": 8, "loss": 0.25}}\n')
+    bucket.blob(f"{prefix}/checkpoints/").upload_from_string(b"")  # what the console and gcsfuse make
+    pulled = ops_json(root, "pull", run["ops_id"])
+    assert "summary.json" in pulled["downloaded"] and not (Path(run["run_dir"]) / "checkpoints").is_file()
+    assert "final loss 0.2500" in (root / "EXPERIMENT_LOG.md").read_text()
+    post = next(root.glob(f"docs/blog/posts/*-{run['ops_id']}.md")).read_text()
+    assert "| loss | 0.25 |" in post

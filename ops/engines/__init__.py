@@ -47,6 +47,10 @@ class Engine(Protocol):
 
     def submit_many(self, launches: list[Launch]) -> list[str]: ...
 
+    def recorded_job(self, run_dir: Path) -> str | None:
+        """The job id this engine wrote into the run dir when it took the run, or None: how a run
+        whose submitting ops died before recording the id is found again."""
+
     def state(self, run: Run) -> EngineState: ...
 
     def logs(self, run: Run, offset: int = 0) -> tuple[str, int]: ...

@@ -100,6 +100,10 @@ class LocalEngine:
     def submit_many(self, launches: list[Launch]) -> list[str]:
         return [self.submit(launch) for launch in launches]
 
+    def recorded_job(self, run_dir: Path) -> str | None:
+        pid = (read_json(run_dir / PROCESS_FILE) or {}).get("pid")
+        return str(pid) if isinstance(pid, int) else None
+
     def state(self, run: Run) -> EngineState:
         run_dir = Path(run.run_dir)
         cancelled = (run_dir / CANCEL_FILE).is_file()

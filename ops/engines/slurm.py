@@ -15,7 +15,7 @@ from pathlib import Path
 from ops.engines import EngineState, Launch, read_from
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.rundir import read_required, write_json
+from ops.rundir import read_json, read_required, write_json
 
 SLURM_FILE = "slurm_job.json"  # the job id and submitit's folder, for logs
 
@@ -128,6 +128,10 @@ class SlurmEngine:
             write_json(launch.run_dir / SLURM_FILE, {"job_id": job.job_id, "folder": str(folder),
                                                      "submitted_at": time.time()})
         return [job.job_id for job in jobs]
+
+    def recorded_job(self, run_dir: Path) -> str | None:
+        job_id = (read_json(run_dir / SLURM_FILE) or {}).get("job_id")
+        return job_id if isinstance(job_id, str) else None
 
     def state(self, run: Run) -> EngineState:
         attempts = sacct(run.engine_job_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ops.engines import EngineState, Launch
 from ops.errors import OpsError
 from ops.registry import Run
-from ops.rundir import CONFIG, DIFF, IMAGE, JOB, LOG, PROVENANCE, read_required, write_json
+from ops.rundir import CONFIG, DIFF, IMAGE, JOB, LOG, PROVENANCE, git_of, read_json, read_required, write_json
 
 JOB_STATES = {
     "JOB_STATE_QUEUED": "QUEUED", "JOB_STATE_PENDING": "QUEUED", "JOB_STATE_RUNNING": "RUNNING",
@@ -170,7 +170,7 @@ class VertexEngine:
         image = read_required(launch.run_dir / IMAGE)["image"]
         gcs_run_dir = remote_run_dir(self.settings.gcs_bucket, job_record["ops_id"])
         upload_run_dir(launch.run_dir, gcs_run_dir, (CONFIG, PROVENANCE, DIFF, JOB))
-        commit = read_required(launch.run_dir / PROVENANCE).get("git") or {}
+        commit = git_of(read_required(launch.run_dir / PROVENANCE))
         labels = {"ops-id": job_record["ops_id"], "commit": (commit.get("commit") or "no-git")[:12]}
         body = custom_job(launch, job_record["ops_id"], image, gcs_run_dir, labels)
         try:
@@ -183,6 +183,10 @@ class VertexEngine:
 
     def submit_many(self, launches: list[Launch]) -> list[str]:
         return [self.submit(launch) for launch in launches]
+
+    def recorded_job(self, run_dir: Path) -> str | None:
+        name = (read_json(run_dir / VERTEX_FILE) or {}).get("name")
+        return name.rsplit("/", 1)[1] if isinstance(name, str) else None
 
     def job_name(self, run: Run) -> str:
         return read_required(Path(run.run_dir) / VERTEX_FILE)["name"]
