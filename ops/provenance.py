@@ -134,6 +134,14 @@ def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> Path:
     return dest / info.get("project_dir", "")
 
 
+def is_record(path: str, record: str) -> bool:
+    """`path` is the record, inside it (a folder of them), or its temporary file while another ops
+    writes it (atomic_write's `.NAME.PID.tmp` beside it)."""
+    name, folder = Path(record).name, Path(record).parent
+    return path == record or path.startswith(record + "/") or (
+        Path(path).parent == folder and Path(path).name.startswith(f".{name}.") and path.endswith(".tmp"))
+
+
 def left_out(root: Path, path: str) -> str | None:
     """Why an untracked file stays out of the snapshot, or None when it goes in."""
     if path.endswith("/"):
@@ -181,8 +189,10 @@ def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()
         listed = repo.git.ls_files("--others", "--exclude-standard", "-z", env=env).split("\0")
         untracked, skipped = [], []
         for path in filter(None, listed):
-            if any(path == record or path.startswith(record + "/") for record in exclude):
+            if any(is_record(path, record) for record in exclude):
                 continue  # ops' own records: neither code nor a reason to call the tree dirty
+            if not (root / path).is_symlink() and not (root / path).exists() and not path.endswith("/"):
+                continue  # gone since it was listed: another ops's temporary file
             reason = left_out(root, path)
             if reason is None:
                 untracked.append(path)

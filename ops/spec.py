@@ -103,6 +103,16 @@ class VertexResources(Section):
     service_account: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Extra job labels (ops id and commit are added).")
 
+    @field_validator("accelerator_type")
+    @classmethod
+    def _placeable_gpu(cls, accelerator: str | None) -> str | None:
+        """A GPU ops knows where to place; withdrawn ones (K80), TPUs and newer types are not."""
+        known = [*N1_GPUS, *GPU_MACHINES]
+        if accelerator is not None and accelerator not in known:
+            close = difflib.get_close_matches(accelerator, known, n=1)
+            raise ValueError(f"did you mean {close[0]!r}?" if close else f"one of {', '.join(known)}")
+        return accelerator
+
     @field_validator("labels", mode="before")
     @classmethod
     def _values_as_text(cls, labels):
@@ -132,9 +142,6 @@ class VertexResources(Section):
             raise ValueError(f"accelerator_count 0 is not allowed with accelerator_type {accelerator}: set 1 or more")
         if count and not accelerator:
             raise ValueError(f"accelerator_count {count} is not allowed without accelerator_type: name the GPU")
-        if accelerator and accelerator not in N1_GPUS and accelerator not in GPU_MACHINES:
-            raise ValueError(f"accelerator_type {accelerator} is not one ops can place (withdrawn, a TPU, or not in its "
-                             f"table): one of {', '.join([*N1_GPUS, *GPU_MACHINES])}")
         family = next((name for name, machines in GPU_MACHINES.items() if machine in machines), None)
         if family and accelerator != family:
             raise ValueError(f"machine_type {machine!r} comes with {GPU_MACHINES[family][machine]} x {family}: set "

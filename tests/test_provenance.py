@@ -313,3 +313,14 @@ def test_secrets_in_more_formats_stay_out_and_code_that_only_looks_like_one_goes
     assert set(secrets) <= set(reasons) and all(reasons[path].startswith("secret") for path in secrets), reasons
     assert sorted(record["git"]["untracked"]) == sorted(code)
     assert all(f"b/{path}" in patch for path in code)
+
+
+def test_another_ops_writing_a_record_makes_no_noise_in_the_snapshot(tmp_path):
+    """Twenty submits at once: one's experiment-log temp file is untracked in another's capture."""
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".EXPERIMENT_LOG.md.1092.tmp").write_text("# log, half written\n")
+    (repo / "docs/blog/posts").mkdir(parents=True)
+    (repo / "docs/blog/posts/.2026-11-30-x.md.77.tmp").write_text("a post, half written\n")
+    record = capture(repo, tmp_path / "run", exclude=("EXPERIMENT_LOG.md", "docs/blog/posts"))
+    assert record["git"]["untracked"] == [] and record["git"]["skipped_untracked"] == []
+    assert record["git"]["dirty"] is False
