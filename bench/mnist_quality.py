@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from diffusion.config import load_run_config
-from diffusion.evaluate import evaluate_checkpoint
+from diffusion.progress import track
+from diffusion.tasks import evaluate_checkpoint
 from diffusion.records import Summary, read_json
 from diffusion.rundir import RunDir
 from diffusion.train import train
@@ -66,7 +67,7 @@ def main() -> None:
             config.sample.eta = float(eta[0])
         config.sample.batch_size = 500
         config.eval.num_samples = args.num_samples
-        rows.append(evaluate_checkpoint(config, run_dir, progress=True))
+        rows.append(evaluate_checkpoint(config, run_dir, progress=track))
 
     floor = rows[0]["real_floor"]
     print(f"\n== samples ({args.num_samples} each) vs the real-vs-real floor (train vs test, same N)")

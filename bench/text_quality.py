@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from diffusion.config import load_run_config
-from diffusion.data import load_dataset
-from diffusion.evaluate_text import evaluate_text, generate_text
+from diffusion.data import decode, load_dataset
 from diffusion.records import METRICS, read_jsonl
-from diffusion.sample import TrainedModel, resolve_checkpoint
+from diffusion.scores.likelihood import evaluate_text
+from diffusion.tasks import generate
+from diffusion.trained import TrainedModel, resolve_checkpoint
 from diffusion.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +79,9 @@ def main() -> None:
     for method, model in trained.items():
         sample = model.config.sample.model_copy(update={"num_samples": args.num_samples})
         started = time.monotonic()
-        texts = generate_text(model.method, model.model, model.meta, sample, args.num_samples, device)
+        texts = decode(model.data, generate(model, sample, args.num_samples))
         seconds = time.monotonic() - started
-        scores = evaluate_text(model.method, model.model, model.meta, validation, texts, device, scorer=ar)
+        scores = evaluate_text(model.method, model.model, validation, texts, device, scorer=ar)
         bits = scores["val_bits_per_char"]
         rows.append((method, sum(p.numel() for p in model.model.parameters()), model.step, bits,
                      scores["ar_perplexity"], scores["distinct_2"], seconds, scores["collapsed"]))
@@ -114,9 +115,9 @@ def main() -> None:
         for alpha in map(float, args.alphas.split(",")):
             sample = model.config.sample.model_copy(update={"num_samples": args.num_samples, "guidance_alpha": alpha})
             started = time.monotonic()
-            texts = generate_text(model.method, model.model, model.meta, sample, args.num_samples, device, guide=ar)
+            texts = decode(model.data, generate(model, sample, args.num_samples, guide=ar))
             seconds = time.monotonic() - started
-            scores = evaluate_text(model.method, model.model, model.meta, validation, texts, device, scorer=ar)
+            scores = evaluate_text(model.method, model.model, validation, texts, device, scorer=ar)
             print(f"{method:12}{alpha:>7.2f}{scores['ar_perplexity']:>13.2f}{scores['distinct_2']:>12.3f}"
                   f"{seconds:>10.1f}  {'; '.join(scores['collapsed']) or 'no'}")
 

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from diffusion.config import ConfigError, RunConfig, load_run_config, read_yaml
+from diffusion.data.spec import DatasetNotFoundError
 from diffusion.records import Summary
 from diffusion.rundir import RunDir
 
@@ -67,23 +68,19 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
 
 
 def run_task(config: RunConfig, run: RunDir) -> int:
-    if config.task == "train":
-        from diffusion.train import train
+    # torch loads only here, once the config is valid: bad input is answered at once.
+    from diffusion.tasks import eval_task, sample_task
+    from diffusion.train import train
 
+    if config.task == "train":
         return train(config, run.path)
     if config.task == "sample":
-        from diffusion.sample import sample_task
-
         return sample_task(config, run)
-    from diffusion.evaluate import eval_task
-
     return eval_task(config, run)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from diffusion.data import DatasetNotFoundError
-
     run = None
     try:
         config, run_dir, in_place = resolve(args)

@@ -4,6 +4,7 @@ nothing on data-parallel ranks other than 0 ("quiet")."""
 import sys
 import time
 
+import rich.progress
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffusion.records import MetricsRecord
@@ -16,6 +17,11 @@ def console():
 
     terminal = sys.stdout.isatty()
     return Console(soft_wrap=not terminal, width=None if terminal else 1_000_000)
+
+
+def track(steps, description: str):
+    """The Progress that tasks hand to methods: a rich bar over `steps` (which must have a length)."""
+    return rich.progress.track(steps, description=description)
 
 
 def format_seconds(seconds: float) -> str:

@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.methods.ddpm import (
-    DDIMScheduler,
-    DDPM,
-    DDPMScheduler,
-    NoiseSchedule,
-    make_betas,
-    to_original_and_epsilon,
-)
+from diffusion.methods.ddpm import DDPM
+from diffusion.progress import track
+from diffusion.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedule, make_betas, to_original_and_epsilon
 
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 
@@ -180,7 +175,7 @@ def test_timestep_spacings_match_diffusers_except_its_extra_minus_one(spacing):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampling_with_61_steps_of_1000_stays_finite(sampler):
     method = DDPM(num_train_timesteps=1000)
-    out = method.sample(toy_model(1000), 2, (1, 4, 4), sampler=sampler, num_inference_steps=61,
+    out = method.generate(toy_model(1000), 2, (1, 4, 4), sampler=sampler, num_inference_steps=61,
                         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
 
@@ -374,15 +369,15 @@ def test_sample_shape_range_and_reproducibility(sampler):
 
     labels = torch.tensor([3, 1, 4, 1, 5])
     kwargs = dict(sampler=sampler, num_inference_steps=10, eta=1.0)
-    out = method.sample(recording_model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), class_labels=labels, **kwargs)
+    out = method.generate(recording_model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), class_labels=labels, **kwargs)
     assert out.shape == (5, 1, 6, 6)
     assert out.abs().max() <= 1
     assert len(calls) == 10
     assert all(t.shape == (5,) and t.dtype == torch.long and torch.equal(c, labels) for t, c in calls)
-    again = method.sample(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), progress=True, **kwargs)
+    again = method.generate(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), progress=track, **kwargs)
     assert torch.equal(out, again)
-    other = method.sample(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(1), **kwargs)
+    other = method.generate(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(1), **kwargs)
     assert not torch.equal(out, other)
     # The range comes from clip_sample, not from a final clamp.
-    unclipped = DDPM(num_train_timesteps=T, clip_sample=False).sample(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), **kwargs)
+    unclipped = DDPM(num_train_timesteps=T, clip_sample=False).generate(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), **kwargs)
     assert unclipped.abs().max() > 1

@@ -9,7 +9,9 @@ import sys
 import torch
 
 from diffusion.methods import build_method
-from diffusion.train import build_model, seed_everything
+from diffusion.data import DataSpec
+from diffusion.runtime import seed_everything
+from diffusion.trained import build_network
 from tests.conftest import REPO, write_config
 
 
@@ -49,8 +51,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_config
             torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     # The tolerance is tight: six steps moved the weights by far more than it.
     seed_everything(tiny_config.train.seed)
-    meta = {"kind": "image", "image_shape": [1, 28, 28], "num_classes": 10}
-    initial = build_model(tiny_config, build_method(tiny_config.method), meta).state_dict()
+    data = DataSpec("image", (1, 28, 28), num_classes=10)
+    initial = build_network(tiny_config, build_method(tiny_config), data).state_dict()
     assert max((one["model"][name] - value).abs().max().item() for name, value in initial.items()) > 1e-3
 
     # Rank 0 alone wrote the run dir: one metrics line per logged step, losses equal to one process's.

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from diffusion.evaluate import (
+from diffusion.scores.images import (
     class_entropy_bits,
     classifier_cache_key,
     classifier_outputs,

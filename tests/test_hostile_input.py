@@ -56,7 +56,7 @@ def test_values_that_failed_after_training_are_refused_at_validation(raw, line):
 
 def test_the_validation_bound_on_alpha_bar_is_the_schedules_own():
     from diffusion.config import MethodConfig, alpha_bar_range
-    from diffusion.methods.ddpm import NoiseSchedule
+    from diffusion.schedulers import NoiseSchedule
 
     for schedule in ("linear", "cosine", "sqrt"):
         for T in (2, 7, 1000, 4000):

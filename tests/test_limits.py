@@ -137,7 +137,7 @@ def test_transformer_limits_agree_with_the_transformer(n_embd, n_head, positions
 
 @pytest.mark.parametrize("steps, allowed", [(20, True), (21, False)])
 def test_step_limit_agrees_with_the_scheduler(steps, allowed):
-    from diffusion.methods.ddpm import DDIMScheduler
+    from diffusion.schedulers import DDIMScheduler
 
     config = RunConfig.model_validate(merged({}, method={"num_train_timesteps": 20},
                                              sample={"num_inference_steps": steps}))

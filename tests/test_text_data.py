@@ -92,8 +92,8 @@ def test_blocks_are_consecutive_windows_of_the_split(root, text, tokenizer):
     assert torch.equal(load_text_dataset(data, "val").blocks, dataset.blocks)  # fixed: same twice
     batch = dataset.batch(torch.tensor([2, 0]), torch.device("cpu"))
     assert torch.equal(batch["tokens"], dataset.blocks[[2, 0]])
-    meta = dataset.meta()
-    assert dataset.kind == meta["kind"] == "text" and meta["block_size"] == 64
+    meta = dataset.spec().to_json()
+    assert dataset.spec().kind == meta["kind"] == "text" and meta["block_size"] == 64
     assert meta["vocab_size"] == dataset.tokenizer.vocab_size == (65 if tokenizer == "char" else 512)
     assert tokenizer_from_json(meta["tokenizer"]).decode(dataset.blocks[0].tolist()) == \
         dataset.tokenizer.decode(dataset.blocks[0].tolist())
@@ -149,8 +149,8 @@ def test_download_keeps_the_right_corpus(shakespeare_root, tmp_path):
 
 def test_image_dataset_meta():
     dataset = ImageDataset(images=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), labels=torch.zeros(4), num_classes=10)
-    assert dataset.kind == "image"
-    assert dataset.meta() == {"kind": "image", "image_shape": [1, 28, 28], "num_classes": 10}
+    assert dataset.spec().kind == "image"
+    assert dataset.spec().to_json() == {"kind": "image", "image_shape": [1, 28, 28], "num_classes": 10}
 
 
 def test_training_windows_overlap_by_the_stride_and_validation_blocks_do_not(shakespeare_root):

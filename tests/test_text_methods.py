@@ -10,14 +10,16 @@ import torch
 from diffusion.config import MethodConfig
 from diffusion.methods import build_method
 from diffusion.methods.autoregressive import Autoregressive
-from diffusion.methods.ddpm import DDPM, NoiseSchedule
+from diffusion.data import DataSpec
+from diffusion.methods.ddpm import DDPM
 from diffusion.methods.embedding import EmbeddingDiffusion
 from diffusion.methods.guided import guided_sample
 from diffusion.methods.masked import MaskedDiffusion
 from diffusion.nets.transformer import Transformer, rotary_tables, rotate
+from diffusion.schedulers import NoiseSchedule
 
 V, L = 65, 16
-META = {"kind": "text", "vocab_size": V, "block_size": L}
+META = DataSpec("text", (L,), vocab_size=V)
 TINY = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, dropout=0.0, positions="rotary")
 # The corpus: one fixed cycle of 8 tokens, each sequence starting at a random phase.
 PATTERN = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:8]
@@ -177,7 +179,7 @@ def test_autoregressive_nll_equals_the_product_of_its_next_token_probabilities()
         nll -= torch.log_softmax(logits, dim=-1).gather(1, tokens[:, i : i + 1]).sum().item()
     assert method.bits_per_token(model, tokens, None) == pytest.approx(nll / (4 * L) / math.log(2), rel=1e-4)
     assert method.bits_per_token(model, toy_batch(4, torch.Generator().manual_seed(5)), None) < 1.0  # learned the cycle
-    greedy = method.sample(model, 2, 3 * L, None, greedy=True)  # longer than the window
+    greedy = method.generate(model, 2, 3 * L, None, greedy=True)  # longer than the window
     start = (PATTERN == greedy[0, 0]).nonzero().item()
     assert greedy[0].tolist() == PATTERN[(start + torch.arange(3 * L)) % 8].tolist()
 
@@ -222,12 +224,12 @@ def test_masked_bits_per_token_estimates_the_training_nelbo(trained_masked):
 def test_masked_sampler_returns_only_real_tokens(trained_masked, block_length):
     method, model, _, _ = trained_masked
     length = L if block_length is None else 2 * L + 3  # longer than the window, with a ragged last block
-    samples = method.sample(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
+    samples = method.generate(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
                             block_length=block_length, temperature=0.8, top_k=10)
     assert samples.shape == (5, length) and samples.dtype == torch.long
     assert samples.min() >= 0 and samples.max() < V  # never the mask id V
     # Seeded: the same generator seed gives the same samples.
-    again = method.sample(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
+    again = method.generate(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
                           block_length=block_length, temperature=0.8, top_k=10)
     assert torch.equal(samples, again)
 
@@ -236,10 +238,10 @@ def test_masked_sampler_untrained_model_single_step_unmasks_everything():
     method = MaskedDiffusion()
     torch.manual_seed(0)
     model = method.build_model(TINY, META)
-    samples = method.sample(model, 8, L, torch.Generator().manual_seed(0), num_inference_steps=1)
+    samples = method.generate(model, 8, L, torch.Generator().manual_seed(0), num_inference_steps=1)
     assert samples.max() < V and samples.min() >= 0
     with pytest.raises(ValueError, match="block_length"):
-        method.sample(model, 1, L + 1, None)
+        method.generate(model, 1, L + 1, None)
 
 
 # --- embedding diffusion -------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def test_rounding_loss_is_on_the_predicted_x0():
 def test_pretrained_embeddings_go_through_a_learned_projection():
     method = embedding_method()
     pretrained = torch.randn(V, 24)
-    model = method.build_model(TINY, META, init_from=pretrained)
+    model = method.build_model(TINY, META, pretrained)
     assert model.embeddings().shape == (V, 16)
     torch.testing.assert_close(model.embeddings().norm(dim=-1), torch.full((V,), 4.0))
     method.loss(model, {"tokens": toy_batch(8, torch.Generator().manual_seed(0))}).backward()
@@ -300,10 +302,10 @@ def test_embedding_sampler_and_bound(sampler, clamp):
     method = embedding_method()
     torch.manual_seed(0)
     model = train(method, method.build_model(TINY, META), 100, lr=1e-2).eval()
-    samples = method.sample(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=10,
+    samples = method.generate(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=10,
                             eta=0.5, clamp=clamp)
     assert samples.shape == (4, L) and samples.min() >= 0 and samples.max() < V
-    assert torch.equal(samples, method.sample(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler,
+    assert torch.equal(samples, method.generate(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler,
                                               num_inference_steps=10, eta=0.5, clamp=clamp))
     val = toy_batch(16, torch.Generator().manual_seed(123))
     bits = method.bits_per_token(model, val, torch.Generator().manual_seed(0))
@@ -389,7 +391,7 @@ def test_guided_alpha_zero_is_autoregressive_greedy(ar_pair):
     ar_method, ar_model = ar_pair
     guided = guided_sample(ar_method, ar_model, MaskedDiffusion(), Raises(), 3, 20, 0.0,
                            torch.Generator().manual_seed(0))
-    assert torch.equal(guided, ar_method.sample(ar_model, 3, 20, None, greedy=True))
+    assert torch.equal(guided, ar_method.generate(ar_model, 3, 20, None, greedy=True))
 
 
 @pytest.mark.parametrize("diffusion_method", [MaskedDiffusion(), embedding_method()], ids=["masked", "embedding"])

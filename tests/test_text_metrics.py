@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from diffusion.text_metrics import (collapse, distinct_n, longest_repeat_share, punctuation_share, text_scores,
+from diffusion.scores.text import (collapse, distinct_n, longest_repeat_share, punctuation_share, text_scores,
                                     top_token_share, words)
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.train import EXIT_PREEMPTED, PreemptionFlag, epoch_permutation, train
+from diffusion.runtime import EXIT_PREEMPTED, PreemptionFlag
+from diffusion.train import epoch_permutation, train
 from tests.conftest import REPO, run_diffusion, write_config
 
 

@@ -1,37 +1,27 @@
 """Datasets, held in memory as tensors (images uint8, text token ids): the datasets here are small, and
 indexing a tensor by a seeded permutation makes the data order exact to resume (no DataLoader worker state)."""
 
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
+import numpy as np
 import torch
 
 from diffusion.config import DataConfig
+from diffusion.data.mnist import load_mnist
+from diffusion.data.shakespeare import load_text_dataset, tokenizer_from_json
+from diffusion.data.spec import DATA_ROOT_ENV, DataSpec, DatasetNotFoundError, resolve_data_root
+from diffusion.records import atomic_write
 
-DATA_ROOT_ENV = "DIFFUSION_DATA_ROOT"
-
-
-class DatasetNotFoundError(RuntimeError):
-    """The dataset is neither under the data root nor downloadable; the message says how to fix it."""
-
-
-def resolve_data_root(configured: str | None) -> Path:
-    """`data.root` when set, else $DIFFUSION_DATA_ROOT, else ./data."""
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get(DATA_ROOT_ENV):
-        return Path(os.environ[DATA_ROOT_ENV]).expanduser()
-    return Path("data")
-
+__all__ = ["DATA_ROOT_ENV", "DataSpec", "DatasetNotFoundError", "ImageDataset", "decode", "load_dataset",
+           "has_validation", "load_validation", "resolve_data_root", "tokenizer_from_json", "write_samples"]
 
 @dataclass
 class ImageDataset:
     images: torch.Tensor  # uint8, (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
     num_classes: int
-    kind: ClassVar[str] = "image"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,19 +35,15 @@ class ImageDataset:
         images = self.images[indices].to(device).float() / 127.5 - 1.0
         return {"images": images, "labels": self.labels[indices].to(device)}
 
-    def meta(self) -> dict:
-        """What a checkpoint keeps to rebuild the model without the dataset."""
-        return {"kind": self.kind, "image_shape": list(self.shape), "num_classes": self.num_classes}
+    def spec(self) -> DataSpec:
+        return DataSpec("image", self.shape, num_classes=self.num_classes)
 
 
 def load_dataset(config: DataConfig, split: str = "train"):
-    """An ImageDataset (splits train, test) or a TextDataset (splits train, val); both have kind and meta()."""
+    """An ImageDataset (splits train, test) or a TextDataset (splits train, val); both have
+    `spec()`, `len()` and `batch(indices, device)`."""
     if config.dataset == "shakespeare":
-        from diffusion.data.shakespeare import load_text_dataset
-
         return load_text_dataset(config, split)
-    from diffusion.data.mnist import load_mnist
-
     images, labels = load_mnist(resolve_data_root(config.root), split, download=config.download)
     if config.only_digit is not None:
         keep = labels == config.only_digit
@@ -65,3 +51,44 @@ def load_dataset(config: DataConfig, split: str = "train"):
     if config.subset is not None:
         images, labels = images[: config.subset], labels[: config.subset]
     return ImageDataset(images=images.unsqueeze(1), labels=labels, num_classes=10)
+
+
+def has_validation(config: DataConfig) -> bool:
+    """Whether the data has a held-out split that models are scored on by likelihood (text);
+    images are scored on their samples instead, against real ones."""
+    return config.dataset == "shakespeare"
+
+
+def load_validation(config: DataConfig):
+    """That held-out split, or None where there is none."""
+    return load_text_dataset(config, "val") if has_validation(config) else None
+
+
+SAMPLE_RULE = "-" * 72
+
+
+def decode(data: DataSpec, samples: torch.Tensor) -> list[str]:
+    """Text samples (N, L) token ids as strings, with the tokenizer the data spec carries."""
+    tokenizer = tokenizer_from_json(data.tokenizer)
+    return [tokenizer.decode(row) for row in samples.tolist()]
+
+
+def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str, keep_arrays: bool = True) -> dict:
+    """Samples as a person looks at them: images as a PNG grid (at most 100), and with
+    `keep_arrays` every one as uint8 in NAME.npz; text decoded into NAME.txt, each sample under a
+    numbered rule. Returns {"grid": path} or {"samples": path, "texts": the decoded samples}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if data.kind == "text":
+        texts = decode(data, samples)
+        path = folder / f"{name}.txt"
+        atomic_write(path, "".join(f"{SAMPLE_RULE} sample {index}\n{text}\n" for index, text in enumerate(texts)).encode())
+        return {"samples": path, "texts": texts}
+    from torchvision.utils import save_image  # torchvision's import costs a second; only where images are saved
+
+    shown = samples[:100]
+    grid = folder / f"{name}.png"
+    save_image((shown + 1) / 2, grid, nrow=int(math.ceil(math.sqrt(len(shown)))))
+    if keep_arrays:
+        pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        np.savez_compressed(folder / f"{name}.npz", images=pixels)
+    return {"grid": grid}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.data import DatasetNotFoundError
+from diffusion.data.spec import DatasetNotFoundError
 
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

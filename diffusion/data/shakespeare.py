@@ -13,12 +13,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 
 from diffusion.config import ConfigError, DataConfig
-from diffusion.data import DatasetNotFoundError, resolve_data_root
+from diffusion.data.spec import DatasetNotFoundError, DataSpec, resolve_data_root
 from diffusion.records import atomic_write
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -192,7 +192,6 @@ class TextDataset:
     block_size: int
     tokenizer: TextTokenizer
     chars_per_token: float  # of the whole split: bits per character = bits per token / chars_per_token
-    kind: ClassVar[str] = "text"
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -208,10 +207,9 @@ class TextDataset:
     def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         return {"tokens": self.windows(self.starts[indices]).to(device)}
 
-    def meta(self) -> dict:
-        """What a checkpoint keeps to rebuild the model and decode its samples without the corpus."""
-        return {"kind": self.kind, "vocab_size": self.tokenizer.vocab_size, "block_size": self.block_size,
-                "tokenizer": self.tokenizer.to_json(), "chars_per_token": self.chars_per_token}
+    def spec(self) -> DataSpec:
+        return DataSpec("text", (self.block_size,), vocab_size=self.tokenizer.vocab_size,
+                        tokenizer=self.tokenizer.to_json(), chars_per_token=self.chars_per_token)
 
 
 def load_text_dataset(config: DataConfig, split: str) -> TextDataset:

@@ -10,8 +10,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
+
+from diffusion.config import ModelConfig, SampleConfig
+from diffusion.data.spec import DataSpec
+from diffusion.methods.base import Method, Progress, no_progress, register, text_sample_name
+from diffusion.nets import transformer_options
+from diffusion.nets.transformer import Transformer
 
 
 def sample_from_logits(
@@ -34,17 +39,17 @@ def sample_from_logits(
     return tokens.clamp(max=logits.shape[-1] - 1)
 
 
-class Autoregressive:
-    name = "autoregressive"  # method.name in the config
+@register
+class Autoregressive(Method):
+    name = "autoregressive"
+    data_kind = "text"
+    exact_likelihood = True
 
-    def build_model(self, model_config, meta: dict) -> nn.Module:
-        from diffusion.nets import transformer_options
-        from diffusion.nets.transformer import Transformer
-
+    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
         return Transformer(
-            vocab_size=meta["vocab_size"] + 1,  # + BOS
-            out_dim=meta["vocab_size"],
-            block_size=meta["block_size"],
+            vocab_size=data.vocab_size + 1,  # + BOS
+            out_dim=data.vocab_size,
+            block_size=data.block_size,
             **transformer_options(model_config),
             causal=True,
         )
@@ -83,13 +88,23 @@ class Autoregressive:
         context = prefix[:, prefix.shape[1] - min(prefix.shape[1], model.block_size - 1):]
         return model(self.with_bos(context, self.vocab_size_of(model)))[:, -1].float()
 
+    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
+               generator: torch.Generator | None, device: torch.device | str = "cpu",
+               progress: Progress = no_progress) -> Tensor:
+        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
+                             temperature=sample.temperature, top_k=sample.top_k)
+
+    def sample_name(self, sample: SampleConfig) -> str:
+        return text_sample_name(sample, steps=False)
+
     @torch.no_grad()
-    def sample(
+    def generate(
         self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: bool = False, temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
+        progress: Progress = no_progress, temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
     ) -> Tensor:
+        """(num_samples, length) tokens, left to right."""
         tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)
-        for _ in track(range(length), description="autoregressive sampling", disable=not progress):
+        for _ in progress(range(length), "autoregressive sampling"):
             logits = self.next_token_logits(model, tokens, length, generator)
             next_token = sample_from_logits(logits, generator, temperature, top_k, greedy)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -1,219 +1,28 @@
-"""DDPM (Ho et al. 2020) training, with DDPM ancestral and DDIM (Song et al. 2021) sampling.
+"""DDPM (Ho et al. 2020): the noise-prediction loss (eq. 14, or x0 / v targets), sampled with the
+DDPM ancestral or the DDIM (Song et al. 2021) scheduler of diffusion/schedulers.py."""
 
-Vocabulary follows diffusers: `alphas_cumprod` is alpha_bar, `timesteps` run from T-1 down to 0,
-a scheduler's `set_timesteps` picks the sampling timesteps and `step` goes from one to the next.
-Schedules are computed in float64; coefficients become python floats (or are cast to the
-sample's dtype) only where they are applied.
-"""
-
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import track
-from torch import Tensor
+from torch import Tensor, nn
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-def make_betas(
-    beta_schedule: str, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> Tensor:
-    if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    if beta_schedule == "cosine":
-        # Nichol & Dhariwal 2021, eq. 17; s keeps beta_0 from being vanishingly small, and the
-        # 0.999 cap stops the last betas from reaching 1 (alpha_bar(T) = 0 would be singular).
-        s = 0.008
-        steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64)
-        alpha_bar = torch.cos((steps / num_train_timesteps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    if beta_schedule == "sqrt":
-        # Diffusion-LM (Li et al. 2022): alpha_bar(t) = 1 - sqrt(t/T + s). Noise rises fast at the
-        # start, where nearly clean embeddings would otherwise make denoising trivial; alpha_bar(1)
-        # is slightly negative, so the cap turns the last betas into 0.999 as with cosine.
-        s = 1e-4
-        steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64)
-        alpha_bar = 1 - torch.sqrt(steps / num_train_timesteps + s)
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"beta_schedule must be 'linear', 'cosine' or 'sqrt', got {beta_schedule!r}")
+from diffusion.config import ModelConfig, RunConfig, SampleConfig
+from diffusion.data.spec import DataSpec
+from diffusion.methods.base import Method, Progress, no_progress, register
+from diffusion.nets import build_unet
+from diffusion.schedulers import PREDICTION_TYPES, NoiseSchedule, Scheduler, make_scheduler
 
 
-def posterior_coefficients(alpha_prod_t, alpha_prod_t_prev):
-    """q(x_prev | x_t, x0) = N(coef1 * x0 + coef2 * x_t, variance): DDPM eq. 6-7, written with
-    beta_t = 1 - alpha_bar_t / alpha_bar_prev so that it holds between any two timesteps (respacing)."""
-    beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
-    coef1 = alpha_prod_t_prev**0.5 * beta_t / (1 - alpha_prod_t)
-    coef2 = (1 - beta_t) ** 0.5 * (1 - alpha_prod_t_prev) / (1 - alpha_prod_t)
-    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * beta_t  # beta_tilde
-    return coef1, coef2, variance
+@register
+class DDPM(Method):
+    """`model(x, t, class_labels=None)` is any network that maps noisy images and (B,) long
+    timesteps to a prediction of the same shape (a UNet from diffusion/nets)."""
 
-
-def to_original_and_epsilon(
-    prediction_type: str, model_output: Tensor, sample: Tensor, alpha_prod_t
-) -> tuple[Tensor, Tensor]:
-    """(x0, eps) implied by the model output at x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
-        pred_epsilon = model_output
-    elif prediction_type == "sample":
-        pred_original_sample = model_output
-        pred_epsilon = (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
-    elif prediction_type == "v_prediction":
-        pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
-        pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
-    else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return pred_original_sample, pred_epsilon
-
-
-def _per_example(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
-    """values[timesteps] in like's dtype, shaped to broadcast against like: (B, 1, ..., 1) for one
-    timestep per example, (B, L, 1, ..., 1) for one per position."""
-    picked = values.to(like.device)[timesteps.to(like.device)].to(like.dtype)
-    return picked.reshape(*timesteps.shape, *([1] * (like.ndim - timesteps.ndim)))
-
-
-class NoiseSchedule:
-    """The forward process q(x_t | x0) and its posterior q(x_{t-1} | x_t, x0), all in float64."""
+    name = "ddpm"
+    data_kind = "image"
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
-        self.num_train_timesteps = num_train_timesteps
-        self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-        self.alphas = 1 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
-        self.posterior_mean_coef1, self.posterior_mean_coef2, self.posterior_variance = posterior_coefficients(
-            self.alphas_cumprod, self.alphas_cumprod_prev
-        )
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        alpha_prod_t = _per_example(self.alphas_cumprod, timesteps, original_samples)
-        return alpha_prod_t**0.5 * original_samples + (1 - alpha_prod_t) ** 0.5 * noise
-
-    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022), `sample` being x0.
-        alpha_prod_t = _per_example(self.alphas_cumprod, timesteps, sample)
-        return alpha_prod_t**0.5 * noise - (1 - alpha_prod_t) ** 0.5 * sample
-
-
-class Scheduler(NoiseSchedule):
-    """What both samplers share: the timestep list and turning a model output into (x0, eps)."""
-
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True):
-        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end)
-        self.prediction_type = prediction_type
-        self.clip_sample = clip_sample
-        self.set_timesteps(num_train_timesteps)
-
-    def set_timesteps(self, num_inference_steps: int, timestep_spacing: str = "trailing") -> None:
-        """`num_inference_steps` distinct timesteps in [0, T-1], descending: diffusers' DDIMScheduler
-        spacings with steps_offset=0 (Lin et al. 2024, table 2), in numpy for its rounding.
-
-        Raises ValueError unless 1 <= num_inference_steps <= num_train_timesteps."""
-        T = self.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
-        if timestep_spacing == "leading":
-            step_ratio = T // num_inference_steps
-            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1]
-        elif timestep_spacing == "trailing":
-            # np.arange(T, 0, -T/n) has ceil(T / (T/n)) entries in floating point: n + 1 for some n
-            # (61 of 1000), the extra one rounding to timestep -1. Its first n are the right ones.
-            step_ratio = T / num_inference_steps
-            timesteps = np.round(np.arange(T, 0, -step_ratio)[:num_inference_steps]) - 1
-        elif timestep_spacing == "linspace":
-            timesteps = np.linspace(0, T - 1, num_inference_steps).round()[::-1]
-        else:
-            raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64).copy())
-
-    def previous_timestep(self, timestep: int) -> int:
-        """The next entry of the timestep list (not t - T // n, which is wrong for uneven spacings);
-        -1 after the last step."""
-        index = self.timesteps.tolist().index(timestep)
-        return self.timesteps[index + 1].item() if index + 1 < len(self.timesteps) else -1
-
-    def alpha_prod(self, timestep: int) -> float:
-        # set_alpha_to_one: past the last step we are at clean data, alpha_bar = 1.
-        return self.alphas_cumprod[timestep].item() if timestep >= 0 else 1.0
-
-    def predict_original_and_epsilon(
-        self, model_output: Tensor, alpha_prod_t: float, sample: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        pred_original_sample, pred_epsilon = to_original_and_epsilon(
-            self.prediction_type, model_output, sample, alpha_prod_t
-        )
-        if self.clip_sample:
-            # eps must agree with the clipped x0 (diffusers' use_clipped_model_output); this is
-            # also what makes DDIM with eta=1 equal DDPM ancestral sampling.
-            pred_original_sample = pred_original_sample.clamp(-1, 1)
-            pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / (1 - alpha_prod_t) ** 0.5
-        return pred_original_sample, pred_epsilon
-
-
-def _noise_like(sample: Tensor, generator: torch.Generator | None) -> Tensor:
-    # Drawn on the CPU so that a seeded generator gives the same samples on every device.
-    return torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
-
-
-class DDPMScheduler(Scheduler):
-    """Ancestral sampling: x_prev ~ q(x_prev | x_t, x0 = predicted x0), variance beta_tilde."""
-
-    def step(self, model_output: Tensor, timestep: int, sample: Tensor, variance_noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        timestep = int(timestep)
-        alpha_prod_t = self.alpha_prod(timestep)
-        alpha_prod_t_prev = self.alpha_prod(self.previous_timestep(timestep))
-        pred_original_sample, _ = self.predict_original_and_epsilon(model_output, alpha_prod_t, sample)
-        coef1, coef2, variance = posterior_coefficients(alpha_prod_t, alpha_prod_t_prev)
-        prev_sample = coef1 * pred_original_sample + coef2 * sample
-        if variance > 0:  # zero on the last step, which returns the predicted x0 itself
-            if variance_noise is None:
-                variance_noise = _noise_like(sample, generator)
-            prev_sample = prev_sample + variance**0.5 * variance_noise
-        return prev_sample
-
-
-class DDIMScheduler(Scheduler):
-    """DDIM, eq. 12 of Song et al.: eta=0 is deterministic, eta=1 is DDPM ancestral sampling."""
-
-    def __init__(self, eta: float = 0.0, **schedule_kwargs):
-        super().__init__(**schedule_kwargs)
-        self.eta = eta
-
-    def step(self, model_output: Tensor, timestep: int, sample: Tensor, variance_noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        timestep = int(timestep)
-        alpha_prod_t = self.alpha_prod(timestep)
-        alpha_prod_t_prev = self.alpha_prod(self.previous_timestep(timestep))
-        pred_original_sample, pred_epsilon = self.predict_original_and_epsilon(model_output, alpha_prod_t, sample)
-        # sigma_t (DDIM eq. 16) = eta * sqrt(beta_tilde), the DDPM posterior variance between these timesteps.
-        variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-        std_dev_t = self.eta * variance**0.5
-        # max(0, .) only guards float round-off, which can make it about -1e-17 when eta=1.
-        direction_coef = max(1 - alpha_prod_t_prev - std_dev_t**2, 0.0) ** 0.5
-        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + direction_coef * pred_epsilon
-        if std_dev_t > 0:
-            if variance_noise is None:
-                variance_noise = _noise_like(sample, generator)
-            prev_sample = prev_sample + std_dev_t * variance_noise
-        return prev_sample
-
-
-class DDPM:
-    """The method: `loss` for training and `sample` for generation. `model(x, t, class_labels=None)`
-    is any network that maps noisy images and (B,) long timesteps to a prediction of the same shape."""
-
-    name = "ddpm"  # method.name in the config
-
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True):
+                 beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True,
+                 class_conditional: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
@@ -222,6 +31,15 @@ class DDPM:
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
+        self.class_conditional = class_conditional
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "DDPM":
+        fields = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
+        return cls(**config.method.model_dump(include=fields), class_conditional=config.model.class_conditional)
+
+    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
+        return build_unet(model_config, in_channels=data.shape[0], num_classes=data.num_classes)
 
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         """Mean loss over the batch, or over `shard` of it (data-parallel ranks). The noise and the
@@ -247,28 +65,48 @@ class DDPM:
         return F.mse_loss(model_output.float(), target.float())
 
     def make_scheduler(self, sampler: str, eta: float = 0.0) -> Scheduler:
-        kwargs = dict(self.schedule_kwargs, prediction_type=self.prediction_type, clip_sample=self.clip_sample)
-        if sampler == "ddpm":
-            return DDPMScheduler(**kwargs)
-        if sampler == "ddim":
-            return DDIMScheduler(eta=eta, **kwargs)
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return make_scheduler(sampler, **self.schedule_kwargs, prediction_type=self.prediction_type,
+                              clip_sample=self.clip_sample, eta=eta)
+
+    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
+               generator: torch.Generator | None, device: torch.device | str = "cpu",
+               progress: Progress = no_progress) -> Tensor:
+        """In batches of `sample.batch_size` from one generator; a class-conditional model gets the
+        classes in turn (0, 1, ..., C-1, 0, ...), or `sample.class_label` for every image."""
+        batches = []
+        for start in range(0, num_samples, sample.batch_size):
+            count = min(sample.batch_size, num_samples - start)
+            class_labels = None
+            if self.class_conditional:
+                class_labels = torch.arange(start, start + count) % data.num_classes
+                if sample.class_label is not None:
+                    class_labels = torch.full((count,), sample.class_label)
+            batches.append(self.generate(
+                model, count, data.shape, sampler=sample.sampler, num_inference_steps=sample.num_inference_steps,
+                eta=sample.eta, timestep_spacing=sample.timestep_spacing, generator=generator,
+                class_labels=class_labels, device=device, progress=progress))
+        return torch.cat(batches) if len(batches) > 1 else batches[0]
+
+    def sample_name(self, sample: SampleConfig) -> str:
+        eta = f"-eta{sample.eta:g}" if sample.sampler == "ddim" and sample.eta else ""
+        return f"{sample.sampler}{sample.num_inference_steps}{eta}-seed{sample.seed}"
 
     @torch.no_grad()
-    def sample(
+    def generate(
         self, model, num_samples: int, shape: tuple[int, ...], sampler: str = "ddim",
         num_inference_steps: int = 50, eta: float = 0.0, timestep_spacing: str = "trailing",
         generator: torch.Generator | None = None, class_labels: Tensor | None = None, device="cpu",
-        progress: bool = False,
+        progress: Progress = no_progress,
     ) -> Tensor:
+        """One batch of `num_samples` images of `shape`, from pure noise through the scheduler's
+        timesteps."""
         scheduler = self.make_scheduler(sampler, eta)
         scheduler.set_timesteps(num_inference_steps, timestep_spacing)
         # On the CPU from `generator`, like the variance noise, so samples do not depend on the device.
         sample = torch.randn((num_samples, *shape), generator=generator).to(device)
         if class_labels is not None:
             class_labels = class_labels.to(device)
-        steps = track(scheduler.timesteps.tolist(), description=f"{sampler} sampling", disable=not progress)
-        for timestep in steps:
+        for timestep in progress(scheduler.timesteps.tolist(), f"{sampler} sampling"):
             timesteps = torch.full((num_samples,), timestep, dtype=torch.long, device=device)
             model_output = model(sample, timesteps, class_labels=class_labels)
             sample = scheduler.step(model_output, timestep, sample, generator=generator)

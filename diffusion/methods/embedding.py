@@ -44,10 +44,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 
-from diffusion.methods.ddpm import DDIMScheduler, DDPMScheduler, NoiseSchedule, Scheduler
+from diffusion.config import ConfigError, ModelConfig, RunConfig, SampleConfig
+from diffusion.data.spec import DataSpec
+from diffusion.methods.base import Method, Progress, no_progress, register, text_sample_name
+from diffusion.nets import transformer_options
+from diffusion.nets.transformer import Transformer
+from diffusion.schedulers import NoiseSchedule, Scheduler, make_scheduler
 
 
 def unwrap(model) -> nn.Module:
@@ -88,38 +92,21 @@ class EmbeddingDiffusionModel(nn.Module):
         """Rounding logits (B, L, V) of vectors x (B, L, embedding_dim)."""
         return x @ embeddings.t().to(x.dtype)
 
-    def forward(self, tokens: Tensor, timesteps: Tensor, noise: Tensor, alpha_prod: Tensor):
+    def forward(self, tokens: Tensor, timesteps: Tensor, noise: Tensor, add_noise):
         """The training pass, in one call so that DDP sees every parameter used: the clean embeddings
-        x0, the prediction x0_hat from x_t = sqrt(alpha_prod) x0 + sqrt(1 - alpha_prod) noise, and the
-        rounding logits of x0_hat. timesteps and alpha_prod (alpha_bar at them) are (B,), one per
-        example, or (B, L), one per position."""
+        x0, the prediction x0_hat from x_t = add_noise(x0, noise, timesteps) (the method's forward
+        process), and the rounding logits of x0_hat. timesteps are (B,), one per example, or (B, L),
+        one per position."""
         embeddings = self.embeddings()
         x0 = embeddings[tokens]
-        alpha_prod = alpha_prod.to(x0.dtype).view(x0.shape[0], -1, 1)
-        noisy = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
-        pred_x0 = self.denoise(noisy, timesteps)
+        pred_x0 = self.denoise(add_noise(x0, noise, timesteps), timesteps)
         return x0, pred_x0, self.round(pred_x0, embeddings)
 
 
-def pretrained_embeddings(reference: str, meta: dict) -> Tensor:
-    """(V, d) token embeddings of a trained text run (its EMA weights), for `method.init_embeddings`."""
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.config import ConfigError
-    from diffusion.sample import resolve_checkpoint
-
-    checkpoint = load_checkpoint(resolve_checkpoint(reference, "method.init_embeddings"))
-    if (checkpoint.get("data") or {}).get("tokenizer") != meta["tokenizer"]:
-        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
-                          "tokenizer (or is not a text run); give a run with the same data settings")
-    # The token table of an autoregressive or masked run's Transformer (an embedding run has none).
-    table = checkpoint["ema"].get("wte.weight")
-    if table is None:
-        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it has no token embedding table")
-    return table[: meta["vocab_size"]]  # the extra row is the start (AR) or mask (masked) token
-
-
-class EmbeddingDiffusion:
-    name = "embedding"  # method.name in the config
+@register
+class EmbeddingDiffusion(Method):
+    name = "embedding"
+    data_kind = "text"
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "sqrt", beta_start: float = 1e-4,
                  beta_end: float = 0.02, embedding_dim: int = 64, rounding_weight: float = 1.0,
@@ -133,23 +120,27 @@ class EmbeddingDiffusion:
         self.normalize_embeddings = normalize_embeddings  # False only to show the collapse it prevents
         self.init_embeddings = init_embeddings
         self.prefix_fraction = prefix_fraction
+        # The run whose token embeddings (V, d_pre) start these: the caller loads its table.
+        self.pretrained_reference = init_embeddings
 
-    def build_model(self, model_config, meta: dict, init_from: Tensor | None = None) -> nn.Module:
-        from diffusion.nets import transformer_options
-        from diffusion.nets.transformer import Transformer
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "EmbeddingDiffusion":
+        fields = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "embedding_dim",
+                  "rounding_weight", "init_embeddings", "prefix_fraction"}
+        return cls(**config.method.model_dump(include=fields))
 
-        if init_from is None and self.init_embeddings:
-            init_from = pretrained_embeddings(self.init_embeddings, meta)
-
+    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
+        """`pretrained`: (V, d_pre) token embeddings of a trained run, entering through a learned
+        projection (method.init_embeddings names the run)."""
         denoiser = Transformer(
             vocab_size=None,
             in_dim=self.embedding_dim,
             out_dim=self.embedding_dim,
-            block_size=meta["block_size"],
+            block_size=data.block_size,
             **transformer_options(model_config),
             time_conditioning=True,
         )
-        return EmbeddingDiffusionModel(meta["vocab_size"], self.embedding_dim, denoiser, init_from,
+        return EmbeddingDiffusionModel(data.vocab_size, self.embedding_dim, denoiser, pretrained,
                                        self.normalize_embeddings)
 
     def given_prefixes(self, B: int, L: int) -> Tensor:
@@ -172,8 +163,7 @@ class EmbeddingDiffusion:
             tokens, timesteps, noise, given = tokens[shard], timesteps[shard], noise[shard], given[shard]
         if self.prefix_fraction:  # from the config, not given.any(): no device sync on every step
             timesteps = torch.where(given, 0, timesteps[:, None])  # one per position
-        alpha_prod = self.schedule.alphas_cumprod.to(tokens.device)[timesteps].float()
-        x0, pred_x0, logits = model(tokens, timesteps, noise, alpha_prod)
+        x0, pred_x0, logits = model(tokens, timesteps, noise, self.schedule.add_noise)
         # In float32 even when the model ran under bf16 autocast.
         return {
             "mse": F.mse_loss(pred_x0.float(), x0.float()),
@@ -183,6 +173,11 @@ class EmbeddingDiffusion:
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         terms = self.loss_terms(model, batch, shard)
         return terms["mse"] + self.rounding_weight * terms["rounding"]
+
+    def training_metrics(self, model) -> dict[str, float]:
+        """The collapse this method is prone to, as it happens: the embeddings' scale, and their
+        spread (0: all tokens alike)."""
+        return {"embedding_norm": self.embedding_norm(model), "embedding_spread": self.embedding_spread(model)}
 
     @torch.no_grad()
     def embedding_norm(self, model) -> float:
@@ -215,8 +210,7 @@ class EmbeddingDiffusion:
         # Decoder: -log p(w | x_0), rounding x0_hat at timestep 0.
         zero = torch.zeros(B, dtype=torch.long, device=tokens.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        x = alphas_cumprod[0].item() ** 0.5 * x0 + (1 - alphas_cumprod[0].item()) ** 0.5 * noise
-        logits = model.round(model.denoise(x, zero), embeddings)
+        logits = model.round(model.denoise(self.schedule.add_noise(x0, noise, zero), zero), embeddings)
         decoder = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")
 
         # Diffusion terms, t >= 1: sum_t w_t |x0 - x0_hat|^2 / 2 with w_t = SNR_{t-1} - SNR_t,
@@ -230,9 +224,8 @@ class EmbeddingDiffusion:
         squared_error = 0.0
         for timesteps in draws:
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            alpha_prod = alphas_cumprod[timesteps].to(x0)[:, None, None]
-            x = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
-            pred_x0 = model.denoise(x, timesteps.to(tokens.device))
+            timesteps = timesteps.to(tokens.device)
+            pred_x0 = model.denoise(self.schedule.add_noise(x0, noise, timesteps), timesteps)
             squared_error += (pred_x0.float() - x0.float()).pow(2).sum(dim=-1).mean().item()
         diffusion = 0.5 * weights.sum().item() * squared_error / num_draws
 
@@ -240,22 +233,27 @@ class EmbeddingDiffusion:
 
     def make_scheduler(self, sampler: str, eta: float = 0.0) -> Scheduler:
         # x0 prediction; no clipping: embeddings are not confined to [-1, 1].
-        kwargs = dict(self.schedule_kwargs, prediction_type="sample", clip_sample=False)
-        if sampler == "ddpm":
-            return DDPMScheduler(**kwargs)
-        if sampler == "ddim":
-            return DDIMScheduler(eta=eta, **kwargs)
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return make_scheduler(sampler, **self.schedule_kwargs, prediction_type="sample", clip_sample=False, eta=eta)
 
     @staticmethod
     def clamp_to_embeddings(pred_x0: Tensor, embeddings: Tensor) -> Tensor:
         """The clamping trick: each predicted vector replaced by its nearest token's embedding."""
         return embeddings[EmbeddingDiffusionModel.round(pred_x0, embeddings).argmax(dim=-1)].to(pred_x0.dtype)
 
+    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
+               generator: torch.Generator | None, device: torch.device | str = "cpu",
+               progress: Progress = no_progress) -> Tensor:
+        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
+                             sampler=sample.sampler, num_inference_steps=sample.num_inference_steps, eta=sample.eta,
+                             timestep_spacing=sample.timestep_spacing, clamp=sample.clamp)
+
+    def sample_name(self, sample: SampleConfig) -> str:
+        return text_sample_name(sample)
+
     @torch.no_grad()
-    def sample(
+    def generate(
         self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: bool = False, sampler: str = "ddim", num_inference_steps: int = 50, eta: float = 0.0,
+        progress: Progress = no_progress, sampler: str = "ddim", num_inference_steps: int = 50, eta: float = 0.0,
         timestep_spacing: str = "trailing", clamp: bool = True,
     ) -> Tensor:
         scheduler = self.make_scheduler(sampler, eta)
@@ -263,8 +261,7 @@ class EmbeddingDiffusion:
         embeddings = model.embeddings()
         # On the CPU from `generator`, like the schedulers' variance noise: the same samples on every device.
         x = torch.randn((num_samples, length, model.embedding_dim), generator=generator).to(device)
-        steps = track(scheduler.timesteps.tolist(), description=f"{sampler} sampling", disable=not progress)
-        for timestep in steps:
+        for timestep in progress(scheduler.timesteps.tolist(), f"{sampler} sampling"):
             pred_x0 = model.denoise(x, torch.full((num_samples,), timestep, dtype=torch.long, device=device))
             if clamp:
                 pred_x0 = self.clamp_to_embeddings(pred_x0, embeddings)
@@ -277,8 +274,6 @@ class EmbeddingDiffusion:
         """(B, V) rounding logits at position P = prefix.shape[1]: one pass with the prefix at
         timestep 0 and pure noise (the last timestep) after it, inside a block_size window as in
         MaskedDiffusion.next_token_logits. Needs a model trained with prefix_fraction > 0."""
-        from diffusion.config import ConfigError
-
         if not self.prefix_fraction:
             raise ConfigError("method.prefix_fraction: 0 is not allowed for guided decoding: this embedding model "
                               "never learned to continue a given prefix; train it with a share in (0, 1], e.g. 0.25")

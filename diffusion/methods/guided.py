@@ -10,20 +10,21 @@ diffusion model alone (the autoregressive one is not called).
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor
 
 from diffusion.methods.autoregressive import sample_from_logits
+from diffusion.methods.base import Method, Progress, no_progress
 
 
 @torch.no_grad()
 def guided_sample(
-    ar_method, ar_model, diffusion_method, diffusion_model, num_samples: int, length: int, alpha: float,
-    generator: torch.Generator | None, device="cpu", greedy: bool = True, temperature: float = 1.0,
-    top_k: int | None = None, progress: bool = False,
+    ar_method: Method, ar_model, diffusion_method: Method, diffusion_model, num_samples: int, length: int,
+    alpha: float, generator: torch.Generator | None, device="cpu", greedy: bool = True, temperature: float = 1.0,
+    top_k: int | None = None, progress: Progress = no_progress,
 ) -> Tensor:
+    """(num_samples, length) tokens, each from the two methods' `next_token_logits` mixed."""
     tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)
-    for _ in track(range(length), description="guided sampling", disable=not progress):
+    for _ in progress(range(length), "guided sampling"):
         if alpha == 0:
             # One expert at weight 1 is that expert: its own logits, so that this is exactly its decoding.
             logits = ar_method.next_token_logits(ar_model, tokens, length, generator)

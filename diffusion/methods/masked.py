@@ -25,10 +25,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 
+from diffusion.config import ModelConfig, SampleConfig
+from diffusion.data.spec import DataSpec
 from diffusion.methods.autoregressive import sample_from_logits
+from diffusion.methods.base import Method, Progress, no_progress, register, text_sample_name
+from diffusion.nets import transformer_options
+from diffusion.nets.transformer import Transformer
 
 
 def vocab_size_of(model) -> int:
@@ -36,17 +40,16 @@ def vocab_size_of(model) -> int:
     return getattr(model, "module", model).head.out_features
 
 
-class MaskedDiffusion:
-    name = "masked"  # method.name in the config
+@register
+class MaskedDiffusion(Method):
+    name = "masked"
+    data_kind = "text"
 
-    def build_model(self, model_config, meta: dict) -> nn.Module:
-        from diffusion.nets import transformer_options
-        from diffusion.nets.transformer import Transformer
-
+    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
         return Transformer(
-            vocab_size=meta["vocab_size"] + 1,  # + the mask token
-            out_dim=meta["vocab_size"],  # never the mask
-            block_size=meta["block_size"],
+            vocab_size=data.vocab_size + 1,  # + the mask token
+            out_dim=data.vocab_size,  # never the mask
+            block_size=data.block_size,
             **transformer_options(model_config),
             causal=False,
         )
@@ -105,10 +108,20 @@ class MaskedDiffusion:
         masks = torch.full((B, end - P), vocab_size_of(model), dtype=torch.long, device=prefix.device)
         return model(torch.cat([prefix[:, start:], masks], dim=1))[:, P - start].float()
 
+    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
+               generator: torch.Generator | None, device: torch.device | str = "cpu",
+               progress: Progress = no_progress) -> Tensor:
+        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
+                             num_inference_steps=sample.num_inference_steps, block_length=sample.block_length,
+                             temperature=sample.temperature, top_k=sample.top_k)
+
+    def sample_name(self, sample: SampleConfig) -> str:
+        return text_sample_name(sample)
+
     @torch.no_grad()
-    def sample(
+    def generate(
         self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: bool = False, num_inference_steps: int = 50, block_length: int | None = None,
+        progress: Progress = no_progress, num_inference_steps: int = 50, block_length: int | None = None,
         temperature: float = 1.0, top_k: int | None = None,
     ) -> Tensor:
         """Ancestral sampling from all-mask. With `block_length`, semi-autoregressively: block by
@@ -128,14 +141,13 @@ class MaskedDiffusion:
 
     def sample_block(
         self, model, context: Tensor, n: int, generator: torch.Generator | None, num_inference_steps: int,
-        temperature: float, top_k: int | None, progress: bool,
+        temperature: float, top_k: int | None, progress: Progress,
     ) -> Tensor:
         """n new tokens after `context` (B, C), from n masks, in num_inference_steps steps."""
         mask_id = vocab_size_of(model)
         masks = torch.full((context.shape[0], n), mask_id, dtype=torch.long, device=context.device)
         x = torch.cat([context, masks], dim=1)
-        steps = track(range(num_inference_steps, 0, -1), description="masked sampling", disable=not progress)
-        for i in steps:
+        for i in progress(range(num_inference_steps, 0, -1), "masked sampling"):
             t, s = i / num_inference_steps, (i - 1) / num_inference_steps
             block = x[:, -n:]
             logits = model(x)[:, -n:]

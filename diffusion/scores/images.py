@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from diffusion.methods.base import Progress, no_progress
 from diffusion.nets.lenet import LeNet
 from diffusion.records import atomic_write
 
@@ -62,7 +62,8 @@ def shuffled_batches(num_images: int, epochs: int, generator: torch.Generator):
         yield from torch.randperm(num_images, generator=generator).split(BATCH_SIZE)
 
 
-def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, device="cpu", progress=False) -> LeNet:
+def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, device="cpu",
+                     progress: Progress = no_progress) -> LeNet:
     """Adam with a one-cycle learning rate on cross-entropy. Deterministic given seed; the caller's global RNG
     state is left as it was."""
     device = torch.device(device)
@@ -72,11 +73,10 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, dev
         torch.default_generator.manual_seed(seed)
         classifier = LeNet()
     classifier.to(device).train()
-    total_steps = epochs * math.ceil(len(images) / BATCH_SIZE)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=MAX_LEARNING_RATE)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, MAX_LEARNING_RATE, total_steps=total_steps)
-    batches = shuffled_batches(len(images), epochs, torch.Generator().manual_seed(seed))
-    for indices in track(batches, total=total_steps, description="training LeNet classifier", disable=not progress):
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, MAX_LEARNING_RATE, total_steps=epochs * math.ceil(len(images) / BATCH_SIZE))
+    batches = list(shuffled_batches(len(images), epochs, torch.Generator().manual_seed(seed)))  # a length for the bar
+    for indices in progress(batches, "training LeNet classifier"):
         x = to_model_input(images[indices]).to(device)
         y = labels[indices].to(device)
         loss = F.cross_entropy(classifier(x), y)
@@ -97,7 +97,7 @@ def save_atomically(state_dict: dict, path: Path) -> None:
 
 
 def load_or_train_classifier(images: Tensor, labels: Tensor, epochs: int = 2, seed: int = 0,
-                             cache_dir: Path | None = None, device="cpu", progress=False) -> LeNet:
+                             cache_dir: Path | None = None, device="cpu", progress: Progress = no_progress) -> LeNet:
     """The LeNet trained on (images, labels), from cache_dir/classifiers/ when trained before. Returned in eval mode."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     key = classifier_cache_key(images, labels, epochs, seed)
@@ -184,108 +184,3 @@ def real_floor(classifier: LeNet, train_images: Tensor, test_images: Tensor, num
     reference = reference_features(classifier, train_images, num_samples, seed, device=device)
     test_subset = random_subset(test_images, num_samples, seed)
     return sample_scores(classifier, test_subset, reference, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-# The eval task: sample from a trained run and score the samples against real MNIST.
-
-
-def load_for_eval(config, run_dir: Path):
-    """The checkpoint to score (a TrainedModel), checked against the `sample` settings; ConfigError,
-    one line, before any work."""
-    from diffusion.config import ConfigError
-    from diffusion.sample import TrainedModel, resolve_checkpoint
-    from diffusion.train import pick_device
-
-    checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
-    trained = TrainedModel(checkpoint_path, config.sample.use_ema, pick_device(config.device))
-    trained.check_sampling(config.sample)
-    if trained.config.data.dataset != "mnist":
-        raise ConfigError(f"data.dataset: {trained.config.data.dataset!r} is not allowed: eval scores MNIST runs")
-    return trained
-
-
-def evaluate_checkpoint(config, run_dir: Path, progress: bool = False, trained=None) -> dict:
-    """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
-    with the `sample` settings, score them with the cached LeNet, and write the record to
-    RUN_DIR/eval/NAME.json (with a grid beside it)."""
-    import time
-
-    from diffusion.data import resolve_data_root
-    from diffusion.data.mnist import load_mnist
-    from diffusion.records import write_json
-    from diffusion.sample import sample_name, save_samples
-
-    trained = trained or load_for_eval(config, run_dir)
-    device, checkpoint_path = trained.device, trained.path
-    root = resolve_data_root(config.data.root)
-    train_images, train_labels = load_mnist(root, "train", download=config.data.download)
-    test_images, test_labels = load_mnist(root, "test", download=config.data.download)
-    classifier_images, classifier_labels = train_images, train_labels
-    if config.eval.classifier_subset:
-        classifier_images = train_images[: config.eval.classifier_subset]
-        classifier_labels = train_labels[: config.eval.classifier_subset]
-    classifier = load_or_train_classifier(classifier_images, classifier_labels, epochs=config.eval.classifier_epochs,
-                                          device=device, progress=progress)
-    # A one-digit run is compared with that digit, not with all ten.
-    if trained.config.data.only_digit is not None:
-        train_images = train_images[train_labels == trained.config.data.only_digit]
-        test_images = test_images[test_labels == trained.config.data.only_digit]
-    num_samples = min(config.eval.num_samples, len(train_images), len(test_images))
-
-    started = time.monotonic()
-    samples = trained.generate(config.sample, num_samples, progress=progress)
-    sample_seconds = time.monotonic() - started
-    reference = reference_features(classifier, train_images, num_samples, device=device)
-    record = {
-        "checkpoint": str(checkpoint_path),
-        "step": trained.step,
-        "sampler": config.sample.sampler,
-        "num_inference_steps": config.sample.num_inference_steps,
-        "eta": config.sample.eta,
-        "num_samples": num_samples,
-        "sample_seconds": round(sample_seconds, 2),
-        "scores": sample_scores(classifier, samples, reference, config.eval.confidence, device=device),
-        "real_floor": real_floor(classifier, train_images, test_images, num_samples, device=device),
-    }
-    eval_dir = Path(run_dir) / "eval"
-    name = sample_name(config.sample)
-    save_samples(samples, eval_dir, name)
-    write_json(eval_dir / f"{name}.json", record)
-    return record
-
-
-def print_record(record: dict) -> None:
-    from rich.table import Table
-
-    from diffusion.progress import console
-
-    scores, floor = record["scores"], record["real_floor"]
-    table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
-                        f"step {record['step']}")
-    for column in ("", "FID", "confident", "class entropy (bits)", "classes present"):
-        table.add_column(column, justify="right")
-    for label, row in (("samples", scores), ("real vs real", floor)):
-        table.add_row(label, f"{row['fid']:.3f}", f"{row['confident_share']:.1%}", f"{row['class_entropy_bits']:.3f}",
-                      str(sum(count > 0 for count in row["class_counts"])))
-    console().print(table)
-
-
-def eval_task(config, run) -> int:
-    """Score a trained run into `run` (a RunDir): its own eval/ when in place, else a new run dir."""
-    from diffusion.config import TEXT_DATASETS
-    from diffusion.records import Summary
-
-    if config.data.dataset in TEXT_DATASETS:  # text is scored on its samples and its validation bits
-        from diffusion.sample import sample_task
-
-        return sample_task(config.model_copy(update={"sample": config.sample.model_copy(
-            update={"num_samples": config.eval.num_samples})}), run)
-    trained = load_for_eval(config, run.path)
-    if not run.in_place:
-        run.create(config)
-    record = evaluate_checkpoint(config, run.path, progress=True, trained=trained)
-    print_record(record)
-    result = {key: value for key, value in record.items() if key not in ("step", "scores")}
-    run.write_record(Summary(status="completed", step=record["step"], scores=record["scores"], result=result))
-    return 0

@@ -1,0 +1,103 @@
+"""The interface every method implements, and the only one the trainer, the tasks and the scores
+call. A method is one file: a `Method` subclass, registered under its config name with
+`@register`. It builds its network from the model config and the data's `DataSpec`, computes the
+training loss and generates samples; it knows nothing of the trainer, the tasks, checkpoints or
+engines, and takes its progress display from the caller (so no method imports `rich`).
+
+A method's state is its config (a schedule, loss weights): never weights, which live in the
+network it builds, nor anything learnt from a batch.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.config import METHOD_KINDS, MethodConfig, ModelConfig, RunConfig, SampleConfig
+from diffusion.data.spec import DataSpec
+
+# progress(steps, description) -> the same steps, shown as a bar while they are taken.
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def no_progress(steps: Iterable, description: str) -> Iterable:
+    return steps
+
+
+class Method(ABC):
+    name: str  # method.name in the config
+    data_kind: str  # the DataSpec kind it models: "image" or "text"
+    # Its validation score is the exact negative log-likelihood (not a bound): such a run can score
+    # other runs' text samples and guide their decoding (`next_token_logits`).
+    exact_likelihood: bool = False
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Method":
+        """The method as the run config describes it (each method reads its own fields)."""
+        return cls()
+
+    # The reference to another run whose weights the network starts from (a run dir or .pt file),
+    # or None. The caller loads it and hands the tensor to build_model: methods load no checkpoints.
+    pretrained_reference: str | None = None
+
+    @abstractmethod
+    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
+        """The network for this method on `data` (a net from diffusion/nets, maybe wrapped)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], shard: slice | None = None) -> Tensor:
+        """The scalar training loss on `batch` (see DataSpec for its keys), averaged over `shard` of
+        it on a data-parallel rank. Its random draws are made for the whole batch, from the global
+        RNG (which the trainer checkpoints), so that every rank and a single process draw alike."""
+
+    @abstractmethod
+    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
+               generator: torch.Generator | None, device: torch.device | str = "cpu",
+               progress: Progress = no_progress) -> Tensor:
+        """`num_samples` new examples: images (N, C, H, W) in [-1, 1] or tokens (N, L), drawn from
+        `generator` on the CPU (the same samples on every device) with the `sample` settings this
+        method reads."""
+
+    @abstractmethod
+    def sample_name(self, sample: SampleConfig) -> str:
+        """The file stem of samples drawn with these settings, e.g. ddim50-seed0."""
+
+    def training_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Extra numbers to log with the loss (e.g. a collapse this method is prone to)."""
+        return {}
+
+    def bits_per_token(self, model: nn.Module, tokens: Tensor, generator: torch.Generator | None) -> float:
+        """Validation score of held-out text (B, L): the negative log-likelihood, or a bound on it, in
+        bits per token. Only methods of text implement it."""
+        raise NotImplementedError(f"{self.name} has no likelihood of text")
+
+    def next_token_logits(self, model: nn.Module, prefix: Tensor, length: int,
+                          generator: torch.Generator | None) -> Tensor:
+        """(B, V) logits of the token after `prefix` (B, P), for guided decoding. Text methods only."""
+        raise NotImplementedError(f"{self.name} does not decode left to right")
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` the method of `method.name: cls.name` (and a name the config
+    accepts, for the data kind it models)."""
+    METHODS[cls.name] = cls
+    METHOD_KINDS[cls.name] = cls.data_kind
+    return cls
+
+
+def build_method(config: RunConfig | MethodConfig) -> Method:
+    """The method a run config names. A MethodConfig alone builds it with the model defaults."""
+    if isinstance(config, MethodConfig):
+        config = RunConfig(method=config)
+    return METHODS[config.method.name].from_config(config)
+
+
+def text_sample_name(sample: SampleConfig, steps: bool = True) -> str:
+    """The file stem of text samples: sampler, steps (for methods that take them), guidance weight
+    (when an autoregressive run guides), temperature and seed, e.g. ancestral8-t1-seed0."""
+    guide = f"-alpha{sample.guidance_alpha:g}" if sample.guide_checkpoint else ""
+    return f"{sample.sampler}{sample.num_inference_steps if steps else ''}{guide}-t{sample.temperature:g}-seed{sample.seed}"

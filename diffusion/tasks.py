@@ -1,0 +1,171 @@
+"""The sample and eval tasks: draw samples from a trained run, write them, score them.
+
+Both read the run through `TrainedModel` (its checkpoint's own config, method and data spec) and
+write into `run` (a RunDir): the trained run's own samples/ and eval/ when run in place, else a
+new run dir, created only once every reference (checkpoint, guide, scorer) was found.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion.config import ConfigError, RunConfig, SampleConfig
+from diffusion.data import has_validation, load_validation, resolve_data_root, write_samples
+from diffusion.data.mnist import load_mnist
+from diffusion.methods import Progress, no_progress
+from diffusion.methods.guided import guided_sample
+from diffusion.progress import console, track
+from diffusion.records import Summary, write_json
+from diffusion.runtime import pick_device
+from diffusion.scores import sample_scores
+from diffusion.scores.images import load_or_train_classifier, real_floor, reference_features
+from diffusion.scores.images import sample_scores as image_scores
+from diffusion.trained import TrainedModel, load_scorer, resolve_checkpoint
+
+
+def generate(trained: TrainedModel, sample: SampleConfig, num_samples: int, guide: TrainedModel | None = None,
+             progress: Progress = no_progress) -> torch.Tensor:
+    """`num_samples` samples on the CPU, reproducible from `sample.seed`; with `guide` (an
+    autoregressive run), decoded left to right with its logits mixed in at weight
+    1 - `sample.guidance_alpha`."""
+    generator = torch.Generator().manual_seed(sample.seed)
+    trained.model.eval()
+    if guide is None:
+        samples = trained.method.sample(trained.model, num_samples, trained.data, sample, generator, trained.device,
+                                        progress)
+    else:
+        samples = guided_sample(guide.method, guide.model, trained.method, trained.model, num_samples,
+                                sample.length or trained.data.block_size, sample.guidance_alpha, generator,
+                                trained.device, greedy=False, temperature=sample.temperature, top_k=sample.top_k,
+                                progress=progress)
+    return samples.cpu()
+
+
+def load_trained(config: RunConfig, run_dir: Path) -> TrainedModel:
+    """The checkpoint that `sample.checkpoint` (else the run dir) names, checked against the
+    `sample` settings: ConfigError, one line, before any work."""
+    checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
+    trained = TrainedModel(checkpoint_path, config.sample.use_ema, pick_device(config.device))
+    trained.check_sampling(config.sample)
+    return trained
+
+
+def sample_task(config: RunConfig, run) -> int:
+    """Draw `sample.num_samples` samples into `run`'s samples/: a PNG grid and an .npz of images,
+    or the decoded texts with their scores (also in eval/NAME.json)."""
+    trained = load_trained(config, run.path)
+    guide = load_scorer(config.sample.guide_checkpoint, trained.device, "sample.guide_checkpoint",
+                        tokenizer=trained.data.tokenizer)
+    scorer = load_scorer(config.eval.scorer_checkpoint, trained.device) or guide
+    if not run.in_place:
+        run.create(config)  # after every reference was found: a bad one writes nothing
+    validation = load_validation(trained.config.data)
+    started = time.monotonic()
+    samples = generate(trained, config.sample, config.sample.num_samples, guide, progress=track)
+    seconds = time.monotonic() - started
+    name = trained.method.sample_name(config.sample)
+    written = write_samples(trained.data, samples, run.samples, name)
+    path = written.get("grid") or written["samples"]
+    scores = sample_scores(trained.method, trained.model, validation, written, trained.device, config.sample.seed,
+                           config.eval.val_blocks, scorer)
+    if scores is None:
+        run.write_record(Summary(status="completed", step=trained.step, result={
+            "checkpoint": str(trained.path), "num_samples": len(samples), "grid": str(path)}))
+    else:
+        record = {"checkpoint": str(trained.path), "step": trained.step, "num_samples": len(samples),
+                  "sample_seconds": round(seconds, 2),
+                  "guidance_alpha": config.sample.guidance_alpha if guide else None, "scores": scores,
+                  "samples": str(path)}
+        run.eval.mkdir(exist_ok=True)
+        write_json(run.eval / f"{name}.json", record)
+        result = {key: value for key, value in record.items() if key not in ("step", "scores")}
+        run.write_record(Summary(status="completed", step=trained.step, scores=scores,
+                                 collapsed=bool(scores["collapsed"]), result=result))
+        print(json.dumps(scores, indent=2))
+    print(f"{len(samples)} samples from {trained.path} (step {trained.step}) -> {path}", flush=True)
+    return 0
+
+
+def eval_task(config: RunConfig, run) -> int:
+    """Score a trained run into `run`: text on `eval.num_samples` samples and its held-out bits
+    per character (the sample task's scores); images against real MNIST (FID and more)."""
+    if has_validation(config.data):  # text: scored on its samples and held-out likelihood, as `sample` does
+        return sample_task(config.model_copy(update={"sample": config.sample.model_copy(
+            update={"num_samples": config.eval.num_samples})}), run)
+    trained = load_for_eval(config, run.path)
+    if not run.in_place:
+        run.create(config)
+    record = evaluate_checkpoint(config, run.path, progress=track, trained=trained)
+    print_record(record)
+    result = {key: value for key, value in record.items() if key not in ("step", "scores")}
+    run.write_record(Summary(status="completed", step=record["step"], scores=record["scores"], result=result))
+    return 0
+
+
+def load_for_eval(config: RunConfig, run_dir: Path) -> TrainedModel:
+    """The image run to score, checked against the `sample` settings; ConfigError, one line,
+    before any work."""
+    trained = load_trained(config, run_dir)
+    if trained.config.data.dataset != "mnist":
+        raise ConfigError(f"data.dataset: {trained.config.data.dataset!r} is not allowed: eval scores MNIST runs")
+    return trained
+
+
+def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = no_progress,
+                        trained: TrainedModel | None = None) -> dict:
+    """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
+    with the `sample` settings, score them with the cached LeNet, and write the record to
+    RUN_DIR/eval/NAME.json (with a grid beside it)."""
+    trained = trained or load_for_eval(config, run_dir)
+    device = trained.device
+    root = resolve_data_root(config.data.root)
+    train_images, train_labels = load_mnist(root, "train", download=config.data.download)
+    test_images, test_labels = load_mnist(root, "test", download=config.data.download)
+    classifier_images, classifier_labels = train_images, train_labels
+    if config.eval.classifier_subset:
+        classifier_images = train_images[: config.eval.classifier_subset]
+        classifier_labels = train_labels[: config.eval.classifier_subset]
+    classifier = load_or_train_classifier(classifier_images, classifier_labels, epochs=config.eval.classifier_epochs,
+                                          device=device, progress=progress)
+    # A one-digit run is compared with that digit, not with all ten.
+    if trained.config.data.only_digit is not None:
+        train_images = train_images[train_labels == trained.config.data.only_digit]
+        test_images = test_images[test_labels == trained.config.data.only_digit]
+    num_samples = min(config.eval.num_samples, len(train_images), len(test_images))
+
+    started = time.monotonic()
+    samples = generate(trained, config.sample, num_samples, progress=progress)
+    sample_seconds = time.monotonic() - started
+    reference = reference_features(classifier, train_images, num_samples, device=device)
+    record = {
+        "checkpoint": str(trained.path),
+        "step": trained.step,
+        "sampler": config.sample.sampler,
+        "num_inference_steps": config.sample.num_inference_steps,
+        "eta": config.sample.eta,
+        "num_samples": num_samples,
+        "sample_seconds": round(sample_seconds, 2),
+        "scores": image_scores(classifier, samples, reference, config.eval.confidence, device=device),
+        "real_floor": real_floor(classifier, train_images, test_images, num_samples, device=device),
+    }
+    eval_dir = Path(run_dir) / "eval"
+    name = trained.method.sample_name(config.sample)
+    write_samples(trained.data, samples, eval_dir, name)
+    write_json(eval_dir / f"{name}.json", record)
+    return record
+
+
+def print_record(record: dict) -> None:
+    from rich.table import Table  # rich's table machinery: only for this one table
+
+    scores, floor = record["scores"], record["real_floor"]
+    table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
+                        f"step {record['step']}")
+    for column in ("", "FID", "confident", "class entropy (bits)", "classes present"):
+        table.add_column(column, justify="right")
+    for label, row in (("samples", scores), ("real vs real", floor)):
+        table.add_row(label, f"{row['fid']:.3f}", f"{row['confident_share']:.1%}", f"{row['class_entropy_bits']:.3f}",
+                      str(sum(count > 0 for count in row["class_counts"])))
+    console().print(table)

@@ -1,0 +1,88 @@
+"""A trained run as the tasks use it: a checkpoint's config, method, data spec and (EMA) network.
+The one place that turns checkpoints into networks: methods never load one."""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_run
+from diffusion.data import DataSpec
+from diffusion.methods import Method, build_method
+from diffusion.records import CHECKPOINTS, LATEST, checkpoint_file
+
+
+def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") -> Path:
+    """A run dir (its latest.pt), a checkpoints/ folder, or a .pt file; ConfigError naming `key`,
+    the setting that gave the reference, when there is none."""
+    found = checkpoint_file(reference)
+    if found is None:
+        raise ConfigError(f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
+                          f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST})")
+    return found
+
+
+def pretrained_token_table(reference: str, data: DataSpec) -> Tensor:
+    """(V, d) token embeddings of a trained text run (its EMA weights), for a method whose network
+    starts from them (`Method.pretrained_reference`). ConfigError (key method.init_embeddings)
+    when the run was trained on other tokens or has no token table."""
+    checkpoint = load_checkpoint(resolve_checkpoint(reference, "method.init_embeddings"))
+    if (checkpoint.get("data") or {}).get("tokenizer") != data.tokenizer:
+        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
+                          "tokenizer (or is not a text run); give a run with the same data settings")
+    # The token table of an autoregressive or masked run's Transformer (an embedding run has none).
+    table = checkpoint["ema"].get("wte.weight")
+    if table is None:
+        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it has no token embedding table")
+    return table[: data.vocab_size]  # the extra row is the start (AR) or mask (masked) token
+
+
+def build_network(config: RunConfig, method: Method, data: DataSpec) -> nn.Module:
+    """The method's network for `data`, started from the run its method names, if any."""
+    pretrained = None
+    if method.pretrained_reference:
+        pretrained = pretrained_token_table(method.pretrained_reference, data)
+    return method.build_model(config.model, data, pretrained)
+
+
+class TrainedModel:
+    """A checkpoint's network (EMA weights by default), its method and what it was trained on."""
+
+    def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device):
+        checkpoint = load_checkpoint(checkpoint_path)
+        self.path = checkpoint_path
+        self.config: RunConfig = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
+        self.step: int = checkpoint["step"]
+        # Image checkpoints from before text runs kept the shape and classes at the top level.
+        self.data = DataSpec.from_json(checkpoint.get("data") or {
+            "kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]})
+        self.method = build_method(self.config)
+        self.model = build_network(self.config, self.method, self.data)
+        self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+        self.model.to(device).eval()
+        self.device = device
+
+    def check_sampling(self, sample: SampleConfig) -> None:
+        """Raise ConfigError (one line) when `sample` cannot work with this checkpoint's method and
+        network, whose config is the checkpoint's own, not the sampling spec's."""
+        problem = sampling_conflict(self.config, sample)
+        if problem:
+            raise ConfigError(f"{self.path}: {problem}")
+
+
+def load_scorer(reference: str | None, device: torch.device, key: str = "eval.scorer_checkpoint",
+                tokenizer: dict | None = None) -> TrainedModel | None:
+    """The run that scores text samples, or guides their decoding (key sample.guide_checkpoint,
+    which must share the sampled run's `tokenizer`): one whose method has an exact likelihood; None
+    without a reference. ConfigError naming `key` when it is missing or will not do."""
+    if reference is None:
+        return None
+    scorer = TrainedModel(resolve_checkpoint(reference, key), use_ema=True, device=device)
+    if not scorer.method.exact_likelihood:
+        raise ConfigError(f"{key}: {reference!r} is not allowed: not an autoregressive run (method.name "
+                          f"{scorer.config.method.name!r}); text is scored and guided by an autoregressive run")
+    if tokenizer is not None and scorer.data.tokenizer != tokenizer:
+        raise ConfigError(f"{key}: {reference!r} is not allowed: its tokenizer differs from the sampled run's; "
+                          "guide with an autoregressive run trained on the same data settings")
+    return scorer
