@@ -103,6 +103,53 @@ def test_agents_page_is_claude_md(docs_site):
         assert heading.replace("`", "") in text, heading
 
 
+# A page of our own beside the architecture page: it loads it in a frame, waits for the theme to
+# draw its mermaid diagrams and reports each one's size. The theme replaces each <pre class="mermaid">
+# source by a <div class="mermaid"> holding the drawing in a closed shadow root (no script, and no
+# --dump-dom, can look inside), so what can be seen is the element and the room the drawing takes.
+DIAGRAM_PROBE = """<!doctype html>
+<html><body>
+<iframe id="page" src="/architecture/" width="1280" height="3000"></iframe>
+<pre id="report">not drawn</pre>
+<script>
+function report() {
+  const blocks = [...document.getElementById("page").contentDocument.querySelectorAll(".mermaid")];
+  const drawn = blocks.map((block) => block.tagName === "DIV" ?
+    {width: block.getBoundingClientRect().width, height: block.getBoundingClientRect().height} : null);
+  if (blocks.length && drawn.every(Boolean)) document.getElementById("report").textContent = JSON.stringify(drawn);
+  else setTimeout(report, 100);
+}
+window.addEventListener("load", report);
+</script>
+</body></html>
+"""
+
+
+def serve(site: Path):
+    """`site` on 127.0.0.1 in a thread; returns (base URL, server)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=site))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}", server
+
+
+def test_architecture_diagrams_are_drawn_offline(docs_site):
+    """The layer diagrams are mermaid blocks that the theme draws with the repo's own mermaid.js (no
+    CDN: Chromium here has no network)."""
+    (docs_site / "diagram-probe.html").write_text(DIAGRAM_PROBE)
+    url, server = serve(docs_site)
+    try:
+        dom = dump_dom(f"{url}/diagram-probe.html", wait_ms=20000)
+    finally:
+        server.shutdown()
+        server.server_close()
+    report = html.unescape(re.search(r'<pre id="report">(.*?)</pre>', dom, re.S).group(1))
+    assert report != "not drawn", "the mermaid diagrams were not drawn"
+    diffusion_layers, ops_layers = json.loads(report)
+    # Drawn, not left as source: seven layers of boxes stand far taller than a line of text.
+    assert diffusion_layers["height"] > 600 and diffusion_layers["width"] > 300, diffusion_layers
+    assert ops_layers["height"] > 300, ops_layers
+
+
 # ---------------------------------------------------------------------------------------------
 # The journal: a real run, its post, the site built with it, read by Chromium
 
@@ -141,23 +188,23 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def served(journal_site):
     """The built journal site on 127.0.0.1; yields (base URL, site dir, ops id)."""
     site, ops_id = journal_site
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=site))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", site, ops_id
+    url, server = serve(site)
+    yield url, site, ops_id
     server.shutdown()
     server.server_close()
 
 
-def dump_dom(url: str) -> str:
-    """The page's DOM after it loaded (scripts run), from a headless Chromium with a fresh profile."""
+def dump_dom(url: str, wait_ms: int | None = None) -> str:
+    """The page's DOM after it loaded (scripts run; with `wait_ms`, for up to that much virtual
+    time after), from a headless Chromium with a fresh profile."""
     if not CHROMIUM:
         pytest.skip("chromium not installed: apt-get install -y chromium (.ci/run installs it)")
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1280,900", "--dump-dom", url],
+             f"--user-data-dir={profile}", "--window-size=1280,900",
+             *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []), "--dump-dom", url],
             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
