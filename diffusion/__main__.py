@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffusion.config import ConfigError, RunConfig, load_run_config, read_yaml
 from diffusion.data.spec import DatasetNotFoundError
-from diffusion.records import Summary
+from diffusion.records import CONFIG, Summary
 from diffusion.rundir import RunDir
 
 TASKS = ("train", "sample", "eval")
@@ -45,7 +45,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     """(config, run dir, whether to write into another task's run dir, e.g. sample a training run)."""
     target = Path(args.target)
     if target.is_dir():
-        config_path = target / "config.yaml"
+        config_path = target / CONFIG
         if not config_path.is_file():
             raise ConfigError(f"{target}: not a run directory (no config.yaml); pass a config file instead")
         run_dir = args.out or target
@@ -61,7 +61,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
         config.sample.checkpoint = str(target)  # sample the run named, wherever --out puts the samples
     # The run dir belongs to the task its config.yaml names, whatever --set, a task word or --out
     # ask for: another task run there writes beside it, never over its config or summary.
-    existing = Path(run_dir) / "config.yaml"
+    existing = Path(run_dir) / CONFIG
     stored = read_yaml(existing) if existing.is_file() else None
     owner = stored.get("task", "train") if isinstance(stored, dict) else config.task
     return config, run_dir, owner != config.task

@@ -18,6 +18,11 @@ from diffusion.records import LATEST, atomic_write
 
 
 
+def step_files(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step checkpoint in the folder, oldest first."""
+    return [(int(path.stem.removeprefix("step_")), path) for path in sorted(checkpoint_dir.glob("step_*.pt"))]
+
+
 def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> Path:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -26,7 +31,7 @@ def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> 
     step_path = checkpoint_dir / f"step_{step:08d}.pt"
     atomic_write(step_path, data)
     atomic_write(checkpoint_dir / LATEST, data)
-    for old in sorted(checkpoint_dir.glob("step_*.pt"))[:-keep]:
+    for _, old in step_files(checkpoint_dir)[:-keep]:
         old.unlink()
     return step_path
 
@@ -41,7 +46,7 @@ def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads: latest.pt, else the step files newest first (every file
     is written atomically, so only damage from outside can break one). None when there is none;
     ConfigError naming the folder when none of them loads."""
-    candidates = [checkpoint_dir / LATEST, *sorted(checkpoint_dir.glob("step_*.pt"), reverse=True)]
+    candidates = [checkpoint_dir / LATEST, *[path for _, path in reversed(step_files(checkpoint_dir))]]
     problems = []
     for path in (path for path in candidates if path.is_file()):
         try:

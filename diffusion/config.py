@@ -8,6 +8,7 @@ Every error is one line: where, the key path, the bad value and what is allowed.
 """
 
 import difflib
+import io
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
 
+from diffusion.records import atomic_write
 from diffusion.yamlfile import ConfigError, parse_yaml  # noqa: F401 (ConfigError is every caller's error type)
 
 # Top-level keys of a job spec that are not ours: ops validates them.
@@ -446,10 +448,6 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_yaml(data: dict, path: Path) -> None:
     """`data` as block-style YAML, replacing `path` atomically."""
-    import io
-
-    from diffusion.records import atomic_write
-
     yaml = YAML()
     yaml.default_flow_style = False
     text = io.StringIO()

@@ -5,6 +5,7 @@ import sys
 import time
 
 import rich.progress
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffusion.records import MetricsRecord
@@ -13,8 +14,6 @@ from diffusion.records import MetricsRecord
 def console():
     """A rich console that never wraps a line when the output is a file or a pipe (log.txt, an
     engine's log): width unlimited and no soft wrapping there; the terminal's width on a terminal."""
-    from rich.console import Console
-
     terminal = sys.stdout.isatty()
     return Console(soft_wrap=not terminal, width=None if terminal else 1_000_000)
 

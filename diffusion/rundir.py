@@ -1,13 +1,15 @@
 """The run directory: everything a run writes lives here (layout in shared DESIGN.md, names and
 fields in diffusion/records.py)."""
 
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
 from diffusion import records
-from diffusion.config import ConfigError, RunConfig, dump_yaml, to_dict
+from diffusion.config import ConfigError, RunConfig, dump_yaml, load_run_config, to_dict
 
 
 class RunDir:
@@ -31,8 +33,6 @@ class RunDir:
     def create(self, config: RunConfig) -> None:
         """Make the folders and write the resolved config; refuse to mix two different models."""
         if self.config.is_file():
-            from diffusion.config import load_run_config
-
             existing = load_run_config(self.config)
             for section in ("data", "model", "method"):
                 if getattr(existing, section) != getattr(config, section):
@@ -49,9 +49,6 @@ class RunDir:
         """Hold RUN_DIR/.lock for the rest of this process: one writer per run dir (two trainers
         would interleave metrics and checkpoints). The lock goes with the process, however it ends.
         ConfigError naming the holder when another process has it."""
-        import fcntl
-        import socket
-
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

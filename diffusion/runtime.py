@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from diffusion.config import ConfigError
 
@@ -61,8 +62,6 @@ class DataParallel:
     def start(self, device: torch.device) -> torch.device:
         if not self.enabled:
             return device
-        import torch.distributed as dist
-
         if device.type == "cuda":
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
@@ -71,22 +70,16 @@ class DataParallel:
 
     def stop(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def any(self, flags: list[bool], device: torch.device) -> list[bool]:
         """Each flag true on some rank: every rank must take the same decision (stop, checkpoint)."""
         if not self.enabled:
             return flags
-        import torch.distributed as dist
-
         tensor = torch.tensor([float(flag) for flag in flags], device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return [bool(value) for value in tensor.tolist()]
@@ -94,8 +87,6 @@ class DataParallel:
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return value
-        import torch.distributed as dist
-
         value = value.clone()
         dist.all_reduce(value)
         return value / self.world_size

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from diffusion.config import ConfigError, RunConfig, SampleConfig
 from diffusion.data import has_validation, load_validation, resolve_data_root, write_samples
@@ -158,8 +159,6 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
 
 
 def print_record(record: dict) -> None:
-    from rich.table import Table  # rich's table machinery: only for this one table
-
     scores, floor = record["scores"], record["real_floor"]
     table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
                         f"step {record['step']}")

@@ -27,9 +27,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
-from diffusion.checkpoint import capture_rng_state, load_latest, remove_partial_writes, restore_rng_state, save_checkpoint
+from diffusion.checkpoint import (
+    capture_rng_state,
+    load_latest,
+    remove_partial_writes,
+    restore_rng_state,
+    save_checkpoint,
+    step_files,
+)
 from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_run
 from diffusion.data import DataSpec, load_dataset, load_validation, write_samples
 from diffusion.methods import Method, build_method
@@ -202,9 +210,7 @@ class TrainState:
         ema_model = copy.deepcopy(model).requires_grad_(False)
         trained_model = model
         if ranks.enabled:
-            from torch.nn.parallel import DistributedDataParallel  # loads torch.distributed: only for ranks
-
-            trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         return cls(model, ema_model, trained_model, optimizer)
 
@@ -439,8 +445,6 @@ def check_memory(config: RunConfig, method: Method, data: DataSpec, device: torc
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        import psutil  # only here: the trainer's one use of it
-
         free = psutil.virtual_memory().available
     needed = num_params * BYTES_PER_PARAMETER
     if needed > free:
@@ -453,8 +457,8 @@ def check_memory(config: RunConfig, method: Method, data: DataSpec, device: torc
 def disk_full(run: RunDir, exc: OSError) -> int:
     """One line naming the last good checkpoint (every checkpoint file is complete: they are
     written atomically), and the summary, if the disk still takes it."""
-    saved = sorted(run.checkpoints.glob("step_*.pt"))
-    last = f"{saved[-1]} (step {int(saved[-1].stem.removeprefix('step_'))})" if saved else "none (none was written)"
+    saved = step_files(run.checkpoints)
+    last = f"{saved[-1][1]} (step {saved[-1][0]})" if saved else "none (none was written)"
     reason = f"disk full ({exc.filename or exc.strerror}): the last good checkpoint is {last}"
     print(f"failed: {reason}", file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):  # the disk may take the small summary, or not

@@ -10,6 +10,7 @@ its place. Only ruamel.yaml here, no pydantic: `ops` reads ops.yaml through this
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 MAX_DEPTH = 64
 SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null")}
@@ -25,8 +26,6 @@ def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline:
     Raises ConfigError, one line: `source:line:column: problem` (`source (column N)` for an
     `inline` value such as a --set) for text that does not parse, a tab indent, a duplicate key,
     an anchor, alias or tag, or deep nesting; the line of the first byte that is not UTF-8."""
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
-
     def place(mark) -> str:
         return f" (column {mark.column + 1})" if inline else f":{mark.line + 1}:{mark.column + 1}"
 

@@ -14,7 +14,7 @@ RAW_FILES = {
 
 def load_mnist(root: Path, split: str, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 28, 28), labels int64 (N,)) for split 'train' or 'test'."""
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # torchvision costs a second to import; only where MNIST is read
 
     raw = root / "MNIST" / "raw"
     present = all((raw / name).is_file() for name in RAW_FILES[split])

@@ -107,7 +107,7 @@ class BPETokenizer:
 
     @classmethod
     def fit(cls, text: str, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy; only for BPE
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size <= len(alphabet):
@@ -123,7 +123,7 @@ class BPETokenizer:
 
     @classmethod
     def from_str(cls, text: str) -> "BPETokenizer":
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # heavy; only for BPE
 
         return cls(Tokenizer.from_str(text))
 
