@@ -142,8 +142,9 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     checkpoint: str | None = Field(None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval).")
-    sampler: Literal["ddpm", "ddim", "ancestral"] = Field(
-        "ddim", description="ddpm, ddim (images, embedding); ancestral (autoregressive, masked).")
+    sampler: Literal["ddpm", "ddim", "dpmsolver++", "ancestral"] = Field(
+        "ddim", description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for images and embedding; "
+        "ancestral (autoregressive, masked).")
     num_inference_steps: int = Field(50, ge=1, le=100_000)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
@@ -318,11 +319,12 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
     if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
         yield f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no " \
               "tokens (top_k is for autoregressive, masked and guided sampling)"
-    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name, ("ddpm", "ddim"))
+    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name,
+                                                                              ("ddpm", "ddim", "dpmsolver++"))
     if sample.sampler not in samplers:
         yield f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: " \
               f"use {' or '.join(samplers)}"
-    if sample.sampler in ("ddpm", "ddim") and sample.num_inference_steps > method.num_train_timesteps:
+    if sample.sampler != "ancestral" and sample.num_inference_steps > method.num_train_timesteps:
         yield f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= " \
               f"method.num_train_timesteps ({method.num_train_timesteps})"
     if data.dataset not in TEXT_DATASETS:
