@@ -114,6 +114,9 @@ class MethodConfig(Section):
             raise ValueError(f"must be {quoted_choices(METHOD_KINDS)}")
         return name
 
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Class-conditional images: share of training "
+                                 "labels replaced by the null class, so that one network is also the unconditional "
+                                 "model that classifier-free guidance needs (unconditional models ignore it).")
     prefix_fraction: float = Field(0.25, ge=0.0, le=1.0, description="embedding: share of training sequences given "
                                    "a clean prefix, so that the model learns to continue text (guided decoding needs it).")
 
@@ -161,6 +164,8 @@ class SampleConfig(Section):
     clamp: bool = Field(True, description="embedding: snap predicted x0 to the nearest embedding each step.")
     guide_checkpoint: str | None = Field(None, pattern=NO_NUL, description="Text: an autoregressive run to mix logits with.")
     guidance_alpha: float = Field(1.0, ge=0.0, le=1.0, description="Weight of the diffusion logits (1: no AR).")
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance w: eps_uncond + "
+                                  "w (eps_cond - eps_uncond); 1 the conditional model, 0 the unconditional one.")
 
 
 class EvalConfig(Section):
@@ -328,6 +333,9 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
         yield f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= " \
               f"method.num_train_timesteps ({method.num_train_timesteps})"
     if data.dataset not in TEXT_DATASETS:
+        if sample.guidance_scale != 1 and not model.class_conditional:
+            yield f"sample.guidance_scale: {sample.guidance_scale} is not allowed with model.class_conditional false: " \
+                  "guidance mixes a class-conditional model's conditional and unconditional outputs"
         if sample.class_label is not None and not model.class_conditional:
             yield f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: " \
                   "an unconditional model takes no class"
@@ -341,6 +349,9 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
     if sample.class_label is not None:
         yield f"sample.class_label: {sample.class_label} is not allowed with data.dataset {data.dataset!r}: it is " \
               "for images; leave it unset"
+    if sample.guidance_scale != 1:
+        yield f"sample.guidance_scale: {sample.guidance_scale} is not allowed with data.dataset {data.dataset!r}: it " \
+              "is for class-conditional images (text is guided by sample.guide_checkpoint)"
     # A sample longer than the block size is drawn window by window by the AR model and by guided
     # decoding, block by block by the masked one; embedding diffusion denoises it all at once.
     length = sample.length or data.block_size

@@ -67,7 +67,8 @@ def sample_task(config: RunConfig, run) -> int:
     samples = generate(trained, config.sample, config.sample.num_samples, guide, progress=track)
     seconds = time.monotonic() - started
     name = trained.method.sample_name(config.sample)
-    written = write_samples(trained.data, samples, run.samples, name)
+    labels = trained.method.class_labels(len(samples), trained.data, config.sample)
+    written = write_samples(trained.data, samples, run.samples, name, labels=labels)
     path = written.get("grid") or written["samples"]
     scores = sample_scores(trained.method, trained.model, validation, written, trained.device, config.sample.seed,
                            config.eval.val_blocks, scorer)
@@ -140,20 +141,22 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
     samples = generate(trained, config.sample, num_samples, progress=progress)
     sample_seconds = time.monotonic() - started
     reference = reference_features(classifier, train_images, num_samples, device=device)
+    labels = trained.method.class_labels(num_samples, trained.data, config.sample)
     record = {
         "checkpoint": str(trained.path),
         "step": trained.step,
         "sampler": config.sample.sampler,
         "num_inference_steps": config.sample.num_inference_steps,
         "eta": config.sample.eta,
+        "guidance_scale": config.sample.guidance_scale if labels is not None else None,
         "num_samples": num_samples,
         "sample_seconds": round(sample_seconds, 2),
-        "scores": image_scores(classifier, samples, reference, config.eval.confidence, device=device),
+        "scores": image_scores(classifier, samples, reference, config.eval.confidence, device=device, labels=labels),
         "real_floor": real_floor(classifier, train_images, test_images, num_samples, device=device),
     }
     eval_dir = Path(run_dir) / "eval"
     name = trained.method.sample_name(config.sample)
-    write_samples(trained.data, samples, eval_dir, name)
+    write_samples(trained.data, samples, eval_dir, name, labels=labels)
     write_json(eval_dir / f"{name}.json", record)
     return record
 
@@ -162,9 +165,10 @@ def print_record(record: dict) -> None:
     scores, floor = record["scores"], record["real_floor"]
     table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
                         f"step {record['step']}")
-    for column in ("", "FID", "confident", "class entropy (bits)", "classes present"):
+    for column in ("", "FID", "confident", "class entropy (bits)", "classes present", "class accuracy"):
         table.add_column(column, justify="right")
     for label, row in (("samples", scores), ("real vs real", floor)):
+        accuracy = f"{row['class_accuracy']:.1%}" if "class_accuracy" in row else "-"
         table.add_row(label, f"{row['fid']:.3f}", f"{row['confident_share']:.1%}", f"{row['class_entropy_bits']:.3f}",
-                      str(sum(count > 0 for count in row["class_counts"])))
+                      str(sum(count > 0 for count in row["class_counts"])), accuracy)
     console().print(table)

@@ -394,7 +394,8 @@ def preview(state: TrainState, method: Method, data: DataSpec, config: RunConfig
     state.ema_model.eval()
     device = next(state.ema_model.parameters()).device
     samples = method.sample(state.ema_model, count, data, sample, generator, device)
-    return write_samples(data, samples, run.samples, stem, keep_arrays=False)
+    return write_samples(data, samples, run.samples, stem, keep_arrays=False,
+                         labels=method.class_labels(count, data, sample))
 
 
 def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainState, plan: Plan, method: Method,

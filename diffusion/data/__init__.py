@@ -73,10 +73,12 @@ def decode(data: DataSpec, samples: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row) for row in samples.tolist()]
 
 
-def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str, keep_arrays: bool = True) -> dict:
-    """Samples as a person looks at them: images as a PNG grid (at most 100), and with
-    `keep_arrays` every one as uint8 in NAME.npz; text decoded into NAME.txt, each sample under a
-    numbered rule. Returns {"grid": path} or {"samples": path, "texts": the decoded samples}."""
+def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str, keep_arrays: bool = True,
+                  labels: torch.Tensor | None = None) -> dict:
+    """Samples as a person looks at them: images as a PNG grid (at most 100; with `labels` in
+    blocks, one class per row), and with `keep_arrays` every one as uint8 in NAME.npz (and the
+    labels); text decoded into NAME.txt, each sample under a numbered rule. Returns {"grid": path}
+    or {"samples": path, "texts": the decoded samples}."""
     folder.mkdir(parents=True, exist_ok=True)
     if data.kind == "text":
         texts = decode(data, samples)
@@ -86,9 +88,13 @@ def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str
     from torchvision.utils import save_image  # torchvision's import costs a second; only where images are saved
 
     shown = samples[:100]
+    columns = math.ceil(math.sqrt(len(shown)))
+    if labels is not None and len(labels[: len(shown)].unique()) > 1:
+        columns = int(torch.bincount(labels[: len(shown)]).max())  # a block of one class per row
     grid = folder / f"{name}.png"
-    save_image((shown + 1) / 2, grid, nrow=int(math.ceil(math.sqrt(len(shown)))))
+    save_image((shown + 1) / 2, grid, nrow=columns)
     if keep_arrays:
         pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        np.savez_compressed(folder / f"{name}.npz", images=pixels)
+        arrays = {"images": pixels} if labels is None else {"images": pixels, "labels": labels.numpy()}
+        np.savez_compressed(folder / f"{name}.npz", **arrays)
     return {"grid": grid}

@@ -63,6 +63,11 @@ class Method(ABC):
     def sample_name(self, sample: SampleConfig) -> str:
         """The file stem of samples drawn with these settings, e.g. ddim50-seed0."""
 
+    def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
+        """(num_samples,) the classes `sample` asks of a class-conditional model (the scores check
+        the samples against them), or None: the samples have no asked-for class."""
+        return None
+
     def training_metrics(self, model: nn.Module) -> dict[str, float]:
         """Extra numbers to log with the loss (e.g. a collapse this method is prone to)."""
         return {}

@@ -1,11 +1,20 @@
 """DDPM (Ho et al. 2020): the noise-prediction loss (eq. 14, or x0 / v targets), sampled with the
-DDPM ancestral or the DDIM (Song et al. 2021) scheduler of diffusion/schedulers.py."""
+DDPM ancestral, the DDIM (Song et al. 2021) or the DPM-Solver++ (Lu et al. 2022) scheduler of
+diffusion/schedulers.py.
+
+Classifier-free guidance (Ho & Salimans 2022): a class-conditional network is trained with a
+`label_dropout` share of its labels replaced by the null class (index num_classes), so that it is
+also the unconditional model; sampling mixes the two, eps_uncond + w (eps_cond - eps_uncond), in
+one batched pass. w = 1 is the conditional model alone, w = 0 the unconditional one.
+"""
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.config import ModelConfig, RunConfig, SampleConfig
+from diffusion.config import NUM_CLASSES, ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Method, Progress, no_progress, register
 from diffusion.nets import build_unet
@@ -22,7 +31,7 @@ class DDPM(Method):
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True,
-                 class_conditional: bool = False):
+                 class_conditional: bool = False, num_classes: int | None = None, label_dropout: float = 0.0):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
@@ -32,11 +41,16 @@ class DDPM(Method):
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
         self.class_conditional = class_conditional
+        self.num_classes = num_classes  # the null class's index
+        self.label_dropout = label_dropout
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "DDPM":
         fields = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
-        return cls(**config.method.model_dump(include=fields), class_conditional=config.model.class_conditional)
+        conditional = config.model.class_conditional
+        return cls(**config.method.model_dump(include=fields), class_conditional=conditional,
+                   num_classes=NUM_CLASSES[config.data.dataset] if conditional else None,
+                   label_dropout=config.method.label_dropout if conditional else 0.0)
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
         return build_unet(model_config, in_channels=data.shape[0], num_classes=data.num_classes)
@@ -50,6 +64,9 @@ class DDPM(Method):
         timesteps = torch.randint(0, self.num_train_timesteps, (images.shape[0],), device=images.device)
         noise = torch.randn_like(images)
         class_labels = batch.get("class_labels")
+        if class_labels is not None and self.label_dropout > 0:
+            dropped = torch.rand(images.shape[0], device=images.device) < self.label_dropout
+            class_labels = torch.where(dropped, self.num_classes, class_labels)
         if shard is not None:
             images, timesteps, noise = images[shard], timesteps[shard], noise[shard]
             class_labels = class_labels[shard] if class_labels is not None else None
@@ -71,35 +88,43 @@ class DDPM(Method):
     def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
                generator: torch.Generator | None, device: torch.device | str = "cpu",
                progress: Progress = no_progress) -> Tensor:
-        """In batches of `sample.batch_size` from one generator; a class-conditional model gets the
-        classes in turn (0, 1, ..., C-1, 0, ...), or `sample.class_label` for every image."""
+        """In batches of `sample.batch_size` from one generator; a class-conditional model is given
+        `class_labels(...)` and guided with `sample.guidance_scale`."""
+        labels = self.class_labels(num_samples, data, sample)
         batches = []
         for start in range(0, num_samples, sample.batch_size):
             count = min(sample.batch_size, num_samples - start)
-            class_labels = None
-            if self.class_conditional:
-                class_labels = torch.arange(start, start + count) % data.num_classes
-                if sample.class_label is not None:
-                    class_labels = torch.full((count,), sample.class_label)
             batches.append(self.generate(
                 model, count, data.shape, sampler=sample.sampler, num_inference_steps=sample.num_inference_steps,
                 eta=sample.eta, timestep_spacing=sample.timestep_spacing, generator=generator,
-                class_labels=class_labels, device=device, progress=progress))
+                class_labels=None if labels is None else labels[start:start + count], device=device,
+                progress=progress, guidance_scale=sample.guidance_scale))
         return torch.cat(batches) if len(batches) > 1 else batches[0]
+
+    def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
+        """`sample.class_label` for every image, else the classes in blocks (0, 0, ..., 1, 1, ...):
+        a class per row of the grid, and as many of each as can be. None for an unconditional model."""
+        if not self.class_conditional:
+            return None
+        if sample.class_label is not None:
+            return torch.full((num_samples,), sample.class_label)
+        return torch.arange(num_samples) // math.ceil(num_samples / data.num_classes)
 
     def sample_name(self, sample: SampleConfig) -> str:
         eta = f"-eta{sample.eta:g}" if sample.sampler == "ddim" and sample.eta else ""
-        return f"{sample.sampler}{sample.num_inference_steps}{eta}-seed{sample.seed}"
+        guidance = f"-w{sample.guidance_scale:g}" if sample.guidance_scale != 1 else ""
+        label = f"-class{sample.class_label}" if sample.class_label is not None else ""
+        return f"{sample.sampler}{sample.num_inference_steps}{eta}{guidance}{label}-seed{sample.seed}"
 
     @torch.no_grad()
     def generate(
         self, model, num_samples: int, shape: tuple[int, ...], sampler: str = "ddim",
         num_inference_steps: int = 50, eta: float = 0.0, timestep_spacing: str = "trailing",
         generator: torch.Generator | None = None, class_labels: Tensor | None = None, device="cpu",
-        progress: Progress = no_progress,
+        progress: Progress = no_progress, guidance_scale: float = 1.0,
     ) -> Tensor:
         """One batch of `num_samples` images of `shape`, from pure noise through the scheduler's
-        timesteps."""
+        timesteps; with `class_labels`, guided with `guidance_scale`."""
         scheduler = self.make_scheduler(sampler, eta)
         scheduler.set_timesteps(num_inference_steps, timestep_spacing)
         # On the CPU from `generator`, like the variance noise, so samples do not depend on the device.
@@ -108,8 +133,23 @@ class DDPM(Method):
             class_labels = class_labels.to(device)
         for timestep in progress(scheduler.timesteps.tolist(), f"{sampler} sampling"):
             timesteps = torch.full((num_samples,), timestep, dtype=torch.long, device=device)
-            model_output = model(sample, timesteps, class_labels=class_labels)
+            model_output = self.guided_output(model, sample, timesteps, class_labels, guidance_scale)
             sample = scheduler.step(model_output, timestep, sample, generator=generator)
         # The last step (alpha_bar_prev = 1) returns the predicted x0 itself, so with clip_sample
         # the samples are in [-1, 1] already; without it they are left as the model made them.
         return sample
+
+    def guided_output(self, model, sample: Tensor, timesteps: Tensor, class_labels: Tensor | None,
+                      guidance_scale: float) -> Tensor:
+        """The model's output, for classifier-free guidance uncond + w (cond - uncond) from one
+        forward pass over the batch twice (with the labels, then with the null class). w = 1 and
+        w = 0 take one pass of half the size: the conditional and the unconditional model."""
+        if class_labels is None or guidance_scale == 1:
+            return model(sample, timesteps, class_labels=class_labels)
+        null = torch.full_like(class_labels, self.num_classes)
+        if guidance_scale == 0:
+            return model(sample, timesteps, class_labels=null)
+        both = model(torch.cat([sample, sample]), torch.cat([timesteps, timesteps]),
+                     class_labels=torch.cat([class_labels, null]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)

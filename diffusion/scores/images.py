@@ -150,17 +150,22 @@ def class_entropy_bits(class_counts: Tensor) -> float:
 
 
 def sample_scores(classifier: LeNet, samples: Tensor, reference_features: Tensor, confidence: float = 0.9,
-                  device="cpu") -> dict:
-    """{"fid", "confident_share", "class_entropy_bits", "class_counts"} of samples against reference features."""
+                  device="cpu", labels: Tensor | None = None) -> dict:
+    """{"fid", "confident_share", "class_entropy_bits", "class_counts"} of samples against reference
+    features, and with the `labels` the samples were asked for, "class_accuracy": the share the
+    classifier puts in that class."""
     features, probs = classifier_outputs(classifier, samples, device=device)
     top_probs, predicted = probs.max(dim=1)
     class_counts = torch.bincount(predicted, minlength=probs.shape[1])
-    return {
+    scores = {
         "fid": frechet_distance(reference_features, features),
         "confident_share": float((top_probs >= confidence).double().mean()),
         "class_entropy_bits": class_entropy_bits(class_counts),
         "class_counts": class_counts.tolist(),
     }
+    if labels is not None:
+        scores["class_accuracy"] = float((predicted == labels.cpu()).double().mean())
+    return scores
 
 
 def random_subset(images: Tensor, num_samples: int, seed: int) -> Tensor:
