@@ -33,7 +33,7 @@ class Section(BaseModel):
 # the memory of what remains before it builds the network.
 
 
-IMAGE_DATASETS = ("mnist",)
+IMAGE_DATASETS = ("mnist", "cifar10")
 TEXT_DATASETS = ("shakespeare",)
 # Each method's name and the kind of data it models. diffusion.methods.register adds a method
 # defined elsewhere (a test's toy); ops, which never imports the methods, knows these four.
@@ -55,17 +55,26 @@ NO_NUL = r"^[^\x00]*$"  # a path with a NUL byte cannot be opened
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "shakespeare"] = "mnist"
+    dataset: Literal["mnist", "cifar10", "shakespeare"] = "mnist"
     root: str | None = Field(None, pattern=NO_NUL, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
     download: bool = Field(True, description="Download when the files are missing under the root.")
     only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
     subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+    limit_per_class: int | None = Field(None, ge=1, le=100_000, description="Images: the first N examples of each "
+                                        "class only: overfit mode, to debug a model (the run reports how near its "
+                                        "samples come to the training images).")
+    npz: str | None = Field(None, pattern=NO_NUL, description="CIFAR-10: an .npz holding `images` (N, 32, 32, 3) and "
+                            "`labels`, under the data root (e.g. cifar10/test.npz), split into train and test by "
+                            "val_fraction; None: torchvision's CIFAR-10 files.")
+    resolution: int | None = Field(None, ge=8, le=512, description="Images: upscaled (bilinear) to this size, e.g. "
+                                   "64 or 128; None: the native size (MNIST 28, CIFAR-10 32).")
     tokenizer: Literal["char", "bpe"] = Field("char", description="Text: characters, or BPE trained on the corpus.")
     vocab_size: int = Field(512, ge=64, le=65536, description="Text, bpe: the BPE vocabulary size.")
     block_size: int = Field(256, ge=8, le=65536, description="Text: tokens per training example.")
     block_stride: int | None = Field(None, ge=1, description="Text: a training window starts every this many "
                                                              "tokens (overlapping); None: block_size, no overlap.")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out; "
+                                "CIFAR-10 from an .npz: the share of each class held out as the test split.")
 
 
 class ModelConfig(Section):
@@ -75,6 +84,9 @@ class ModelConfig(Section):
                                                                    max_length=4)
     num_res_blocks: int = Field(2, ge=1, le=16)
     attention: bool = Field(True, description="Self-attention at the lowest resolution.")
+    attention_resolutions: list[Annotated[int, Field(ge=1, le=512)]] = Field(
+        default_factory=list, max_length=8, description="Self-attention also after every residual block of the "
+        "levels of these sizes, e.g. [16, 8] for 32x32 CIFAR-10.")
     attention_heads: int = Field(4, ge=1, le=128)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
@@ -225,7 +237,8 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
 
 
 # What the datasets hold, for the limits below (the corpus is checked by its sha256 on download).
-NUM_CLASSES = {"mnist": 10}
+NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+NATIVE_SIZE = {"mnist": 28, "cifar10": 32}
 CORPUS_CHARACTERS = {"shakespeare": 1_115_394}
 
 
@@ -289,7 +302,8 @@ def model_conflicts(config: RunConfig):
         yield f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name " \
               f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
     if text:
-        for key, value in (("data.only_digit", data.only_digit),):
+        for key, value in (("data.only_digit", data.only_digit), ("data.limit_per_class", data.limit_per_class),
+                           ("data.npz", data.npz), ("data.resolution", data.resolution)):
             if value is not None:
                 yield f"{key}: {value} is not allowed with data.dataset {data.dataset!r}: it is for images; leave it unset"
         if model.class_conditional:
@@ -308,6 +322,21 @@ def model_conflicts(config: RunConfig):
             yield f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size " \
                   f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
     else:
+        if data.only_digit is not None and data.dataset != "mnist":
+            yield f"data.only_digit: {data.only_digit} is not allowed with data.dataset {data.dataset!r}: it is for MNIST"
+        if data.npz is not None and data.dataset != "cifar10":
+            yield f"data.npz: {data.npz!r} is not allowed with data.dataset {data.dataset!r}: it is for CIFAR-10"
+        size = data.resolution or NATIVE_SIZE[data.dataset]
+        sizes = [size]
+        for _ in model.channel_mults[1:]:
+            sizes.append((sizes[-1] + 1) // 2)
+        for resolution in model.attention_resolutions:
+            if resolution not in sizes:
+                yield f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} " \
+                      f"images are {', '.join(map(str, sizes))}"
+            elif (model.base_channels * model.channel_mults[sizes.index(resolution)]) % model.attention_heads:
+                yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the channels " \
+                      f"of the {resolution}x{resolution} level that model.attention_resolutions gives attention"
         lowest = model.base_channels * model.channel_mults[-1]
         if model.attention and lowest % model.attention_heads:
             yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest " \

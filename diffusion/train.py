@@ -55,6 +55,7 @@ from diffusion.runtime import (
     signals_ignored,
 )
 from diffusion.scores import sample_scores, validation_bits_per_char
+from diffusion.scores.images import overfit_report
 from diffusion.trained import build_network, load_scorer
 
 # fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
@@ -163,7 +164,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                 save(state, run, config, plan, data, ranks)
             final_samples = preview(state, method, data, config, run, "final", ranks)
 
-    return finish(status, stop_reason, checkpointed_step, state, plan, method, run, config, data, validation,
+    return finish(status, stop_reason, checkpointed_step, state, plan, method, run, config, dataset, validation,
                   final_samples, scorer, num_params, preemption.signal, ranks, device)
 
 
@@ -394,14 +395,16 @@ def preview(state: TrainState, method: Method, data: DataSpec, config: RunConfig
     state.ema_model.eval()
     device = next(state.ema_model.parameters()).device
     samples = method.sample(state.ema_model, count, data, sample, generator, device)
-    return write_samples(data, samples, run.samples, stem, keep_arrays=False,
-                         labels=method.class_labels(count, data, sample))
+    written = write_samples(data, samples, run.samples, stem, keep_arrays=False,
+                            labels=method.class_labels(count, data, sample))
+    return {**written, "values": samples}
 
 
 def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainState, plan: Plan, method: Method,
-           run: RunDir, config: RunConfig, data: DataSpec, validation, final_samples: dict | None, scorer,
+           run: RunDir, config: RunConfig, dataset, validation, final_samples: dict | None, scorer,
            num_params: int, signum: int | None, ranks: DataParallel, device: torch.device) -> int:
-    """Score the final samples and write summary.json; the exit code. A completed run stays
+    """Score the final samples (in overfit mode, against the training images) and write
+    summary.json; the exit code. A completed run stays
     completed: a signal that comes now (a late preemption, a time limit) is ignored while the
     scores and the summary are written, as it would be after the exit."""
     with signals_ignored(PREEMPT_SIGNALS) if status == "completed" else contextlib.nullcontext():
@@ -420,6 +423,14 @@ def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainSt
                                    config.eval.val_blocks, scorer)
             if scores and scores["collapsed"]:
                 print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
+            if config.data.limit_per_class is not None and logged:  # overfit mode: memorised?
+                training_images = dataset.batch(torch.arange(len(dataset)), torch.device("cpu"))["images"]
+                overfit = overfit_report(final_samples["values"], training_images, logged[-1].loss)
+                scores = (scores or {}) | {"overfit": overfit}
+                print(f"overfit mode: final loss {overfit['final_loss']:.4g} (near zero: "
+                      f"{'yes' if overfit['loss_near_zero'] else 'no'}), samples' RMS distance to the nearest "
+                      f"training image {max(overfit['nearest_train_rms']):.3f} at most (reproduced: "
+                      f"{'yes' if overfit['reproduced'] else 'no'})", flush=True)
         run.write_record(Summary(
             status=status,
             reason=stop_reason,
@@ -433,7 +444,7 @@ def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainSt
             device=str(device),
             final_metrics=logged[-1].to_json() if logged else {},
             scores=scores or None,
-            collapsed=bool(scores["collapsed"]) if scores else None,
+            collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
         ))
         return exit_code
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffusion.config import DataConfig
+from diffusion.data.cifar10 import load_cifar10
 from diffusion.data.mnist import load_mnist
 from diffusion.data.shakespeare import load_text_dataset, tokenizer_from_json
 from diffusion.data.spec import DATA_ROOT_ENV, DataSpec, DatasetNotFoundError, resolve_data_root
@@ -22,17 +24,22 @@ class ImageDataset:
     images: torch.Tensor  # uint8, (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
     num_classes: int
+    resolution: int | None = None  # upscaled to this size per batch (the stored images stay small)
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        channels, height, width = self.images.shape[1:]
+        return (channels, self.resolution, self.resolution) if self.resolution else (channels, height, width)
 
     def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """Images scaled to [-1, 1], the range the diffusion methods assume."""
         images = self.images[indices].to(device).float() / 127.5 - 1.0
+        if self.resolution:
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
+                                   align_corners=False)
         return {"images": images, "labels": self.labels[indices].to(device)}
 
     def spec(self) -> DataSpec:
@@ -44,13 +51,22 @@ def load_dataset(config: DataConfig, split: str = "train"):
     `spec()`, `len()` and `batch(indices, device)`."""
     if config.dataset == "shakespeare":
         return load_text_dataset(config, split)
-    images, labels = load_mnist(resolve_data_root(config.root), split, download=config.download)
+    root = resolve_data_root(config.root)
+    if config.dataset == "cifar10":
+        images, labels = load_cifar10(root, split, config.download, config.npz, config.val_fraction)
+    else:
+        images, labels = load_mnist(root, split, download=config.download)
+        images = images.unsqueeze(1)
     if config.only_digit is not None:
         keep = labels == config.only_digit
         images, labels = images[keep], labels[keep]
+    if config.limit_per_class is not None:
+        keep = torch.cat([torch.nonzero(labels == label).flatten()[: config.limit_per_class]
+                          for label in labels.unique()]).sort().values
+        images, labels = images[keep], labels[keep]
     if config.subset is not None:
         images, labels = images[: config.subset], labels[: config.subset]
-    return ImageDataset(images=images.unsqueeze(1), labels=labels, num_classes=10)
+    return ImageDataset(images=images, labels=labels, num_classes=10, resolution=config.resolution)
 
 
 def has_validation(config: DataConfig) -> bool:
@@ -90,7 +106,8 @@ def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str
     shown = samples[:100]
     columns = math.ceil(math.sqrt(len(shown)))
     if labels is not None and len(labels[: len(shown)].unique()) > 1:
-        columns = int(torch.bincount(labels[: len(shown)]).max())  # a block of one class per row
+        block = int(torch.bincount(labels[: len(shown)]).max())
+        columns = block if block > 1 else columns  # a class per row; one sample each: a square grid
     grid = folder / f"{name}.png"
     save_image((shown + 1) / 2, grid, nrow=columns)
     if keep_arrays:

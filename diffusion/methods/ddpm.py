@@ -53,7 +53,7 @@ class DDPM(Method):
                    label_dropout=config.method.label_dropout if conditional else 0.0)
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
-        return build_unet(model_config, in_channels=data.shape[0], num_classes=data.num_classes)
+        return build_unet(model_config, in_channels=data.shape[0], num_classes=data.num_classes, image_size=data.shape[-1])
 
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         """Mean loss over the batch, or over `shard` of it (data-parallel ranks). The noise and the

@@ -2,7 +2,8 @@
 
 Layout (Ho et al. 2020): conv in; per level `num_res_blocks` residual blocks, then a stride-2 conv
 down (except at the last level); a middle of ResBlock, self-attention, ResBlock at the lowest
-resolution; per level on the way up `num_res_blocks + 1` residual blocks, each taking one skip
+resolution; self-attention after every residual block of the levels whose resolution is in
+`attention_resolutions` (e.g. 16 and 8 for 32x32 CIFAR-10, as in Ho et al.); per level on the way up `num_res_blocks + 1` residual blocks, each taking one skip
 concatenated, then a nearest upsample and conv (except at the first level); GroupNorm, SiLU, conv out.
 
 Conditioning: a sinusoidal embedding of t through an MLP, plus an optional class embedding, enters
@@ -85,7 +86,10 @@ class UNet(nn.Module):
         norm_groups: int = 8,
         dropout: float = 0.0,
         num_classes: int | None = None,
+        attention_resolutions: tuple[int, ...] | list[int] = (),
+        image_size: int | None = None,
     ):
+        """attention_resolutions: sizes (of an `image_size` input) at which levels get attention."""
         super().__init__()
         self.base_channels = base_channels
         self.num_classes = num_classes
@@ -101,20 +105,33 @@ class UNet(nn.Module):
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, norm_groups, dropout)
 
+        sizes = [image_size or 0]
+        for _ in level_channels[1:]:
+            sizes.append((sizes[-1] + 1) // 2)  # a stride-2 conv with padding 1 rounds up
+        if attention_resolutions and image_size is None:
+            raise ValueError("attention_resolutions needs the image_size")
+
+        def attention_at(level: int, level_ch: int) -> nn.Module:
+            return SelfAttention(level_ch, attention_heads, norm_groups) if sizes[level] in attention_resolutions \
+                else nn.Identity()
+
         # conv_in gives the first level's channels (not base_channels) so every GroupNorm sees a
         # multiple of some level's channels, which is all the config checks norm_groups against.
         channels = level_channels[0]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         skip_channels = [channels]
         self.down_levels = nn.ModuleList()
+        self.down_attentions = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         for level, level_ch in enumerate(level_channels):
-            blocks = nn.ModuleList()
+            blocks, attentions = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
                 blocks.append(res_block(channels, level_ch))
+                attentions.append(attention_at(level, level_ch))
                 channels = level_ch
                 skip_channels.append(channels)
             self.down_levels.append(blocks)
+            self.down_attentions.append(attentions)
             if level < len(level_channels) - 1:
                 self.downsamples.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
                 skip_channels.append(channels)
@@ -126,14 +143,17 @@ class UNet(nn.Module):
         self.mid_block2 = res_block(channels, channels)
 
         self.up_levels = nn.ModuleList()
+        self.up_attentions = nn.ModuleList()
         self.upsample_convs = nn.ModuleList()
         for level in reversed(range(len(level_channels))):
-            blocks = nn.ModuleList()
+            blocks, attentions = nn.ModuleList(), nn.ModuleList()
             # One more block than on the way down: it takes the skip the downsample conv left.
             for _ in range(num_res_blocks + 1):
                 blocks.append(res_block(channels + skip_channels.pop(), level_channels[level]))
+                attentions.append(attention_at(level, level_channels[level]))
                 channels = level_channels[level]
             self.up_levels.append(blocks)
+            self.up_attentions.append(attentions)
             if level > 0:
                 self.upsample_convs.append(nn.Conv2d(channels, channels, 3, padding=1))
 
@@ -156,9 +176,9 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for level, blocks in enumerate(self.down_levels):
-            for block in blocks:
-                h = block(h, emb)
+        for level, (blocks, attentions) in enumerate(zip(self.down_levels, self.down_attentions)):
+            for block, attention in zip(blocks, attentions):
+                h = attention(block(h, emb))
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
@@ -168,9 +188,9 @@ class UNet(nn.Module):
         h = self.mid_attention(h)
         h = self.mid_block2(h, emb)
 
-        for level, blocks in enumerate(self.up_levels):
-            for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        for level, (blocks, attentions) in enumerate(zip(self.up_levels, self.up_attentions)):
+            for block, attention in zip(blocks, attentions):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
             if level < len(self.upsample_convs):
                 # Upsample to the skip's size, not by 2: odd sizes round up going down (7 -> 4).
                 h = F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest")

@@ -168,6 +168,21 @@ def sample_scores(classifier: LeNet, samples: Tensor, reference_features: Tensor
     return scores
 
 
+# Overfit mode (data.limit_per_class): did the model memorise its few training images?
+NEAR_ZERO_LOSS = 0.01
+REPRODUCED_RMS = 0.1  # pixels in [-1, 1]: a tenth of a grey level's range ~ 12 of 255 levels per pixel, on average
+
+
+def overfit_report(samples: Tensor, train_images: Tensor, final_loss: float) -> dict:
+    """For each sample (N, C, H, W) in [-1, 1], the RMS distance to its nearest training image
+    (M, C, H, W) in [-1, 1]; whether the loss came near zero and every sample reproduces an image."""
+    distances = torch.cdist(samples.flatten(1).double().cpu(), train_images.flatten(1).double().cpu())
+    nearest = distances.min(dim=1).values / math.sqrt(samples[0].numel())
+    return {"final_loss": final_loss, "loss_near_zero": final_loss < NEAR_ZERO_LOSS,
+            "nearest_train_rms": [round(value, 4) for value in nearest.tolist()],
+            "reproduced": bool((nearest < REPRODUCED_RMS).all())}
+
+
 def random_subset(images: Tensor, num_samples: int, seed: int) -> Tensor:
     if num_samples > len(images):
         raise ValueError(f"asked for {num_samples} images but only {len(images)} are available")
