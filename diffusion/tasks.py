@@ -10,18 +10,24 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.table import Table
 
-from diffusion.config import ConfigError, RunConfig, SampleConfig
-from diffusion.data import has_validation, load_validation, resolve_data_root, write_samples
-from diffusion.data.mnist import load_mnist
+from diffusion.config import RunConfig, SampleConfig
+from diffusion.data import has_validation, load_images, load_validation, write_samples
 from diffusion.methods import Progress, no_progress
 from diffusion.methods.guided import guided_sample
 from diffusion.progress import console, track
 from diffusion.records import Summary, write_json
 from diffusion.runtime import pick_device
 from diffusion.scores import sample_scores
-from diffusion.scores.images import load_or_train_classifier, real_floor, reference_features
+from diffusion.scores.images import (
+    inception_fid,
+    inception_unavailable,
+    load_or_train_classifier,
+    real_floor,
+    reference_features,
+)
 from diffusion.scores.images import sample_scores as image_scores
 from diffusion.trained import TrainedModel, load_scorer, resolve_checkpoint
 
@@ -109,22 +115,21 @@ def eval_task(config: RunConfig, run) -> int:
 def load_for_eval(config: RunConfig, run_dir: Path) -> TrainedModel:
     """The image run to score, checked against the `sample` settings; ConfigError, one line,
     before any work."""
-    trained = load_trained(config, run_dir)
-    if trained.config.data.dataset != "mnist":
-        raise ConfigError(f"data.dataset: {trained.config.data.dataset!r} is not allowed: eval scores MNIST runs")
-    return trained
+    return load_trained(config, run_dir)
 
 
 def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = no_progress,
                         trained: TrainedModel | None = None) -> dict:
     """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
-    with the `sample` settings, score them with the cached LeNet, and write the record to
-    RUN_DIR/eval/NAME.json (with a grid beside it)."""
+    with the `sample` settings, score them with a LeNet trained on the run's dataset (and cached),
+    against real images of that dataset, and write the record to RUN_DIR/eval/NAME.json (with a
+    grid beside it). Samples of an upscaled run are scored at the dataset's own size."""
     trained = trained or load_for_eval(config, run_dir)
     device = trained.device
-    root = resolve_data_root(config.data.root)
-    train_images, train_labels = load_mnist(root, "train", download=config.data.download)
-    test_images, test_labels = load_mnist(root, "test", download=config.data.download)
+    # The trained run's data, found where this task's settings say.
+    data = trained.config.data.model_copy(update={"root": config.data.root, "download": config.data.download})
+    train_images, train_labels = load_images(data, "train")
+    test_images, test_labels = load_images(data, "test")
     classifier_images, classifier_labels = train_images, train_labels
     if config.eval.classifier_subset:
         classifier_images = train_images[: config.eval.classifier_subset]
@@ -140,6 +145,9 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
     started = time.monotonic()
     samples = generate(trained, config.sample, num_samples, progress=progress)
     sample_seconds = time.monotonic() - started
+    scored = samples
+    if samples.shape[-1] != train_images.shape[-1]:
+        scored = F.interpolate(samples, size=train_images.shape[-2:], mode="area")
     reference = reference_features(classifier, train_images, num_samples, device=device)
     labels = trained.method.class_labels(num_samples, trained.data, config.sample)
     record = {
@@ -151,9 +159,17 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
         "guidance_scale": config.sample.guidance_scale if labels is not None else None,
         "num_samples": num_samples,
         "sample_seconds": round(sample_seconds, 2),
-        "scores": image_scores(classifier, samples, reference, config.eval.confidence, device=device, labels=labels),
+        "scores": image_scores(classifier, scored, reference, config.eval.confidence, device=device, labels=labels),
         "real_floor": real_floor(classifier, train_images, test_images, num_samples, device=device),
     }
+    unavailable = inception_unavailable() if scored.shape[1] == 3 else "it scores colour images"
+    if unavailable is None:
+        test_subset = test_images[torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))]
+        record["inception_fid"] = inception_fid(scored, test_subset[:num_samples], device=device)
+    else:
+        record["inception_fid"] = None
+        if scored.shape[1] == 3:
+            print(f"Inception FID: skipped: {unavailable}", flush=True)
     eval_dir = Path(run_dir) / "eval"
     name = trained.method.sample_name(config.sample)
     write_samples(trained.data, samples, eval_dir, name, labels=labels)

@@ -96,3 +96,26 @@ def test_each_new_spec_trains_resumes_bitwise_and_samples(spec, overrides, cifar
     (grid,) = (whole / "samples").glob("*seed0.png")
     arrays = np.load(grid.with_suffix(".npz"))
     assert len(arrays["images"]) == 4 and np.isfinite(arrays["images"]).all()
+
+
+def test_a_cifar_run_is_scored_on_a_cifar_classifier_against_its_floor(cifar_root, tmp_path):
+    from tests.conftest import run_diffusion
+
+    config = load_run_config(REPO / "configs/jobs/cifar10-quick.yaml",
+                             [*TINY_IMAGE_MODEL, "device=cpu", "data.subset=64", "model.attention_resolutions=[16]",
+                              "train.max_steps=4", "train.max_minutes=null", "train.batch_size=16",
+                              "train.sample_every_epochs=null", "train.progress=lines"])
+    assert train(config, tmp_path / "run") == 0
+    result = run_diffusion(
+        "eval", tmp_path / "run", "--set", "eval.num_samples=40", "--set", "eval.classifier_subset=500",
+        "--set", "eval.classifier_epochs=1", "--set", "sample.num_inference_steps=3",
+        env={**os.environ, "DIFFUSION_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run/eval/dpmsolver++3-seed0.json").read_text())
+    scores, floor = record["scores"], record["real_floor"]
+    assert record["num_samples"] == 40 and sum(scores["class_counts"]) == 40
+    assert scores["fid"] > 2 * floor["fid"]  # four steps of training: noise, far from real CIFAR images
+    assert 0 <= scores["class_accuracy"] <= 1  # a conditional run: the asked classes were checked
+    assert record["inception_fid"] is None and "Inception FID: skipped: " in result.stdout
+    (classifier,) = (tmp_path / "cache/classifiers").glob("lenet-*.pt")
+    assert torch.load(classifier, weights_only=True)["conv1.weight"].shape[1] == 3  # a colour classifier

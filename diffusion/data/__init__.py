@@ -17,7 +17,7 @@ from diffusion.data.spec import DATA_ROOT_ENV, DataSpec, DatasetNotFoundError, r
 from diffusion.records import atomic_write
 
 __all__ = ["DATA_ROOT_ENV", "DataSpec", "DatasetNotFoundError", "ImageDataset", "decode", "load_dataset",
-           "has_validation", "load_validation", "resolve_data_root", "tokenizer_from_json", "write_samples"]
+           "has_validation", "load_images", "load_validation", "resolve_data_root", "tokenizer_from_json", "write_samples"]
 
 @dataclass
 class ImageDataset:
@@ -46,17 +46,22 @@ class ImageDataset:
         return DataSpec("image", self.shape, num_classes=self.num_classes)
 
 
+def load_images(config: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole image split as stored, (images uint8 (N, C, H, W), labels (N,)): what samples are
+    scored against (no subset, no class limit, no upscaling)."""
+    root = resolve_data_root(config.root)
+    if config.dataset == "cifar10":
+        return load_cifar10(root, split, config.download, config.npz, config.val_fraction)
+    images, labels = load_mnist(root, split, download=config.download)
+    return images.unsqueeze(1), labels
+
+
 def load_dataset(config: DataConfig, split: str = "train"):
     """An ImageDataset (splits train, test) or a TextDataset (splits train, val); both have
     `spec()`, `len()` and `batch(indices, device)`."""
     if config.dataset == "shakespeare":
         return load_text_dataset(config, split)
-    root = resolve_data_root(config.root)
-    if config.dataset == "cifar10":
-        images, labels = load_cifar10(root, split, config.download, config.npz, config.val_fraction)
-    else:
-        images, labels = load_mnist(root, split, download=config.download)
-        images = images.unsqueeze(1)
+    images, labels = load_images(config, split)
     if config.only_digit is not None:
         keep = labels == config.only_digit
         images, labels = images[keep], labels[keep]

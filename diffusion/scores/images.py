@@ -71,7 +71,7 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, dev
     # (torch.manual_seed would also reseed every GPU) and only its state needs restoring afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        classifier = LeNet()
+        classifier = classifier_for(images)
     classifier.to(device).train()
     optimizer = torch.optim.Adam(classifier.parameters(), lr=MAX_LEARNING_RATE)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, MAX_LEARNING_RATE, total_steps=epochs * math.ceil(len(images) / BATCH_SIZE))
@@ -85,6 +85,11 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, dev
         optimizer.step()
         scheduler.step()
     return classifier.eval()
+
+
+def classifier_for(images: Tensor) -> LeNet:
+    """An untrained LeNet for images like these: (N, H, W) or (N, C, H, W), H = W."""
+    return LeNet() if images.dim() == 3 else LeNet(in_channels=images.shape[1], image_size=images.shape[-1])
 
 
 def save_atomically(state_dict: dict, path: Path) -> None:
@@ -103,7 +108,7 @@ def load_or_train_classifier(images: Tensor, labels: Tensor, epochs: int = 2, se
     key = classifier_cache_key(images, labels, epochs, seed)
     path = cache_dir / "classifiers" / f"lenet-{key[:16]}.pt"
     if path.is_file():
-        classifier = LeNet()
+        classifier = classifier_for(images)
         classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return classifier.to(device).eval()
     classifier = train_classifier(images, labels, epochs, seed, device=device, progress=progress)
@@ -166,6 +171,34 @@ def sample_scores(classifier: LeNet, samples: Tensor, reference_features: Tensor
     if labels is not None:
         scores["class_accuracy"] = float((predicted == labels.cpu()).double().mean())
     return scores
+
+
+# Inception FID (Heusel et al. 2017) is the number papers report; its network's weights cannot be
+# fetched on machines without a network, so it is computed only when they are already on disk.
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's, which torchmetrics uses
+
+
+def inception_unavailable() -> str | None:
+    """Why Inception FID cannot be computed here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return "torch-fidelity is not installed (pip install torch-fidelity)"
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    if not weights.is_file():
+        return f"its weights are not on disk ({weights})"
+    return None
+
+
+def inception_fid(samples: Tensor, real_images: Tensor, device="cpu", batch_size: int = 100) -> float:
+    """FID on Inception-v3 pool3 features between samples in [-1, 1] and real uint8 images, both
+    (N, 3, H, W); torchmetrics resizes them to 299. Only when `inception_unavailable()` is None."""
+    metric = FrechetInceptionDistance(feature=2048).to(device)
+    for batch in real_images.split(batch_size):
+        metric.update(batch.to(device), real=True)
+    for batch in samples.split(batch_size):
+        metric.update(((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(device), real=False)
+    return float(metric.compute())
 
 
 # Overfit mode (data.limit_per_class): did the model memorise its few training images?
