@@ -30,20 +30,53 @@ def build_project(root: Path, num_runs: int) -> str:
     registry.db.execute("BEGIN")
     now = time.time()
     for index in range(num_runs):
-        registry.insert(Run(ops_id=f"old-{index:06d}", name="old", engine="local", run_dir=str(root / "runs/x"),
-                            state="SUCCEEDED", engine_job_id=str(100000 + index), created_at=now - num_runs + index,
-                            started_at=now - num_runs + index, finished_at=now - num_runs + index + 1, exit_code=0))
+        registry.insert(
+            Run(
+                ops_id=f"old-{index:06d}",
+                name="old",
+                engine="local",
+                run_dir=str(root / "runs/x"),
+                state="SUCCEEDED",
+                engine_job_id=str(100000 + index),
+                created_at=now - num_runs + index,
+                started_at=now - num_runs + index,
+                finished_at=now - num_runs + index + 1,
+                exit_code=0,
+            )
+        )
     registry.db.execute("COMMIT")
     run_dir = root / "runs/watched-000001"
     run_dir.mkdir(parents=True)
     with (run_dir / "metrics.jsonl").open("w") as f:
         for step in range(1, 2001):
-            f.write(json.dumps({"step": step, "epoch": step / 100, "loss": 1 / step, "it_per_s": 20.0,
-                                "train_seconds": step / 20, "total_steps": 5000}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "epoch": step / 100,
+                        "loss": 1 / step,
+                        "it_per_s": 20.0,
+                        "train_seconds": step / 20,
+                        "total_steps": 5000,
+                    }
+                )
+                + "\n"
+            )
     (run_dir / "job.json").write_text(json.dumps({"spec": {"run": {"train": {"epochs": 50}}}}))
-    registry.insert(Run(ops_id="watched-000001", name="watched", engine="local", run_dir=str(run_dir),
-                        state="SUCCEEDED", engine_job_id="1", created_at=now, started_at=now - 100, finished_at=now,
-                        exit_code=0))
+    registry.insert(
+        Run(
+            ops_id="watched-000001",
+            name="watched",
+            engine="local",
+            run_dir=str(run_dir),
+            state="SUCCEEDED",
+            engine_job_id="1",
+            created_at=now,
+            started_at=now - 100,
+            finished_at=now,
+            exit_code=0,
+        )
+    )
     for kind in ("experiment_log_submit", "experiment_log_result"):  # a finished run has had its follow-ups
         registry.record_followup("watched-000001", kind)
     registry.close()

@@ -18,9 +18,9 @@ import torch
 
 from diffusion.config import load_run_config
 from diffusion.progress import track
-from diffusion.tasks import evaluate_checkpoint
 from diffusion.records import Summary, read_json
 from diffusion.rundir import RunDir
+from diffusion.tasks import evaluate_checkpoint
 from diffusion.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="training budget (default: the config's max_minutes)")
     parser.add_argument("--run-dir", type=Path, help="reuse or write this run dir (default: runs/bench-DATE)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--samplers", default="ddim:50:1,ddim:50:0,ddpm:1000",
-                        help="comma-separated SAMPLER:STEPS[:ETA] (ETA for DDIM; default the config's)")
+    parser.add_argument(
+        "--samplers",
+        default="ddim:50:1,ddim:50:0,ddpm:1000",
+        help="comma-separated SAMPLER:STEPS[:ETA] (ETA for DDIM; default the config's)",
+    )
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run dir as it is")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -71,22 +74,30 @@ def main() -> None:
 
     floor = rows[0]["real_floor"]
     print(f"\n== samples ({args.num_samples} each) vs the real-vs-real floor (train vs test, same N)")
-    print(f"{'sampler':<16}{'seconds':>9}{'img/s':>8}{'FID':>9}{'FID/floor':>11}{'confident':>11}{'entropy':>9}{'classes':>9}")
-    print(f"{'real floor':<16}{'':>9}{'':>8}{floor['fid']:>9.3f}{1.0:>11.1f}{floor['confident_share']:>11.1%}"
-          f"{floor['class_entropy_bits']:>9.3f}{sum(c > 0 for c in floor['class_counts']):>9}")
+    print(
+        f"{'sampler':<16}{'seconds':>9}{'img/s':>8}{'FID':>9}{'FID/floor':>11}{'confident':>11}{'entropy':>9}{'classes':>9}"
+    )
+    print(
+        f"{'real floor':<16}{'':>9}{'':>8}{floor['fid']:>9.3f}{1.0:>11.1f}{floor['confident_share']:>11.1%}"
+        f"{floor['class_entropy_bits']:>9.3f}{sum(c > 0 for c in floor['class_counts']):>9}"
+    )
     for row in rows:
         scores = row["scores"]
         name = f"{row['sampler']}-{row['num_inference_steps']}"
         if row["sampler"] == "ddim":
             name += f" eta{row['eta']:g}"
-        print(f"{name:<16}{row['sample_seconds']:>9.1f}{row['num_samples'] / row['sample_seconds']:>8.1f}"
-              f"{scores['fid']:>9.3f}{scores['fid'] / floor['fid']:>11.1f}{scores['confident_share']:>11.1%}"
-              f"{scores['class_entropy_bits']:>9.3f}{sum(c > 0 for c in scores['class_counts']):>9}")
+        print(
+            f"{name:<16}{row['sample_seconds']:>9.1f}{row['num_samples'] / row['sample_seconds']:>8.1f}"
+            f"{scores['fid']:>9.3f}{scores['fid'] / floor['fid']:>11.1f}{scores['confident_share']:>11.1%}"
+            f"{scores['class_entropy_bits']:>9.3f}{sum(c > 0 for c in scores['class_counts']):>9}"
+        )
     print(f"(class entropy is in bits; all ten digits equally present gives {math.log2(10):.3f})")
     for row in rows:
         met = row["scores"]["confident_share"] >= 0.7 and min(row["scores"]["class_counts"]) > 0
-        print(f"target (>= 70% confident, all ten digits) with {row['sampler']}-{row['num_inference_steps']}"
-              f" eta {row['eta']:g}: {'met' if met else 'NOT met'}")
+        print(
+            f"target (>= 70% confident, all ten digits) with {row['sampler']}-{row['num_inference_steps']}"
+            f" eta {row['eta']:g}: {'met' if met else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

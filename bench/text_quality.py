@@ -27,11 +27,15 @@ from diffusion.data import decode, load_dataset
 from diffusion.records import METRICS, read_jsonl
 from diffusion.scores.likelihood import evaluate_text
 from diffusion.tasks import generate
-from diffusion.trained import TrainedModel, resolve_checkpoint
 from diffusion.train import train
+from diffusion.trained import TrainedModel, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = {"autoregressive": "shakespeare-ar-quick", "masked": "shakespeare-quick", "embedding": "shakespeare-embedding-quick"}
+JOBS = {
+    "autoregressive": "shakespeare-ar-quick",
+    "masked": "shakespeare-quick",
+    "embedding": "shakespeare-embedding-quick",
+}
 # --full: the GPU-sized specs (6 layers, 384 wide, 256-character blocks), for a GPU budget.
 FULL_JOBS = {"autoregressive": "shakespeare-ar", "masked": "shakespeare-training", "embedding": "shakespeare-embedding"}
 
@@ -39,21 +43,39 @@ FULL_JOBS = {"autoregressive": "shakespeare-ar", "masked": "shakespeare-training
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget of each model")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="a budget in optimizer steps instead of minutes: the same compute for AR and masked "
-                             "diffusion (same net, same batch) on a machine whose load varies")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a budget in optimizer steps instead of minutes: the same compute for AR and masked "
+        "diffusion (same net, same batch) on a machine whose load varies",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / f"bench-text-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="guidance weights of the diffusion logits")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run dirs under --out as they are")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="an override for all three jobs, e.g. train.max_steps=50 for a smoke test")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for all three jobs, e.g. train.max_steps=50 for a smoke test",
+    )
     parser.add_argument("--full", action="store_true", help="the GPU-sized specs instead of the CPU-sized ones")
-    parser.add_argument("--methods", default="autoregressive,masked,embedding",
-                        help="which to train and compare (autoregressive is always needed: it scores)")
-    parser.add_argument("--val-every", type=int, default=None, metavar="N",
-                        help="validation bits/char every N steps (train.val_every_steps), and each model's best "
-                             "point on that curve: the early-stopped comparison once AR overfits")
+    parser.add_argument(
+        "--methods",
+        default="autoregressive,masked,embedding",
+        help="which to train and compare (autoregressive is always needed: it scores)",
+    )
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validation bits/char every N steps (train.val_every_steps), and each model's best "
+        "point on that curve: the early-stopped comparison once AR overfits",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -63,11 +85,16 @@ def main() -> None:
     trained = {}
     for method, job in jobs.items():
         run_dir = args.out / method
-        budget = [f"train.max_minutes={args.minutes}"] if args.steps is None else [
-            f"train.max_steps={args.steps}", "train.max_minutes=null"]
+        budget = (
+            [f"train.max_minutes={args.minutes}"]
+            if args.steps is None
+            else [f"train.max_steps={args.steps}", "train.max_minutes=null"]
+        )
         curve = [] if args.val_every is None else [f"train.val_every_steps={args.val_every}"]
-        config = load_run_config(REPO / "configs/jobs" / f"{job}.yaml",
-                                 [*budget, *curve, "train.progress=lines", f"device={args.device}", *args.overrides])
+        config = load_run_config(
+            REPO / "configs/jobs" / f"{job}.yaml",
+            [*budget, *curve, "train.progress=lines", f"device={args.device}", *args.overrides],
+        )
         if not args.skip_train:
             print(f"\n== training {job} ({method}) for {budget[0]}", flush=True)
             train(config, run_dir)
@@ -83,17 +110,31 @@ def main() -> None:
         seconds = time.monotonic() - started
         scores = evaluate_text(model.method, model.model, validation, texts, device, scorer=ar)
         bits = scores["val_bits_per_char"]
-        rows.append((method, sum(p.numel() for p in model.model.parameters()), model.step, bits,
-                     scores["ar_perplexity"], scores["distinct_2"], seconds, scores["collapsed"]))
+        rows.append(
+            (
+                method,
+                sum(p.numel() for p in model.model.parameters()),
+                model.step,
+                bits,
+                scores["ar_perplexity"],
+                scores["distinct_2"],
+                seconds,
+                scores["collapsed"],
+            )
+        )
         samples[method] = texts
 
     budget = f"{args.minutes:g} min" if args.steps is None else f"{args.steps} steps"
     print(f"\n== same size, same budget ({budget} each on {args.device})")
-    print(f"{'method':16}{'params':>9}{'steps':>7}{'val bits/char':>15}{'AR ppl/char':>13}{'distinct-2':>12}"
-          f"{'sample s':>10}  collapsed")
+    print(
+        f"{'method':16}{'params':>9}{'steps':>7}{'val bits/char':>15}{'AR ppl/char':>13}{'distinct-2':>12}"
+        f"{'sample s':>10}  collapsed"
+    )
     for method, params, steps, bits, ppl, distinct, seconds, collapsed in rows:
-        print(f"{method:16}{params:>9,}{steps:>7}{bits:>15.3f}{ppl:>13.2f}{distinct:>12.3f}{seconds:>10.1f}  "
-              f"{'; '.join(collapsed) or 'no'}")
+        print(
+            f"{method:16}{params:>9,}{steps:>7}{bits:>15.3f}{ppl:>13.2f}{distinct:>12.3f}{seconds:>10.1f}  "
+            f"{'; '.join(collapsed) or 'no'}"
+        )
     bits = {row[0]: row[3] for row in rows}
     if "masked" in bits:
         gap = bits["masked"] - bits["autoregressive"]
@@ -118,8 +159,10 @@ def main() -> None:
             texts = decode(model.data, generate(model, sample, args.num_samples, guide=ar))
             seconds = time.monotonic() - started
             scores = evaluate_text(model.method, model.model, validation, texts, device, scorer=ar)
-            print(f"{method:12}{alpha:>7.2f}{scores['ar_perplexity']:>13.2f}{scores['distinct_2']:>12.3f}"
-                  f"{seconds:>10.1f}  {'; '.join(scores['collapsed']) or 'no'}")
+            print(
+                f"{method:12}{alpha:>7.2f}{scores['ar_perplexity']:>13.2f}{scores['distinct_2']:>12.3f}"
+                f"{seconds:>10.1f}  {'; '.join(scores['collapsed']) or 'no'}"
+            )
 
 
 def gap_verdict(gap: float) -> str:
@@ -167,8 +210,11 @@ def print_learning_curves(out: Path, methods: list[str], points: int = 6) -> Non
         for curve in curves.values():
             near = [loss for step, loss in curve.items() if abs(step - milestone) <= 0.1 * milestone]
             means.append(sum(near) / len(near))
-        print(f"{milestone:>7}" + "".join(f"{mean:>16.3f}" for mean in means)
-              + (f"{means[1] - means[0]:>+9.3f}" if len(means) == 2 else ""))
+        print(
+            f"{milestone:>7}"
+            + "".join(f"{mean:>16.3f}" for mean in means)
+            + (f"{means[1] - means[0]:>+9.3f}" if len(means) == 2 else "")
+        )
 
 
 if __name__ == "__main__":

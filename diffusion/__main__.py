@@ -21,13 +21,20 @@ TASKS = ("train", "sample", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffusion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if argv and argv[0] in TASKS:
         parser.add_argument("task", choices=TASKS)
     parser.add_argument("target", help="a config / job spec YAML, or a run directory")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=1 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="run directory to write (default: runs/NAME-TIMESTAMP)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
     args = parser.parse_args(argv)

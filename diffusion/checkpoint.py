@@ -17,7 +17,6 @@ from diffusion.config import ConfigError
 from diffusion.records import LATEST, atomic_write
 
 
-
 def step_files(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every step checkpoint in the folder, oldest first."""
     return [(int(path.stem.removeprefix("step_")), path) for path in sorted(checkpoint_dir.glob("step_*.pt"))]
@@ -58,8 +57,10 @@ def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
             print(f"warning: damaged checkpoint skipped ({'; '.join(problems)}); resuming from {path}", flush=True)
         return path, checkpoint
     if problems:
-        raise ConfigError(f"{checkpoint_dir}: no checkpoint loads ({'; '.join(problems)}); remove the folder to "
-                          "start over, or resume from a copy")
+        raise ConfigError(
+            f"{checkpoint_dir}: no checkpoint loads ({'; '.join(problems)}); remove the folder to "
+            "start over, or resume from a copy"
+        )
     return None
 
 

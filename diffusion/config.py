@@ -60,33 +60,60 @@ class DataConfig(Section):
     download: bool = Field(True, description="Download when the files are missing under the root.")
     only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
     subset: int | None = Field(None, ge=1, description="Use only the first N training examples.")
-    limit_per_class: int | None = Field(None, ge=1, le=100_000, description="Images: the first N examples of each "
-                                        "class only: overfit mode, to debug a model (the run reports how near its "
-                                        "samples come to the training images).")
-    npz: str | None = Field(None, pattern=NO_NUL, description="CIFAR-10: an .npz holding `images` (N, 32, 32, 3) and "
-                            "`labels`, under the data root (e.g. cifar10/test.npz), split into train and test by "
-                            "val_fraction; None: torchvision's CIFAR-10 files.")
-    resolution: int | None = Field(None, ge=8, le=512, description="Images: upscaled (bilinear) to this size, e.g. "
-                                   "64 or 128; None: the native size (MNIST 28, CIFAR-10 32).")
+    limit_per_class: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Images: the first N examples of each "
+        "class only: overfit mode, to debug a model (the run reports how near its "
+        "samples come to the training images).",
+    )
+    npz: str | None = Field(
+        None,
+        pattern=NO_NUL,
+        description="CIFAR-10: an .npz holding `images` (N, 32, 32, 3) and "
+        "`labels`, under the data root (e.g. cifar10/test.npz), split into train and test by "
+        "val_fraction; None: torchvision's CIFAR-10 files.",
+    )
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="Images: upscaled (bilinear) to this size, e.g. "
+        "64 or 128; None: the native size (MNIST 28, CIFAR-10 32).",
+    )
     tokenizer: Literal["char", "bpe"] = Field("char", description="Text: characters, or BPE trained on the corpus.")
     vocab_size: int = Field(512, ge=64, le=65536, description="Text, bpe: the BPE vocabulary size.")
     block_size: int = Field(256, ge=8, le=65536, description="Text: tokens per training example.")
-    block_stride: int | None = Field(None, ge=1, description="Text: a training window starts every this many "
-                                                             "tokens (overlapping); None: block_size, no overlap.")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Text: the corpus's last share, held out; "
-                                "CIFAR-10 from an .npz: the share of each class held out as the test split.")
+    block_stride: int | None = Field(
+        None,
+        ge=1,
+        description="Text: a training window starts every this many "
+        "tokens (overlapping); None: block_size, no overlap.",
+    )
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=0.5,
+        description="Text: the corpus's last share, held out; "
+        "CIFAR-10 from an .npz: the share of each class held out as the test split.",
+    )
 
 
 class ModelConfig(Section):
     name: Literal["unet", "transformer"] = Field("unet", description="unet for images, transformer for text.")
     base_channels: int = Field(64, ge=8, le=2048)
-    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [1, 2, 2], min_length=1,
-                                                                   max_length=4)
+    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [1, 2, 2], min_length=1, max_length=4
+    )
     num_res_blocks: int = Field(2, ge=1, le=16)
     attention: bool = Field(True, description="Self-attention at the lowest resolution.")
     attention_resolutions: list[Annotated[int, Field(ge=1, le=512)]] = Field(
-        default_factory=list, max_length=8, description="Self-attention also after every residual block of the "
-        "levels of these sizes, e.g. [16, 8] for 32x32 CIFAR-10.")
+        default_factory=list,
+        max_length=8,
+        description="Self-attention also after every residual block of the "
+        "levels of these sizes, e.g. [16, 8] for 32x32 CIFAR-10.",
+    )
     attention_heads: int = Field(4, ge=1, le=128)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
@@ -95,7 +122,8 @@ class ModelConfig(Section):
     n_head: int = Field(4, ge=1, le=256, description="Transformer: attention heads.")
     n_embd: int = Field(256, ge=8, le=16384, description="Transformer: width; a multiple of n_head.")
     positions: Literal["rotary", "learned"] = Field(
-        "rotary", description="Transformer: rotary (relative, in attention) or learned (a table added to the input).")
+        "rotary", description="Transformer: rotary (relative, in attention) or learned (a table added to the input)."
+    )
 
     @field_validator("norm_groups")
     @classmethod
@@ -108,7 +136,8 @@ class ModelConfig(Section):
 
 class MethodConfig(Section):
     name: str = Field(
-        "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM).")
+        "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM)."
+    )
     num_train_timesteps: int = Field(1000, ge=2, le=100_000)
     beta_schedule: Literal["linear", "cosine", "sqrt"] = Field("linear", description="sqrt suits embeddings.")
     beta_start: float = Field(1e-4, ge=1e-8, lt=1.0)
@@ -117,8 +146,13 @@ class MethodConfig(Section):
     clip_sample: bool = Field(True, description="Clip predicted x0 to [-1, 1] while sampling.")
     embedding_dim: int = Field(64, ge=2, le=4096, description="embedding: size of the diffused token embeddings.")
     rounding_weight: float = Field(1.0, ge=0.0, description="embedding: weight of the rounding cross-entropy.")
-    init_embeddings: str | None = Field(None, pattern=NO_NUL, description="embedding: a trained text run (same tokenizer) whose "
-                                                          "token embeddings start these, through a learned projection.")
+    init_embeddings: str | None = Field(
+        None,
+        pattern=NO_NUL,
+        description="embedding: a trained text run (same tokenizer) whose "
+        "token embeddings start these, through a learned projection.",
+    )
+
     @field_validator("name")
     @classmethod
     def _known_method(cls, name: str) -> str:
@@ -126,11 +160,21 @@ class MethodConfig(Section):
             raise ValueError(f"must be {quoted_choices(METHOD_KINDS)}")
         return name
 
-    label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Class-conditional images: share of training "
-                                 "labels replaced by the null class, so that one network is also the unconditional "
-                                 "model that classifier-free guidance needs (unconditional models ignore it).")
-    prefix_fraction: float = Field(0.25, ge=0.0, le=1.0, description="embedding: share of training sequences given "
-                                   "a clean prefix, so that the model learns to continue text (guided decoding needs it).")
+    label_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Class-conditional images: share of training "
+        "labels replaced by the null class, so that one network is also the unconditional "
+        "model that classifier-free guidance needs (unconditional models ignore it).",
+    )
+    prefix_fraction: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="embedding: share of training sequences given "
+        "a clean prefix, so that the model learns to continue text (guided decoding needs it).",
+    )
 
 
 class TrainConfig(Section):
@@ -146,8 +190,12 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
     log_every: int = Field(50, ge=1, description="Steps between metrics.jsonl lines.")
-    val_every_steps: int | None = Field(None, ge=1, description="Text: steps between validation bits per character "
-                                        "of the EMA weights, logged as val_bits_per_char (a curve to early-stop on).")
+    val_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Text: steps between validation bits per character "
+        "of the EMA weights, logged as val_bits_per_char (a curve to early-stop on).",
+    )
     sample_every_epochs: int | None = Field(1, ge=1, description="Epochs between sample grids.")
     checkpoint_every_steps: int | None = Field(1000, ge=1)
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
@@ -156,10 +204,14 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    checkpoint: str | None = Field(None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval).")
+    checkpoint: str | None = Field(
+        None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval)."
+    )
     sampler: Literal["ddpm", "ddim", "dpmsolver++", "ancestral"] = Field(
-        "ddim", description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for images and embedding; "
-        "ancestral (autoregressive, masked).")
+        "ddim",
+        description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for images and embedding; "
+        "ancestral (autoregressive, masked).",
+    )
     num_inference_steps: int = Field(50, ge=1, le=100_000)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
@@ -170,14 +222,25 @@ class SampleConfig(Section):
     class_label: int | None = Field(None, ge=0, description="Class to sample (class-conditional models).")
     length: int | None = Field(None, ge=1, description="Text: tokens per sample; None: the block size.")
     block_length: int | None = Field(None, ge=1, description="masked: semi-autoregressive blocks of this many tokens.")
-    temperature: float = Field(1.0, ge=0.01, le=100.0, description="Text: softmax temperature (below 0.01 "
-                               "a softmax underflows; that is greedy decoding).")
+    temperature: float = Field(
+        1.0,
+        ge=0.01,
+        le=100.0,
+        description="Text: softmax temperature (below 0.01 a softmax underflows; that is greedy decoding).",
+    )
     top_k: int | None = Field(None, ge=1, description="Text: sample among the k likeliest tokens.")
     clamp: bool = Field(True, description="embedding: snap predicted x0 to the nearest embedding each step.")
-    guide_checkpoint: str | None = Field(None, pattern=NO_NUL, description="Text: an autoregressive run to mix logits with.")
+    guide_checkpoint: str | None = Field(
+        None, pattern=NO_NUL, description="Text: an autoregressive run to mix logits with."
+    )
     guidance_alpha: float = Field(1.0, ge=0.0, le=1.0, description="Weight of the diffusion logits (1: no AR).")
-    guidance_scale: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance w: eps_uncond + "
-                                  "w (eps_cond - eps_uncond); 1 the conditional model, 0 the unconditional one.")
+    guidance_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="Classifier-free guidance w: eps_uncond + "
+        "w (eps_cond - eps_uncond); 1 the conditional model, 0 the unconditional one.",
+    )
 
 
 class EvalConfig(Section):
@@ -185,8 +248,9 @@ class EvalConfig(Section):
     confidence: float = Field(0.9, gt=0.0, le=1.0, description="Softmax threshold for a confident sample.")
     classifier_epochs: int = Field(2, ge=1)
     classifier_subset: int | None = Field(None, ge=100, description="Train the classifier on N images.")
-    scorer_checkpoint: str | None = Field(None, pattern=NO_NUL, description="Text: an autoregressive run that scores samples "
-                                                            "(their perplexity under it).")
+    scorer_checkpoint: str | None = Field(
+        None, pattern=NO_NUL, description="Text: an autoregressive run that scores samples (their perplexity under it)."
+    )
     val_blocks: int = Field(64, ge=1, description="Text: validation blocks for bits per character.")
 
 
@@ -225,12 +289,21 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
         valid = valid_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1) or [k for k in valid if loc[-1] in k][:1]
         parent = ".".join((prefix, *loc[:-1]) if prefix else loc[:-1])
-        hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        hint = (
+            f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+            if close
+            else f"valid keys: {', '.join(valid)}"
+        )
         return f"{key}: unknown key; {hint}"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be").replace(
-        "String should match pattern", "must match the pattern").replace("String should have", "must have")
+    message = (
+        error["msg"]
+        .removeprefix("Value error, ")
+        .replace("Input should be", "must be")
+        .replace("String should match pattern", "must match the pattern")
+        .replace("String should have", "must have")
+    )
     if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
         message = "must not contain a NUL byte"
     return f"{key}: {value!r} is not allowed: {message}"
@@ -256,11 +329,14 @@ def alpha_bar_range(method: MethodConfig) -> tuple[float, float]:
         betas = [start + (end - start) * i / (T - 1) for i in range(T)]
     else:
         if method.beta_schedule == "cosine":
+
             def level(t: int) -> float:
                 return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
         else:  # sqrt
+
             def level(t: int) -> float:
                 return 1 - math.sqrt(t / T + 1e-4)
+
         betas = [min(1 - level(t + 1) / level(t), 0.999) for t in range(T)]
     log_alpha_bar = sum(math.log1p(-beta) for beta in betas)
     return 1 - betas[0], math.exp(log_alpha_bar)
@@ -286,41 +362,59 @@ def model_conflicts(config: RunConfig):
     text = data.dataset in TEXT_DATASETS
     if text != (METHOD_KINDS[method.name] == "text"):
         allowed = methods_of("text" if text else "image")
-        yield f"method.name: {method.name!r} is not allowed with data.dataset {data.dataset!r}: " \
-              f"use one of {', '.join(allowed)}"
+        yield (
+            f"method.name: {method.name!r} is not allowed with data.dataset {data.dataset!r}: "
+            f"use one of {', '.join(allowed)}"
+        )
     if text != (model.name == "transformer"):
-        yield f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: " \
-              f"use {'transformer' if text else 'unet'}"
+        yield (
+            f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: "
+            f"use {'transformer' if text else 'unet'}"
+        )
     if method.name in ("ddpm", "embedding"):
         first, last = alpha_bar_range(method)
         if last < MIN_ALPHA_BAR or first > MAX_ALPHA_BAR:
-            yield f"method.beta_end: {method.beta_end} is not allowed with method.beta_schedule {method.beta_schedule!r}, " \
-                  f"beta_start {method.beta_start} and num_train_timesteps {method.num_train_timesteps}: alpha_bar " \
-                  f"runs from {first:.3g} to {last:.3g}; it must stay within [{MIN_ALPHA_BAR:g}, 1 - 1e-12] (fewer " \
-                  "timesteps or smaller betas)"
+            yield (
+                f"method.beta_end: {method.beta_end} is not allowed with method.beta_schedule {method.beta_schedule!r}, "
+                f"beta_start {method.beta_start} and num_train_timesteps {method.num_train_timesteps}: alpha_bar "
+                f"runs from {first:.3g} to {last:.3g}; it must stay within [{MIN_ALPHA_BAR:g}, 1 - 1e-12] (fewer "
+                "timesteps or smaller betas)"
+            )
     if method.init_embeddings is not None and method.name != "embedding":
-        yield f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name " \
-              f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
+        yield (
+            f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name "
+            f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
+        )
     if text:
-        for key, value in (("data.only_digit", data.only_digit), ("data.limit_per_class", data.limit_per_class),
-                           ("data.npz", data.npz), ("data.resolution", data.resolution)):
+        for key, value in (
+            ("data.only_digit", data.only_digit),
+            ("data.limit_per_class", data.limit_per_class),
+            ("data.npz", data.npz),
+            ("data.resolution", data.resolution),
+        ):
             if value is not None:
                 yield f"{key}: {value} is not allowed with data.dataset {data.dataset!r}: it is for images; leave it unset"
         if model.class_conditional:
             yield f"model.class_conditional: true is not allowed with data.dataset {data.dataset!r}: text has no classes"
         if data.tokenizer == "bpe" and data.vocab_size <= 256:
-            yield f"data.vocab_size: {data.vocab_size} is not allowed with data.tokenizer 'bpe': " \
-                  "must be above 256 (byte-level BPE starts from the 256 bytes)"
+            yield (
+                f"data.vocab_size: {data.vocab_size} is not allowed with data.tokenizer 'bpe': "
+                "must be above 256 (byte-level BPE starts from the 256 bytes)"
+            )
         characters = CORPUS_CHARACTERS[data.dataset]
         val_characters = characters - int(characters * (1 - data.val_fraction))
         if data.block_size > val_characters:  # a token is at least one character
-            yield f"data.block_size: {data.block_size} is not allowed: must be <= the validation split's " \
-                  f"{val_characters} characters (data.val_fraction {data.val_fraction} of {characters})"
+            yield (
+                f"data.block_size: {data.block_size} is not allowed: must be <= the validation split's "
+                f"{val_characters} characters (data.val_fraction {data.val_fraction} of {characters})"
+            )
         if model.n_embd % model.n_head:
             yield f"model.n_embd: {model.n_embd} is not allowed: must be a multiple of model.n_head ({model.n_head})"
         elif model.positions == "rotary" and (model.n_embd // model.n_head) % 2:
-            yield f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size " \
-                  f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
+            yield (
+                f"model.n_embd: {model.n_embd} is not allowed with model.positions 'rotary': the head size "
+                f"n_embd / n_head ({model.n_embd // model.n_head}) must be even"
+            )
     else:
         if data.only_digit is not None and data.dataset != "mnist":
             yield f"data.only_digit: {data.only_digit} is not allowed with data.dataset {data.dataset!r}: it is for MNIST"
@@ -332,17 +426,25 @@ def model_conflicts(config: RunConfig):
             sizes.append((sizes[-1] + 1) // 2)
         for resolution in model.attention_resolutions:
             if resolution not in sizes:
-                yield f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} " \
-                      f"images are {', '.join(map(str, sizes))}"
+                yield (
+                    f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} "
+                    f"images are {', '.join(map(str, sizes))}"
+                )
             elif (model.base_channels * model.channel_mults[sizes.index(resolution)]) % model.attention_heads:
-                yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the channels " \
-                      f"of the {resolution}x{resolution} level that model.attention_resolutions gives attention"
+                yield (
+                    f"model.attention_heads: {model.attention_heads} is not allowed: must divide the channels "
+                    f"of the {resolution}x{resolution} level that model.attention_resolutions gives attention"
+                )
         lowest = model.base_channels * model.channel_mults[-1]
         if model.attention and lowest % model.attention_heads:
-            yield f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest " \
-                  f"level's channels (base_channels * channel_mults[-1] = {lowest})"
-        for key, value in (("train.val_every_steps", config.train.val_every_steps),
-                           ("eval.scorer_checkpoint", config.eval.scorer_checkpoint)):
+            yield (
+                f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest "
+                f"level's channels (base_channels * channel_mults[-1] = {lowest})"
+            )
+        for key, value in (
+            ("train.val_every_steps", config.train.val_every_steps),
+            ("eval.scorer_checkpoint", config.eval.scorer_checkpoint),
+        ):
             if value is not None:
                 yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
 
@@ -351,53 +453,80 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
     """What `sample` cannot do with the method, network and data of `config` (a checkpoint's)."""
     data, model, method = config.data, config.model, config.method
     if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
-        yield f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no " \
-              "tokens (top_k is for autoregressive, masked and guided sampling)"
-    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(method.name,
-                                                                              ("ddpm", "ddim", "dpmsolver++"))
+        yield (
+            f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no "
+            "tokens (top_k is for autoregressive, masked and guided sampling)"
+        )
+    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(
+        method.name, ("ddpm", "ddim", "dpmsolver++")
+    )
     if sample.sampler not in samplers:
-        yield f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: " \
-              f"use {' or '.join(samplers)}"
+        yield (
+            f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: "
+            f"use {' or '.join(samplers)}"
+        )
     if sample.sampler != "ancestral" and sample.num_inference_steps > method.num_train_timesteps:
-        yield f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= " \
-              f"method.num_train_timesteps ({method.num_train_timesteps})"
+        yield (
+            f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= "
+            f"method.num_train_timesteps ({method.num_train_timesteps})"
+        )
     if data.dataset not in TEXT_DATASETS:
         if sample.guidance_scale != 1 and not model.class_conditional:
-            yield f"sample.guidance_scale: {sample.guidance_scale} is not allowed with model.class_conditional false: " \
-                  "guidance mixes a class-conditional model's conditional and unconditional outputs"
+            yield (
+                f"sample.guidance_scale: {sample.guidance_scale} is not allowed with model.class_conditional false: "
+                "guidance mixes a class-conditional model's conditional and unconditional outputs"
+            )
         if sample.class_label is not None and not model.class_conditional:
-            yield f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: " \
-                  "an unconditional model takes no class"
+            yield (
+                f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: "
+                "an unconditional model takes no class"
+            )
         if sample.class_label is not None and sample.class_label >= NUM_CLASSES[data.dataset]:
-            yield f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes " \
-                  f"0 to {NUM_CLASSES[data.dataset] - 1}"
+            yield (
+                f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes "
+                f"0 to {NUM_CLASSES[data.dataset] - 1}"
+            )
         if sample.guide_checkpoint is not None:
-            yield f"sample.guide_checkpoint: {sample.guide_checkpoint!r} is not allowed with data.dataset " \
-                  f"{data.dataset!r}: it is for text; leave it unset"
+            yield (
+                f"sample.guide_checkpoint: {sample.guide_checkpoint!r} is not allowed with data.dataset "
+                f"{data.dataset!r}: it is for text; leave it unset"
+            )
         return
     if sample.class_label is not None:
-        yield f"sample.class_label: {sample.class_label} is not allowed with data.dataset {data.dataset!r}: it is " \
-              "for images; leave it unset"
+        yield (
+            f"sample.class_label: {sample.class_label} is not allowed with data.dataset {data.dataset!r}: it is "
+            "for images; leave it unset"
+        )
     if sample.guidance_scale != 1:
-        yield f"sample.guidance_scale: {sample.guidance_scale} is not allowed with data.dataset {data.dataset!r}: it " \
-              "is for class-conditional images (text is guided by sample.guide_checkpoint)"
+        yield (
+            f"sample.guidance_scale: {sample.guidance_scale} is not allowed with data.dataset {data.dataset!r}: it "
+            "is for class-conditional images (text is guided by sample.guide_checkpoint)"
+        )
     # A sample longer than the block size is drawn window by window by the AR model and by guided
     # decoding, block by block by the masked one; embedding diffusion denoises it all at once.
     length = sample.length or data.block_size
     guided = sample.guide_checkpoint is not None
     if method.name == "masked" and not guided and (sample.block_length or length) > data.block_size:
         key, value = ("sample.block_length", sample.block_length) if sample.block_length else ("sample.length", length)
-        yield f"{key}: {value} is not allowed: must be <= data.block_size ({data.block_size}); " \
-              "longer masked samples are drawn block by block (set sample.block_length)"
+        yield (
+            f"{key}: {value} is not allowed: must be <= data.block_size ({data.block_size}); "
+            "longer masked samples are drawn block by block (set sample.block_length)"
+        )
     if method.name == "embedding" and not guided and length > data.block_size:
-        yield f"sample.length: {length} is not allowed: must be <= data.block_size ({data.block_size}) for " \
-              "embedding diffusion, which denoises a whole sample at once"
+        yield (
+            f"sample.length: {length} is not allowed: must be <= data.block_size ({data.block_size}) for "
+            "embedding diffusion, which denoises a whole sample at once"
+        )
     if not guided and sample.guidance_alpha != 1:
-        yield f"sample.guidance_alpha: {sample.guidance_alpha} is not allowed without sample.guide_checkpoint: " \
-              "set the autoregressive run that guides, or leave alpha at 1"
+        yield (
+            f"sample.guidance_alpha: {sample.guidance_alpha} is not allowed without sample.guide_checkpoint: "
+            "set the autoregressive run that guides, or leave alpha at 1"
+        )
     if guided and method.name == "embedding" and method.prefix_fraction == 0:
-        yield "method.prefix_fraction: 0 is not allowed with sample.guide_checkpoint: guided decoding needs an " \
-              "embedding model trained to continue a prefix; train with a share in (0, 1], e.g. 0.25"
+        yield (
+            "method.prefix_fraction: 0 is not allowed with sample.guide_checkpoint: guided decoding needs an "
+            "embedding model trained to continue a prefix; train with a share in (0, 1], e.g. 0.25"
+        )
 
 
 def conflict(config: RunConfig) -> str | None:
@@ -459,8 +588,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """A run-config override; job-spec paths (`run.train.epochs=3`) are accepted too."""
     parts, value = parse_assignment(text)
     if parts == ["run"]:
-        raise ConfigError(f"--set {text!r}: the run section as a whole cannot be set; set a key inside it, "
-                          "e.g. run.train.epochs=3")
+        raise ConfigError(
+            f"--set {text!r}: the run section as a whole cannot be set; set a key inside it, e.g. run.train.epochs=3"
+        )
     return (parts[1:] if parts[0] == "run" else parts), value
 
 

@@ -81,8 +81,9 @@ class TrainProgress:
         if self.bar:
             if validation:  # above the bar, which has no room for it
                 self.bar.console.print(f"step {record.step}{validation}")
-            self.bar.update(self.task, loss=f"{record.loss:.4f}", speed=f"{record.it_per_s:.1f} it/s",
-                            eta=format_seconds(eta))
+            self.bar.update(
+                self.task, loss=f"{record.loss:.4f}", speed=f"{record.it_per_s:.1f} it/s", eta=format_seconds(eta)
+            )
             return
         print(
             f"step {record.step}/{self.total_steps}  epoch {record.epoch:.2f}  loss {record.loss:.4f}  "

@@ -28,8 +28,9 @@ def checkpoint_file(reference: str | Path) -> Path | None:
     """The checkpoint a reference names: a .pt file, a checkpoints/ folder's latest.pt, or a run
     dir's; None when there is none."""
     path = Path(reference).expanduser()
-    return next((candidate for candidate in (path, path / LATEST, path / CHECKPOINTS / LATEST)
-                 if candidate.is_file()), None)
+    return next(
+        (candidate for candidate in (path, path / LATEST, path / CHECKPOINTS / LATEST) if candidate.is_file()), None
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -140,8 +141,11 @@ class Record:
     def from_json(cls, data: dict | None):
         data = data or {}
         annotations = {f.name: f.type for f in fields(cls)}
-        known = {key: value for key, value in data.items()
-                 if key in annotations and key != "extras" and fits(value, annotations[key])}
+        known = {
+            key: value
+            for key, value in data.items()
+            if key in annotations and key != "extras" and fits(value, annotations[key])
+        }
         if "extras" in annotations:
             known["extras"] = {key: value for key, value in data.items() if key not in annotations}
         return cls(**known)

@@ -55,8 +55,10 @@ class RunDir:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(f"{self.path}: is being written by {holder}; wait for it to end, or stop it "
-                              "(`ops cancel`, or kill that process)") from None
+            raise ConfigError(
+                f"{self.path}: is being written by {holder}; wait for it to end, or stop it "
+                "(`ops cancel`, or kill that process)"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self._lock = fd  # open until unlock (or the process's end): closing it releases the lock
@@ -77,8 +79,11 @@ class RunDir:
         torn by the crash that stopped the run."""
         if not self.metrics.is_file():
             return
-        kept = [line for line in records.read_jsonl(self.metrics)
-                if records.fits(line.get("step"), int) and line.get("step", 0) <= after_step]
+        kept = [
+            line
+            for line in records.read_jsonl(self.metrics)
+            if records.fits(line.get("step"), int) and line.get("step", 0) <= after_step
+        ]
         records.atomic_write(self.metrics, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
     def write_record(self, summary: records.Summary) -> None:

@@ -112,7 +112,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 @contextlib.contextmanager
 def signals_ignored(signals):
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signals}

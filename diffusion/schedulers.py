@@ -78,8 +78,13 @@ def _per_example(values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
 class NoiseSchedule:
     """The forward process q(x_t | x0) and its posterior q(x_{t-1} | x_t, x0), all in float64."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
         self.num_train_timesteps = num_train_timesteps
         self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         self.alphas = 1 - self.betas
@@ -102,8 +107,15 @@ class NoiseSchedule:
 class Scheduler(NoiseSchedule):
     """What both samplers share: the timestep list and turning a model output into (x0, eps)."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
+        clip_sample: bool = True,
+    ):
         super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end)
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
@@ -164,8 +176,14 @@ def _noise_like(sample: Tensor, generator: torch.Generator | None) -> Tensor:
 class DDPMScheduler(Scheduler):
     """Ancestral sampling: x_prev ~ q(x_prev | x_t, x0 = predicted x0), variance beta_tilde."""
 
-    def step(self, model_output: Tensor, timestep: int, sample: Tensor, variance_noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int,
+        sample: Tensor,
+        variance_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         timestep = int(timestep)
         alpha_prod_t = self.alpha_prod(timestep)
         alpha_prod_t_prev = self.alpha_prod(self.previous_timestep(timestep))
@@ -186,8 +204,14 @@ class DDIMScheduler(Scheduler):
         super().__init__(**schedule_kwargs)
         self.eta = eta
 
-    def step(self, model_output: Tensor, timestep: int, sample: Tensor, variance_noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int,
+        sample: Tensor,
+        variance_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         timestep = int(timestep)
         alpha_prod_t = self.alpha_prod(timestep)
         alpha_prod_t_prev = self.alpha_prod(self.previous_timestep(timestep))
@@ -225,8 +249,14 @@ class DPMSolverMultistepScheduler(Scheduler):
         alpha_prod = self.alpha_prod(timestep)
         return alpha_prod**0.5, (1 - alpha_prod) ** 0.5
 
-    def step(self, model_output: Tensor, timestep: int, sample: Tensor, variance_noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int,
+        sample: Tensor,
+        variance_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         timestep = int(timestep)
         alpha_s, sigma_s = self.alpha_sigma(timestep)
         alpha_t, sigma_t = self.alpha_sigma(self.previous_timestep(timestep))
@@ -250,14 +280,27 @@ class DPMSolverMultistepScheduler(Scheduler):
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
-def make_scheduler(sampler: str, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                   beta_start: float = 1e-4, beta_end: float = 0.02, prediction_type: str = "epsilon",
-                   clip_sample: bool = True, eta: float = 0.0) -> Scheduler:
+def make_scheduler(
+    sampler: str,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = True,
+    eta: float = 0.0,
+) -> Scheduler:
     """A DDPMScheduler (ancestral), a DDIMScheduler (`eta`: 0 deterministic, 1 ancestral) or a
     DPMSolverMultistepScheduler (DPM-Solver++ 2M) on the given schedule; ValueError for another
     sampler."""
-    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-                  beta_end=beta_end, prediction_type=prediction_type, clip_sample=clip_sample)
+    kwargs = dict(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    )
     if sampler == "ddpm":
         return DDPMScheduler(**kwargs)
     if sampler == "ddim":

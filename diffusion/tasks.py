@@ -32,21 +32,38 @@ from diffusion.scores.images import sample_scores as image_scores
 from diffusion.trained import TrainedModel, load_scorer, resolve_checkpoint
 
 
-def generate(trained: TrainedModel, sample: SampleConfig, num_samples: int, guide: TrainedModel | None = None,
-             progress: Progress = no_progress) -> torch.Tensor:
+def generate(
+    trained: TrainedModel,
+    sample: SampleConfig,
+    num_samples: int,
+    guide: TrainedModel | None = None,
+    progress: Progress = no_progress,
+) -> torch.Tensor:
     """`num_samples` samples on the CPU, reproducible from `sample.seed`; with `guide` (an
     autoregressive run), decoded left to right with its logits mixed in at weight
     1 - `sample.guidance_alpha`."""
     generator = torch.Generator().manual_seed(sample.seed)
     trained.model.eval()
     if guide is None:
-        samples = trained.method.sample(trained.model, num_samples, trained.data, sample, generator, trained.device,
-                                        progress)
+        samples = trained.method.sample(
+            trained.model, num_samples, trained.data, sample, generator, trained.device, progress
+        )
     else:
-        samples = guided_sample(guide.method, guide.model, trained.method, trained.model, num_samples,
-                                sample.length or trained.data.block_size, sample.guidance_alpha, generator,
-                                trained.device, greedy=False, temperature=sample.temperature, top_k=sample.top_k,
-                                progress=progress)
+        samples = guided_sample(
+            guide.method,
+            guide.model,
+            trained.method,
+            trained.model,
+            num_samples,
+            sample.length or trained.data.block_size,
+            sample.guidance_alpha,
+            generator,
+            trained.device,
+            greedy=False,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            progress=progress,
+        )
     return samples.cpu()
 
 
@@ -63,8 +80,9 @@ def sample_task(config: RunConfig, run) -> int:
     """Draw `sample.num_samples` samples into `run`'s samples/: a PNG grid and an .npz of images,
     or the decoded texts with their scores (also in eval/NAME.json)."""
     trained = load_trained(config, run.path)
-    guide = load_scorer(config.sample.guide_checkpoint, trained.device, "sample.guide_checkpoint",
-                        tokenizer=trained.data.tokenizer)
+    guide = load_scorer(
+        config.sample.guide_checkpoint, trained.device, "sample.guide_checkpoint", tokenizer=trained.data.tokenizer
+    )
     scorer = load_scorer(config.eval.scorer_checkpoint, trained.device) or guide
     if not run.in_place:
         run.create(config)  # after every reference was found: a bad one writes nothing
@@ -76,21 +94,42 @@ def sample_task(config: RunConfig, run) -> int:
     labels = trained.method.class_labels(len(samples), trained.data, config.sample)
     written = write_samples(trained.data, samples, run.samples, name, labels=labels)
     path = written.get("grid") or written["samples"]
-    scores = sample_scores(trained.method, trained.model, validation, written, trained.device, config.sample.seed,
-                           config.eval.val_blocks, scorer)
+    scores = sample_scores(
+        trained.method,
+        trained.model,
+        validation,
+        written,
+        trained.device,
+        config.sample.seed,
+        config.eval.val_blocks,
+        scorer,
+    )
     if scores is None:
-        run.write_record(Summary(status="completed", step=trained.step, result={
-            "checkpoint": str(trained.path), "num_samples": len(samples), "grid": str(path)}))
+        run.write_record(
+            Summary(
+                status="completed",
+                step=trained.step,
+                result={"checkpoint": str(trained.path), "num_samples": len(samples), "grid": str(path)},
+            )
+        )
     else:
-        record = {"checkpoint": str(trained.path), "step": trained.step, "num_samples": len(samples),
-                  "sample_seconds": round(seconds, 2),
-                  "guidance_alpha": config.sample.guidance_alpha if guide else None, "scores": scores,
-                  "samples": str(path)}
+        record = {
+            "checkpoint": str(trained.path),
+            "step": trained.step,
+            "num_samples": len(samples),
+            "sample_seconds": round(seconds, 2),
+            "guidance_alpha": config.sample.guidance_alpha if guide else None,
+            "scores": scores,
+            "samples": str(path),
+        }
         run.eval.mkdir(exist_ok=True)
         write_json(run.eval / f"{name}.json", record)
         result = {key: value for key, value in record.items() if key not in ("step", "scores")}
-        run.write_record(Summary(status="completed", step=trained.step, scores=scores,
-                                 collapsed=bool(scores["collapsed"]), result=result))
+        run.write_record(
+            Summary(
+                status="completed", step=trained.step, scores=scores, collapsed=bool(scores["collapsed"]), result=result
+            )
+        )
         print(json.dumps(scores, indent=2))
     print(f"{len(samples)} samples from {trained.path} (step {trained.step}) -> {path}", flush=True)
     return 0
@@ -100,8 +139,12 @@ def eval_task(config: RunConfig, run) -> int:
     """Score a trained run into `run`: text on `eval.num_samples` samples and its held-out bits
     per character (the sample task's scores); images against real MNIST (FID and more)."""
     if has_validation(config.data):  # text: scored on its samples and held-out likelihood, as `sample` does
-        return sample_task(config.model_copy(update={"sample": config.sample.model_copy(
-            update={"num_samples": config.eval.num_samples})}), run)
+        return sample_task(
+            config.model_copy(
+                update={"sample": config.sample.model_copy(update={"num_samples": config.eval.num_samples})}
+            ),
+            run,
+        )
     trained = load_for_eval(config, run.path)
     if not run.in_place:
         run.create(config)
@@ -118,8 +161,9 @@ def load_for_eval(config: RunConfig, run_dir: Path) -> TrainedModel:
     return load_trained(config, run_dir)
 
 
-def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = no_progress,
-                        trained: TrainedModel | None = None) -> dict:
+def evaluate_checkpoint(
+    config: RunConfig, run_dir: Path, progress: Progress = no_progress, trained: TrainedModel | None = None
+) -> dict:
     """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
     with the `sample` settings, score them with a LeNet trained on the run's dataset (and cached),
     against real images of that dataset, and write the record to RUN_DIR/eval/NAME.json (with a
@@ -134,8 +178,9 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
     if config.eval.classifier_subset:
         classifier_images = train_images[: config.eval.classifier_subset]
         classifier_labels = train_labels[: config.eval.classifier_subset]
-    classifier = load_or_train_classifier(classifier_images, classifier_labels, epochs=config.eval.classifier_epochs,
-                                          device=device, progress=progress)
+    classifier = load_or_train_classifier(
+        classifier_images, classifier_labels, epochs=config.eval.classifier_epochs, device=device, progress=progress
+    )
     # A one-digit run is compared with that digit, not with all ten.
     if trained.config.data.only_digit is not None:
         train_images = train_images[train_labels == trained.config.data.only_digit]
@@ -179,12 +224,20 @@ def evaluate_checkpoint(config: RunConfig, run_dir: Path, progress: Progress = n
 
 def print_record(record: dict) -> None:
     scores, floor = record["scores"], record["real_floor"]
-    table = Table(title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
-                        f"step {record['step']}")
+    table = Table(
+        title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
+        f"step {record['step']}"
+    )
     for column in ("", "FID", "confident", "class entropy (bits)", "classes present", "class accuracy"):
         table.add_column(column, justify="right")
     for label, row in (("samples", scores), ("real vs real", floor)):
         accuracy = f"{row['class_accuracy']:.1%}" if "class_accuracy" in row else "-"
-        table.add_row(label, f"{row['fid']:.3f}", f"{row['confident_share']:.1%}", f"{row['class_entropy_bits']:.3f}",
-                      str(sum(count > 0 for count in row["class_counts"])), accuracy)
+        table.add_row(
+            label,
+            f"{row['fid']:.3f}",
+            f"{row['confident_share']:.1%}",
+            f"{row['class_entropy_bits']:.3f}",
+            str(sum(count > 0 for count in row["class_counts"])),
+            accuracy,
+        )
     console().print(table)

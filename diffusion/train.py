@@ -96,10 +96,13 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     seed_everything(tc.seed)
     state = TrainState.build(config, method, data, device, ranks)
     resume(state, run, config, plan, ranks)
-    print(f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
-          f"(at least {num_params * BYTES_PER_PARAMETER / 1e6:,.0f} MB to train), "
-          f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
-          + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""), flush=True)
+    print(
+        f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
+        f"(at least {num_params * BYTES_PER_PARAMETER / 1e6:,.0f} MB to train), "
+        f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
+        + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.enabled else ""),
+        flush=True,
+    )
 
     status, stop_reason, final_samples = "completed", "finished all steps", None
     checkpointed_step, last_checkpoint_time = state.step, time.monotonic()
@@ -107,8 +110,10 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     batches = Batches(dataset, plan, tc.seed, config.model.class_conditional, device)
     use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
     seconds_left = tc.max_minutes * 60 - state.train_seconds if tc.max_minutes else None
-    with (PreemptionFlag() as preemption,
-          TrainProgress(tc.progress if ranks.is_main else "quiet", plan.total_steps, state.step, seconds_left) as bar):
+    with (
+        PreemptionFlag() as preemption,
+        TrainProgress(tc.progress if ranks.is_main else "quiet", plan.total_steps, state.step, seconds_left) as bar,
+    ):
         loop_started, seconds_before = time.monotonic(), state.train_seconds
         while state.step < plan.total_steps:
             loss, grad_norm = train_step(state, method, batches.at(state.step), plan.shard, tc, use_bf16)
@@ -132,7 +137,8 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                     # The EMA weights, as scored at the end. Its own seeded generator leaves the training
                     # RNG alone, so a resumed run stays bit for bit.
                     record.val_bits_per_char = validation_bits_per_char(
-                        method, state.ema_model, validation, device, config.eval.val_blocks, config.sample.seed)
+                        method, state.ema_model, validation, device, config.eval.val_blocks, config.sample.seed
+                    )
                 if ranks.is_main:
                     run.log_metrics(record)
                 bar.log(record)
@@ -143,8 +149,9 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                 preview(state, method, data, config, run, f"epoch_{epoch:04d}", ranks)
                 state.model.train()
 
-            due, preempted, out_of_time = checkpoint_due(tc, step, last_checkpoint_time, preemption, state, ranks,
-                                                         device)
+            due, preempted, out_of_time = checkpoint_due(
+                tc, step, last_checkpoint_time, preemption, state, ranks, device
+            )
             if due:
                 diverged = window.first_nonfinite(ranks)
                 if diverged:  # the weights are not finite either: keep the last good checkpoint
@@ -164,8 +171,24 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                 save(state, run, config, plan, data, ranks)
             final_samples = preview(state, method, data, config, run, "final", ranks)
 
-    return finish(status, stop_reason, checkpointed_step, state, plan, method, run, config, dataset, validation,
-                  final_samples, scorer, num_params, preemption.signal, ranks, device)
+    return finish(
+        status,
+        stop_reason,
+        checkpointed_step,
+        state,
+        plan,
+        method,
+        run,
+        config,
+        dataset,
+        validation,
+        final_samples,
+        scorer,
+        num_params,
+        preemption.signal,
+        ranks,
+        device,
+    )
 
 
 @dataclass
@@ -181,8 +204,10 @@ class Plan:
     @classmethod
     def of(cls, num_examples: int, tc: TrainConfig, ranks: DataParallel) -> "Plan":
         if tc.batch_size % ranks.world_size:
-            raise ConfigError(f"train.batch_size: {tc.batch_size} is not allowed: must divide among "
-                              f"{ranks.world_size} data-parallel ranks")
+            raise ConfigError(
+                f"train.batch_size: {tc.batch_size} is not allowed: must divide among "
+                f"{ranks.world_size} data-parallel ranks"
+            )
         batch_size = min(tc.batch_size, num_examples)
         shard_size = batch_size // ranks.world_size
         shard = slice(ranks.rank * shard_size, (ranks.rank + 1) * shard_size) if ranks.enabled else None
@@ -205,13 +230,16 @@ class TrainState:
     train_seconds: float = 0.0
 
     @classmethod
-    def build(cls, config: RunConfig, method: Method, data: DataSpec, device: torch.device,
-              ranks: DataParallel) -> "TrainState":
+    def build(
+        cls, config: RunConfig, method: Method, data: DataSpec, device: torch.device, ranks: DataParallel
+    ) -> "TrainState":
         model = build_network(config, method, data).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         trained_model = model
         if ranks.enabled:
-            trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            trained_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         return cls(model, ema_model, trained_model, optimizer)
 
@@ -226,8 +254,10 @@ def resume(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, ranks:
     trained = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
     for section in ("data", "model", "method"):
         if getattr(trained, section) != getattr(config, section):
-            raise ConfigError(f"{checkpoint_path}: was trained with another '{section}' section than "
-                              f"{run.config} now holds; put that section back, or train in another run dir")
+            raise ConfigError(
+                f"{checkpoint_path}: was trained with another '{section}' section than "
+                f"{run.config} now holds; put that section back, or train in another run dir"
+            )
     state.model.load_state_dict(checkpoint["model"])
     state.ema_model.load_state_dict(checkpoint["ema"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -235,7 +265,9 @@ def resume(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, ranks:
     restore_rng_state(checkpoint["rng"])
     if ranks.is_main:
         run.truncate_metrics(after_step=state.step)
-    print(f"resumed from {checkpoint_path} at step {state.step} (epoch {state.step // plan.steps_per_epoch})", flush=True)
+    print(
+        f"resumed from {checkpoint_path} at step {state.step} (epoch {state.step // plan.steps_per_epoch})", flush=True
+    )
 
 
 class Batches:
@@ -252,7 +284,7 @@ class Batches:
         if epoch != self.epoch:
             self.permutation, self.epoch = epoch_permutation(len(self.dataset), self.seed, epoch), epoch
         size = self.plan.batch_size
-        batch = self.dataset.batch(self.permutation[batch_in_epoch * size: (batch_in_epoch + 1) * size], self.device)
+        batch = self.dataset.batch(self.permutation[batch_in_epoch * size : (batch_in_epoch + 1) * size], self.device)
         labels = batch.pop("labels", None)
         if self.class_conditional:
             batch["class_labels"] = labels
@@ -264,8 +296,9 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=generator)
 
 
-def train_step(state: TrainState, method: Method, batch: dict, shard: slice | None, tc: TrainConfig,
-               use_bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    state: TrainState, method: Method, batch: dict, shard: slice | None, tc: TrainConfig, use_bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One AdamW step with warm-up, gradient clipping and the EMA update; (loss, grad norm), both
     left on the device."""
     for group in state.optimizer.param_groups:
@@ -348,16 +381,23 @@ class LossWindow:
         return record
 
 
-def checkpoint_due(tc: TrainConfig, step: int, last_checkpoint_time: float, preemption: PreemptionFlag,
-                   state: TrainState, ranks: DataParallel, device: torch.device) -> tuple[bool, bool, bool]:
+def checkpoint_due(
+    tc: TrainConfig,
+    step: int,
+    last_checkpoint_time: float,
+    preemption: PreemptionFlag,
+    state: TrainState,
+    ranks: DataParallel,
+    device: torch.device,
+) -> tuple[bool, bool, bool]:
     """(checkpoint now, preempted, out of time), the same on every rank: a signal or the time
     budget on one rank stops them all at the same step."""
     out_of_time = tc.max_minutes is not None and state.train_seconds >= tc.max_minutes * 60
     due_by_steps = bool(tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0)
-    due_by_time = bool(tc.checkpoint_every_minutes
-                       and time.monotonic() - last_checkpoint_time >= tc.checkpoint_every_minutes * 60)
-    preempted, out_of_time, due_by_time = ranks.any([preemption.signal is not None, out_of_time, due_by_time],
-                                                    device)
+    due_by_time = bool(
+        tc.checkpoint_every_minutes and time.monotonic() - last_checkpoint_time >= tc.checkpoint_every_minutes * 60
+    )
+    preempted, out_of_time, due_by_time = ranks.any([preemption.signal is not None, out_of_time, due_by_time], device)
     if preempted and preemption.signal is None:
         preemption.signal = signal.SIGUSR2  # another rank was signalled; stop at the same step
     return preempted or out_of_time or due_by_steps or due_by_time, preempted, out_of_time
@@ -382,8 +422,9 @@ def save(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, data: Da
 
 
 @torch.no_grad()
-def preview(state: TrainState, method: Method, data: DataSpec, config: RunConfig, run: RunDir, stem: str,
-            ranks: DataParallel) -> dict | None:
+def preview(
+    state: TrainState, method: Method, data: DataSpec, config: RunConfig, run: RunDir, stem: str, ranks: DataParallel
+) -> dict | None:
     """A few samples of the EMA model into samples/STEM (a grid, or texts), from the fixed
     sample seed, so that they are comparable over training; `write_samples`' record."""
     if not ranks.is_main:
@@ -395,14 +436,30 @@ def preview(state: TrainState, method: Method, data: DataSpec, config: RunConfig
     state.ema_model.eval()
     device = next(state.ema_model.parameters()).device
     samples = method.sample(state.ema_model, count, data, sample, generator, device)
-    written = write_samples(data, samples, run.samples, stem, keep_arrays=False,
-                            labels=method.class_labels(count, data, sample))
+    written = write_samples(
+        data, samples, run.samples, stem, keep_arrays=False, labels=method.class_labels(count, data, sample)
+    )
     return {**written, "values": samples}
 
 
-def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainState, plan: Plan, method: Method,
-           run: RunDir, config: RunConfig, dataset, validation, final_samples: dict | None, scorer,
-           num_params: int, signum: int | None, ranks: DataParallel, device: torch.device) -> int:
+def finish(
+    status: str,
+    stop_reason: str,
+    checkpointed_step: int,
+    state: TrainState,
+    plan: Plan,
+    method: Method,
+    run: RunDir,
+    config: RunConfig,
+    dataset,
+    validation,
+    final_samples: dict | None,
+    scorer,
+    num_params: int,
+    signum: int | None,
+    ranks: DataParallel,
+    device: torch.device,
+) -> int:
     """Score the final samples (in overfit mode, against the training images) and write
     summary.json; the exit code. A completed run stays
     completed: a signal that comes now (a late preemption, a time limit) is ignored while the
@@ -410,8 +467,11 @@ def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainSt
     with signals_ignored(PREEMPT_SIGNALS) if status == "completed" else contextlib.nullcontext():
         exit_code = {"completed": 0, "preempted": EXIT_PREEMPTED, "failed": EXIT_FAILED}[status]
         if status == "failed":
-            stop_reason += f"; the last good checkpoint is step {checkpointed_step}" if checkpointed_step else \
-                "; no checkpoint was written"
+            stop_reason += (
+                f"; the last good checkpoint is step {checkpointed_step}"
+                if checkpointed_step
+                else "; no checkpoint was written"
+            )
         print(f"{status}: {stop_reason}", flush=True)
         if not ranks.is_main:
             return exit_code
@@ -419,33 +479,46 @@ def finish(status: str, stop_reason: str, checkpointed_step: int, state: TrainSt
         scores = None
         if final_samples is not None:
             # Text: validation bits per character and how healthy the samples look; `collapsed` lists why not.
-            scores = sample_scores(method, state.ema_model, validation, final_samples, device, config.sample.seed,
-                                   config.eval.val_blocks, scorer)
+            scores = sample_scores(
+                method,
+                state.ema_model,
+                validation,
+                final_samples,
+                device,
+                config.sample.seed,
+                config.eval.val_blocks,
+                scorer,
+            )
             if scores and scores["collapsed"]:
                 print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
             if config.data.limit_per_class is not None and logged:  # overfit mode: memorised?
                 training_images = dataset.batch(torch.arange(len(dataset)), torch.device("cpu"))["images"]
                 overfit = overfit_report(final_samples["values"], training_images, logged[-1].loss)
                 scores = (scores or {}) | {"overfit": overfit}
-                print(f"overfit mode: final loss {overfit['final_loss']:.4g} (near zero: "
-                      f"{'yes' if overfit['loss_near_zero'] else 'no'}), samples' RMS distance to the nearest "
-                      f"training image {max(overfit['nearest_train_rms']):.3f} at most (reproduced: "
-                      f"{'yes' if overfit['reproduced'] else 'no'})", flush=True)
-        run.write_record(Summary(
-            status=status,
-            reason=stop_reason,
-            signal=signal.Signals(signum).name if status == "preempted" else None,
-            exit_code=exit_code,
-            step=state.step,
-            total_steps=plan.total_steps,
-            epoch=round(state.step / plan.steps_per_epoch, 4),
-            train_seconds=round(state.train_seconds, 3),
-            num_parameters=num_params,
-            device=str(device),
-            final_metrics=logged[-1].to_json() if logged else {},
-            scores=scores or None,
-            collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
-        ))
+                print(
+                    f"overfit mode: final loss {overfit['final_loss']:.4g} (near zero: "
+                    f"{'yes' if overfit['loss_near_zero'] else 'no'}), samples' RMS distance to the nearest "
+                    f"training image {max(overfit['nearest_train_rms']):.3f} at most (reproduced: "
+                    f"{'yes' if overfit['reproduced'] else 'no'})",
+                    flush=True,
+                )
+        run.write_record(
+            Summary(
+                status=status,
+                reason=stop_reason,
+                signal=signal.Signals(signum).name if status == "preempted" else None,
+                exit_code=exit_code,
+                step=state.step,
+                total_steps=plan.total_steps,
+                epoch=round(state.step / plan.steps_per_epoch, 4),
+                train_seconds=round(state.train_seconds, 3),
+                num_parameters=num_params,
+                device=str(device),
+                final_metrics=logged[-1].to_json() if logged else {},
+                scores=scores or None,
+                collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
+            )
+        )
         return exit_code
 
 
@@ -460,9 +533,11 @@ def check_memory(config: RunConfig, method: Method, data: DataSpec, device: torc
         free = psutil.virtual_memory().available
     needed = num_params * BYTES_PER_PARAMETER
     if needed > free:
-        raise ConfigError(f"model: {num_params:,} parameters are not allowed on {device}: training needs at least "
-                          f"{needed / 1e9:,.1f} GB (weights, gradients, AdamW moments and EMA) and "
-                          f"{free / 1e9:,.1f} GB is free; make the model smaller")
+        raise ConfigError(
+            f"model: {num_params:,} parameters are not allowed on {device}: training needs at least "
+            f"{needed / 1e9:,.1f} GB (weights, gradients, AdamW moments and EMA) and "
+            f"{free / 1e9:,.1f} GB is free; make the model smaller"
+        )
     return num_params
 
 

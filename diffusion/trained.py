@@ -18,8 +18,10 @@ def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") ->
     the setting that gave the reference, when there is none."""
     found = checkpoint_file(reference)
     if found is None:
-        raise ConfigError(f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
-                          f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST})")
+        raise ConfigError(
+            f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
+            f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST})"
+        )
     return found
 
 
@@ -29,8 +31,10 @@ def pretrained_token_table(reference: str, data: DataSpec) -> Tensor:
     when the run was trained on other tokens or has no token table."""
     checkpoint = load_checkpoint(resolve_checkpoint(reference, "method.init_embeddings"))
     if (checkpoint.get("data") or {}).get("tokenizer") != data.tokenizer:
-        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
-                          "tokenizer (or is not a text run); give a run with the same data settings")
+        raise ConfigError(
+            f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
+            "tokenizer (or is not a text run); give a run with the same data settings"
+        )
     # The token table of an autoregressive or masked run's Transformer (an embedding run has none).
     table = checkpoint["ema"].get("wte.weight")
     if table is None:
@@ -55,8 +59,10 @@ class TrainedModel:
         self.config: RunConfig = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
         self.step: int = checkpoint["step"]
         # Image checkpoints from before text runs kept the shape and classes at the top level.
-        self.data = DataSpec.from_json(checkpoint.get("data") or {
-            "kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]})
+        self.data = DataSpec.from_json(
+            checkpoint.get("data")
+            or {"kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]}
+        )
         self.method = build_method(self.config)
         self.model = build_network(self.config, self.method, self.data)
         self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
@@ -71,8 +77,9 @@ class TrainedModel:
             raise ConfigError(f"{self.path}: {problem}")
 
 
-def load_scorer(reference: str | None, device: torch.device, key: str = "eval.scorer_checkpoint",
-                tokenizer: dict | None = None) -> TrainedModel | None:
+def load_scorer(
+    reference: str | None, device: torch.device, key: str = "eval.scorer_checkpoint", tokenizer: dict | None = None
+) -> TrainedModel | None:
     """The run that scores text samples, or guides their decoding (key sample.guide_checkpoint,
     which must share the sampled run's `tokenizer`): one whose method has an exact likelihood; None
     without a reference. ConfigError naming `key` when it is missing or will not do."""
@@ -80,9 +87,13 @@ def load_scorer(reference: str | None, device: torch.device, key: str = "eval.sc
         return None
     scorer = TrainedModel(resolve_checkpoint(reference, key), use_ema=True, device=device)
     if not scorer.method.exact_likelihood:
-        raise ConfigError(f"{key}: {reference!r} is not allowed: not an autoregressive run (method.name "
-                          f"{scorer.config.method.name!r}); text is scored and guided by an autoregressive run")
+        raise ConfigError(
+            f"{key}: {reference!r} is not allowed: not an autoregressive run (method.name "
+            f"{scorer.config.method.name!r}); text is scored and guided by an autoregressive run"
+        )
     if tokenizer is not None and scorer.data.tokenizer != tokenizer:
-        raise ConfigError(f"{key}: {reference!r} is not allowed: its tokenizer differs from the sampled run's; "
-                          "guide with an autoregressive run trained on the same data settings")
+        raise ConfigError(
+            f"{key}: {reference!r} is not allowed: its tokenizer differs from the sampled run's; "
+            "guide with an autoregressive run trained on the same data settings"
+        )
     return scorer

@@ -26,6 +26,7 @@ def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline:
     Raises ConfigError, one line: `source:line:column: problem` (`source (column N)` for an
     `inline` value such as a --set) for text that does not parse, a tab indent, a duplicate key,
     an anchor, alias or tag, or deep nesting; the line of the first byte that is not UTF-8."""
+
     def place(mark) -> str:
         return f" (column {mark.column + 1})" if inline else f":{mark.line + 1}:{mark.column + 1}"
 
@@ -34,20 +35,24 @@ def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = text[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"{source}:{line}: byte 0x{text[exc.start]:02x} is not UTF-8; save the file as "
-                              "UTF-8") from None
+            raise ConfigError(
+                f"{source}:{line}: byte 0x{text[exc.start]:02x} is not UTF-8; save the file as UTF-8"
+            ) from None
     yaml = yaml or YAML(typ="safe")
     try:
         depth = 0
         for event in yaml.parse(text):
             kind = type(event).__name__
             if getattr(event, "anchor", None) is not None or kind == "AliasEvent":
-                raise ConfigError(f"{source}{place(event.start_mark)}: YAML anchors and aliases (&name, *name) "
-                                  "are not allowed; write the values out")
+                raise ConfigError(
+                    f"{source}{place(event.start_mark)}: YAML anchors and aliases (&name, *name) "
+                    "are not allowed; write the values out"
+                )
             tag = getattr(event, "tag", None)
             if tag is not None and tag not in SCALAR_TAGS:
-                raise ConfigError(f"{source}{place(event.start_mark)}: the YAML tag {tag!r} is not allowed; write a "
-                                  "plain value")
+                raise ConfigError(
+                    f"{source}{place(event.start_mark)}: the YAML tag {tag!r} is not allowed; write a plain value"
+                )
             depth += kind in ("MappingStartEvent", "SequenceStartEvent")
             depth -= kind in ("MappingEndEvent", "SequenceEndEvent")
             if depth > MAX_DEPTH:
@@ -61,8 +66,9 @@ def parse_yaml(text: str | bytes, source: str, yaml: YAML | None = None, inline:
             problem = f"{exc.context}, {problem}"
         elif exc.problem and exc.context_mark and "duplicate" not in problem:
             start = exc.context_mark
-            problem += f" {exc.context} begun at " + (f"column {start.column + 1}" if inline else
-                                                       f"{start.line + 1}:{start.column + 1}")
+            problem += f" {exc.context} begun at " + (
+                f"column {start.column + 1}" if inline else f"{start.line + 1}:{start.column + 1}"
+            )
         raise ConfigError(f"{source}{place(mark) if mark else ''}: not valid YAML: {problem}") from None
     except YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None

@@ -35,11 +35,25 @@ def tiny_config(mnist_root) -> RunConfig:
         {
             "device": "cpu",
             "data": {"root": str(mnist_root), "download": False, "subset": 64},
-            "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention": True,
-                      "attention_heads": 2, "norm_groups": 4},
+            "model": {
+                "base_channels": 8,
+                "channel_mults": [1, 2],
+                "num_res_blocks": 1,
+                "attention": True,
+                "attention_heads": 2,
+                "norm_groups": 4,
+            },
             "method": {"num_train_timesteps": 50},
-            "train": {"batch_size": 16, "epochs": 50, "lr": 1e-3, "log_every": 1, "sample_every_epochs": None,
-                      "checkpoint_every_steps": None, "checkpoint_every_minutes": None, "progress": "lines"},
+            "train": {
+                "batch_size": 16,
+                "epochs": 50,
+                "lr": 1e-3,
+                "log_every": 1,
+                "sample_every_epochs": None,
+                "checkpoint_every_steps": None,
+                "checkpoint_every_minutes": None,
+                "progress": "lines",
+            },
             "sample": {"num_inference_steps": 4, "num_samples": 4},
         }
     )
@@ -54,8 +68,13 @@ def run_diffusion(*args: str, **kwargs):
     """`python -m diffusion ...` in a fresh process, as engines start it."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], capture_output=True, text=True,
-                          cwd=kwargs.pop("cwd", REPO), **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "diffusion", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=kwargs.pop("cwd", REPO),
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -138,8 +157,7 @@ def image_infra(tmp_path_factory):
     """
     from types import SimpleNamespace
 
-    from tests.image_infra import (INSTALL_HINT, LocalRegistry, ensure_base_image, image_tools_available,
-                                   vfs_storage_env)
+    from tests.image_infra import INSTALL_HINT, LocalRegistry, ensure_base_image, image_tools_available, vfs_storage_env
 
     if not image_tools_available():
         pytest.skip(f"image tools missing: {INSTALL_HINT}")

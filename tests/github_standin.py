@@ -14,13 +14,13 @@ import json
 import re
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class GitHubStandIn:
@@ -59,21 +59,32 @@ class GitHubStandIn:
 
     def repo_json(self) -> dict:
         owner, name = self.repo_name.split("/")
-        return {"id": 1, "name": name, "full_name": self.repo_name, "owner": {"login": owner},
-                "url": f"{self.url}/repos/{self.repo_name}", "html_url": f"https://github.example/{self.repo_name}"}
+        return {
+            "id": 1,
+            "name": name,
+            "full_name": self.repo_name,
+            "owner": {"login": owner},
+            "url": f"{self.url}/repos/{self.repo_name}",
+            "html_url": f"https://github.example/{self.repo_name}",
+        }
 
     def label_name(self, name: str) -> str:
         """The repository's own spelling of a label, which GitHub matches ignoring case."""
         return next((existing for existing in self.labels if existing.lower() == name.lower()), name)
 
     def label_json(self, name: str) -> dict:
-        return {"name": name, "color": self.labels[name]["color"],
-                "url": f"{self.url}/repos/{self.repo_name}/labels/{name}"}
+        return {
+            "name": name,
+            "color": self.labels[name]["color"],
+            "url": f"{self.url}/repos/{self.repo_name}/labels/{name}",
+        }
 
     def issue_json(self, number: int) -> dict:
         issue = self.issues[number]
-        return issue | {"labels": [self.label_json(name) for name in issue["labels"]],
-                        "comments": len(self.comments[number])}
+        return issue | {
+            "labels": [self.label_json(name) for name in issue["labels"]],
+            "comments": len(self.comments[number]),
+        }
 
     def route(self, method: str, path: str, query: dict, body) -> tuple[int, object]:
         base = f"/repos/{self.repo_name}"
@@ -81,7 +92,7 @@ class GitHubStandIn:
             return 200, self.repo_json()
         if not path.startswith(base):
             return 404, {"message": "Not Found"}
-        rest = path[len(base):]
+        rest = path[len(base) :]
         if rest == "/labels" and method == "GET":
             return 200, [self.label_json(name) for name in self.labels]
         if rest == "/labels" and method == "POST":
@@ -93,10 +104,13 @@ class GitHubStandIn:
             wanted = {name.lower() for name in query.get("labels", [""])[0].split(",")} - {""}
             since = query.get("since", [""])[0]
             state = query.get("state", ["open"])[0]
-            found = [self.issue_json(number) for number, issue in sorted(self.issues.items())
-                     if wanted <= {name.lower() for name in issue["labels"]}
-                     and (not since or issue["updated_at"] >= since)
-                     and state in ("all", issue["state"])]
+            found = [
+                self.issue_json(number)
+                for number, issue in sorted(self.issues.items())
+                if wanted <= {name.lower() for name in issue["labels"]}
+                and (not since or issue["updated_at"] >= since)
+                and state in ("all", issue["state"])
+            ]
             return 200, found
         if rest == "/issues" and method == "POST":
             body["labels"] = [self.label_name(name) for name in body.get("labels", [])]
@@ -104,9 +118,15 @@ class GitHubStandIn:
                 self.labels.setdefault(name, {"color": "ededed"})
             number = len(self.issues) + 1
             self.issues[number] = {
-                "id": 1000 + number, "number": number, "title": body["title"], "body": body.get("body", ""),
-                "state": "open", "labels": list(body.get("labels", [])), "created_at": now_iso(),
-                "updated_at": now_iso(), "url": f"{self.url}{base}/issues/{number}",
+                "id": 1000 + number,
+                "number": number,
+                "title": body["title"],
+                "body": body.get("body", ""),
+                "state": "open",
+                "labels": list(body.get("labels", [])),
+                "created_at": now_iso(),
+                "updated_at": now_iso(),
+                "url": f"{self.url}{base}/issues/{number}",
                 "html_url": f"https://github.example/{self.repo_name}/issues/{number}",
                 "user": {"login": "ops-bot"},
             }
@@ -122,9 +142,14 @@ class GitHubStandIn:
             return 200, self.comments[number]
         if sub == "/comments" and method == "POST":
             comment_id = 5000 + sum(len(c) for c in self.comments.values())
-            comment = {"id": comment_id, "body": body["body"], "created_at": now_iso(), "user": {"login": "ops-bot"},
-                       "url": f"{self.url}{base}/issues/comments/{comment_id}",
-                       "html_url": f"https://github.example/{self.repo_name}/issues/{number}#issuecomment-{comment_id}"}
+            comment = {
+                "id": comment_id,
+                "body": body["body"],
+                "created_at": now_iso(),
+                "user": {"login": "ops-bot"},
+                "url": f"{self.url}{base}/issues/comments/{comment_id}",
+                "html_url": f"https://github.example/{self.repo_name}/issues/{number}#issuecomment-{comment_id}",
+            }
             self.comments[number].append(comment)
             self.issues[number]["updated_at"] = now_iso()
             return 201, comment
@@ -151,8 +176,15 @@ class GitHubStandIn:
                 raw = self.rfile.read(length).decode() if length else ""
                 url = urlsplit(self.path)
                 with standin.lock:
-                    standin.requests.append({"method": self.command, "path": url.path, "query": url.query,
-                                             "headers": dict(self.headers), "body": raw})
+                    standin.requests.append(
+                        {
+                            "method": self.command,
+                            "path": url.path,
+                            "query": url.query,
+                            "headers": dict(self.headers),
+                            "body": raw,
+                        }
+                    )
                     fault = standin.faults.pop(0) if standin.faults else ("500" if standin.down else None)
                 time.sleep(standin.latency)
                 if fault == "500":
@@ -164,12 +196,15 @@ class GitHubStandIn:
                     return self.reply(401, {"message": "Bad credentials"})
                 if fault == "rate-limit":
                     reset = str(int(time.time()) + 600)
-                    return self.reply(403, {"message": "API rate limit exceeded for user."},
-                                      {"X-RateLimit-Limit": "5000", "X-RateLimit-Remaining": "0",
-                                       "X-RateLimit-Reset": reset})
+                    return self.reply(
+                        403,
+                        {"message": "API rate limit exceeded for user."},
+                        {"X-RateLimit-Limit": "5000", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset},
+                    )
                 with standin.lock:
-                    status, data = standin.route(self.command, url.path, parse_qs(url.query),
-                                                 json.loads(raw) if raw else None)
+                    status, data = standin.route(
+                        self.command, url.path, parse_qs(url.query), json.loads(raw) if raw else None
+                    )
                 creating = self.command == "POST" and url.path.endswith("/issues") and status == 201
                 if creating and standin.hang_after_create:
                     standin.created.set()

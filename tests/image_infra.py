@@ -48,8 +48,10 @@ TORCHVISION = "torchvision==0.28.0"  # the release made for torch 2.13
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 STUB_DIR = "/usr/local/lib/torchvision-cuda-stubs"
 REQUIRED_TOOLS = ("buildah", "skopeo", "docker-registry", "mmdebstrap", "podman", "gcc", "readelf")
-INSTALL_HINT = ("apt-get install -y buildah podman skopeo runc docker-registry mmdebstrap gcc binutils "
-                "(builds run with the vfs storage driver and chroot isolation; no Docker daemon needed)")
+INSTALL_HINT = (
+    "apt-get install -y buildah podman skopeo runc docker-registry mmdebstrap gcc binutils "
+    "(builds run with the vfs storage driver and chroot isolation; no Docker daemon needed)"
+)
 
 
 def image_tools_available() -> bool:
@@ -65,8 +67,9 @@ def vfs_storage_env(folder: str | Path) -> dict[str, str]:
     """
     conf = Path(folder).resolve() / "storage.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text('[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\n'
-                    'graphroot = "/var/lib/containers/storage"\n')
+    conf.write_text(
+        '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n'
+    )
     return {"STORAGE_DRIVER": "vfs", "CONTAINERS_STORAGE_CONF": str(conf)}
 
 
@@ -88,8 +91,7 @@ def _stage(name: str):
 
 def _run(*args: str, capture: bool = False, check: bool = True) -> subprocess.CompletedProcess:
     """A command with STORAGE_DRIVER=vfs; its output goes to ours unless captured. Fails with its output."""
-    result = subprocess.run(args, env=_env(), stdin=subprocess.DEVNULL, text=True,
-                            capture_output=capture)
+    result = subprocess.run(args, env=_env(), stdin=subprocess.DEVNULL, text=True, capture_output=capture)
     if check and result.returncode != 0:
         detail = f"\n{result.stdout}\n{result.stderr}" if capture else ""
         raise RuntimeError(f"{' '.join(args)} exited {result.returncode}{detail}")
@@ -113,8 +115,9 @@ def project_dependencies(pyproject: Path = REPO / "pyproject.toml") -> list[str]
 
 # Tagged by the dependency list: a new dependency makes a new base, so Dockerfile builds on it
 # keep installing only the project.
-BASE_IMAGE = ("localhost/diffusion-base:py311-torch-"
-              + hashlib.sha256("\n".join(project_dependencies()).encode()).hexdigest()[:8])
+BASE_IMAGE = (
+    "localhost/diffusion-base:py311-torch-" + hashlib.sha256("\n".join(project_dependencies()).encode()).hexdigest()[:8]
+)
 
 
 def _requirement_name(requirement: str) -> str:
@@ -154,36 +157,69 @@ def _build_base_image(name: str, work: Path) -> None:
     else:
         tarball = work / "bookworm-python.tar"
         with _stage("mmdebstrap bookworm minbase + " + ",".join(DEBIAN_PACKAGES)):
-            _run("mmdebstrap", "--variant=minbase", "--mode=root", "--include=" + ",".join(DEBIAN_PACKAGES),
-                 # docs, man pages and translations are only weight in a test image
-                 "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
-                 "--dpkgopt=path-exclude=/usr/share/locale/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                 "bookworm", str(tarball), DEBIAN_MIRROR)
+            _run(
+                "mmdebstrap",
+                "--variant=minbase",
+                "--mode=root",
+                "--include=" + ",".join(DEBIAN_PACKAGES),
+                # docs, man pages and translations are only weight in a test image
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-exclude=/usr/share/doc/*",
+                "--dpkgopt=path-exclude=/usr/share/locale/*",
+                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                "bookworm",
+                str(tarball),
+                DEBIAN_MIRROR,
+            )
         with _stage(f"podman import -> {DEBIAN_IMAGE}"):
             _run("podman", "--storage-driver", "vfs", "import", "--quiet", str(tarball), DEBIAN_IMAGE, capture=True)
         tarball.unlink()
 
     requirements = [TORCH_WHEEL.as_posix(), TORCHVISION] + [
-        r for r in project_dependencies() if _requirement_name(r) not in ("torch", "torchvision")]
+        r for r in project_dependencies() if _requirement_name(r) not in ("torch", "torchvision")
+    ]
     with _stage(f"buildah from {DEBIAN_IMAGE}"):
         container = buildah("from", "--pull-never", DEBIAN_IMAGE, capture=True).stdout.strip().splitlines()[-1]
     try:
         with _stage("pip install torch (CPU wheel), torchvision and the project's dependencies"):
             _log("  " + " ".join(requirements))
-            buildah("run", "--isolation", "chroot", "--network", "host",
-                    "-v", f"{HOST_CA_BUNDLE}:/etc/ssl/certs/ca-certificates.crt:ro",
-                    "-v", f"{TORCH_WHEEL.parent}:{TORCH_WHEEL.parent}:ro",
-                    "--env", "PIP_BREAK_SYSTEM_PACKAGES=1", "--env", "PIP_DISABLE_PIP_VERSION_CHECK=1",
-                    "--env", "PIP_ROOT_USER_ACTION=ignore",
-                    container, "--", "python3", "-m", "pip", "install", "--no-cache-dir", "--progress-bar", "off",
-                    *requirements)
+            buildah(
+                "run",
+                "--isolation",
+                "chroot",
+                "--network",
+                "host",
+                "-v",
+                f"{HOST_CA_BUNDLE}:/etc/ssl/certs/ca-certificates.crt:ro",
+                "-v",
+                f"{TORCH_WHEEL.parent}:{TORCH_WHEEL.parent}:ro",
+                "--env",
+                "PIP_BREAK_SYSTEM_PACKAGES=1",
+                "--env",
+                "PIP_DISABLE_PIP_VERSION_CHECK=1",
+                "--env",
+                "PIP_ROOT_USER_ACTION=ignore",
+                container,
+                "--",
+                "python3",
+                "-m",
+                "pip",
+                "install",
+                "--no-cache-dir",
+                "--progress-bar",
+                "off",
+                *requirements,
+            )
         # pip in builds on this base (the Dockerfile's, whose build isolation fetches setuptools) reaches PyPI
         # through the same TLS interception as the host: give the image the host's CA bundle (public certs only).
         buildah("copy", container, HOST_CA_BUNDLE, "/etc/ssl/certs/ca-certificates.crt", capture=True)
         with _stage("CUDA stand-in libraries for torchvision's extensions"):
             find = "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])"
-            site = buildah("run", "--isolation", "chroot", container, "--", "python3", "-c", find,
-                           capture=True).stdout.strip().splitlines()[-1]
+            site = (
+                buildah("run", "--isolation", "chroot", container, "--", "python3", "-c", find, capture=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             root = Path(buildah("mount", container, capture=True).stdout.strip())
             try:
                 site_dir = root / Path(site).parent.relative_to("/")
@@ -194,13 +230,26 @@ def _build_base_image(name: str, work: Path) -> None:
                 buildah("umount", container, capture=True)
             buildah("run", "--isolation", "chroot", container, "--", "ldconfig")
         with _stage("check: import torch, torchvision, pydantic"):
-            check = buildah("run", "--isolation", "chroot", container, "--", "python3", "-c",
-                            "import torch, torchvision, pydantic; from torchvision.ops import nms; "
-                            "print('torch', torch.__version__, 'torchvision', torchvision.__version__)",
-                            capture=True)
+            check = buildah(
+                "run",
+                "--isolation",
+                "chroot",
+                container,
+                "--",
+                "python3",
+                "-c",
+                "import torch, torchvision, pydantic; from torchvision.ops import nms; "
+                "print('torch', torch.__version__, 'torchvision', torchvision.__version__)",
+                capture=True,
+            )
             _log("  " + check.stdout.strip())
-        buildah("config", "--label", "org.opencontainers.image.description=diffusion-ops test base: "
-                "Debian bookworm, Python 3.11, CPU torch 2.13 and the project's dependencies", container)
+        buildah(
+            "config",
+            "--label",
+            "org.opencontainers.image.description=diffusion-ops test base: "
+            "Debian bookworm, Python 3.11, CPU torch 2.13 and the project's dependencies",
+            container,
+        )
         with _stage(f"buildah commit -> {name}"):
             buildah("commit", "--quiet", "--rm", container, name, capture=True)
             container = ""
@@ -216,8 +265,7 @@ _LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib
 
 def _dynamic_symbols(lib: Path) -> tuple[list[tuple[str, str]], set[str]]:
     """(undefined non-weak symbols as (type, name[@version]), names defined) of a shared library."""
-    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
     undefined, defined = [], set()
     for line in out.splitlines():
         parts = line.split()
@@ -300,6 +348,7 @@ def _make_cuda_stubs(root: Path, site: Path, dest: Path, scratch: Path) -> list[
 
 # --- a local registry -----------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -333,7 +382,7 @@ class LocalRegistry:
         self._process: subprocess.Popen | None = None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "LocalRegistry":
+    def from_folder(cls, folder: str | Path) -> LocalRegistry:
         registry = cls()
         registry.folder = Path(folder).resolve()
         pid_file, address_file = registry.folder / "registry.pid", registry.folder / "registry.address"
@@ -360,8 +409,13 @@ class LocalRegistry:
             f"http:\n  addr: {self.address}\n  secret: diffusion-ops-tests\n"
         )
         log = open(self.folder / "registry.log", "ab")
-        self._process = subprocess.Popen(["docker-registry", "serve", str(config)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         self.pid = self._process.pid
         (self.folder / "registry.pid").write_text(f"{self.pid}\n")

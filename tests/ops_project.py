@@ -53,8 +53,9 @@ def make_project(root: Path, with_git: bool = True) -> Path:
 
 
 def ops(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops", *map(str, args)], cwd=root, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ops", *map(str, args)], cwd=root, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ops_json(root: Path, *args: str):

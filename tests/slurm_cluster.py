@@ -18,8 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mungekey", "sbatch", "sacctmgr", "mariadb-install-db",
-            "mariadb")
+BINARIES = (
+    "slurmctld",
+    "slurmd",
+    "slurmdbd",
+    "munged",
+    "mungekey",
+    "sbatch",
+    "sacctmgr",
+    "mariadb-install-db",
+    "mariadb",
+)
 STOP_ORDER = ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged")
 LOGS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 START_TIMEOUT_S = 60.0
@@ -100,15 +109,19 @@ class SlurmCluster:
     def _run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, env={**os.environ, **self.env}, capture_output=True, text=True)
         if check and result.returncode != 0:
-            raise RuntimeError(f"SLURM cluster in {self.folder}: {' '.join(cmd)} exited {result.returncode}\n"
-                               f"{result.stdout}{result.stderr}{self.logs_tail()}")
+            raise RuntimeError(
+                f"SLURM cluster in {self.folder}: {' '.join(cmd)} exited {result.returncode}\n"
+                f"{result.stdout}{result.stderr}{self.logs_tail()}"
+            )
         return result
 
     def _wait(self, what: str, ready) -> None:
         while not ready():
             if time.monotonic() > self._deadline:
-                raise RuntimeError(f"SLURM cluster in {self.folder}: timed out waiting for {what} "
-                                   f"({START_TIMEOUT_S:.0f} s)\n{self.logs_tail()}")
+                raise RuntimeError(
+                    f"SLURM cluster in {self.folder}: timed out waiting for {what} "
+                    f"({START_TIMEOUT_S:.0f} s)\n{self.logs_tail()}"
+                )
             time.sleep(0.2)
 
     def _start_munged(self) -> None:
@@ -118,47 +131,89 @@ class SlurmCluster:
             self._run("mungekey", "--create", f"--keyfile={key}")
         # munged insists that every directory above its socket is executable by all, which pytest's 0700
         # tmp dirs are not; as root, --force turns that into a warning. Only root uses this cluster.
-        self._run("munged", "--force", f"--socket={munge / 'munge.socket'}", f"--key-file={key}",
-                  f"--pid-file={self._pid_file('munged')}", f"--log-file={self._log('munged')}",
-                  f"--seed-file={munge / 'munged.seed'}")
+        self._run(
+            "munged",
+            "--force",
+            f"--socket={munge / 'munge.socket'}",
+            f"--key-file={key}",
+            f"--pid-file={self._pid_file('munged')}",
+            f"--log-file={self._log('munged')}",
+            f"--seed-file={munge / 'munged.seed'}",
+        )
 
     def _start_mariadb(self) -> None:
         datadir = self.folder / "mysql"
         self._mysql_socket = self.folder / "run" / "mysql.sock"
         # Small InnoDB files: the defaults write 110 MB per cluster.
-        innodb = ["--innodb-log-file-size=8M", "--innodb-data-file-path=ibdata1:12M:autoextend",
-                  "--innodb-autoextend-increment=4"]
+        innodb = [
+            "--innodb-log-file-size=8M",
+            "--innodb-data-file-path=ibdata1:12M:autoextend",
+            "--innodb-autoextend-increment=4",
+        ]
         if not (datadir / "mysql").exists():
             # --user=root: the mysql user cannot enter the 0700 tmp dirs pytest makes.
-            self._run("mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={datadir}",
-                      "--auth-root-authentication-method=socket", "--skip-test-db", *innodb)
+            self._run(
+                "mariadb-install-db",
+                "--no-defaults",
+                "--user=root",
+                f"--datadir={datadir}",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+                *innodb,
+            )
         binary = shutil.which("mariadbd") or shutil.which("mysqld")
         with self._log("mariadbd").open("a") as log:
             self._mariadbd = subprocess.Popen(
-                [binary, "--no-defaults", "--user=root", f"--datadir={datadir}", "--bind-address=127.0.0.1",
-                 f"--port={self._mysql_port}", f"--socket={self._mysql_socket}",
-                 f"--pid-file={self._pid_file('mariadbd')}", f"--log-error={self._log('mariadbd')}",
-                 "--skip-name-resolve", "--innodb-lock-wait-timeout=900", *innodb],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    binary,
+                    "--no-defaults",
+                    "--user=root",
+                    f"--datadir={datadir}",
+                    "--bind-address=127.0.0.1",
+                    f"--port={self._mysql_port}",
+                    f"--socket={self._mysql_socket}",
+                    f"--pid-file={self._pid_file('mariadbd')}",
+                    f"--log-error={self._log('mariadbd')}",
+                    "--skip-name-resolve",
+                    "--innodb-lock-wait-timeout=900",
+                    *innodb,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
         def sql(statement: str, check: bool = True) -> subprocess.CompletedProcess:
-            return self._run("mariadb", "--no-defaults", f"--socket={self._mysql_socket}", "--user=root",
-                             "-e", statement, check=check)
+            return self._run(
+                "mariadb",
+                "--no-defaults",
+                f"--socket={self._mysql_socket}",
+                "--user=root",
+                "-e",
+                statement,
+                check=check,
+            )
 
         self._wait("MariaDB", lambda: sql("SELECT 1", check=False).returncode == 0)
         self._db_password = secrets.token_hex(12)
         # IF NOT EXISTS / ALTER: a restart in an existing folder reuses the datadir.
-        sql("CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+        sql(
+            "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
             f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1'; "
             f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password}'; "
-            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+        )
 
     def _write_configs(self) -> None:
         host = socket.gethostname().split(".")[0]
         munge_socket = self.folder / "munge" / "munge.socket"
         cpus = os.cpu_count()
-        mem_total_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                            if line.startswith("MemTotal:"))
+        mem_total_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        )
         # Below what slurmd detects, or the node is marked invalid.
         real_memory_mb = int(mem_total_kb * 0.8 / 1024)
         # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
@@ -171,8 +226,8 @@ AuthInfo={auth_info}
 DbdHost=localhost
 DbdPort={self._dbd_port}
 SlurmUser=root
-LogFile={self._log('slurmdbd')}
-PidFile={self._pid_file('slurmdbd')}
+LogFile={self._log("slurmdbd")}
+PidFile={self._pid_file("slurmdbd")}
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort={self._mysql_port}
@@ -206,12 +261,12 @@ JobRequeue=1
 PreemptType=preempt/none
 KillWait=5
 MinJobAge=300
-StateSaveLocation={self.folder / 'state'}
-SlurmdSpoolDir={self.folder / 'spool'}
-SlurmctldPidFile={self._pid_file('slurmctld')}
-SlurmdPidFile={self._pid_file('slurmd')}
-SlurmctldLogFile={self._log('slurmctld')}
-SlurmdLogFile={self._log('slurmd')}
+StateSaveLocation={self.folder / "state"}
+SlurmdSpoolDir={self.folder / "spool"}
+SlurmctldPidFile={self._pid_file("slurmctld")}
+SlurmdPidFile={self._pid_file("slurmd")}
+SlurmctldLogFile={self._log("slurmctld")}
+SlurmdLogFile={self._log("slurmd")}
 JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -226,21 +281,31 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._write_configs()
         self._run("slurmdbd")
         # slurmdbd takes a second or so before it accepts connections.
-        self._wait("slurmdbd (sacctmgr add cluster)", lambda: self._run(
-            "sacctmgr", "-i", "add", "cluster", self.cluster_name, check=False).returncode == 0
-            or self.cluster_name in self._run("sacctmgr", "-n", "-P", "list", "cluster", "format=cluster",
-                                              check=False).stdout.split())
+        self._wait(
+            "slurmdbd (sacctmgr add cluster)",
+            lambda: (
+                self._run("sacctmgr", "-i", "add", "cluster", self.cluster_name, check=False).returncode == 0
+                or self.cluster_name
+                in self._run("sacctmgr", "-n", "-P", "list", "cluster", "format=cluster", check=False).stdout.split()
+            ),
+        )
         self._run("slurmctld")
         self._run("slurmd")
-        self._wait("the node to be idle (sinfo)", lambda: "idle" in self._run(
-            "sinfo", "-h", "-o", "%T", check=False).stdout)
+        self._wait(
+            "the node to be idle (sinfo)", lambda: "idle" in self._run("sinfo", "-h", "-o", "%T", check=False).stdout
+        )
         self._wait("sacct", lambda: self._run("sacct", "-n", check=False).returncode == 0)
         # A fresh slurmctld starts its first job only ~3 s after it comes up; pay that here, so that the first
         # test's job starts as promptly as the others and a broken job launch fails here with the logs.
-        job_id = self._run("sbatch", "--parsable", "--job-name=cluster-warmup", "-o", "/dev/null",
-                           "--wrap", "true").stdout.strip().split(";")[0]
-        self._wait(f"the warm-up job {job_id} to run", lambda: not self._run(
-            "squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip())
+        job_id = (
+            self._run("sbatch", "--parsable", "--job-name=cluster-warmup", "-o", "/dev/null", "--wrap", "true")
+            .stdout.strip()
+            .split(";")[0]
+        )
+        self._wait(
+            f"the warm-up job {job_id} to run",
+            lambda: not self._run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip(),
+        )
 
     # Stop ------------------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -46,8 +46,9 @@ print("second done", flush=True)
 
 
 def test_crash_in_the_middle_of_a_write_leaves_latest_at_the_previous_checkpoint(tmp_path):
-    writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert writer.stdout.readline().strip() == "first done"
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size > 0 for p in tmp_path.glob(".*.tmp")):  # a write is under way

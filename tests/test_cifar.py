@@ -40,8 +40,17 @@ def test_the_npz_splits_by_class_into_disjoint_train_and_test(cifar_root):
 
 
 def test_images_are_upscaled_per_batch_and_limited_per_class(cifar_root):
-    config = validate_run({"data": {"dataset": "cifar10", "npz": "cifar10/test.npz", "download": False,
-                                    "resolution": 64, "limit_per_class": 3}}).data
+    config = validate_run(
+        {
+            "data": {
+                "dataset": "cifar10",
+                "npz": "cifar10/test.npz",
+                "download": False,
+                "resolution": 64,
+                "limit_per_class": 3,
+            }
+        }
+    ).data
     dataset = load_dataset(config, "train")
     assert len(dataset) == 30 and torch.bincount(dataset.labels).tolist() == [3] * 10
     batch = dataset.batch(torch.arange(4), torch.device("cpu"))
@@ -50,7 +59,9 @@ def test_images_are_upscaled_per_batch_and_limited_per_class(cifar_root):
 
 
 def test_cifar_settings_are_checked_before_any_work():
-    with pytest.raises(ConfigError, match=r"model.attention_resolutions: 12 is not allowed: the levels of 32x32 images are 32, 16, 8"):
+    with pytest.raises(
+        ConfigError, match=r"model.attention_resolutions: 12 is not allowed: the levels of 32x32 images are 32, 16, 8"
+    ):
         validate_run({"data": {"dataset": "cifar10"}, "model": {"attention_resolutions": [12]}})
     with pytest.raises(ConfigError, match=r"data.npz: 'x.npz' is not allowed with data.dataset 'mnist'"):
         validate_run({"data": {"npz": "x.npz"}})
@@ -67,21 +78,49 @@ def test_overfit_mode_memorises_two_cifar_images_and_says_so(cifar_root, tmp_pat
     assert "overfit mode: final loss" in capsys.readouterr().out
 
 
-TINY_IMAGE_MODEL = ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-                    "model.norm_groups=4", "model.attention_heads=2", "model.dropout=0.0"]
+TINY_IMAGE_MODEL = [
+    "model.base_channels=8",
+    "model.channel_mults=[1,2]",
+    "model.num_res_blocks=1",
+    "model.norm_groups=4",
+    "model.attention_heads=2",
+    "model.dropout=0.0",
+]
 
 
-@pytest.mark.parametrize("spec, overrides", [
-    ("mnist-conditional", TINY_IMAGE_MODEL + ["data.subset=64"]),
-    ("cifar10-quick", TINY_IMAGE_MODEL + ["data.subset=64", "model.attention_resolutions=[16]"]),
-    ("cifar10-overfit", TINY_IMAGE_MODEL),
-    ("cifar10-conditional", TINY_IMAGE_MODEL + ["data.subset=64", "data.npz=cifar10/test.npz", "data.download=false",
-                                                "model.attention_resolutions=[16]", "data.resolution=null"]),
-])
+@pytest.mark.parametrize(
+    "spec, overrides",
+    [
+        ("mnist-conditional", TINY_IMAGE_MODEL + ["data.subset=64"]),
+        ("cifar10-quick", TINY_IMAGE_MODEL + ["data.subset=64", "model.attention_resolutions=[16]"]),
+        ("cifar10-overfit", TINY_IMAGE_MODEL),
+        (
+            "cifar10-conditional",
+            TINY_IMAGE_MODEL
+            + [
+                "data.subset=64",
+                "data.npz=cifar10/test.npz",
+                "data.download=false",
+                "model.attention_resolutions=[16]",
+                "data.resolution=null",
+            ],
+        ),
+    ],
+)
 def test_each_new_spec_trains_resumes_bitwise_and_samples(spec, overrides, cifar_root, mnist_root, tmp_path):
-    common = ["device=cpu", "train.max_minutes=null", "train.batch_size=16", "train.progress=lines",
-              "train.sample_every_epochs=null", "train.checkpoint_every_minutes=null", "train.checkpoint_every_steps=2",
-              "train.warmup_steps=0", "sample.num_samples=4", "sample.num_inference_steps=3", *overrides]
+    common = [
+        "device=cpu",
+        "train.max_minutes=null",
+        "train.batch_size=16",
+        "train.progress=lines",
+        "train.sample_every_epochs=null",
+        "train.checkpoint_every_minutes=null",
+        "train.checkpoint_every_steps=2",
+        "train.warmup_steps=0",
+        "sample.num_samples=4",
+        "sample.num_inference_steps=3",
+        *overrides,
+    ]
     path = REPO / "configs/jobs" / f"{spec}.yaml"
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert train(load_run_config(path, [*common, "train.max_steps=4"]), whole) == 0
@@ -101,15 +140,34 @@ def test_each_new_spec_trains_resumes_bitwise_and_samples(spec, overrides, cifar
 def test_a_cifar_run_is_scored_on_a_cifar_classifier_against_its_floor(cifar_root, tmp_path):
     from tests.conftest import run_diffusion
 
-    config = load_run_config(REPO / "configs/jobs/cifar10-quick.yaml",
-                             [*TINY_IMAGE_MODEL, "device=cpu", "data.subset=64", "model.attention_resolutions=[16]",
-                              "train.max_steps=4", "train.max_minutes=null", "train.batch_size=16",
-                              "train.sample_every_epochs=null", "train.progress=lines"])
+    config = load_run_config(
+        REPO / "configs/jobs/cifar10-quick.yaml",
+        [
+            *TINY_IMAGE_MODEL,
+            "device=cpu",
+            "data.subset=64",
+            "model.attention_resolutions=[16]",
+            "train.max_steps=4",
+            "train.max_minutes=null",
+            "train.batch_size=16",
+            "train.sample_every_epochs=null",
+            "train.progress=lines",
+        ],
+    )
     assert train(config, tmp_path / "run") == 0
     result = run_diffusion(
-        "eval", tmp_path / "run", "--set", "eval.num_samples=40", "--set", "eval.classifier_subset=500",
-        "--set", "eval.classifier_epochs=1", "--set", "sample.num_inference_steps=3",
-        env={**os.environ, "DIFFUSION_CACHE_DIR": str(tmp_path / "cache")})
+        "eval",
+        tmp_path / "run",
+        "--set",
+        "eval.num_samples=40",
+        "--set",
+        "eval.classifier_subset=500",
+        "--set",
+        "eval.classifier_epochs=1",
+        "--set",
+        "sample.num_inference_steps=3",
+        env={**os.environ, "DIFFUSION_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run/eval/dpmsolver++3-seed0.json").read_text())
     scores, floor = record["scores"], record["real_floor"]

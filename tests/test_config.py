@@ -31,8 +31,14 @@ def test_mnist_job_specs_are_what_their_names_say():
         ({"train": {"batch_size": "big"}}, "config: train.batch_size: 'big' is not allowed: must be a valid integer"),
         ({"train": {"lr": -1.0}}, "config: train.lr: -1.0 is not allowed: must be greater than 0"),
         ({"data": {"only_digit": 10}}, "config: data.only_digit: 10 is not allowed: must be less than or equal to 9"),
-        ({"method": {"prediction_type": "x0"}}, "config: method.prediction_type: 'x0' is not allowed: must be 'epsilon', 'sample' or 'v_prediction'"),
-        ({"model": {"base_channels": 36}}, "config: model.norm_groups: 8 is not allowed: must divide every level's channels"),
+        (
+            {"method": {"prediction_type": "x0"}},
+            "config: method.prediction_type: 'x0' is not allowed: must be 'epsilon', 'sample' or 'v_prediction'",
+        ),
+        (
+            {"model": {"base_channels": 36}},
+            "config: model.norm_groups: 8 is not allowed: must divide every level's channels",
+        ),
     ],
 )
 def test_bad_values_give_one_line_naming_key_value_and_rule(raw, expected):
@@ -87,8 +93,16 @@ def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, override, expected)
 def test_cli_missing_dataset_says_where_and_how_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     empty = tmp_path / "no-data"
-    result = run_diffusion("train", REPO / "configs/jobs/mnist-quick.yaml", "--set", f"data.root={empty}",
-                           "--set", "data.download=false", "--out", out)
+    result = run_diffusion(
+        "train",
+        REPO / "configs/jobs/mnist-quick.yaml",
+        "--set",
+        f"data.root={empty}",
+        "--set",
+        "data.download=false",
+        "--out",
+        out,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -104,14 +118,20 @@ def test_diffusion_reads_the_same_job_spec_keys_as_ops():
     assert JOB_SPEC_KEYS == set(JobSpec.model_fields)
 
 
-@pytest.mark.parametrize("text, expected", [
-    (b"name: x\nrun: {train: {lr: 1e-3}\n", "job.yaml:3:1: not valid YAML: expected ',' or '}', but got '<stream end>' "
-                                              "while parsing a flow mapping begun at 2:6"),
-    (b"run:\n\ttrain: {}\n", "job.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
-    (b"train: {epochs: 1}\ntrain: {lr: 1}\n", 'job.yaml:2:1: not valid YAML: found duplicate key "train"'),
-    (b"description: \xff\n", "job.yaml:1: byte 0xff is not UTF-8; save the file as UTF-8"),
-    (b"a: &a [1, 1]\nb: [*a, *a]\n", "job.yaml:1:4: YAML anchors and aliases (&name, *name) are not allowed"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            b"name: x\nrun: {train: {lr: 1e-3}\n",
+            "job.yaml:3:1: not valid YAML: expected ',' or '}', but got '<stream end>' "
+            "while parsing a flow mapping begun at 2:6",
+        ),
+        (b"run:\n\ttrain: {}\n", "job.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+        (b"train: {epochs: 1}\ntrain: {lr: 1}\n", 'job.yaml:2:1: not valid YAML: found duplicate key "train"'),
+        (b"description: \xff\n", "job.yaml:1: byte 0xff is not UTF-8; save the file as UTF-8"),
+        (b"a: &a [1, 1]\nb: [*a, *a]\n", "job.yaml:1:4: YAML anchors and aliases (&name, *name) are not allowed"),
+    ],
+)
 def test_yaml_that_does_not_parse_is_one_line_with_its_place_and_writes_nothing(tmp_path, capsys, text, expected):
     from diffusion.__main__ import main
 
@@ -126,8 +146,10 @@ def test_yaml_that_does_not_parse_is_one_line_with_its_place_and_writes_nothing(
 def test_a_set_value_that_does_not_parse_names_the_item(tmp_path):
     with pytest.raises(ConfigError) as error:
         parse_override("model.channel_mults=[1,2")
-    assert str(error.value) == ("--set 'model.channel_mults=[1,2' (column 5): not valid YAML: expected ',' or ']', "
-                                "but got '<stream end>' while parsing a flow sequence begun at column 1")
+    assert str(error.value) == (
+        "--set 'model.channel_mults=[1,2' (column 5): not valid YAML: expected ',' or ']', "
+        "but got '<stream end>' while parsing a flow sequence begun at column 1"
+    )
 
 
 def test_a_broken_ops_yaml_is_one_line_with_its_place(tmp_path):
@@ -137,8 +159,10 @@ def test_a_broken_ops_yaml_is_one_line_with_its_place(tmp_path):
     (tmp_path / "ops.yaml").write_text("runs_dir: runs\ngithub_repo: [a\n")
     with pytest.raises(OpsError) as error:
         Project(tmp_path)
-    assert str(error.value) == (f"{tmp_path / 'ops.yaml'}:3:1: not valid YAML: expected ',' or ']', but got "
-                                "'<stream end>' while parsing a flow sequence begun at 2:14")
+    assert str(error.value) == (
+        f"{tmp_path / 'ops.yaml'}:3:1: not valid YAML: expected ',' or ']', but got "
+        "'<stream end>' while parsing a flow sequence begun at 2:14"
+    )
     (tmp_path / "ops.yaml").write_text("gcp_region: &r europe-west4\ngcs_bucket: *r\n")
     with pytest.raises(OpsError, match=r"ops.yaml:1:13: YAML anchors and aliases \(&name, \*name\) are not allowed"):
         Project(tmp_path)

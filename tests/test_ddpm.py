@@ -54,7 +54,9 @@ def test_cosine_alphas_cumprod_match_nichol_dhariwal():
     T, s = 1000, 0.008
 
     def alpha_bar(t):  # f(t) / f(0), Nichol & Dhariwal eq. 17
-        f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+        def f(u):
+            return math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+
         return f(t) / f(0)
 
     schedule = NoiseSchedule(T, "cosine")
@@ -76,9 +78,20 @@ def test_posterior_matches_ddpm_paper(beta_schedule):
     alphas_cumprod = np.cumprod(alphas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     # Ho et al. eq. 7: mu_tilde = sqrt(ab_prev) beta / (1 - ab) x0 + sqrt(alpha) (1 - ab_prev) / (1 - ab) x_t
-    np.testing.assert_allclose(schedule.posterior_mean_coef1.numpy(), np.sqrt(alphas_cumprod_prev) * betas / (1 - alphas_cumprod), rtol=1e-10)
-    np.testing.assert_allclose(schedule.posterior_mean_coef2.numpy(), np.sqrt(alphas) * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod), rtol=1e-10)
-    np.testing.assert_allclose(schedule.posterior_variance.numpy(), (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(
+        schedule.posterior_mean_coef1.numpy(), np.sqrt(alphas_cumprod_prev) * betas / (1 - alphas_cumprod), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        schedule.posterior_mean_coef2.numpy(),
+        np.sqrt(alphas) * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+        schedule.posterior_variance.numpy(),
+        (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) * betas,
+        rtol=1e-10,
+        atol=1e-300,
+    )
     assert schedule.posterior_variance[0].item() == 0.0
 
 
@@ -95,8 +108,12 @@ def test_add_noise_and_get_velocity_closed_form():
     x_t = schedule.add_noise(x0, noise, timesteps)
     v = schedule.get_velocity(x0, noise, timesteps)
     assert x_t.dtype == v.dtype == torch.float32
-    np.testing.assert_allclose(x_t.numpy(), np.sqrt(ab) * x0.numpy() + np.sqrt(1 - ab) * noise.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(v.numpy(), np.sqrt(ab) * noise.numpy() - np.sqrt(1 - ab) * x0.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        x_t.numpy(), np.sqrt(ab) * x0.numpy() + np.sqrt(1 - ab) * noise.numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        v.numpy(), np.sqrt(ab) * noise.numpy() - np.sqrt(1 - ab) * x0.numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -107,7 +124,9 @@ def test_true_target_converts_back_to_true_x0_and_eps(prediction_type):
     noise = torch.randn(5, 2, 4, 4, generator=gen, dtype=torch.float64)
     timesteps = torch.tensor([0, 1, 300, 700, 998])
     x_t = schedule.add_noise(x0, noise, timesteps)
-    target = {"epsilon": noise, "sample": x0, "v_prediction": schedule.get_velocity(x0, noise, timesteps)}[prediction_type]
+    target = {"epsilon": noise, "sample": x0, "v_prediction": schedule.get_velocity(x0, noise, timesteps)}[
+        prediction_type
+    ]
     alpha_prod_t = schedule.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
     pred_x0, pred_eps = to_original_and_epsilon(prediction_type, target, x_t, alpha_prod_t)
     torch.testing.assert_close(pred_x0, x0, rtol=1e-9, atol=1e-9)
@@ -175,8 +194,14 @@ def test_timestep_spacings_match_diffusers_except_its_extra_minus_one(spacing):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampling_with_61_steps_of_1000_stays_finite(sampler):
     method = DDPM(num_train_timesteps=1000)
-    out = method.generate(toy_model(1000), 2, (1, 4, 4), sampler=sampler, num_inference_steps=61,
-                        generator=torch.Generator().manual_seed(0))
+    out = method.generate(
+        toy_model(1000),
+        2,
+        (1, 4, 4),
+        sampler=sampler,
+        num_inference_steps=61,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.isfinite(out).all()
 
 
@@ -194,8 +219,14 @@ def test_timestep_spacings_small_case_by_hand():
 @pytest.mark.parametrize("clip_sample", [True, False])
 def test_ddim_eta_one_all_steps_equals_ddpm_ancestral(prediction_type, clip_sample):
     T = 20
-    kwargs = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-3, beta_end=0.2,
-                  prediction_type=prediction_type, clip_sample=clip_sample)
+    kwargs = dict(
+        num_train_timesteps=T,
+        beta_schedule="linear",
+        beta_start=1e-3,
+        beta_end=0.2,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    )
     ddpm, ddim = DDPMScheduler(**kwargs), DDIMScheduler(eta=1.0, **kwargs)
     ddpm.set_timesteps(T)
     ddim.set_timesteps(T)
@@ -225,7 +256,9 @@ def test_ddim_eta_zero_is_deterministic_and_ignores_the_generator():
     assert torch.equal(gen_a.get_state(), state_a)  # eta=0 draws no noise at all
     # Whereas eta > 0 does depend on it.
     scheduler.eta = 0.5
-    assert not torch.equal(run_sampler(scheduler, model, start, generator=gen_a), run_sampler(scheduler, model, start, generator=gen_b))
+    assert not torch.equal(
+        run_sampler(scheduler, model, start, generator=gen_a), run_sampler(scheduler, model, start, generator=gen_b)
+    )
 
 
 @pytest.mark.parametrize("clip_sample", [True, False])
@@ -282,8 +315,11 @@ def test_ddpm_all_steps_uses_the_schedule_posterior():
     x_t = torch.randn_like(x0)
     z = torch.randn_like(x0)
     for t in [29, 15, 1, 0]:
-        expected = (scheduler.posterior_mean_coef1[t] * x0 + scheduler.posterior_mean_coef2[t] * x_t
-                    + scheduler.posterior_variance[t].sqrt() * z)
+        expected = (
+            scheduler.posterior_mean_coef1[t] * x0
+            + scheduler.posterior_mean_coef2[t] * x_t
+            + scheduler.posterior_variance[t].sqrt() * z
+        )
         torch.testing.assert_close(scheduler.step(x0, t, x_t, variance_noise=z), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -310,7 +346,11 @@ def test_loss_draws_from_global_rng_and_regresses_the_target(prediction_type):
     assert seen["class_labels"] is labels
     x_t = method.schedule.add_noise(images, noise, timesteps)
     torch.testing.assert_close(seen["x"], x_t)
-    target = {"epsilon": noise, "sample": images, "v_prediction": method.schedule.get_velocity(images, noise, timesteps)}[prediction_type]
+    target = {
+        "epsilon": noise,
+        "sample": images,
+        "v_prediction": method.schedule.get_velocity(images, noise, timesteps),
+    }[prediction_type]
     assert loss.ndim == 0
     torch.testing.assert_close(loss, ((0.5 * x_t - target) ** 2).mean())
     method.loss(model, {"images": images})
@@ -321,8 +361,13 @@ class TinyDenoiser(torch.nn.Module):
     def __init__(self, T, dim=4, hidden=64):
         super().__init__()
         self.T = T
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
-                                       torch.nn.SiLU(), torch.nn.Linear(hidden, dim))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim + 1, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, dim),
+        )
 
     def forward(self, x, t, class_labels=None):
         h = torch.cat([x.flatten(1), (t.float() / self.T)[:, None]], dim=1)
@@ -369,7 +414,9 @@ def test_sample_shape_range_and_reproducibility(sampler):
 
     labels = torch.tensor([3, 1, 4, 1, 5])
     kwargs = dict(sampler=sampler, num_inference_steps=10, eta=1.0)
-    out = method.generate(recording_model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), class_labels=labels, **kwargs)
+    out = method.generate(
+        recording_model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), class_labels=labels, **kwargs
+    )
     assert out.shape == (5, 1, 6, 6)
     assert out.abs().max() <= 1
     assert len(calls) == 10
@@ -379,5 +426,7 @@ def test_sample_shape_range_and_reproducibility(sampler):
     other = method.generate(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(1), **kwargs)
     assert not torch.equal(out, other)
     # The range comes from clip_sample, not from a final clamp.
-    unclipped = DDPM(num_train_timesteps=T, clip_sample=False).generate(model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), **kwargs)
+    unclipped = DDPM(num_train_timesteps=T, clip_sample=False).generate(
+        model, 5, (1, 6, 6), generator=torch.Generator().manual_seed(0), **kwargs
+    )
     assert unclipped.abs().max() > 1

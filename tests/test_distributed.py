@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from diffusion.methods import build_method
 from diffusion.data import DataSpec
+from diffusion.methods import build_method
 from diffusion.runtime import seed_everything
 from diffusion.trained import build_network
 from tests.conftest import REPO, write_config
@@ -25,13 +25,27 @@ def train_with_ranks(config_path, run_dir, world_size: int) -> None:
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
         if world_size == 1:
             env = {key: value for key, value in env.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "diffusion", "train", str(config_path), "--out", str(run_dir)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "diffusion", "train", str(config_path), "--out", str(run_dir)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     assert all(process.returncode == 0 for process in processes), outputs
 

@@ -35,8 +35,11 @@ def copy_site_sources(root: Path) -> None:
     """mkdocs.yml, docs/ without the repo's own journal posts, and the files the pages include."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "mkdocs.yml", root)
-    shutil.copytree(REPO / "docs", root / "docs",
-                    ignore=lambda folder, names: ["posts"] if Path(folder) == REPO / "docs/blog" else [])
+    shutil.copytree(
+        REPO / "docs",
+        root / "docs",
+        ignore=lambda folder, names: ["posts"] if Path(folder) == REPO / "docs/blog" else [],
+    )
     for page in (REPO / "docs").rglob("*.md"):
         for name in re.findall(r'^--8<-- "([^":]+)', page.read_text(), re.M):
             shutil.copy(REPO / name, root / name)
@@ -44,8 +47,14 @@ def copy_site_sources(root: Path) -> None:
 
 def build(root: Path) -> Path:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", "site"], cwd=root,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", "site"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     return root / "site"
@@ -201,11 +210,26 @@ def dump_dom(url: str, wait_ms: int | None = None) -> str:
         pytest.skip("chromium not installed: apt-get install -y chromium (.ci/run installs it)")
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1280,900",
-             *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []), "--dump-dom", url],
-            capture_output=True, text=True, timeout=120)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                *([f"--virtual-time-budget={wait_ms}"] if wait_ms else []),
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -10,8 +10,16 @@ def test_eval_command_scores_samples_next_to_the_real_floor(tiny_config, tmp_pat
     run = tmp_path / "run"
     train(tiny_config, run)
     result = run_diffusion(
-        "eval", run, "--set", "eval.num_samples=40", "--set", "eval.classifier_subset=2000",
-        "--set", "eval.classifier_epochs=1", "--set", "sample.num_inference_steps=3",
+        "eval",
+        run,
+        "--set",
+        "eval.num_samples=40",
+        "--set",
+        "eval.classifier_subset=2000",
+        "--set",
+        "eval.classifier_epochs=1",
+        "--set",
+        "sample.num_inference_steps=3",
         env={**os.environ, "DIFFUSION_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr

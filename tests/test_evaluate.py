@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from diffusion.nets.lenet import LeNet
 from diffusion.scores.images import (
     class_entropy_bits,
     classifier_cache_key,
@@ -17,7 +18,6 @@ from diffusion.scores.images import (
     reference_features,
     sample_scores,
 )
-from diffusion.nets.lenet import LeNet
 
 CLASSIFIER_SUBSET = 10_000  # training images for the test classifier: enough for >= 95%, trains in seconds
 NUM_SCORE_SAMPLES = 2000

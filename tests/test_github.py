@@ -93,7 +93,9 @@ def test_submit_opens_one_issue_and_the_end_adds_one_comment(ops_project, github
     assert f"Journal post: https://lab.example/journal/blog/{run['ops_id']}/" in comment["body"]
     assert f"![samples](https://lab.example/journal/blog/{run['ops_id']}/samples.png)" in comment["body"]
     post = Path(ops_json(root, "monitor", run["ops_id"])["journal_post"])
-    assert (post.parent / run["ops_id"] / "samples.png").read_bytes() == (Path(run["run_dir"]) / "samples/final.png").read_bytes()
+    assert (post.parent / run["ops_id"] / "samples.png").read_bytes() == (
+        Path(run["run_dir"]) / "samples/final.png"
+    ).read_bytes()
     assert github.issues[issue["number"]]["labels"] == ["experiment", "engine: local", "state: succeeded"]
 
     # Reconciled again and again: nothing more is sent.
@@ -144,8 +146,13 @@ def test_outages_leave_the_actions_in_the_outbox_and_sync_sends_each_once(ops_pr
 def test_a_crash_between_creating_the_issue_and_recording_it_makes_no_second_issue(ops_project, github):
     root = ops_project
     github.hang_after_create = True
-    submit = subprocess.Popen([sys.executable, "-m", "ops", "submit", "tiny", "--json"], cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "ops", "submit", "tiny", "--json"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert github.created.wait(60)
     submit.send_signal(signal.SIGKILL)  # GitHub has the issue; ops never heard back
     submit.communicate()
@@ -216,8 +223,9 @@ def test_the_result_comment_of_a_text_run_quotes_its_samples(git_project):
 
 
 def start_ops(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ops", *args], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ops", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_reconciling_commands_at_once_post_each_issue_and_comment_once(ops_project, github):
@@ -226,14 +234,20 @@ def test_reconciling_commands_at_once_post_each_issue_and_comment_once(ops_proje
     root = ops_project
     github.down = True
     for round_number, runs in enumerate((3, 2)):
-        submitted = [ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=2")["runs"][0]
-                     for _ in range(runs)]
+        submitted = [ops_json(root, "submit", "tiny", "--set", "run.train.max_steps=2")["runs"][0] for _ in range(runs)]
         for run in submitted:
             wait_for(lambda: (Path(run["run_dir"]) / "exit_status.json").is_file())
         github.down, github.latency = False, 0.1
-        commands = [["sync", "--json"], ["sync", "--json"]] if round_number == 0 else \
-            [["sync", "--json"], ["list", "--json"], ["monitor", submitted[0]["ops_id"], "--json"],
-             ["wait", submitted[1]["ops_id"]]]
+        commands = (
+            [["sync", "--json"], ["sync", "--json"]]
+            if round_number == 0
+            else [
+                ["sync", "--json"],
+                ["list", "--json"],
+                ["monitor", submitted[0]["ops_id"], "--json"],
+                ["wait", submitted[1]["ops_id"]],
+            ]
+        )
         processes = [start_ops(root, *command) for command in commands]
         for process, command in zip(processes, commands):
             out, err = process.communicate(timeout=300)
@@ -255,7 +269,8 @@ def test_an_existing_label_in_another_case_is_used_and_a_permanent_error_is_not_
     assert github.issues[1]["labels"][0] == "Experiment" and "experiment" not in github.labels
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
     assert len(github.comments[1]) == 1 and [p for p in posts(github, "/labels")] == [
-        p for p in posts(github, "/labels") if "xperiment" not in p["body"]]
+        p for p in posts(github, "/labels") if "xperiment" not in p["body"]
+    ]
 
     github.fail("401")
     second = ops(root, "submit", "tiny", "--set", "run.train.max_steps=2", "--json")

@@ -21,8 +21,15 @@ def tiny_unet(num_classes: int = 10) -> UNet:
     """A UNet as if trained: random weights everywhere (fresh, its zero-initialised layers would
     make the output ignore the class)."""
     torch.manual_seed(0)
-    net = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=False,
-               norm_groups=4, num_classes=num_classes).eval()
+    net = UNet(
+        in_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention=False,
+        norm_groups=4,
+        num_classes=num_classes,
+    ).eval()
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.normal_(0, 0.2)
@@ -59,8 +66,12 @@ def test_label_dropout_hands_the_net_the_null_class_that_often(label_dropout):
 def test_label_dropout_comes_from_the_config_and_only_for_conditional_models():
     conditional = validate_run({"model": {"class_conditional": True}})
     assert build_method(conditional).label_dropout == 0.1 and build_method(conditional).num_classes == 10
-    assert build_method(validate_run({"model": {"class_conditional": True}, "method": {"label_dropout": 0.25}})
-                        ).label_dropout == 0.25
+    assert (
+        build_method(
+            validate_run({"model": {"class_conditional": True}, "method": {"label_dropout": 0.25}})
+        ).label_dropout
+        == 0.25
+    )
     assert build_method(validate_run({})).label_dropout == 0.0  # nothing to drop
 
 
@@ -98,8 +109,14 @@ def test_guidance_needs_a_class_conditional_image_model():
     with pytest.raises(ConfigError, match=r"sample.guidance_scale: 2.0 is not allowed with model.class_conditional"):
         validate_run({"sample": {"guidance_scale": 2.0}})
     with pytest.raises(ConfigError, match=r"sample.guidance_scale: 2.0 is not allowed with data.dataset 'shakespeare'"):
-        validate_run({"data": {"dataset": "shakespeare"}, "model": {"name": "transformer"},
-                      "method": {"name": "masked"}, "sample": {"sampler": "ancestral", "guidance_scale": 2.0}})
+        validate_run(
+            {
+                "data": {"dataset": "shakespeare"},
+                "model": {"name": "transformer"},
+                "method": {"name": "masked"},
+                "sample": {"sampler": "ancestral", "guidance_scale": 2.0},
+            }
+        )
 
 
 def test_a_conditional_run_samples_guided_with_dpm_solver_and_scores_its_class_accuracy(tiny_config, tmp_path):
@@ -108,8 +125,19 @@ def test_a_conditional_run_samples_guided_with_dpm_solver_and_scores_its_class_a
     run = tmp_path / "run"
     assert train(tiny_config, run) == 0
     env = {**os.environ, "DIFFUSION_CACHE_DIR": str(tmp_path / "cache")}
-    sampled = run_diffusion("sample", run, "--set", "sample.sampler=dpmsolver++", "--set", "sample.num_inference_steps=5",
-                            "--set", "sample.guidance_scale=2", "--set", "sample.num_samples=20", env=env)
+    sampled = run_diffusion(
+        "sample",
+        run,
+        "--set",
+        "sample.sampler=dpmsolver++",
+        "--set",
+        "sample.num_inference_steps=5",
+        "--set",
+        "sample.guidance_scale=2",
+        "--set",
+        "sample.num_samples=20",
+        env=env,
+    )
     assert sampled.returncode == 0, sampled.stderr
     arrays = np.load(run / "samples/dpmsolver++5-w2-seed0.npz")
     assert arrays["images"].shape == (20, 1, 28, 28)
@@ -117,9 +145,20 @@ def test_a_conditional_run_samples_guided_with_dpm_solver_and_scores_its_class_a
     assert (run / "samples/dpmsolver++5-w2-seed0.png").is_file()
 
     evaluated = run_diffusion(
-        "eval", run, "--set", "eval.num_samples=30", "--set", "eval.classifier_subset=2000",
-        "--set", "eval.classifier_epochs=1", "--set", "sample.num_inference_steps=3", "--set", "sample.class_label=4",
-        env=env)
+        "eval",
+        run,
+        "--set",
+        "eval.num_samples=30",
+        "--set",
+        "eval.classifier_subset=2000",
+        "--set",
+        "eval.classifier_epochs=1",
+        "--set",
+        "sample.num_inference_steps=3",
+        "--set",
+        "sample.class_label=4",
+        env=env,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     record = json.loads((run / "eval/ddim3-class4-seed0.json").read_text())
     scores = record["scores"]

@@ -24,8 +24,16 @@ def image_project(tmp_path, image_infra, monkeypatch):
     """A copy of this repository's working tree (files git tracks or would track) as its own git repo,
     building into the local registry. `python -m ops` run in it imports that copy's ops."""
     root = tmp_path / "project"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +45,12 @@ def image_project(tmp_path, image_infra, monkeypatch):
     # Fixed dates: every test's copy gets the same commit, so later tests find its image in the registry.
     fixed = {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
     subprocess.run(["git", "commit", "-qm", "snapshot"], cwd=root, check=True, env={**os.environ, **fixed})
-    for key, value in {"IMAGE_REPOSITORY": f"{image_infra.registry}/diffusion", "IMAGE_BUILDER": "buildah",
-                       "IMAGE_BASE": image_infra.base_image, "IMAGE_TLS_VERIFY": "false"}.items():
+    for key, value in {
+        "IMAGE_REPOSITORY": f"{image_infra.registry}/diffusion",
+        "IMAGE_BUILDER": "buildah",
+        "IMAGE_BASE": image_infra.base_image,
+        "IMAGE_TLS_VERIFY": "false",
+    }.items():
         monkeypatch.setenv(f"OPS_{key}", value)
     yield root
     # Each image is a full copy in vfs storage (~1.5 GB): drop the local ones (the registry keeps its copy).
@@ -50,8 +62,11 @@ def image_project(tmp_path, image_infra, monkeypatch):
 
 def layer_bytes(reference: str, folder: Path) -> list[bytes]:
     """Every file's bytes in every layer of the pushed image."""
-    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{reference}", f"dir:{folder}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{reference}", f"dir:{folder}"],
+        check=True,
+        capture_output=True,
+    )
     contents = []
     manifest = json.loads((folder / "manifest.json").read_text())
     for layer in manifest["layers"]:
@@ -70,8 +85,12 @@ def test_build_tags_by_commit_skips_a_known_tag_and_keeps_secrets_out(image_proj
     first = ops_json(root, "build", "--push")
     assert first["tag"] == head[:12] and first["built"] and first["pushed"]
     assert first["digest"].startswith("sha256:")
-    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
-                                f"docker://{first['reference']}"], capture_output=True, text=True, check=True)
+    inspected = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}", f"docker://{first['reference']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert inspected.stdout.strip() == first["digest"]
 
     again = ops_json(root, "build", "--push")
@@ -106,8 +125,11 @@ def test_submit_to_vertex_builds_the_image_of_the_run_and_names_it_by_digest(ima
         server = create_server("127.0.0.1", port, in_memory=True, default_bucket="test-bucket")
         server.start()
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-        for key, value in {"GCP_PROJECT": "p", "GCS_BUCKET": "gs://test-bucket/runs",
-                           "VERTEX_API_ENDPOINT": standin.url}.items():
+        for key, value in {
+            "GCP_PROJECT": "p",
+            "GCS_BUCKET": "gs://test-bucket/runs",
+            "VERTEX_API_ENDPOINT": standin.url,
+        }.items():
             monkeypatch.setenv(f"OPS_{key}", value)
         try:
             run = ops_json(root, "submit", "mnist-quick", "--engine", "vertex")["runs"][0]

@@ -26,13 +26,22 @@ def test_base_image_holds_torch_and_the_dependencies(image_infra):
     start = time.monotonic()
     container = buildah("from", "--pull-never", image_infra.base_image, capture=True).stdout.strip().splitlines()[-1]
     try:
-        result = buildah("run", "--isolation", "chroot", container, "--", "python3", "-c",
-                         "import torch, pydantic, torchvision, numpy, scipy, torchmetrics, matplotlib, typer, rich, "
-                         "psutil, filelock, submitit, ruamel.yaml, PIL; from torchvision.ops import nms; "
-                         "from importlib.metadata import version; version('gitpython'); "
-                         "print(torch.__version__, torchvision.__version__, pydantic.VERSION, "
-                         "nms(torch.tensor([[0., 0, 1, 1], [0, 0, 1, 1]]), torch.tensor([0.9, 0.8]), 0.5).tolist())",
-                         capture=True, check=False)
+        result = buildah(
+            "run",
+            "--isolation",
+            "chroot",
+            container,
+            "--",
+            "python3",
+            "-c",
+            "import torch, pydantic, torchvision, numpy, scipy, torchmetrics, matplotlib, typer, rich, "
+            "psutil, filelock, submitit, ruamel.yaml, PIL; from torchvision.ops import nms; "
+            "from importlib.metadata import version; version('gitpython'); "
+            "print(torch.__version__, torchvision.__version__, pydantic.VERSION, "
+            "nms(torch.tensor([[0., 0, 1, 1], [0, 0, 1, 1]]), torch.tensor([0.9, 0.8]), 0.5).tolist())",
+            capture=True,
+            check=False,
+        )
     finally:
         buildah("rm", container, capture=True, check=False)
     print(f"\nbase image check (from + run + rm): {time.monotonic() - start:.1f} s: {result.stdout.strip()}")
@@ -52,8 +61,17 @@ def test_real_dockerfile_builds_on_the_base_and_pushes(image_infra, tmp_path):
     digest_file = tmp_path / "digest"
     try:
         start = time.monotonic()
-        build = _run("buildah", "bud", "--isolation", "chroot", "--build-arg", f"BASE_IMAGE={image_infra.base_image}",
-                     "-t", ref, str(context))
+        build = _run(
+            "buildah",
+            "bud",
+            "--isolation",
+            "chroot",
+            "--build-arg",
+            f"BASE_IMAGE={image_infra.base_image}",
+            "-t",
+            ref,
+            str(context),
+        )
         built = time.monotonic()
         output = build.stdout + build.stderr
         assert build.returncode == 0, output[-4000:]
@@ -71,7 +89,9 @@ def test_real_dockerfile_builds_on_the_base_and_pushes(image_infra, tmp_path):
         digest = digest_file.read_text().strip()
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
         assert inspect.stdout.strip() == digest
-        print(f"\nbuild {built - start:.1f} s, push {pushed - built:.1f} s, inspect {time.monotonic() - pushed:.1f} s; "
-              f"{ref}@{digest}")
+        print(
+            f"\nbuild {built - start:.1f} s, push {pushed - built:.1f} s, inspect {time.monotonic() - pushed:.1f} s; "
+            f"{ref}@{digest}"
+        )
     finally:
         _run("buildah", "rmi", "--force", ref)  # vfs keeps a full copy of each layer: don't let test images pile up

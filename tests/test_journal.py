@@ -52,9 +52,14 @@ def journal_project(tmp_path_factory):
         while_running = Path(ops_json(root, "journal", runs["cancelled"]["ops_id"])["post"]).read_text()
         assert ops_json(root, "cancel", runs["cancelled"]["ops_id"], "--grace", "0")["state"] == "CANCELLED"
         rows = {row["ops_id"]: row for row in registry_rows(root)}
-        yield SimpleNamespace(root=root, posts=root / "docs/blog/posts", synced=synced,
-                              posts_before_sync=posts_before_sync, while_running=while_running,
-                              runs={key: rows[run["ops_id"]] for key, run in runs.items()})
+        yield SimpleNamespace(
+            root=root,
+            posts=root / "docs/blog/posts",
+            synced=synced,
+            posts_before_sync=posts_before_sync,
+            while_running=while_running,
+            runs={key: rows[run["ops_id"]] for key, run in runs.items()},
+        )
 
 
 def front_matter(text: str) -> dict:
@@ -65,7 +70,7 @@ def front_matter(text: str) -> dict:
 def table_rows(text: str, header: str) -> dict[str, list[str]]:
     lines = text.splitlines()
     rows = {}
-    for line in lines[lines.index(header) + 2:]:
+    for line in lines[lines.index(header) + 2 :]:
         if not line.startswith("|"):
             break
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -207,10 +212,15 @@ def test_compare_post_has_both_grids_and_keeps_its_observations(journal_project)
     assert path.parent == project.posts and re.fullmatch(r"\d{4}-\d\d-\d\d-compare-[0-9a-f]{8}\.md", path.name)
     text = path.read_text()
     slug = path.stem[11:]
-    assert front_matter(text) == {"date": datetime.date.fromisoformat(path.name[:10]), "slug": slug,
-                                  "categories": ["comparisons"]}
+    assert front_matter(text) == {
+        "date": datetime.date.fromisoformat(path.name[:10]),
+        "slug": slug,
+        "categories": ["comparisons"],
+    }
     assert table_rows(text, f"| key | {a['ops_id']} | {b['ops_id']} |") == {
-        "`train.epochs`": ["2", "1"], "`train.lr`": ["0.001", "0.002"]}
+        "`train.epochs`": ["2", "1"],
+        "`train.lr`": ["0.001", "0.002"],
+    }
     for run in (a, b):
         assert f"![{run['ops_id']}]({slug}/{run['ops_id']}.png)" in text
         grid = project.posts / slug / f"{run['ops_id']}.png"
@@ -236,13 +246,20 @@ def test_the_posts_build_with_mkdocs_strict_and_their_images_resolve(journal_pro
         'plugins: [{blog: {post_url_format: "{slug}"}}]\n'
         "markdown_extensions: [admonition, attr_list, pymdownx.details, pymdownx.superfences, tables]\n"
     )
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)],
-                           capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert built.returncode == 0, built.stderr
 
-    expected = {a: {"loss.png": project.posts / a / "loss.png", "samples.png": project.posts / a / "samples.png"},
-                compare_post.stem[11:]: {f"{ops_id}.png": project.posts / compare_post.stem[11:] / f"{ops_id}.png"
-                                         for ops_id in (a, b)}}
+    expected = {
+        a: {"loss.png": project.posts / a / "loss.png", "samples.png": project.posts / a / "samples.png"},
+        compare_post.stem[11:]: {
+            f"{ops_id}.png": project.posts / compare_post.stem[11:] / f"{ops_id}.png" for ops_id in (a, b)
+        },
+    }
     for slug, images in expected.items():
         page = tmp_path / "site/blog" / slug / "index.html"
         html = page.read_text()
@@ -260,7 +277,7 @@ def test_loss_figure_shows_a_validation_curve_when_one_was_logged(tmp_path):
     from ops.journal import TRAINING_COLOUR, VALIDATION_COLOUR, plot_loss
 
     def colour_share(png: Path, colour: str) -> float:
-        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
         with Image.open(png) as image:
             pixels = np.asarray(image.convert("RGB")).astype(int)
         return (np.abs(pixels - rgb).sum(axis=-1) < 40).mean()

@@ -63,11 +63,21 @@ def toy_method():
 
 def toy_config(root: Path, **train) -> dict:
     return {
-        "task": "train", "device": "cpu",
+        "task": "train",
+        "device": "cpu",
         "data": {"root": str(root), "download": False, "subset": 64},
         "method": {"name": "toy-scale"},
-        "train": {"batch_size": 16, "epochs": 2, "lr": 0.05, "log_every": 1, "sample_every_epochs": 1,
-                  "checkpoint_every_steps": 2, "checkpoint_every_minutes": None, "progress": "lines", **train},
+        "train": {
+            "batch_size": 16,
+            "epochs": 2,
+            "lr": 0.05,
+            "log_every": 1,
+            "sample_every_epochs": 1,
+            "checkpoint_every_steps": 2,
+            "checkpoint_every_minutes": None,
+            "progress": "lines",
+            **train,
+        },
         "sample": {"num_samples": 5, "seed": 3},
     }
 

@@ -73,8 +73,17 @@ def test_a_project_in_a_subfolder_keeps_its_records_out_of_the_patch_and_reruns_
 
 def test_a_slurm_job_of_a_project_in_a_subfolder_imports_its_snapshot(nested, slurm_cluster):
     project = nested
-    run = ops_json(project, "submit", "tiny", "--engine", "slurm", "--set", "run.train.max_steps=1",
-                   "--set", "resources.slurm.cpus_per_task=1")["runs"][0]
+    run = ops_json(
+        project,
+        "submit",
+        "tiny",
+        "--engine",
+        "slurm",
+        "--set",
+        "run.train.max_steps=1",
+        "--set",
+        "resources.slurm.cpus_per_task=1",
+    )["runs"][0]
     result = ops(project, "wait", run["ops_id"], "--interval", "1", timeout=600)
     assert result.returncode == 0, ops(project, "monitor", run["ops_id"], "--logs").stdout
     assert imported_by(project, run["run_dir"]) == {str(Path(run["run_dir"]) / "code/sub/diffusion/__init__.py")}

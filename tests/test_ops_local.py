@@ -15,9 +15,25 @@ import pytest
 
 from tests.ops_project import git, make_project, metrics_steps, ops, ops_json, registry_rows, wait_for
 
-RUN_FIELDS = {"ops_id", "name", "engine", "engine_job_id", "state", "run_dir", "git_commit", "created_at",
-              "started_at", "finished_at", "exit_code", "requeues", "sweep", "overrides", "github_issue",
-              "journal_post", "detail"}
+RUN_FIELDS = {
+    "ops_id",
+    "name",
+    "engine",
+    "engine_job_id",
+    "state",
+    "run_dir",
+    "git_commit",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "exit_code",
+    "requeues",
+    "sweep",
+    "overrides",
+    "github_issue",
+    "journal_post",
+    "detail",
+}
 PROGRESS_FIELDS = {"step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent"}
 
 
@@ -47,14 +63,28 @@ def test_submit_runs_to_success_and_records_it(ops_project):
     assert waited.returncode == 0, waited.stdout + waited.stderr
 
     run_dir = Path(run["run_dir"])
-    for name in ("config.yaml", "provenance.json", "diff.patch", "metrics.jsonl", "summary.json", "log.txt", "job.json"):
+    for name in (
+        "config.yaml",
+        "provenance.json",
+        "diff.patch",
+        "metrics.jsonl",
+        "summary.json",
+        "log.txt",
+        "job.json",
+    ):
         assert (run_dir / name).is_file(), name
     head = git(root, "rev-parse", "HEAD")
     assert json.loads((run_dir / "provenance.json").read_text())["git"]["commit"] == head
 
     [row] = registry_rows(root)
     assert (row["ops_id"], row["state"], row["engine_job_id"], row["run_dir"], row["git_commit"], row["exit_code"]) == (
-        run["ops_id"], "SUCCEEDED", run["engine_job_id"], str(run_dir), head, 0)
+        run["ops_id"],
+        "SUCCEEDED",
+        run["engine_job_id"],
+        str(run_dir),
+        head,
+        0,
+    )
 
     view = ops_json(root, "monitor", run["ops_id"], "--logs")
     assert RUN_FIELDS | {"elapsed_seconds", "progress", "log_tail"} <= set(view)
@@ -79,8 +109,9 @@ def test_submit_runs_to_success_and_records_it(ops_project):
 def test_a_failing_run_ends_failed_and_its_log_shows_the_traceback(ops_project):
     root = ops_project
     (root / "broken.pt").write_bytes(b"not a checkpoint")
-    run = ops_json(root, "submit", "tiny", "--set", "run.task=sample",
-                   "--set", f"run.sample.checkpoint={root / 'broken.pt'}")["runs"][0]
+    run = ops_json(
+        root, "submit", "tiny", "--set", "run.task=sample", "--set", f"run.sample.checkpoint={root / 'broken.pt'}"
+    )["runs"][0]
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 1
     shown = ops(root, "monitor", run["ops_id"], "--logs")
     assert "FAILED" in shown.stdout and "Traceback (most recent call last)" in shown.stdout
@@ -153,10 +184,14 @@ def test_a_preempted_run_is_shown_as_such_and_resumes_to_the_same_end(ops_projec
 def test_twenty_concurrent_submits_get_distinct_ids_and_a_consistent_registry(ops_project):
     root = ops_project
     command = [sys.executable, "-m", "ops", "submit", "tiny", "--set", "train.max_steps=1", "--json"]
-    processes = [subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(20)]
+    processes = [
+        subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(20)
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
-    assert all(process.returncode == 0 for process in processes), [(process.returncode, err) for process, (_, err) in zip(processes, outputs)]
+    assert all(process.returncode == 0 for process in processes), [
+        (process.returncode, err) for process, (_, err) in zip(processes, outputs)
+    ]
     ids = [json.loads(out)["runs"][0]["ops_id"] for out, _ in outputs]
     assert len(set(ids)) == 20
 
@@ -187,8 +222,12 @@ def test_the_bad_spec_corpus_is_big_enough():
 def test_a_bad_spec_gives_one_line_naming_the_key_and_creates_nothing(git_project, spec):
     expected = spec.read_bytes().splitlines()[0].decode().removeprefix("# expect: ")
     (git_project / "configs/jobs" / spec.name).write_bytes(spec.read_bytes())
-    commands = (["submit", spec.stem], ["submit", spec.stem, "--dry-run"], ["config", "show", spec.stem],
-                ["config", "set", spec.stem, "hypothesis=edited"])
+    commands = (
+        ["submit", spec.stem],
+        ["submit", spec.stem, "--dry-run"],
+        ["config", "show", spec.stem],
+        ["config", "set", spec.stem, "hypothesis=edited"],
+    )
     for command in commands:
         result = ops(git_project, *command)
         assert result.returncode == 2, command
@@ -202,17 +241,23 @@ def test_a_bad_spec_gives_one_line_naming_the_key_and_creates_nothing(git_projec
     assert not (git_project / "runs").exists() and not (git_project / "EXPERIMENT_LOG.md").exists()
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--set", "run.train.epochs=0"], "run.train.epochs: 0 is not allowed"),
-    (["--set", "train.lrr=1"], "run.train.lrr: unknown key; did you mean 'run.train.lr'?"),
-    (["--sweep", "run.train.lr=1e-3,-1"], "run.train.lr: -1 is not allowed"),
-    (["--engine", "kubernetes"], "engine: 'kubernetes' is not allowed"),
-    (["--set", "resources.local.treads=2"], "did you mean 'resources.local.threads'?"),
-    (["--set", "run.model.channel_mults=[1,2"], "--set 'run.model.channel_mults=[1,2' (column 5): not valid YAML: "
-     "expected ',' or ']', but got '<stream end>'"),
-    (["--set", "run.train.lr=&x 1"], "--set 'run.train.lr=&x 1' (column 1): YAML anchors and aliases"),
-    (["--sweep", "run.train.lr=1e-3,{a"], "--sweep 'run.train.lr=1e-3,{a' (column 3): not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "run.train.epochs=0"], "run.train.epochs: 0 is not allowed"),
+        (["--set", "train.lrr=1"], "run.train.lrr: unknown key; did you mean 'run.train.lr'?"),
+        (["--sweep", "run.train.lr=1e-3,-1"], "run.train.lr: -1 is not allowed"),
+        (["--engine", "kubernetes"], "engine: 'kubernetes' is not allowed"),
+        (["--set", "resources.local.treads=2"], "did you mean 'resources.local.threads'?"),
+        (
+            ["--set", "run.model.channel_mults=[1,2"],
+            "--set 'run.model.channel_mults=[1,2' (column 5): not valid YAML: "
+            "expected ',' or ']', but got '<stream end>'",
+        ),
+        (["--set", "run.train.lr=&x 1"], "--set 'run.train.lr=&x 1' (column 1): YAML anchors and aliases"),
+        (["--sweep", "run.train.lr=1e-3,{a"], "--sweep 'run.train.lr=1e-3,{a' (column 3): not valid YAML"),
+    ],
+)
 def test_bad_overrides_submit_nothing(git_project, args, expected):
     result = ops(git_project, "submit", "tiny", *args)
     assert result.returncode == 2 and expected in result.stderr and len(result.stderr.splitlines()) == 1
@@ -222,19 +267,31 @@ def test_bad_overrides_submit_nothing(git_project, args, expected):
 def test_config_set_keeps_comments_and_refuses_invalid_values(git_project):
     path = git_project / "configs/jobs/tiny.yaml"
     before = path.read_text()
-    result = ops(git_project, "config", "set", "tiny", "run.train.lr=5e-4", "resources.vertex.accelerator_type=NVIDIA_TESLA_V100",
-                 "resources.vertex.accelerator_count=1")  # a GPU type needs a count (Vertex's rule)
+    result = ops(
+        git_project,
+        "config",
+        "set",
+        "tiny",
+        "run.train.lr=5e-4",
+        "resources.vertex.accelerator_type=NVIDIA_TESLA_V100",
+        "resources.vertex.accelerator_count=1",
+    )  # a GPU type needs a count (Vertex's rule)
     assert result.returncode == 0, result.stderr
     after = path.read_text()
     assert "    lr: 5e-4                   # a comment `ops config set` must keep" in after  # as typed
     assert "threads: 1      # many runs share two cores in the tests" in after
     changed = set(before.splitlines()) ^ set(after.splitlines())
     assert all("lr:" in line or "vertex" in line or "accelerator_" in line for line in changed), changed
-    assert ops_json(git_project, "config", "show", "tiny")["resources"]["vertex"]["accelerator_type"] == "NVIDIA_TESLA_V100"
+    assert (
+        ops_json(git_project, "config", "show", "tiny")["resources"]["vertex"]["accelerator_type"]
+        == "NVIDIA_TESLA_V100"
+    )
 
-    for bad, message in [("run.train.lr=-1", "run.train.lr: -1 is not allowed"),
-                         ("run.train.lrr=1", "did you mean 'run.train.lr'?"),
-                         ("run.model=3", "run.model: 3 is not allowed")]:
+    for bad, message in [
+        ("run.train.lr=-1", "run.train.lr: -1 is not allowed"),
+        ("run.train.lrr=1", "did you mean 'run.train.lr'?"),
+        ("run.model=3", "run.model: 3 is not allowed"),
+    ]:
         result = ops(git_project, "config", "set", "tiny", bad)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert path.read_text() == after
@@ -243,11 +300,20 @@ def test_config_set_keeps_comments_and_refuses_invalid_values(git_project):
 
 def test_dry_run_and_sweep(ops_project):
     root = ops_project
-    planned = ops_json(root, "submit", "tiny", "--dry-run", "--sweep", "run.train.lr=1e-3,1e-4",
-                       "--sweep", "run.model.channel_mults=[1,2],[1,1]")
+    planned = ops_json(
+        root,
+        "submit",
+        "tiny",
+        "--dry-run",
+        "--sweep",
+        "run.train.lr=1e-3,1e-4",
+        "--sweep",
+        "run.model.channel_mults=[1,2],[1,1]",
+    )
     assert planned["dry_run"] and len(planned["runs"]) == 4
-    assert {(r["spec"]["run"]["train"]["lr"], tuple(r["spec"]["run"]["model"]["channel_mults"])) for r in planned["runs"]} \
-        == {(1e-3, (1, 2)), (1e-4, (1, 2)), (1e-3, (1, 1)), (1e-4, (1, 1))}
+    assert {
+        (r["spec"]["run"]["train"]["lr"], tuple(r["spec"]["run"]["model"]["channel_mults"])) for r in planned["runs"]
+    } == {(1e-3, (1, 2)), (1e-4, (1, 2)), (1e-3, (1, 1)), (1e-4, (1, 1))}
     assert "-m diffusion" in planned["runs"][0]["would_start"]
     assert not (root / "runs").exists()
 
@@ -310,8 +376,10 @@ def test_registry_migrates_an_old_schema_and_keeps_its_rows(tmp_path):
     path = tmp_path / "registry.sqlite"
     db = sqlite3.connect(path)
     db.executescript(MIGRATIONS[0])
-    db.execute("INSERT INTO runs (ops_id, name, engine, state, run_dir, created_at, updated_at) "
-               "VALUES ('old-1', 'old', 'local', 'SUCCEEDED', '/x', 1.0, 1.0)")
+    db.execute(
+        "INSERT INTO runs (ops_id, name, engine, state, run_dir, created_at, updated_at) "
+        "VALUES ('old-1', 'old', 'local', 'SUCCEEDED', '/x', 1.0, 1.0)"
+    )
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -344,12 +412,22 @@ def test_unknown_job_id_is_one_clear_line(git_project):
 def test_resources_of_another_engine_are_named_in_a_warning(git_project):
     result = ops(git_project, "submit", "tiny", "--dry-run", "--json", "--set", "resources.slurm.gpus_per_node=2")
     assert result.returncode == 0, result.stderr
-    warning = ("warning: --set resources.slurm.gpus_per_node=2: the run goes to the local engine, which ignores "
-               "resources.slurm; add --engine slurm to use it")
+    warning = (
+        "warning: --set resources.slurm.gpus_per_node=2: the run goes to the local engine, which ignores "
+        "resources.slurm; add --engine slurm to use it"
+    )
     assert result.stderr.strip().splitlines() == [warning]
     assert json.loads(result.stdout)["runs"][0]["warnings"] == [warning.removeprefix("warning: ")]
-    result = ops(git_project, "submit", "tiny", "--dry-run", "--set", "resources.local.threads=2",
-                 "--sweep", "resources.vertex.spot=true,false")
+    result = ops(
+        git_project,
+        "submit",
+        "tiny",
+        "--dry-run",
+        "--set",
+        "resources.local.threads=2",
+        "--sweep",
+        "resources.vertex.spot=true,false",
+    )
     assert result.returncode == 0 and result.stderr.count("warning:") == 2  # one per sweep value
     assert "resources.vertex.spot=false: the run goes to the local engine" in result.stderr
 
@@ -366,23 +444,29 @@ def test_output_to_a_pipe_never_wraps_a_line(ops_project):
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): path.read_bytes().hex()[:64] if path.is_file() else "dir"
-            for path in sorted(root.rglob("*")) if ".git" not in path.parts}
+    return {
+        str(path.relative_to(root)): path.read_bytes().hex()[:64] if path.is_file() else "dir"
+        for path in sorted(root.rglob("*"))
+        if ".git" not in path.parts
+    }
 
 
-@pytest.mark.parametrize("command, code, line", [
-    (["monitor", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["monitor", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
-    (["cancel", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["resume", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["rerun", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
-    (["wait", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["journal", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["compare", "a", "b"], 2, "JOB_ID 'a': no such run"),
-    (["pull", "nope"], 2, "JOB_ID 'nope': no such run"),
-    (["list"], 0, ""),
-    (["sync"], 0, ""),
-])
+@pytest.mark.parametrize(
+    "command, code, line",
+    [
+        (["monitor", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["monitor", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
+        (["cancel", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["resume", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["rerun", "latest"], 2, "JOB_ID 'latest': the registry has no runs yet"),
+        (["wait", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["journal", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["compare", "a", "b"], 2, "JOB_ID 'a': no such run"),
+        (["pull", "nope"], 2, "JOB_ID 'nope': no such run"),
+        (["list"], 0, ""),
+        (["sync"], 0, ""),
+    ],
+)
 def test_commands_that_only_look_write_nothing_in_a_fresh_clone(git_project, command, code, line):
     before = tree(git_project)
     result = ops(git_project, *command)
@@ -393,11 +477,25 @@ def test_commands_that_only_look_write_nothing_in_a_fresh_clone(git_project, com
 
 def test_config_set_writes_values_as_typed_and_keeps_section_comments_above_their_sections(git_project):
     path = git_project / "configs/jobs/tiny.yaml"
-    path.write_text(path.read_text().replace("    lr: 1.0e-3  ", "    lr: 2.0e-4  ").replace(
-        "  sample: {num_samples: 4, num_inference_steps: 5}\n",
-        "  # how the run samples\n  sample:\n    num_samples: 4\n    num_inference_steps: 5\n# end of the spec\n"))
-    result = ops(git_project, "config", "set", "tiny", "run.train.lr=1e-4", "run.train.weight_decay=1.5E-2",
-                 "run.model.channel_mults=[1, 2]", "run.sample.seed=7", "run.eval.num_samples=16")
+    path.write_text(
+        path.read_text()
+        .replace("    lr: 1.0e-3  ", "    lr: 2.0e-4  ")
+        .replace(
+            "  sample: {num_samples: 4, num_inference_steps: 5}\n",
+            "  # how the run samples\n  sample:\n    num_samples: 4\n    num_inference_steps: 5\n# end of the spec\n",
+        )
+    )
+    result = ops(
+        git_project,
+        "config",
+        "set",
+        "tiny",
+        "run.train.lr=1e-4",
+        "run.train.weight_decay=1.5E-2",
+        "run.model.channel_mults=[1, 2]",
+        "run.sample.seed=7",
+        "run.eval.num_samples=16",
+    )
     assert result.returncode == 0, result.stderr
     text = path.read_text()
     assert "    lr: 1e-4                   # a comment `ops config set` must keep\n" in text
@@ -416,8 +514,10 @@ def test_submit_names_the_untracked_files_it_leaves_out_of_the_snapshot(ops_proj
     result = ops(root, "submit", "tiny", "--set", "run.train.max_steps=1", "--json")
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
-    assert notes == ["note: left out of the run's code snapshot: .envrc (secret by its name)",
-                     "note: left out of the run's code snapshot: Credentials.json (secret by its name)"]
+    assert notes == [
+        "note: left out of the run's code snapshot: .envrc (secret by its name)",
+        "note: left out of the run's code snapshot: Credentials.json (secret by its name)",
+    ]
     [run] = json.loads(result.stdout)["runs"]
     assert [item["path"] for item in run["left_out"]] == [".envrc", "Credentials.json"]
     patch = (Path(run["run_dir"]) / "diff.patch").read_text()
@@ -426,15 +526,28 @@ def test_submit_names_the_untracked_files_it_leaves_out_of_the_snapshot(ops_proj
 
 def test_monitor_shows_where_a_run_ended_and_a_resumed_run_counts_from_its_first_start(ops_project):
     root = ops_project
-    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=1000", "--set", "run.train.log_every=1000",
-                   "--set", "run.train.max_minutes=0.05", "--set", "run.train.checkpoint_every_steps=1000")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        "--set",
+        "run.train.epochs=1000",
+        "--set",
+        "run.train.log_every=1000",
+        "--set",
+        "run.train.max_minutes=0.05",
+        "--set",
+        "run.train.checkpoint_every_steps=1000",
+    )["runs"][0]
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
     summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
     assert summary["reason"].startswith("time budget") and 0 < summary["step"] < 1000
     shown = ops_json(root, "monitor", run["ops_id"])["progress"]
     assert shown["step"] == summary["step"] and shown["epoch"] == summary["epoch"]  # nothing was logged before
 
-    long = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.log_every=1")["runs"][0]
+    long = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.log_every=1")["runs"][
+        0
+    ]
     wait_for(lambda: metrics_steps(long["run_dir"]) >= 2)
     assert ops(root, "cancel", long["ops_id"], "--grace", "30").returncode == 0
     first_start = ops_json(root, "monitor", long["ops_id"])["started_at"]
@@ -449,15 +562,27 @@ def test_monitor_shows_where_a_run_ended_and_a_resumed_run_counts_from_its_first
 def test_a_secret_given_on_the_command_line_is_recorded_nowhere(ops_project):
     root = ops_project
     token = "hf_" + "Q" * 34
-    result = ops(root, "submit", "tiny", "--set", "run.train.max_steps=1", "--set",
-                 f"resources.local.env.HF_TOKEN={token}", "--json")
+    result = ops(
+        root,
+        "submit",
+        "tiny",
+        "--set",
+        "run.train.max_steps=1",
+        "--set",
+        f"resources.local.env.HF_TOKEN={token}",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)["runs"][0]
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
     assert token not in json.dumps(run)
     job = json.loads((Path(run["run_dir"]) / "job.json").read_text())
     assert job["spec"]["resources"]["local"]["env"]["HF_TOKEN"] == token  # the engine needs it ...
-    published = [root / "EXPERIMENT_LOG.md", Path(run["run_dir"]) / "provenance.json", *root.glob("docs/blog/posts/*.md")]
+    published = [
+        root / "EXPERIMENT_LOG.md",
+        Path(run["run_dir"]) / "provenance.json",
+        *root.glob("docs/blog/posts/*.md"),
+    ]
     assert all(token not in path.read_text() for path in published)  # ... nobody else sees it
     assert token not in json.dumps(job["overrides"]) + job["command"] + json.dumps(job["changes"])
     assert all(token not in json.dumps(row) for row in registry_rows(root))

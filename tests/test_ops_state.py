@@ -14,20 +14,47 @@ import pytest
 from tests.conftest import run_diffusion
 from tests.ops_project import metrics_steps, ops, ops_json, registry_rows, wait_for
 
-RESTORED = ("ops_id", "name", "engine", "engine_job_id", "state", "run_dir", "git_commit", "created_at", "started_at",
-            "finished_at", "exit_code", "requeues", "sweep", "overrides", "github_issue", "journal_post", "detail",
-            "submitter")
+RESTORED = (
+    "ops_id",
+    "name",
+    "engine",
+    "engine_job_id",
+    "state",
+    "run_dir",
+    "git_commit",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "exit_code",
+    "requeues",
+    "sweep",
+    "overrides",
+    "github_issue",
+    "journal_post",
+    "detail",
+    "submitter",
+)
 
 
 def start_ops(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ops", *args], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ops", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_two_resumes_at_once_start_one_trainer(ops_project):
     root = ops_project
-    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.log_every=1",
-                   "--set", "run.train.checkpoint_every_steps=5")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        "--set",
+        "run.train.epochs=400",
+        "--set",
+        "run.train.log_every=1",
+        "--set",
+        "run.train.checkpoint_every_steps=5",
+    )["runs"][0]
     run_dir = Path(run["run_dir"])
     for _ in range(3):  # rounds: the race is a matter of timing
         wait_for(lambda: metrics_steps(run_dir) >= 2)
@@ -38,8 +65,12 @@ def test_two_resumes_at_once_start_one_trainer(ops_project):
         assert codes == [0, 2], results
         [loser] = [err.strip() for code, (_, err) in results if code == 2]
         # What the loser saw depends on when it looked: the claim taken, or the run already started.
-        assert loser.startswith((f"error: {run['ops_id']} is being resumed by another ops",
-                                 f"error: {run['ops_id']}: is RUNNING; nothing to resume")), loser
+        assert loser.startswith(
+            (
+                f"error: {run['ops_id']} is being resumed by another ops",
+                f"error: {run['ops_id']}: is RUNNING; nothing to resume",
+            )
+        ), loser
         assert len(loser.splitlines()) == 1
     wait_for(lambda: ops_json(root, "monitor", run["ops_id"])["state"] == "RUNNING")
     assert ops(root, "cancel", run["ops_id"], "--grace", "30").returncode == 0
@@ -53,8 +84,12 @@ def test_a_second_trainer_on_a_run_dir_exits_2_naming_the_holder(tiny_config, tm
 
     tiny_config.train.epochs = 1000
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "diffusion", "train", write_config(tiny_config, tmp_path / "c.yaml"),
-                              "--out", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "diffusion", "train", write_config(tiny_config, tmp_path / "c.yaml"), "--out", run],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: (run / "metrics.jsonl").is_file())
         before = (run / "metrics.jsonl").read_text()
@@ -62,7 +97,8 @@ def test_a_second_trainer_on_a_run_dir_exits_2_naming_the_holder(tiny_config, tm
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
             f"error: {run}: is being written by pid {first.pid} on {__import__('socket').gethostname()}; wait for it "
-            "to end, or stop it (`ops cancel`, or kill that process)"]
+            "to end, or stop it (`ops cancel`, or kill that process)"
+        ]
         assert (run / "metrics.jsonl").read_text().startswith(before)
     finally:
         first.send_signal(signal.SIGTERM)
@@ -75,6 +111,7 @@ def test_a_second_trainer_on_a_run_dir_exits_2_naming_the_holder(tiny_config, tm
 def test_a_submit_killed_before_its_runs_start_leaves_them_failed_and_resumable(ops_project, kill):
     root = ops_project
     submit = start_ops(root, "submit", "tiny", "--sweep", "run.train.max_steps=1,2,3,4,5,6,7,8")
+
     def rows_so_far() -> list[dict]:
         try:
             return registry_rows(root)
@@ -95,7 +132,9 @@ def test_a_submit_killed_before_its_runs_start_leaves_them_failed_and_resumable(
         assert synced["problems"] == []
         states = {run["ops_id"]: run for run in synced["runs"]}
         assert len(states) >= len(rows) and {run["state"] for run in states.values()} == {"FAILED"}
-        assert all(run["detail"].startswith("not started: the ops that was starting it (pid ") for run in states.values())
+        assert all(
+            run["detail"].startswith("not started: the ops that was starting it (pid ") for run in states.values()
+        )
     orphan = registry_rows(root)[0]["ops_id"]
     assert ops(root, "cancel", orphan).returncode == 0  # says it is already FAILED; no traceback
     resumed = ops_json(root, "resume", orphan)
@@ -132,8 +171,10 @@ def test_a_garbage_registry_is_one_line_and_sync_rebuilds_every_field(ops_projec
     (Path(runs[1]["run_dir"]) / "job.json").write_text('{"ops_id": "tiny-')  # torn
     registry.unlink()
     synced = ops_json(root, "sync")
-    assert synced["problems"] == [f"{runs[1]['run_dir']}/job.json: damaged (not a complete ops record); skipped, "
-                                  "so this run is not in the registry"]
+    assert synced["problems"] == [
+        f"{runs[1]['run_dir']}/job.json: damaged (not a complete ops record); skipped, "
+        "so this run is not in the registry"
+    ]
     assert sorted(synced["rebuilt"]) == sorted([runs[0]["ops_id"], runs[2]["ops_id"]])
     assert {row["ops_id"] for row in registry_rows(root)} == {runs[0]["ops_id"], runs[2]["ops_id"]}
     # Follow-ups done before are not done again: the log and the posts (with their durations) stand.
@@ -184,7 +225,7 @@ def test_a_registry_from_a_newer_ops_or_damaged_inside_is_one_line(ops_project):
     db.commit()
     db.close()
     data = bytearray(registry.read_bytes())
-    data[4096 * 20: 4096 * 21] = b"\xde\xad" * 2048  # a page in the middle, past what opening reads
+    data[4096 * 20 : 4096 * 21] = b"\xde\xad" * 2048  # a page in the middle, past what opening reads
     registry.write_bytes(bytes(data))
     listed = ops(root, "list")
     assert listed.returncode in (0, 2) and "Traceback" not in listed.stderr
@@ -195,8 +236,17 @@ def test_a_registry_from_a_newer_ops_or_damaged_inside_is_one_line(ops_project):
 
 def test_resumed_then_rebuilt_its_end_is_recorded_again(ops_project):
     root = ops_project
-    run = ops_json(root, "submit", "tiny", "--set", "run.train.epochs=400", "--set", "run.train.max_steps=60",
-                   "--set", "run.train.log_every=1")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        "--set",
+        "run.train.epochs=400",
+        "--set",
+        "run.train.max_steps=60",
+        "--set",
+        "run.train.log_every=1",
+    )["runs"][0]
     wait_for(lambda: metrics_steps(run["run_dir"]) >= 2)
     assert ops(root, "cancel", run["ops_id"], "--grace", "30").returncode == 0
     assert ops(root, "sync").returncode == 0

@@ -30,8 +30,11 @@ def make_repo(path: Path, branch: str = "main") -> Path:
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".git" not in p.relative_to(root).parts
+    }
 
 
 def test_clean_repo(tmp_path):
@@ -107,8 +110,9 @@ def test_oversized_untracked_file_is_skipped(tmp_path, monkeypatch):
     (repo / "small.txt").write_text("small\n")
     record = capture(repo, tmp_path / "run")
     assert record["git"]["untracked"] == ["small.txt"]
-    assert record["git"]["skipped_untracked"] == [{"path": "weights.json", "bytes": 500,
-                                                   "reason": "larger than 100 bytes", "secret": False}]
+    assert record["git"]["skipped_untracked"] == [
+        {"path": "weights.json", "bytes": 500, "reason": "larger than 100 bytes", "secret": False}
+    ]
     text = (tmp_path / "run" / "diff.patch").read_bytes()
     assert b"small.txt" in text
     assert b"weights.json" not in text
@@ -208,7 +212,10 @@ def test_detached_head(tmp_path):
 def test_import_does_not_load_git():
     out = subprocess.run(
         [sys.executable, "-c", "import sys, ops.provenance; print('git' in sys.modules)"],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert out.strip() == "False"
 
@@ -221,15 +228,27 @@ def test_only_code_without_secrets_enters_the_snapshot(tmp_path):
     """Secret names in any case, secrets inside files with innocent names, and files that are not
     code stay out of diff.patch, each with its reason; code and config go in."""
     repo = make_repo(tmp_path / "repo")
-    secrets_by_name = {".env.production": f"API_TOKEN={SECRET}\n", ".envrc": f"export TOKEN={SECRET}\n",
-                       "kaggle.json": f'{{"username": "me", "key": "{SECRET}"}}\n',
-                       "Credentials.json": f'{{"token": "{SECRET}"}}\n', "gcp-service-account.json": "{}\n",
-                       "deploy/ID_RSA": KEY_BLOCK, ".ssh/config": f"IdentityFile {SECRET}\n",
-                       "Secrets/train.yaml": f"token: {SECRET}\n"}
-    secrets_by_content = {"notes/key.txt": KEY_BLOCK, "config_local.yaml": f"hf: hf_{'a' * 34}\n",
-                          "sa.json": '{"type": "service_account", "project_id": "p"}\n'}
-    code = {"model.py": "x = 1\n", "configs/jobs/new.yaml": "name: new\n", "notes.txt": "fine\n",
-            "Dockerfile.gpu": None}
+    secrets_by_name = {
+        ".env.production": f"API_TOKEN={SECRET}\n",
+        ".envrc": f"export TOKEN={SECRET}\n",
+        "kaggle.json": f'{{"username": "me", "key": "{SECRET}"}}\n',
+        "Credentials.json": f'{{"token": "{SECRET}"}}\n',
+        "gcp-service-account.json": "{}\n",
+        "deploy/ID_RSA": KEY_BLOCK,
+        ".ssh/config": f"IdentityFile {SECRET}\n",
+        "Secrets/train.yaml": f"token: {SECRET}\n",
+    }
+    secrets_by_content = {
+        "notes/key.txt": KEY_BLOCK,
+        "config_local.yaml": f"hf: hf_{'a' * 34}\n",
+        "sa.json": '{"type": "service_account", "project_id": "p"}\n',
+    }
+    code = {
+        "model.py": "x = 1\n",
+        "configs/jobs/new.yaml": "name: new\n",
+        "notes.txt": "fine\n",
+        "Dockerfile.gpu": None,
+    }
     others = {"data.csv": "1,2\n", "weights.bin": "\0\0"}
     for path, text in {**secrets_by_name, **secrets_by_content, **code, **others}.items():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
@@ -243,8 +262,9 @@ def test_only_code_without_secrets_enters_the_snapshot(tmp_path):
         assert f"b/{path}" in patch
     reasons = {item["path"]: item["reason"] for item in record["git"]["skipped_untracked"]}
     assert {path: reasons[path] for path in secrets_by_name} == dict.fromkeys(secrets_by_name, "secret by its name")
-    assert {path: reasons[path] for path in secrets_by_content} == dict.fromkeys(secrets_by_content,
-                                                                                  "secret in its content")
+    assert {path: reasons[path] for path in secrets_by_content} == dict.fromkeys(
+        secrets_by_content, "secret in its content"
+    )
     assert {reasons[path] for path in others} == {"not code or config"}
     assert "Dockerfile.gpu" not in reasons and "b/Dockerfile.gpu" in patch  # a Dockerfile by any suffix is code
     assert all(item["secret"] == item["reason"].startswith("secret") for item in record["git"]["skipped_untracked"])
@@ -295,15 +315,25 @@ def test_odd_untracked_files_are_left_out_with_a_reason_not_a_crash(tmp_path):
 
 def test_secrets_in_more_formats_stay_out_and_code_that_only_looks_like_one_goes_in(tmp_path):
     repo = make_repo(tmp_path / "repo")
-    secrets = {"adc.json": '{"type": "authorized_user", "client_secret": "x", "refresh_token": "y"}\n',
-               "keys.py": f'API_KEY = "AIza{"A" * 35}"\n', "netrc.txt": "machine example.com login me password p\n",
-               "docker/config.json": '{"auths": {"registry.example": {"auth": "eA=="}}}\n',
-               "pay.py": f'STRIPE = "sk_live_{"a" * 24}"\n',
-               "hooks.yaml": "url: https://hooks.slack.com/services/T000/B000/XXXX\n"}
-    code = {"names.py": 'RUN = "mask-diffusion-ablation-lr-sweep"\n', "exp.yaml": "arch: task-conditioned_model_v2\n",
-            "secret_sharing.py": "def share(): pass\n", "credentials.py": "def load(): pass\n",
-            "schema.proto": "message A {}\n", "Dockerfile.cuda": "FROM base\n", "uv.lock": "version = 1\n",
-            "query.sql": "select 1;\n", "template.j2": "{{ x }}\n"}
+    secrets = {
+        "adc.json": '{"type": "authorized_user", "client_secret": "x", "refresh_token": "y"}\n',
+        "keys.py": f'API_KEY = "AIza{"A" * 35}"\n',
+        "netrc.txt": "machine example.com login me password p\n",
+        "docker/config.json": '{"auths": {"registry.example": {"auth": "eA=="}}}\n',
+        "pay.py": f'STRIPE = "sk_live_{"a" * 24}"\n',
+        "hooks.yaml": "url: https://hooks.slack.com/services/T000/B000/XXXX\n",
+    }
+    code = {
+        "names.py": 'RUN = "mask-diffusion-ablation-lr-sweep"\n',
+        "exp.yaml": "arch: task-conditioned_model_v2\n",
+        "secret_sharing.py": "def share(): pass\n",
+        "credentials.py": "def load(): pass\n",
+        "schema.proto": "message A {}\n",
+        "Dockerfile.cuda": "FROM base\n",
+        "uv.lock": "version = 1\n",
+        "query.sql": "select 1;\n",
+        "template.j2": "{{ x }}\n",
+    }
     for path, text in {**secrets, **code}.items():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text(text)

@@ -23,22 +23,48 @@ from diffusion.train import train
 FIXTURE = Path(__file__).parent / "fixtures" / "same_numbers.pt"
 
 IMAGE = {
-    "task": "train", "device": "cpu",
+    "task": "train",
+    "device": "cpu",
     "data": {"download": False, "subset": 64},
-    "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention": True,
-              "attention_heads": 2, "norm_groups": 4},
+    "model": {
+        "base_channels": 8,
+        "channel_mults": [1, 2],
+        "num_res_blocks": 1,
+        "attention": True,
+        "attention_heads": 2,
+        "norm_groups": 4,
+    },
     "method": {"num_train_timesteps": 50},
-    "train": {"batch_size": 16, "epochs": 2, "lr": 1e-3, "log_every": 1, "sample_every_epochs": None,
-              "checkpoint_every_steps": None, "checkpoint_every_minutes": None, "progress": "lines", "seed": 3},
+    "train": {
+        "batch_size": 16,
+        "epochs": 2,
+        "lr": 1e-3,
+        "log_every": 1,
+        "sample_every_epochs": None,
+        "checkpoint_every_steps": None,
+        "checkpoint_every_minutes": None,
+        "progress": "lines",
+        "seed": 3,
+    },
     "sample": {"sampler": "ddim", "num_inference_steps": 5, "eta": 0.5, "num_samples": 6, "seed": 11},
 }
 TEXT = {
-    "task": "train", "device": "cpu",
+    "task": "train",
+    "device": "cpu",
     "data": {"dataset": "shakespeare", "block_size": 32, "subset": 64, "download": False},
     "model": {"name": "transformer", "n_layer": 1, "n_head": 2, "n_embd": 32},
     "method": {"name": "masked"},
-    "train": {"batch_size": 16, "epochs": 2, "lr": 3e-3, "log_every": 1, "sample_every_epochs": None,
-              "checkpoint_every_minutes": None, "checkpoint_every_steps": None, "progress": "lines", "seed": 5},
+    "train": {
+        "batch_size": 16,
+        "epochs": 2,
+        "lr": 3e-3,
+        "log_every": 1,
+        "sample_every_epochs": None,
+        "checkpoint_every_minutes": None,
+        "checkpoint_every_steps": None,
+        "progress": "lines",
+        "seed": 5,
+    },
     "sample": {"sampler": "ancestral", "num_inference_steps": 8, "num_samples": 4, "seed": 7},
     "eval": {"val_blocks": 8},
 }
@@ -57,10 +83,13 @@ def run_text(run_dir: Path) -> dict:
     assert main(["sample", str(run_dir)]) == 0
     (record,) = run_dir.glob("eval/*.json")
     sampled = json.loads(record.read_text())
-    return {**weights_and_losses(run_dir), "final_samples": (run_dir / "samples/final.txt").read_text(),
-            "samples": Path(sampled["samples"]).read_text(),
-            "val_bits_per_char": summary["scores"]["val_bits_per_char"],
-            "sampled_val_bits_per_char": sampled["scores"]["val_bits_per_char"]}
+    return {
+        **weights_and_losses(run_dir),
+        "final_samples": (run_dir / "samples/final.txt").read_text(),
+        "samples": Path(sampled["samples"]).read_text(),
+        "val_bits_per_char": summary["scores"]["val_bits_per_char"],
+        "sampled_val_bits_per_char": sampled["scores"]["val_bits_per_char"],
+    }
 
 
 def weights_and_losses(run_dir: Path) -> dict:

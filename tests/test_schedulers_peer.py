@@ -36,12 +36,20 @@ def run_both(ours, theirs, num_inference_steps: int, shape=(2, 3, 5, 5)) -> None
 @pytest.mark.parametrize("num_inference_steps", [1, 2, 10, 20, 25])
 def test_dpm_solver_pp_2m_equals_diffusers_step_by_step(prediction_type, schedule, num_inference_steps):
     ours_schedule, their_schedule = schedule
-    ours = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule=ours_schedule,
-                                       prediction_type=prediction_type, clip_sample=False)
+    ours = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule=ours_schedule, prediction_type=prediction_type, clip_sample=False
+    )
     theirs = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule=their_schedule, prediction_type=prediction_type,
-        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
-        final_sigmas_type="zero", timestep_spacing="trailing")
+        num_train_timesteps=1000,
+        beta_schedule=their_schedule,
+        prediction_type=prediction_type,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="trailing",
+    )
     run_both(ours, theirs, num_inference_steps)
 
 
@@ -49,8 +57,14 @@ def test_dpm_solver_pp_2m_equals_diffusers_step_by_step(prediction_type, schedul
 @pytest.mark.parametrize("num_inference_steps", [1, 10, 50])
 def test_ddim_equals_diffusers_step_by_step(prediction_type, num_inference_steps):
     ours = DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
-    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False,
-                                     set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
+    theirs = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
     run_both(ours, theirs, num_inference_steps)
 
 
@@ -69,7 +83,13 @@ def test_dpm_solver_pp_takes_one_model_evaluation_per_step_and_lands_on_x0():
     method = DDPM(num_train_timesteps=1000, prediction_type="sample")
     for steps in (10, 20):
         calls.clear()
-        out = method.generate(model, 3, (1, 4, 4), sampler="dpmsolver++", num_inference_steps=steps,
-                              generator=torch.Generator().manual_seed(0))
+        out = method.generate(
+            model,
+            3,
+            (1, 4, 4),
+            sampler="dpmsolver++",
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert len(calls) == steps and len(set(calls)) == steps
         assert torch.equal(out, target)

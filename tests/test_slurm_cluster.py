@@ -12,8 +12,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 
 
 def slurm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env={**os.environ, **cluster.env}, capture_output=True, text=True, check=check,
-                          timeout=60)
+    return subprocess.run(
+        args, env={**os.environ, **cluster.env}, capture_output=True, text=True, check=check, timeout=60
+    )
 
 
 def submit(cluster, *args: str) -> int:
@@ -47,8 +48,17 @@ def in_queue(cluster, job_id: int) -> bool:
 
 def test_sbatch_wait_runs_the_job(slurm_cluster, tmp_path):
     out = tmp_path / "out.txt"
-    result = slurm(slurm_cluster, "sbatch", "--wait", "-p", slurm_cluster.partition, "-o", str(out),
-                   "--wrap", "echo hello from $SLURM_JOB_ID")
+    result = slurm(
+        slurm_cluster,
+        "sbatch",
+        "--wait",
+        "-p",
+        slurm_cluster.partition,
+        "-o",
+        str(out),
+        "--wrap",
+        "echo hello from $SLURM_JOB_ID",
+    )
     job_id = int(result.stdout.split()[-1])
     assert out.read_text().strip() == f"hello from {job_id}"
 
@@ -59,8 +69,19 @@ def test_sacct_reports_completed(slurm_cluster, tmp_path):
 
 
 def test_sacct_reports_failed_with_exit_code(slurm_cluster, tmp_path):
-    result = slurm(slurm_cluster, "sbatch", "--parsable", "--wait", "-p", slurm_cluster.partition,
-                   "-o", str(tmp_path / "out.txt"), "--wrap", "exit 3", check=False)
+    result = slurm(
+        slurm_cluster,
+        "sbatch",
+        "--parsable",
+        "--wait",
+        "-p",
+        slurm_cluster.partition,
+        "-o",
+        str(tmp_path / "out.txt"),
+        "--wrap",
+        "exit 3",
+        check=False,
+    )
     assert result.returncode == 3  # sbatch --wait exits with the job's exit code
     job_id = int(result.stdout.strip().split(";")[0])
     assert final_accounting(slurm_cluster, job_id) == ("FAILED", "3:0")
@@ -112,8 +133,10 @@ def test_started_cluster_is_configured_for_the_engine(slurm_cluster):
     if not isinstance(slurm_cluster, SlurmCluster):
         pytest.skip("an external cluster is configured by whoever runs it")
     config = slurm(slurm_cluster, "scontrol", "show", "config").stdout
-    settings = {key.strip(): value.strip() for key, value in
-                (line.split("=", 1) for line in config.splitlines() if " = " in line)}
+    settings = {
+        key.strip(): value.strip()
+        for key, value in (line.split("=", 1) for line in config.splitlines() if " = " in line)
+    }
     assert settings["SelectType"] == "select/cons_tres"
     assert settings["JobRequeue"] == "1"
     assert settings["AccountingStorageType"] == "accounting_storage/slurmdbd"

@@ -14,8 +14,16 @@ from tests.conftest import REPO
 from tests.ops_project import git, metrics_steps, ops, ops_json, registry_rows, wait_for
 
 # One thread everywhere: bitwise comparisons need the same reduction order in every process.
-SLURM = ["--engine", "slurm", "--set", "resources.slurm.cpus_per_task=1", "--set", "resources.slurm.time_minutes=20",
-         "--set", "resources.slurm.setup=['export OMP_NUM_THREADS=1']"]
+SLURM = [
+    "--engine",
+    "slurm",
+    "--set",
+    "resources.slurm.cpus_per_task=1",
+    "--set",
+    "resources.slurm.time_minutes=20",
+    "--set",
+    "resources.slurm.setup=['export OMP_NUM_THREADS=1']",
+]
 
 
 @pytest.fixture
@@ -32,8 +40,13 @@ def wait_ok(root: Path, ops_id: str, expected: int = 0) -> dict:
 def reference_run(run_dir: Path, out: Path) -> dict:
     """The same config trained in one go, without SLURM."""
     env = {"OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "diffusion", "train", str(run_dir / "config.yaml"), "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, env={**__import__("os").environ, **env})
+    subprocess.run(
+        [sys.executable, "-m", "diffusion", "train", str(run_dir / "config.yaml"), "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env={**__import__("os").environ, **env},
+    )
     return torch.load(out / "checkpoints/latest.pt", weights_only=False)
 
 
@@ -46,30 +59,61 @@ def test_a_run_goes_through_slurm_to_success(slurm_project):
     assert view["state"] == "SUCCEEDED" and view["progress"]["step"] == 8
     assert "completed: finished all steps" in view["log_tail"]
     run_dir = Path(run["run_dir"])
-    for name in ("config.yaml", "provenance.json", "diff.patch", "metrics.jsonl", "summary.json", "job.json",
-                 "code/configs/jobs/tiny.yaml"):
+    for name in (
+        "config.yaml",
+        "provenance.json",
+        "diff.patch",
+        "metrics.jsonl",
+        "summary.json",
+        "job.json",
+        "code/configs/jobs/tiny.yaml",
+    ):
         assert (run_dir / name).exists(), name
     [row] = registry_rows(root)
     assert (row["state"], row["engine"], row["engine_job_id"]) == ("SUCCEEDED", "slurm", run["engine_job_id"])
-    sacct = subprocess.run(["sacct", "-j", run["engine_job_id"], "-X", "-n", "-P", "-o", "State"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    sacct = subprocess.run(
+        ["sacct", "-j", run["engine_job_id"], "-X", "-n", "-P", "-o", "State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert sacct == ["COMPLETED"]
 
 
 def test_dry_run_prints_the_sbatch_script_and_writes_nothing(slurm_project):
     root = slurm_project
-    result = ops(root, "submit", "tiny", *SLURM, "--set", "resources.slurm.partition=debug",
-                 "--set", "resources.slurm.mem_gb=2", "--set", "resources.slurm.signal_delay_s=30", "--dry-run")
+    result = ops(
+        root,
+        "submit",
+        "tiny",
+        *SLURM,
+        "--set",
+        "resources.slurm.partition=debug",
+        "--set",
+        "resources.slurm.mem_gb=2",
+        "--set",
+        "resources.slurm.signal_delay_s=30",
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
-    for line in ("#SBATCH --partition=debug", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=2048M",
-                 "#SBATCH --signal=USR2@30", "#SBATCH --time=20", "export OMP_NUM_THREADS=1", "submitit.core._submit"):
+    for line in (
+        "#SBATCH --partition=debug",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --mem=2048M",
+        "#SBATCH --signal=USR2@30",
+        "#SBATCH --time=20",
+        "export OMP_NUM_THREADS=1",
+        "submitit.core._submit",
+    ):
         assert line in result.stdout, line
     assert not (root / "runs").exists()
 
 
 def test_preemption_checkpoints_requeues_and_ends_equal_to_an_uninterrupted_run(slurm_project, tmp_path):
     root = slurm_project
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=40")["runs"][0]
+    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=40")["runs"][
+        0
+    ]
     run_dir = Path(run["run_dir"])
     wait_for(lambda: metrics_steps(run_dir) >= 5, timeout=300)
     subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], check=True)
@@ -98,8 +142,9 @@ def test_preemption_checkpoints_requeues_and_ends_equal_to_an_uninterrupted_run(
 
 def test_two_tasks_train_data_parallel_like_one_process(slurm_project, tmp_path):
     root = slurm_project
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "resources.slurm.tasks_per_node=2",
-                   "--set", "train.max_steps=6")["runs"][0]
+    run = ops_json(
+        root, "submit", "tiny", *SLURM, "--set", "resources.slurm.tasks_per_node=2", "--set", "train.max_steps=6"
+    )["runs"][0]
     view = wait_ok(root, run["ops_id"])
     assert "rank 0 of 2" in view["log_tail"]
     parallel = torch.load(Path(run["run_dir"]) / "checkpoints/latest.pt", weights_only=False)
@@ -119,8 +164,16 @@ def test_cancel_and_failure(slurm_project):
     assert leftover == ""
 
     (root / "broken.pt").write_bytes(b"not a checkpoint")
-    failing = ops_json(root, "submit", "tiny", *SLURM, "--set", "run.task=sample",
-                       "--set", f"run.sample.checkpoint={root / 'broken.pt'}")["runs"][0]
+    failing = ops_json(
+        root,
+        "submit",
+        "tiny",
+        *SLURM,
+        "--set",
+        "run.task=sample",
+        "--set",
+        f"run.sample.checkpoint={root / 'broken.pt'}",
+    )["runs"][0]
     view = wait_ok(root, failing["ops_id"], expected=1)
     assert view["state"] == "FAILED" and "Traceback" in view["log_tail"]
     assert view["detail"].startswith("SLURM FAILED, exit code 1")
@@ -142,8 +195,16 @@ def test_a_queued_job_runs_the_code_as_submitted(slurm_project):
     shutil.copytree(REPO / "diffusion", root / "diffusion", ignore=shutil.ignore_patterns("__pycache__"))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "vendor the diffusion package")
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.max_steps=2",
-                   "--set", "resources.slurm.additional_parameters={hold: true}")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        *SLURM,
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "resources.slurm.additional_parameters={hold: true}",
+    )["runs"][0]
     assert run["state"] == "QUEUED"
     # While it waits, the working tree changes in a way that would make the run fail.
     train = root / "diffusion/train.py"
@@ -162,10 +223,18 @@ def test_a_late_signal_cannot_fail_or_requeue_a_completed_run(slurm_project, mom
     from ops.registry import Run
 
     root = slurm_project
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.max_steps=20",
-                   "--set", "train.max_minutes=null")["runs"][0]
-    log = SlurmEngine().log_path(Run(ops_id=run["ops_id"], name="tiny", engine="slurm", run_dir=run["run_dir"],
-                                     engine_job_id=run["engine_job_id"]))
+    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.max_steps=20", "--set", "train.max_minutes=null")[
+        "runs"
+    ][0]
+    log = SlurmEngine().log_path(
+        Run(
+            ops_id=run["ops_id"],
+            name="tiny",
+            engine="slurm",
+            run_dir=run["run_dir"],
+            engine_job_id=run["engine_job_id"],
+        )
+    )
     wait_for(lambda: log.is_file() and moment in log.read_text(errors="replace"), timeout=300, interval=0.02)
     subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], capture_output=True)
     view = wait_ok(root, run["ops_id"])
@@ -179,8 +248,20 @@ def test_a_requeue_by_sigterm_says_so_in_a_line_and_the_run_ends_whole(slurm_pro
     """`scontrol requeue` (SIGTERM, as a default preemption sends) mid-run: no traceback, one plain
     line, the job resumes, and ops shows the whole run: its first start, its final step."""
     root = slurm_project
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=150",
-                   "--set", "train.checkpoint_every_steps=5", "--set", "train.log_every=7")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        *SLURM,
+        "--set",
+        "train.epochs=100",
+        "--set",
+        "train.max_steps=150",
+        "--set",
+        "train.checkpoint_every_steps=5",
+        "--set",
+        "train.log_every=7",
+    )["runs"][0]
     run_dir = Path(run["run_dir"])
     wait_for(lambda: metrics_steps(run_dir) >= 14, timeout=300)
     started = registry_rows(root)[0]["started_at"]
@@ -197,8 +278,18 @@ def test_a_requeue_by_sigterm_says_so_in_a_line_and_the_run_ends_whole(slurm_pro
 
 def test_two_preemption_notices_checkpoint_once_and_the_job_requeues(slurm_project):
     root = slurm_project
-    run = ops_json(root, "submit", "tiny", *SLURM, "--set", "train.epochs=100", "--set", "train.max_steps=80",
-                   "--set", "train.log_every=1")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        "tiny",
+        *SLURM,
+        "--set",
+        "train.epochs=100",
+        "--set",
+        "train.max_steps=80",
+        "--set",
+        "train.log_every=1",
+    )["runs"][0]
     wait_for(lambda: metrics_steps(Path(run["run_dir"])) >= 20, timeout=300)
     for _ in range(2):
         subprocess.run(["scancel", "--signal=USR2", run["engine_job_id"]], check=True)

@@ -9,8 +9,15 @@ import torch
 
 from diffusion.config import ConfigError, DataConfig
 from diffusion.data import DatasetNotFoundError, ImageDataset, load_dataset
-from diffusion.data.shakespeare import (SHA256, BPETokenizer, CharTokenizer, load_corpus, load_text_dataset,
-                                        split_text, tokenizer_from_json)
+from diffusion.data.shakespeare import (
+    SHA256,
+    BPETokenizer,
+    CharTokenizer,
+    load_corpus,
+    load_text_dataset,
+    split_text,
+    tokenizer_from_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +102,9 @@ def test_blocks_are_consecutive_windows_of_the_split(root, text, tokenizer):
     meta = dataset.spec().to_json()
     assert dataset.spec().kind == meta["kind"] == "text" and meta["block_size"] == 64
     assert meta["vocab_size"] == dataset.tokenizer.vocab_size == (65 if tokenizer == "char" else 512)
-    assert tokenizer_from_json(meta["tokenizer"]).decode(dataset.blocks[0].tolist()) == \
-        dataset.tokenizer.decode(dataset.blocks[0].tolist())
+    assert tokenizer_from_json(meta["tokenizer"]).decode(dataset.blocks[0].tolist()) == dataset.tokenizer.decode(
+        dataset.blocks[0].tolist()
+    )
     subset = load_text_dataset(data.model_copy(update={"subset": 3}), "val")
     assert torch.equal(subset.blocks, dataset.blocks[:3])
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from diffusion.config import MethodConfig
+from diffusion.data import DataSpec
 from diffusion.methods import build_method
 from diffusion.methods.autoregressive import Autoregressive
-from diffusion.data import DataSpec
 from diffusion.methods.ddpm import DDPM
 from diffusion.methods.embedding import EmbeddingDiffusion
 from diffusion.methods.guided import guided_sample
@@ -67,8 +67,9 @@ def test_transformer_shapes_for_tokens_and_vectors():
     with pytest.raises(AssertionError):
         net(torch.randint(0, V, (1, L + 1)))
 
-    net = Transformer(vocab_size=None, block_size=L, n_layer=2, n_head=2, n_embd=32, in_dim=8, out_dim=8,
-                      time_conditioning=True)
+    net = Transformer(
+        vocab_size=None, block_size=L, n_layer=2, n_head=2, n_embd=32, in_dim=8, out_dim=8, time_conditioning=True
+    )
     x = torch.randn(3, L, 8)
     out = net(x, torch.tensor([0, 10, 999]))
     assert out.shape == (3, L, 8)
@@ -98,7 +99,9 @@ def test_rotary_attention_scores_depend_only_on_the_offset():
     q, k = torch.randn(2, head_size, generator=torch.Generator().manual_seed(0))
     cos, sin = rotary_tables(L, head_size)
     # The same query and key at every position, rotated by position: scores[i, j] = q_i . k_j.
-    scores = rotate(q.expand(1, 1, L, head_size), cos, sin)[0, 0] @ rotate(k.expand(1, 1, L, head_size), cos, sin)[0, 0].T
+    scores = (
+        rotate(q.expand(1, 1, L, head_size), cos, sin)[0, 0] @ rotate(k.expand(1, 1, L, head_size), cos, sin)[0, 0].T
+    )
     for offset in range(-3, 4):
         diagonal = torch.diagonal(scores, offset)
         torch.testing.assert_close(diagonal, diagonal[0].expand_as(diagonal), rtol=0, atol=1e-5)
@@ -124,7 +127,6 @@ def test_positions_learned_or_rotary(positions):
 
 
 # --- schedules and build_method ------------------------------------------------------------------
-
 
 
 def test_transformer_takes_one_timestep_per_sequence_or_per_position():
@@ -155,8 +157,11 @@ def test_build_method_dispatches_on_name():
     assert isinstance(ddpm, DDPM)
     assert isinstance(build_method(MethodConfig(name="autoregressive")), Autoregressive)
     assert isinstance(build_method(MethodConfig(name="masked")), MaskedDiffusion)
-    embedding = build_method(MethodConfig(name="embedding", beta_schedule="sqrt", num_train_timesteps=100,
-                                          embedding_dim=8, rounding_weight=0.5))
+    embedding = build_method(
+        MethodConfig(
+            name="embedding", beta_schedule="sqrt", num_train_timesteps=100, embedding_dim=8, rounding_weight=0.5
+        )
+    )
     assert isinstance(embedding, EmbeddingDiffusion)
     assert (embedding.embedding_dim, embedding.rounding_weight, embedding.num_train_timesteps) == (8, 0.5, 100)
     assert embedding.schedule.alphas_cumprod[-1] < 1e-4
@@ -224,13 +229,29 @@ def test_masked_bits_per_token_estimates_the_training_nelbo(trained_masked):
 def test_masked_sampler_returns_only_real_tokens(trained_masked, block_length):
     method, model, _, _ = trained_masked
     length = L if block_length is None else 2 * L + 3  # longer than the window, with a ragged last block
-    samples = method.generate(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
-                            block_length=block_length, temperature=0.8, top_k=10)
+    samples = method.generate(
+        model,
+        5,
+        length,
+        torch.Generator().manual_seed(0),
+        num_inference_steps=4,
+        block_length=block_length,
+        temperature=0.8,
+        top_k=10,
+    )
     assert samples.shape == (5, length) and samples.dtype == torch.long
     assert samples.min() >= 0 and samples.max() < V  # never the mask id V
     # Seeded: the same generator seed gives the same samples.
-    again = method.generate(model, 5, length, torch.Generator().manual_seed(0), num_inference_steps=4,
-                          block_length=block_length, temperature=0.8, top_k=10)
+    again = method.generate(
+        model,
+        5,
+        length,
+        torch.Generator().manual_seed(0),
+        num_inference_steps=4,
+        block_length=block_length,
+        temperature=0.8,
+        top_k=10,
+    )
     assert torch.equal(samples, again)
 
 
@@ -302,17 +323,21 @@ def test_embedding_sampler_and_bound(sampler, clamp):
     method = embedding_method()
     torch.manual_seed(0)
     model = train(method, method.build_model(TINY, META), 100, lr=1e-2).eval()
-    samples = method.generate(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=10,
-                            eta=0.5, clamp=clamp)
+    samples = method.generate(
+        model, 4, L, torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=10, eta=0.5, clamp=clamp
+    )
     assert samples.shape == (4, L) and samples.min() >= 0 and samples.max() < V
-    assert torch.equal(samples, method.generate(model, 4, L, torch.Generator().manual_seed(0), sampler=sampler,
-                                              num_inference_steps=10, eta=0.5, clamp=clamp))
+    assert torch.equal(
+        samples,
+        method.generate(
+            model, 4, L, torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=10, eta=0.5, clamp=clamp
+        ),
+    )
     val = toy_batch(16, torch.Generator().manual_seed(123))
     bits = method.bits_per_token(model, val, torch.Generator().manual_seed(0))
     untrained = method.build_model(TINY, META)
     assert 0 < bits < method.bits_per_token(untrained, val, torch.Generator().manual_seed(0))
     assert bits == pytest.approx(method.bits_per_token(model, val, torch.Generator().manual_seed(1)), rel=0.1)
-
 
 
 def test_embedding_model_learns_to_continue_a_given_prefix():
@@ -361,8 +386,9 @@ def test_guided_decoding_needs_an_embedding_model_trained_on_prefixes():
 # --- data parallel -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [Autoregressive(), MaskedDiffusion(), embedding_method()],
-                         ids=["autoregressive", "masked", "embedding"])
+@pytest.mark.parametrize(
+    "method", [Autoregressive(), MaskedDiffusion(), embedding_method()], ids=["autoregressive", "masked", "embedding"]
+)
 def test_shard_losses_consume_the_full_batchs_random_numbers(method):
     torch.manual_seed(0)
     model = method.build_model(TINY, META)
@@ -389,8 +415,9 @@ def ar_pair():
 
 def test_guided_alpha_zero_is_autoregressive_greedy(ar_pair):
     ar_method, ar_model = ar_pair
-    guided = guided_sample(ar_method, ar_model, MaskedDiffusion(), Raises(), 3, 20, 0.0,
-                           torch.Generator().manual_seed(0))
+    guided = guided_sample(
+        ar_method, ar_model, MaskedDiffusion(), Raises(), 3, 20, 0.0, torch.Generator().manual_seed(0)
+    )
     assert torch.equal(guided, ar_method.generate(ar_model, 3, 20, None, greedy=True))
 
 
@@ -399,8 +426,9 @@ def test_guided_alpha_one_never_calls_the_autoregressive_model(diffusion_method)
     torch.manual_seed(0)
     model = diffusion_method.build_model(TINY, META).eval()
     length = 6
-    guided = guided_sample(Autoregressive(), Raises(), diffusion_method, model, 3, length, 1.0,
-                           torch.Generator().manual_seed(0))
+    guided = guided_sample(
+        Autoregressive(), Raises(), diffusion_method, model, 3, length, 1.0, torch.Generator().manual_seed(0)
+    )
     # The diffusion method's own greedy left-to-right choice, with the same generator.
     generator = torch.Generator().manual_seed(0)
     tokens = torch.empty((3, 0), dtype=torch.long)

@@ -4,8 +4,15 @@ import random
 
 import pytest
 
-from diffusion.scores.text import (collapse, distinct_n, longest_repeat_share, punctuation_share, text_scores,
-                                    top_token_share, words)
+from diffusion.scores.text import (
+    collapse,
+    distinct_n,
+    longest_repeat_share,
+    punctuation_share,
+    text_scores,
+    top_token_share,
+    words,
+)
 
 
 def test_words_split_punctuation_off():
@@ -40,17 +47,26 @@ def degenerate_sets() -> dict[str, list[str]]:
     return {
         "punctuation": ["".join(rng.choice(",.;:!?'- \n") for _ in range(256)) for _ in range(8)],
         "two words": [" ".join(rng.choice(["from", "no"]) for _ in range(50)) for _ in range(8)],
-        "one line": [line * 6 for line in ["To be, or not to be: that is the question.\n",
-                                           "Now is the winter of our discontent\n"] * 4],
+        "one line": [
+            line * 6
+            for line in ["To be, or not to be: that is the question.\n", "Now is the winter of our discontent\n"] * 4
+        ],
         # What a barely trained embedding-diffusion model wrote: letters scattered among spaces.
-        "scattered letters": ["".join(rng.choice("eeeotaishrn") + " " * rng.randrange(1, 4) for _ in range(60))
-                              for _ in range(8)],
+        "scattered letters": [
+            "".join(rng.choice("eeeotaishrn") + " " * rng.randrange(1, 4) for _ in range(60)) for _ in range(8)
+        ],
     }
 
 
-@pytest.mark.parametrize("kind, reason", [("punctuation", "punctuation_share"), ("two words", "top_token_share"),
-                                          ("one line", "longest_repeat_share"),
-                                          ("scattered letters", "mean_word_length")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("punctuation", "punctuation_share"),
+        ("two words", "top_token_share"),
+        ("one line", "longest_repeat_share"),
+        ("scattered letters", "mean_word_length"),
+    ],
+)
 def test_collapse_flags_degenerate_samples(kind, reason):
     reasons = collapse(text_scores(degenerate_sets()[kind]))
     assert any(r.startswith(reason) for r in reasons), reasons

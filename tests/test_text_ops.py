@@ -8,10 +8,20 @@ from pathlib import Path
 from tests.ops_project import git, make_project, ops, ops_json
 
 REPO = Path(__file__).resolve().parents[1]
-SHRINK = ["run.model.n_layer=1", "run.model.n_head=2", "run.model.n_embd=32", "run.data.block_size=32",
-          "run.data.subset=64", "run.train.batch_size=16", "run.train.max_steps=4", "run.train.log_every=2",
-          "run.train.sample_every_epochs=null", "run.sample.num_inference_steps=4", "run.sample.num_samples=2",
-          "run.device=cpu"]
+SHRINK = [
+    "run.model.n_layer=1",
+    "run.model.n_head=2",
+    "run.model.n_embd=32",
+    "run.data.block_size=32",
+    "run.data.subset=64",
+    "run.train.batch_size=16",
+    "run.train.max_steps=4",
+    "run.train.log_every=2",
+    "run.train.sample_every_epochs=null",
+    "run.sample.num_inference_steps=4",
+    "run.sample.num_samples=2",
+    "run.device=cpu",
+]
 
 
 def test_ops_submit_shakespeare_training_runs_scores_and_journals(tmp_path, shakespeare_root, monkeypatch):

@@ -15,16 +15,26 @@ TINY = {
     "device": "cpu",
     "data": {"dataset": "shakespeare", "block_size": 32, "subset": 64, "download": False},
     "model": {"name": "transformer", "n_layer": 1, "n_head": 2, "n_embd": 32},
-    "train": {"batch_size": 16, "epochs": 3, "lr": 3e-3, "log_every": 2, "sample_every_epochs": None,
-              "checkpoint_every_minutes": None, "checkpoint_every_steps": 6, "progress": "lines"},
+    "train": {
+        "batch_size": 16,
+        "epochs": 3,
+        "lr": 3e-3,
+        "log_every": 2,
+        "sample_every_epochs": None,
+        "checkpoint_every_minutes": None,
+        "checkpoint_every_steps": 6,
+        "progress": "lines",
+    },
     "sample": {"num_samples": 4},
     "eval": {"val_blocks": 8, "num_samples": 4},
 }
 METHODS = {
     "autoregressive": ({"name": "autoregressive"}, {"sampler": "ancestral"}),
     "masked": ({"name": "masked"}, {"sampler": "ancestral", "num_inference_steps": 8}),
-    "embedding": ({"name": "embedding", "num_train_timesteps": 100, "beta_schedule": "sqrt", "embedding_dim": 8},
-                  {"sampler": "ddim", "num_inference_steps": 8}),
+    "embedding": (
+        {"name": "embedding", "num_train_timesteps": 100, "beta_schedule": "sqrt", "embedding_dim": 8},
+        {"sampler": "ddim", "num_inference_steps": 8},
+    ),
 }
 
 
@@ -98,8 +108,22 @@ def test_sample_task_with_ar_guidance_and_scoring(shakespeare_root, monkeypatch,
     ar, masked = tmp_path / "ar", tmp_path / "masked"
     assert train(tiny_config("autoregressive"), ar) == 0
     assert train(tiny_config("masked"), masked) == 0
-    code = main(["sample", str(masked), "--set", f"sample.guide_checkpoint={ar}", "--set", "sample.guidance_alpha=0.5",
-                 "--set", f"eval.scorer_checkpoint={ar}", "--set", "sample.num_samples=3", "--set", "sample.length=40"])
+    code = main(
+        [
+            "sample",
+            str(masked),
+            "--set",
+            f"sample.guide_checkpoint={ar}",
+            "--set",
+            "sample.guidance_alpha=0.5",
+            "--set",
+            f"eval.scorer_checkpoint={ar}",
+            "--set",
+            "sample.num_samples=3",
+            "--set",
+            "sample.length=40",
+        ]
+    )
     assert code == 0
     [record_path] = (masked / "eval").glob("*alpha0.5*.json")
     record = json.loads(record_path.read_text())

@@ -75,8 +75,13 @@ def test_sigterm_checkpoints_exits_resumable_and_resume_is_bitwise_exact(tiny_co
     assert run_diffusion("train", config, "--out", tmp_path / "one-go").returncode == 0
 
     run = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "diffusion", "train", str(config), "--out", str(run)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusion", "train", str(config), "--out", str(run)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 5):
         assert process.poll() is None and time.monotonic() < deadline
@@ -136,8 +141,16 @@ def test_sample_command_writes_grid_and_all_samples(tiny_config, tmp_path):
     tiny_config.train.max_steps = 4
     run = tmp_path / "run"
     train(tiny_config, run)
-    result = run_diffusion("sample", run, "--set", "sample.num_samples=6", "--set", "sample.sampler=ddpm",
-                           "--set", "sample.num_inference_steps=5")
+    result = run_diffusion(
+        "sample",
+        run,
+        "--set",
+        "sample.num_samples=6",
+        "--set",
+        "sample.sampler=ddpm",
+        "--set",
+        "sample.num_inference_steps=5",
+    )
     assert result.returncode == 0, result.stderr
     saved = np.load(run / "samples/ddpm5-seed0.npz")["images"]
     assert saved.shape == (6, 1, 28, 28) and saved.dtype == np.uint8
@@ -165,8 +178,10 @@ def test_a_non_finite_loss_stops_the_run_failed_at_its_first_step(tiny_config, t
     tiny_config.train.sample_every_epochs = None
     assert train(tiny_config, run) == 0
     checkpoint = load_checkpoint(run / "checkpoints/latest.pt")
-    checkpoint["model"] = {key: torch.full_like(value, float("nan")) if value.is_floating_point() else value
-                           for key, value in checkpoint["model"].items()}
+    checkpoint["model"] = {
+        key: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+        for key, value in checkpoint["model"].items()
+    }
     torch.save(checkpoint, run / "checkpoints/latest.pt")
     lines_before = (run / "metrics.jsonl").read_text()
 
@@ -185,12 +200,14 @@ def test_infinite_and_huge_values_are_refused_before_any_work(tiny_config, tmp_p
     from diffusion.config import ConfigError, validate_run
 
     raw = tiny_config.model_dump(mode="json")
-    for section, key, value, rule in [("train", "lr", float("inf"), "must be a finite number"),
-                                      ("train", "lr", float("nan"), "must be a finite number"),
-                                      ("train", "lr", 1e30, "must be less than or equal to 1"),
-                                      ("sample", "eta", float("inf"), "must be a finite number"),
-                                      ("model", "base_channels", 1_000_000, "must be less than or equal to 2048"),
-                                      ("model", "channel_mults", [1, 1000], "must be less than or equal to 16")]:
+    for section, key, value, rule in [
+        ("train", "lr", float("inf"), "must be a finite number"),
+        ("train", "lr", float("nan"), "must be a finite number"),
+        ("train", "lr", 1e30, "must be less than or equal to 1"),
+        ("sample", "eta", float("inf"), "must be a finite number"),
+        ("model", "base_channels", 1_000_000, "must be less than or equal to 2048"),
+        ("model", "channel_mults", [1, 1000], "must be less than or equal to 16"),
+    ]:
         with pytest.raises(ConfigError) as error:
             validate_run({**raw, section: {**raw[section], key: value}})
         assert rule in str(error.value) and f"{section}.{key}" in str(error.value), str(error.value)
@@ -204,6 +221,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_written(tiny_conf
     tiny_config.model.channel_mults, tiny_config.model.norm_groups = [16, 16, 16, 16], 8
     with pytest.raises(ConfigError) as error:
         train(tiny_config, tmp_path / "run")
-    assert str(error.value).startswith("model: 3,527,368,687,617 parameters are not allowed on cpu: training needs "
-                                       "at least 70,547.4 GB")
+    assert str(error.value).startswith(
+        "model: 3,527,368,687,617 parameters are not allowed on cpu: training needs at least 70,547.4 GB"
+    )
     assert not (tmp_path / "run").exists()

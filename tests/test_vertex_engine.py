@@ -40,7 +40,8 @@ def vertex(git_project, gcs):
     with VertexStandIn() as standin:
         (git_project / "ops.yaml").write_text(
             f"gcp_project: test-project\ngcp_region: europe-west4\ngcs_bucket: gs://{BUCKET}/runs\n"
-            f"image_repository: 127.0.0.1:5000/diffusion\nvertex_api_endpoint: {standin.url}\n")
+            f"image_repository: 127.0.0.1:5000/diffusion\nvertex_api_endpoint: {standin.url}\n"
+        )
         git(git_project, "add", "ops.yaml")
         git(git_project, "commit", "-qm", "settings")
         yield git_project, standin, gcs
@@ -91,25 +92,45 @@ def test_logs_can_come_from_cloud_logging(vertex, monkeypatch):
     view = ops_json(root, "monitor", run["ops_id"], "--logs")
     assert view["log_tail"] == "training on cuda\nstep 1/8  loss 0.99"
     [query] = [r["body"] for r in standin.requests if r["path"] == "/v2/entries:list"]
-    assert query["filter"].startswith(f'resource.type="ml_job" AND resource.labels.job_id="{run["engine_job_id"]}"'
-                                      ' AND timestamp>="20')
+    assert query["filter"].startswith(
+        f'resource.type="ml_job" AND resource.labels.job_id="{run["engine_job_id"]}" AND timestamp>="20'
+    )
     assert query["resourceNames"] == ["projects/test-project"]
 
 
 def test_gpus_spot_and_replicas_shape_the_worker_pools(vertex):
     root, standin, _ = vertex
-    ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE,
-             "--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_V100",
-             "--set", "resources.vertex.accelerator_count=2", "--set", "resources.vertex.spot=true",
-             "--set", "resources.vertex.replica_count=3", "--set", "resources.vertex.service_account=sa@p.iam",
-             "--set", "run.train.batch_size=24")  # split among 3 replicas x 2 GPUs
+    ops_json(
+        root,
+        "submit",
+        "tiny",
+        "--engine",
+        "vertex",
+        "--image",
+        IMAGE,
+        "--set",
+        "resources.vertex.accelerator_type=NVIDIA_TESLA_V100",
+        "--set",
+        "resources.vertex.accelerator_count=2",
+        "--set",
+        "resources.vertex.spot=true",
+        "--set",
+        "resources.vertex.replica_count=3",
+        "--set",
+        "resources.vertex.service_account=sa@p.iam",
+        "--set",
+        "run.train.batch_size=24",
+    )  # split among 3 replicas x 2 GPUs
     [job] = created_jobs(standin)
     chief, workers = job["jobSpec"]["workerPoolSpecs"]
     from google.cloud import aiplatform_v1
 
     # The REST transport sends enums as integers.
-    assert chief["machineSpec"] == {"machineType": "n1-standard-8", "acceleratorCount": 2,
-                                    "acceleratorType": aiplatform_v1.AcceleratorType.NVIDIA_TESLA_V100.value}
+    assert chief["machineSpec"] == {
+        "machineType": "n1-standard-8",
+        "acceleratorCount": 2,
+        "acceleratorType": aiplatform_v1.AcceleratorType.NVIDIA_TESLA_V100.value,
+    }
     assert chief["replicaCount"] == "1" and workers["replicaCount"] == "2"
     assert "ops.engines.vertex_launch" in chief["containerSpec"]["command"]
     assert job["jobSpec"]["scheduling"]["strategy"] == aiplatform_v1.Scheduling.Strategy.SPOT.value
@@ -129,9 +150,15 @@ def test_cancel_and_a_failed_job_shows_its_error(vertex):
     assert "Vertex JOB_STATE_FAILED: The replica workerpool0-0 exited with 1" in shown
 
 
-@pytest.mark.parametrize("status, words", [
-    (403, "permission denied"), (429, "quota exceeded"), (400, "check resources.vertex"), (404, "not found"),
-])
+@pytest.mark.parametrize(
+    "status, words",
+    [
+        (403, "permission denied"),
+        (429, "quota exceeded"),
+        (400, "check resources.vertex"),
+        (404, "not found"),
+    ],
+)
 def test_refusals_are_one_clear_line(vertex, status, words):
     root, standin, _ = vertex
     standin.fail_next = (status, "the service says no")
@@ -142,11 +169,24 @@ def test_refusals_are_one_clear_line(vertex, status, words):
 
 def test_an_unknown_accelerator_is_named_before_anything_is_written(vertex):
     root, standin, _ = vertex
-    result = ops(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE,
-                 "--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_V1000", "--set", "resources.vertex.accelerator_count=1")
+    result = ops(
+        root,
+        "submit",
+        "tiny",
+        "--engine",
+        "vertex",
+        "--image",
+        IMAGE,
+        "--set",
+        "resources.vertex.accelerator_type=NVIDIA_TESLA_V1000",
+        "--set",
+        "resources.vertex.accelerator_count=1",
+    )
     assert result.returncode == 2
-    assert "resources.vertex.accelerator_type: 'NVIDIA_TESLA_V1000' is not allowed: did you mean 'NVIDIA_TESLA_V100'?" \
+    assert (
+        "resources.vertex.accelerator_type: 'NVIDIA_TESLA_V1000' is not allowed: did you mean 'NVIDIA_TESLA_V100'?"
         in result.stderr
+    )
     assert standin.requests == [] and not (root / "runs").exists()
 
 
@@ -162,8 +202,9 @@ def test_no_credentials_is_one_line_with_the_fix(git_project, monkeypatch, tmp_p
 def test_missing_settings_submit_nothing(git_project):
     result = ops(git_project, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: ops.yaml: gcp_project: missing; the Vertex engine needs it "
-                                     "(or set OPS_GCP_PROJECT)")
+    assert result.stderr.strip() == (
+        "error: ops.yaml: gcp_project: missing; the Vertex engine needs it (or set OPS_GCP_PROJECT)"
+    )
     assert not (git_project / "runs").exists()
 
 
@@ -198,10 +239,17 @@ def test_pull_downloads_resumes_and_skips_unchanged_files(vertex):
 def test_the_launcher_turns_vertex_cluster_spec_into_torchrun_ranks():
     from ops.engines.vertex_launch import torchrun_args
 
-    spec = {"cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222"]},
-            "task": {"type": "workerpool1", "index": 1}}
-    assert torchrun_args(spec, 4) == ["--nnodes=3", "--node_rank=2", "--nproc_per_node=4",
-                                      "--master_addr=chief-0", "--master_port=29500"]
+    spec = {
+        "cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222"]},
+        "task": {"type": "workerpool1", "index": 1},
+    }
+    assert torchrun_args(spec, 4) == [
+        "--nnodes=3",
+        "--node_rank=2",
+        "--nproc_per_node=4",
+        "--master_addr=chief-0",
+        "--master_port=29500",
+    ]
     spec["task"] = {"type": "workerpool0", "index": 0}
     assert "--node_rank=0" in torchrun_args(spec, 4)
     assert torchrun_args({}, 2)[:3] == ["--nnodes=1", "--node_rank=0", "--nproc_per_node=2"]
@@ -211,28 +259,47 @@ def test_the_container_wrapper_tees_the_output_into_the_run_dir(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "ops.engines.local_wrapper", str(tmp_path), "--tee", "--",
-                             sys.executable, "-c", "print('step 1'); import sys; sys.exit(3)"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ops.engines.local_wrapper",
+            str(tmp_path),
+            "--tee",
+            "--",
+            sys.executable,
+            "-c",
+            "print('step 1'); import sys; sys.exit(3)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert "step 1" in result.stdout
     assert (tmp_path / "log.txt").read_text() == "step 1\n"
     assert json.loads((tmp_path / "exit_status.json").read_text())["returncode"] == 3
 
 
-@pytest.mark.parametrize("setting, line", [
-    ("resources.vertex.labels={Team: ML, cost-center: A/B}",
-     "resources.vertex.labels: {'Team': 'ML', 'cost-center': 'A/B'} is not allowed: key 'Team' has 'T'"),
-    ("resources.vertex.labels={team: a/b}", "value 'a/b' has '/': only lowercase letters"),
-    ("resources.vertex.labels={1team: x}", "key '1team' must start with a lowercase letter"),
-    (f"resources.vertex.labels={{team: {'x' * 64}}}", "is longer than 63 characters"),
-    ("resources.vertex.labels={ops-id: mine}", "key 'ops-id' is one that ops sets itself"),
-    ("resources.vertex.accelerator_type=NVIDIA_TESLA_A100", "accelerator_count 0 is not allowed with "
-     "accelerator_type NVIDIA_TESLA_A100: set 1 or more"),
-    ("resources.vertex.accelerator_type=NVIDIA_L4", "accelerator_count 0 is not allowed"),
-    ("resources.vertex.machine_type=g2-standard-8", "machine_type 'g2-standard-8' comes with 1 x NVIDIA_L4"),
-    ("resources.vertex.accelerator_count=3", "accelerator_count 3 is not offered for NVIDIA_TESLA_T4: 1, 2, 4"),
-    ("resources.vertex.boot_disk_gb=50", "resources.vertex.boot_disk_gb: 50 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "setting, line",
+    [
+        (
+            "resources.vertex.labels={Team: ML, cost-center: A/B}",
+            "resources.vertex.labels: {'Team': 'ML', 'cost-center': 'A/B'} is not allowed: key 'Team' has 'T'",
+        ),
+        ("resources.vertex.labels={team: a/b}", "value 'a/b' has '/': only lowercase letters"),
+        ("resources.vertex.labels={1team: x}", "key '1team' must start with a lowercase letter"),
+        (f"resources.vertex.labels={{team: {'x' * 64}}}", "is longer than 63 characters"),
+        ("resources.vertex.labels={ops-id: mine}", "key 'ops-id' is one that ops sets itself"),
+        (
+            "resources.vertex.accelerator_type=NVIDIA_TESLA_A100",
+            "accelerator_count 0 is not allowed with accelerator_type NVIDIA_TESLA_A100: set 1 or more",
+        ),
+        ("resources.vertex.accelerator_type=NVIDIA_L4", "accelerator_count 0 is not allowed"),
+        ("resources.vertex.machine_type=g2-standard-8", "machine_type 'g2-standard-8' comes with 1 x NVIDIA_L4"),
+        ("resources.vertex.accelerator_count=3", "accelerator_count 3 is not offered for NVIDIA_TESLA_T4: 1, 2, 4"),
+        ("resources.vertex.boot_disk_gb=50", "resources.vertex.boot_disk_gb: 50 is not allowed"),
+    ],
+)
 def test_vertex_rules_are_checked_before_anything_is_uploaded_or_built(vertex, setting, line):
     root, standin, bucket = vertex
     extra = ["--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_T4"] if "count=3" in setting else []
@@ -248,8 +315,17 @@ def test_the_labels_ops_adds_satisfy_vertex_and_its_refusals_name_their_cause(ve
     longest = "a" * 50  # the longest spec name: its ops id is a label value Vertex must take
     spec = (root / "configs/jobs/tiny.yaml").read_text().replace("name: tiny", f"name: {longest}")
     (root / f"configs/jobs/{longest}.yaml").write_text(spec)
-    run = ops_json(root, "submit", longest, "--engine", "vertex", "--image", IMAGE,
-                   "--set", "resources.vertex.labels={team: vision, 'cost-center': a-b}")["runs"][0]
+    run = ops_json(
+        root,
+        "submit",
+        longest,
+        "--engine",
+        "vertex",
+        "--image",
+        IMAGE,
+        "--set",
+        "resources.vertex.labels={team: vision, 'cost-center': a-b}",
+    )["runs"][0]
     [job] = created_jobs(standin)
     assert job["labels"]["ops-id"] == run["ops_id"] and job["labels"]["team"] == "vision"
     too_long = ops(root, "config", "set", "tiny", f"name={'b' * 51}")
@@ -270,8 +346,10 @@ def test_pull_never_overwrites_the_records_ops_keeps_here(vertex):
     assert json.loads(bucket.blob(f"{prefix}/job.json").download_as_bytes())["engine_job_id"] is None
     bucket.blob(f"{prefix}/config.yaml").upload_from_string("task: train\n")  # the run's own rewrite
     bucket.blob(f"{prefix}/summary.json").upload_from_string('{"status": "completed", "step": 8}\n')
-    kept = {name: (run_dir / name).read_bytes() for name in
-            ("job.json", "provenance.json", "config.yaml", "diff.patch", "image.json", "vertex_job.json")}
+    kept = {
+        name: (run_dir / name).read_bytes()
+        for name in ("job.json", "provenance.json", "config.yaml", "diff.patch", "image.json", "vertex_job.json")
+    }
     pulled = ops_json(root, "pull", run["ops_id"])
     assert "summary.json" in pulled["downloaded"] and {"job.json", "config.yaml"} <= set(pulled["kept"])
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
@@ -283,12 +361,18 @@ def test_pull_never_overwrites_the_records_ops_keeps_here(vertex):
     assert row["engine_job_id"] == run["engine_job_id"] and row["state"] != "UNKNOWN"
 
 
-@pytest.mark.parametrize("setting, allowed", [
-    ("resources.vertex.labels.version=2", True), ("resources.vertex.labels.flag=true", True),
-    ("resources.vertex.labels={half: ½}", True), ("resources.vertex.labels={ǅx: a}", False),
-    ("resources.vertex.accelerator_type=NVIDIA_GB200", False), ("resources.vertex.accelerator_count=4", False),
-    ("resources.vertex.machine_type=N1-STANDARD-8", False),
-])
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("resources.vertex.labels.version=2", True),
+        ("resources.vertex.labels.flag=true", True),
+        ("resources.vertex.labels={half: ½}", True),
+        ("resources.vertex.labels={ǅx: a}", False),
+        ("resources.vertex.accelerator_type=NVIDIA_GB200", False),
+        ("resources.vertex.accelerator_count=4", False),
+        ("resources.vertex.machine_type=N1-STANDARD-8", False),
+    ],
+)
 def test_vertex_rules_neither_refuse_valid_labels_nor_take_unplaceable_gpus(vertex, setting, allowed):
     root, standin, _ = vertex
     extra = ["--set", "resources.vertex.accelerator_count=1"] if "GB200" in setting else []
@@ -305,7 +389,8 @@ def test_pull_skips_folder_placeholders_and_refreshes_the_records(vertex):
     assert "final loss" not in (root / "EXPERIMENT_LOG.md").read_text()  # nothing pulled yet
     prefix = f"runs/{run['ops_id']}"
     bucket.blob(f"{prefix}/summary.json").upload_from_string(
-        '{"status": "completed", "step": 8, "epoch": 2.0, "final_metrics": {"step": 8, "loss": 0.25}}\n')
+        '{"status": "completed", "step": 8, "epoch": 2.0, "final_metrics": {"step": 8, "loss": 0.25}}\n'
+    )
     bucket.blob(f"{prefix}/checkpoints/").upload_from_string(b"")  # what the console and gcsfuse make
     pulled = ops_json(root, "pull", run["ops_id"])
     assert "summary.json" in pulled["downloaded"] and not (Path(run["run_dir"]) / "checkpoints").is_file()

@@ -15,8 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 JOB_PATH = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/customJobs$")
 ONE_JOB = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/customJobs/[^/:]+)(:cancel)?$")
-ERROR_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                429: "RESOURCE_EXHAUSTED"}
+ERROR_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+}
 
 
 LABEL = re.compile(r"^[a-z\u00c0-\uffff][a-z0-9_\u00c0-\uffff-]{0,62}$")  # keys; values may also start otherwise
@@ -30,10 +35,16 @@ def job_problem(job: dict) -> str | None:
     if len(labels) > 64:
         return "At most 64 labels are allowed."
     for key, value in labels.items():
-        if not LABEL.match(key) or (value and not LABEL.match("a" + value[1:] if value[:1].isdigit() else value)) \
-                or any(c.isupper() for c in key + value) or len(value) > 63:
-            return f"Invalid label: {key}={value}. Label keys and values can be no longer than 63 characters, " \
-                   "can only contain lowercase letters, numeric characters, underscores and dashes."
+        if (
+            not LABEL.match(key)
+            or (value and not LABEL.match("a" + value[1:] if value[:1].isdigit() else value))
+            or any(c.isupper() for c in key + value)
+            or len(value) > 63
+        ):
+            return (
+                f"Invalid label: {key}={value}. Label keys and values can be no longer than 63 characters, "
+                "can only contain lowercase letters, numeric characters, underscores and dashes."
+            )
     return None
 
 
@@ -95,24 +106,39 @@ class VertexStandIn:
             failure, self.fail_next = self.fail_next, None
         if failure:
             status, message = failure
-            return self.reply(handler, status, {"error": {"code": status, "message": message,
-                                                          "status": ERROR_STATUS.get(status, "UNKNOWN")}})
+            return self.reply(
+                handler,
+                status,
+                {"error": {"code": status, "message": message, "status": ERROR_STATUS.get(status, "UNKNOWN")}},
+            )
         if method == "POST" and path == "/v2/entries:list":
             job_id = re.search(r'resource.labels.job_id="([^"]+)"', body.get("filter", "")).group(1)
             lines = self.log_entries.get(job_id, [])
             project = body["resourceNames"][0]
-            entries = [{"textPayload": line, "timestamp": f"2026-11-26T00:00:{i:02d}Z",
-                        "logName": f"{project}/logs/workerpool0-0", "insertId": str(i),
-                        "resource": {"type": "ml_job", "labels": {"job_id": job_id}}} for i, line in enumerate(lines)]
+            entries = [
+                {
+                    "textPayload": line,
+                    "timestamp": f"2026-11-26T00:00:{i:02d}Z",
+                    "logName": f"{project}/logs/workerpool0-0",
+                    "insertId": str(i),
+                    "resource": {"type": "ml_job", "labels": {"job_id": job_id}},
+                }
+                for i, line in enumerate(lines)
+            ]
             return self.reply(handler, 200, {"entries": entries})
         created = JOB_PATH.match(path)
         if method == "POST" and created and job_problem(body):
-            return self.reply(handler, 400, {"error": {"code": 400, "message": job_problem(body),
-                                                       "status": "INVALID_ARGUMENT"}})
+            return self.reply(
+                handler, 400, {"error": {"code": 400, "message": job_problem(body), "status": "INVALID_ARGUMENT"}}
+            )
         if method == "POST" and created:
             job_id = str(next(self.ids))
-            job = {**body, "name": f"{created.group(1)}/customJobs/{job_id}", "state": "JOB_STATE_QUEUED",
-                   "createTime": "2026-11-26T00:00:00Z"}
+            job = {
+                **body,
+                "name": f"{created.group(1)}/customJobs/{job_id}",
+                "state": "JOB_STATE_QUEUED",
+                "createTime": "2026-11-26T00:00:00Z",
+            }
             with self.lock:
                 self.jobs[job_id] = job
             return self.reply(handler, 200, job)
@@ -120,11 +146,15 @@ class VertexStandIn:
         if one:
             job_id = one.group(1).rsplit("/", 1)[1]
             if job_id not in self.jobs:
-                return self.reply(handler, 404, {"error": {"code": 404, "message": f"CustomJob {job_id} not found",
-                                                           "status": "NOT_FOUND"}})
+                return self.reply(
+                    handler,
+                    404,
+                    {"error": {"code": 404, "message": f"CustomJob {job_id} not found", "status": "NOT_FOUND"}},
+                )
             if one.group(2):  # :cancel
                 self.set_state(job_id, "JOB_STATE_CANCELLED")
                 return self.reply(handler, 200, {})
             return self.reply(handler, 200, self.jobs[job_id])
-        return self.reply(handler, 404, {"error": {"code": 404, "message": f"no route {method} {path}",
-                                                   "status": "NOT_FOUND"}})
+        return self.reply(
+            handler, 404, {"error": {"code": 404, "message": f"no route {method} {path}", "status": "NOT_FOUND"}}
+        )

@@ -13,11 +13,24 @@ from diffusion.config import DataConfig
 from diffusion.data.cifar10 import load_cifar10
 from diffusion.data.mnist import load_mnist
 from diffusion.data.shakespeare import load_text_dataset, tokenizer_from_json
-from diffusion.data.spec import DATA_ROOT_ENV, DataSpec, DatasetNotFoundError, resolve_data_root
+from diffusion.data.spec import DATA_ROOT_ENV, DatasetNotFoundError, DataSpec, resolve_data_root
 from diffusion.records import atomic_write
 
-__all__ = ["DATA_ROOT_ENV", "DataSpec", "DatasetNotFoundError", "ImageDataset", "decode", "load_dataset",
-           "has_validation", "load_images", "load_validation", "resolve_data_root", "tokenizer_from_json", "write_samples"]
+__all__ = [
+    "DATA_ROOT_ENV",
+    "DataSpec",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "decode",
+    "load_dataset",
+    "has_validation",
+    "load_images",
+    "load_validation",
+    "resolve_data_root",
+    "tokenizer_from_json",
+    "write_samples",
+]
+
 
 @dataclass
 class ImageDataset:
@@ -38,8 +51,9 @@ class ImageDataset:
         """Images scaled to [-1, 1], the range the diffusion methods assume."""
         images = self.images[indices].to(device).float() / 127.5 - 1.0
         if self.resolution:
-            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
+            )
         return {"images": images, "labels": self.labels[indices].to(device)}
 
     def spec(self) -> DataSpec:
@@ -66,8 +80,11 @@ def load_dataset(config: DataConfig, split: str = "train"):
         keep = labels == config.only_digit
         images, labels = images[keep], labels[keep]
     if config.limit_per_class is not None:
-        keep = torch.cat([torch.nonzero(labels == label).flatten()[: config.limit_per_class]
-                          for label in labels.unique()]).sort().values
+        keep = (
+            torch.cat([torch.nonzero(labels == label).flatten()[: config.limit_per_class] for label in labels.unique()])
+            .sort()
+            .values
+        )
         images, labels = images[keep], labels[keep]
     if config.subset is not None:
         images, labels = images[: config.subset], labels[: config.subset]
@@ -94,8 +111,14 @@ def decode(data: DataSpec, samples: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row) for row in samples.tolist()]
 
 
-def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str, keep_arrays: bool = True,
-                  labels: torch.Tensor | None = None) -> dict:
+def write_samples(
+    data: DataSpec,
+    samples: torch.Tensor,
+    folder: Path,
+    name: str,
+    keep_arrays: bool = True,
+    labels: torch.Tensor | None = None,
+) -> dict:
     """Samples as a person looks at them: images as a PNG grid (at most 100; with `labels` in
     blocks, one class per row), and with `keep_arrays` every one as uint8 in NAME.npz (and the
     labels); text decoded into NAME.txt, each sample under a numbered rule. Returns {"grid": path}
@@ -104,7 +127,9 @@ def write_samples(data: DataSpec, samples: torch.Tensor, folder: Path, name: str
     if data.kind == "text":
         texts = decode(data, samples)
         path = folder / f"{name}.txt"
-        atomic_write(path, "".join(f"{SAMPLE_RULE} sample {index}\n{text}\n" for index, text in enumerate(texts)).encode())
+        atomic_write(
+            path, "".join(f"{SAMPLE_RULE} sample {index}\n{text}\n" for index, text in enumerate(texts)).encode()
+        )
         return {"samples": path, "texts": texts}
     from torchvision.utils import save_image  # torchvision's import costs a second; only where images are saved
 

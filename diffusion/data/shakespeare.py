@@ -11,9 +11,9 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -34,7 +34,8 @@ def load_corpus(root: Path, download: bool, url: str = URL) -> str:
         if not download:
             raise DatasetNotFoundError(
                 f"tiny shakespeare not found: expected {path}; set data.download=true, "
-                f"or point data.root / $DIFFUSION_DATA_ROOT at a folder holding {FOLDER}/{FILE}")
+                f"or point data.root / $DIFFUSION_DATA_ROOT at a folder holding {FOLDER}/{FILE}"
+            )
         fetch(url, path)
     return path.read_text(encoding="utf-8")
 
@@ -57,7 +58,8 @@ def fetch(url: str, path: Path) -> None:
         part.unlink()
         raise DatasetNotFoundError(
             f"tiny shakespeare downloaded from {url} has sha256 {digest}, expected {SHA256}; removed it. "
-            f"Copy the right {FILE} to {path}")
+            f"Copy the right {FILE} to {path}"
+        )
     part.replace(path)
 
 
@@ -111,8 +113,10 @@ class BPETokenizer:
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size <= len(alphabet):
-            raise ConfigError(f"data.vocab_size: {vocab_size} is not allowed with data.tokenizer 'bpe': "
-                              f"must be more than the {len(alphabet)} byte tokens")
+            raise ConfigError(
+                f"data.vocab_size: {vocab_size} is not allowed with data.tokenizer 'bpe': "
+                f"must be more than the {len(alphabet)} byte tokens"
+            )
         tokenizer = Tokenizer(models.BPE())
         # No prefix space: decoding would give it back, and the text would not round-trip.
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -208,8 +212,13 @@ class TextDataset:
         return {"tokens": self.windows(self.starts[indices]).to(device)}
 
     def spec(self) -> DataSpec:
-        return DataSpec("text", (self.block_size,), vocab_size=self.tokenizer.vocab_size,
-                        tokenizer=self.tokenizer.to_json(), chars_per_token=self.chars_per_token)
+        return DataSpec(
+            "text",
+            (self.block_size,),
+            vocab_size=self.tokenizer.vocab_size,
+            tokenizer=self.tokenizer.to_json(),
+            chars_per_token=self.chars_per_token,
+        )
 
 
 def load_text_dataset(config: DataConfig, split: str) -> TextDataset:
@@ -221,11 +230,13 @@ def load_text_dataset(config: DataConfig, split: str) -> TextDataset:
     part = split_text(text, split, config.val_fraction)
     ids = torch.tensor(tokenizer.encode(part), dtype=torch.long)
     if len(ids) < config.block_size:
-        raise ConfigError(f"data.block_size: {config.block_size} is not allowed: the {split} split has only "
-                          f"{len(ids)} tokens")
+        raise ConfigError(
+            f"data.block_size: {config.block_size} is not allowed: the {split} split has only {len(ids)} tokens"
+        )
     stride = config.block_stride if split == "train" and config.block_stride else config.block_size
     starts = torch.arange(0, len(ids) - config.block_size + 1, stride)
     if config.subset is not None:
         starts = starts[: config.subset]
-    return TextDataset(ids=ids, starts=starts, block_size=config.block_size, tokenizer=tokenizer,
-                       chars_per_token=len(part) / len(ids))
+    return TextDataset(
+        ids=ids, starts=starts, block_size=config.block_size, tokenizer=tokenizer, chars_per_token=len(part) / len(ids)
+    )

@@ -50,12 +50,22 @@ class DataSpec:
         """The checkpoint's "data" record (the layout checkpoints have always had)."""
         if self.kind == "image":
             return {"kind": "image", "image_shape": list(self.shape), "num_classes": self.num_classes}
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "block_size": self.block_size,
-                "tokenizer": self.tokenizer, "chars_per_token": self.chars_per_token}
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "tokenizer": self.tokenizer,
+            "chars_per_token": self.chars_per_token,
+        }
 
     @classmethod
     def from_json(cls, record: dict) -> "DataSpec":
         if record["kind"] == "image":
             return cls("image", tuple(record["image_shape"]), num_classes=record["num_classes"])
-        return cls(record["kind"], (record["block_size"],), vocab_size=record["vocab_size"],
-                   tokenizer=record["tokenizer"], chars_per_token=record.get("chars_per_token"))
+        return cls(
+            record["kind"],
+            (record["block_size"],),
+            vocab_size=record["vocab_size"],
+            tokenizer=record["tokenizer"],
+            chars_per_token=record.get("chars_per_token"),
+        )

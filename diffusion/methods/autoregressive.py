@@ -20,7 +20,10 @@ from diffusion.nets.transformer import Transformer
 
 
 def sample_from_logits(
-    logits: Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int | None = None,
+    logits: Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
     greedy: bool = False,
 ) -> Tensor:
     """Token ids (...) from logits (..., V): the argmax, or a draw from softmax(logits / temperature)
@@ -85,22 +88,45 @@ class Autoregressive(Method):
     def next_token_logits(self, model, prefix: Tensor, length: int, generator: torch.Generator | None = None) -> Tensor:
         """(B, V) logits for the token after `prefix` (B, P). The window is BOS and the last
         block_size - 1 tokens, just as in training (position 0 always holds BOS)."""
-        context = prefix[:, prefix.shape[1] - min(prefix.shape[1], model.block_size - 1):]
+        context = prefix[:, prefix.shape[1] - min(prefix.shape[1], model.block_size - 1) :]
         return model(self.with_bos(context, self.vocab_size_of(model)))[:, -1].float()
 
-    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
-               generator: torch.Generator | None, device: torch.device | str = "cpu",
-               progress: Progress = no_progress) -> Tensor:
-        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
-                             temperature=sample.temperature, top_k=sample.top_k)
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
+        return self.generate(
+            model,
+            num_samples,
+            sample.length or data.block_size,
+            generator,
+            device,
+            progress,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+        )
 
     def sample_name(self, sample: SampleConfig) -> str:
         return text_sample_name(sample, steps=False)
 
     @torch.no_grad()
     def generate(
-        self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: Progress = no_progress, temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
+        self,
+        model,
+        num_samples: int,
+        length: int,
+        generator: torch.Generator | None,
+        device="cpu",
+        progress: Progress = no_progress,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        greedy: bool = False,
     ) -> Tensor:
         """(num_samples, length) tokens, left to right."""
         tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)

@@ -52,9 +52,16 @@ class Method(ABC):
         RNG (which the trainer checkpoints), so that every rank and a single process draw alike."""
 
     @abstractmethod
-    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
-               generator: torch.Generator | None, device: torch.device | str = "cpu",
-               progress: Progress = no_progress) -> Tensor:
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
         """`num_samples` new examples: images (N, C, H, W) in [-1, 1] or tokens (N, L), drawn from
         `generator` on the CPU (the same samples on every device) with the `sample` settings this
         method reads."""
@@ -77,8 +84,9 @@ class Method(ABC):
         bits per token. Only methods of text implement it."""
         raise NotImplementedError(f"{self.name} has no likelihood of text")
 
-    def next_token_logits(self, model: nn.Module, prefix: Tensor, length: int,
-                          generator: torch.Generator | None) -> Tensor:
+    def next_token_logits(
+        self, model: nn.Module, prefix: Tensor, length: int, generator: torch.Generator | None
+    ) -> Tensor:
         """(B, V) logits of the token after `prefix` (B, P), for guided decoding. Text methods only."""
         raise NotImplementedError(f"{self.name} does not decode left to right")
 

@@ -29,13 +29,26 @@ class DDPM(Method):
     name = "ddpm"
     data_kind = "image"
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = True,
-                 class_conditional: bool = False, num_classes: int | None = None, label_dropout: float = 0.0):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
+        clip_sample: bool = True,
+        class_conditional: bool = False,
+        num_classes: int | None = None,
+        label_dropout: float = 0.0,
+    ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                    beta_start=beta_start, beta_end=beta_end)
+        self.schedule_kwargs = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+        )
         self.schedule = NoiseSchedule(**self.schedule_kwargs)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
@@ -48,12 +61,17 @@ class DDPM(Method):
     def from_config(cls, config: RunConfig) -> "DDPM":
         fields = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
         conditional = config.model.class_conditional
-        return cls(**config.method.model_dump(include=fields), class_conditional=conditional,
-                   num_classes=NUM_CLASSES[config.data.dataset] if conditional else None,
-                   label_dropout=config.method.label_dropout if conditional else 0.0)
+        return cls(
+            **config.method.model_dump(include=fields),
+            class_conditional=conditional,
+            num_classes=NUM_CLASSES[config.data.dataset] if conditional else None,
+            label_dropout=config.method.label_dropout if conditional else 0.0,
+        )
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
-        return build_unet(model_config, in_channels=data.shape[0], num_classes=data.num_classes, image_size=data.shape[-1])
+        return build_unet(
+            model_config, in_channels=data.shape[0], num_classes=data.num_classes, image_size=data.shape[-1]
+        )
 
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         """Mean loss over the batch, or over `shard` of it (data-parallel ranks). The noise and the
@@ -82,23 +100,42 @@ class DDPM(Method):
         return F.mse_loss(model_output.float(), target.float())
 
     def make_scheduler(self, sampler: str, eta: float = 0.0) -> Scheduler:
-        return make_scheduler(sampler, **self.schedule_kwargs, prediction_type=self.prediction_type,
-                              clip_sample=self.clip_sample, eta=eta)
+        return make_scheduler(
+            sampler, **self.schedule_kwargs, prediction_type=self.prediction_type, clip_sample=self.clip_sample, eta=eta
+        )
 
-    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
-               generator: torch.Generator | None, device: torch.device | str = "cpu",
-               progress: Progress = no_progress) -> Tensor:
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
         """In batches of `sample.batch_size` from one generator; a class-conditional model is given
         `class_labels(...)` and guided with `sample.guidance_scale`."""
         labels = self.class_labels(num_samples, data, sample)
         batches = []
         for start in range(0, num_samples, sample.batch_size):
             count = min(sample.batch_size, num_samples - start)
-            batches.append(self.generate(
-                model, count, data.shape, sampler=sample.sampler, num_inference_steps=sample.num_inference_steps,
-                eta=sample.eta, timestep_spacing=sample.timestep_spacing, generator=generator,
-                class_labels=None if labels is None else labels[start:start + count], device=device,
-                progress=progress, guidance_scale=sample.guidance_scale))
+            batches.append(
+                self.generate(
+                    model,
+                    count,
+                    data.shape,
+                    sampler=sample.sampler,
+                    num_inference_steps=sample.num_inference_steps,
+                    eta=sample.eta,
+                    timestep_spacing=sample.timestep_spacing,
+                    generator=generator,
+                    class_labels=None if labels is None else labels[start : start + count],
+                    device=device,
+                    progress=progress,
+                    guidance_scale=sample.guidance_scale,
+                )
+            )
         return torch.cat(batches) if len(batches) > 1 else batches[0]
 
     def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
@@ -118,10 +155,19 @@ class DDPM(Method):
 
     @torch.no_grad()
     def generate(
-        self, model, num_samples: int, shape: tuple[int, ...], sampler: str = "ddim",
-        num_inference_steps: int = 50, eta: float = 0.0, timestep_spacing: str = "trailing",
-        generator: torch.Generator | None = None, class_labels: Tensor | None = None, device="cpu",
-        progress: Progress = no_progress, guidance_scale: float = 1.0,
+        self,
+        model,
+        num_samples: int,
+        shape: tuple[int, ...],
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        timestep_spacing: str = "trailing",
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+        device="cpu",
+        progress: Progress = no_progress,
+        guidance_scale: float = 1.0,
     ) -> Tensor:
         """One batch of `num_samples` images of `shape`, from pure noise through the scheduler's
         timesteps; with `class_labels`, guided with `guidance_scale`."""
@@ -139,8 +185,9 @@ class DDPM(Method):
         # the samples are in [-1, 1] already; without it they are left as the model made them.
         return sample
 
-    def guided_output(self, model, sample: Tensor, timesteps: Tensor, class_labels: Tensor | None,
-                      guidance_scale: float) -> Tensor:
+    def guided_output(
+        self, model, sample: Tensor, timesteps: Tensor, class_labels: Tensor | None, guidance_scale: float
+    ) -> Tensor:
         """The model's output, for classifier-free guidance uncond + w (cond - uncond) from one
         forward pass over the batch twice (with the labels, then with the null class). w = 1 and
         w = 0 take one pass of half the size: the conditional and the unconditional model."""
@@ -149,7 +196,8 @@ class DDPM(Method):
         null = torch.full_like(class_labels, self.num_classes)
         if guidance_scale == 0:
             return model(sample, timesteps, class_labels=null)
-        both = model(torch.cat([sample, sample]), torch.cat([timesteps, timesteps]),
-                     class_labels=torch.cat([class_labels, null]))
+        both = model(
+            torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), class_labels=torch.cat([class_labels, null])
+        )
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)

@@ -61,8 +61,14 @@ def unwrap(model) -> nn.Module:
 class EmbeddingDiffusionModel(nn.Module):
     """The token embeddings, the denoiser (a Transformer on vectors) and the tied rounding head."""
 
-    def __init__(self, vocab_size: int, embedding_dim: int, denoiser: nn.Module, init_from: Tensor | None = None,
-                 normalize: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int,
+        denoiser: nn.Module,
+        init_from: Tensor | None = None,
+        normalize: bool = True,
+    ):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.block_size = denoiser.block_size
@@ -108,11 +114,24 @@ class EmbeddingDiffusion(Method):
     name = "embedding"
     data_kind = "text"
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "sqrt", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, embedding_dim: int = 64, rounding_weight: float = 1.0,
-                 init_embeddings: str | None = None, normalize_embeddings: bool = True, prefix_fraction: float = 0.25):
-        self.schedule_kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                    beta_start=beta_start, beta_end=beta_end)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "sqrt",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        embedding_dim: int = 64,
+        rounding_weight: float = 1.0,
+        init_embeddings: str | None = None,
+        normalize_embeddings: bool = True,
+        prefix_fraction: float = 0.25,
+    ):
+        self.schedule_kwargs = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+        )
         self.schedule = NoiseSchedule(**self.schedule_kwargs)
         self.num_train_timesteps = num_train_timesteps
         self.embedding_dim = embedding_dim
@@ -125,8 +144,16 @@ class EmbeddingDiffusion(Method):
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "EmbeddingDiffusion":
-        fields = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "embedding_dim",
-                  "rounding_weight", "init_embeddings", "prefix_fraction"}
+        fields = {
+            "num_train_timesteps",
+            "beta_schedule",
+            "beta_start",
+            "beta_end",
+            "embedding_dim",
+            "rounding_weight",
+            "init_embeddings",
+            "prefix_fraction",
+        }
         return cls(**config.method.model_dump(include=fields))
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
@@ -140,8 +167,9 @@ class EmbeddingDiffusion(Method):
             **transformer_options(model_config),
             time_conditioning=True,
         )
-        return EmbeddingDiffusionModel(data.vocab_size, self.embedding_dim, denoiser, pretrained,
-                                       self.normalize_embeddings)
+        return EmbeddingDiffusionModel(
+            data.vocab_size, self.embedding_dim, denoiser, pretrained, self.normalize_embeddings
+        )
 
     def given_prefixes(self, B: int, L: int) -> Tensor:
         """(B, L) booleans, True on the prefix a sequence is given: a prefix_fraction share of the
@@ -240,21 +268,47 @@ class EmbeddingDiffusion(Method):
         """The clamping trick: each predicted vector replaced by its nearest token's embedding."""
         return embeddings[EmbeddingDiffusionModel.round(pred_x0, embeddings).argmax(dim=-1)].to(pred_x0.dtype)
 
-    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
-               generator: torch.Generator | None, device: torch.device | str = "cpu",
-               progress: Progress = no_progress) -> Tensor:
-        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
-                             sampler=sample.sampler, num_inference_steps=sample.num_inference_steps, eta=sample.eta,
-                             timestep_spacing=sample.timestep_spacing, clamp=sample.clamp)
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
+        return self.generate(
+            model,
+            num_samples,
+            sample.length or data.block_size,
+            generator,
+            device,
+            progress,
+            sampler=sample.sampler,
+            num_inference_steps=sample.num_inference_steps,
+            eta=sample.eta,
+            timestep_spacing=sample.timestep_spacing,
+            clamp=sample.clamp,
+        )
 
     def sample_name(self, sample: SampleConfig) -> str:
         return text_sample_name(sample)
 
     @torch.no_grad()
     def generate(
-        self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: Progress = no_progress, sampler: str = "ddim", num_inference_steps: int = 50, eta: float = 0.0,
-        timestep_spacing: str = "trailing", clamp: bool = True,
+        self,
+        model,
+        num_samples: int,
+        length: int,
+        generator: torch.Generator | None,
+        device="cpu",
+        progress: Progress = no_progress,
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        timestep_spacing: str = "trailing",
+        clamp: bool = True,
     ) -> Tensor:
         scheduler = self.make_scheduler(sampler, eta)
         scheduler.set_timesteps(num_inference_steps, timestep_spacing)
@@ -275,8 +329,10 @@ class EmbeddingDiffusion(Method):
         timestep 0 and pure noise (the last timestep) after it, inside a block_size window as in
         MaskedDiffusion.next_token_logits. Needs a model trained with prefix_fraction > 0."""
         if not self.prefix_fraction:
-            raise ConfigError("method.prefix_fraction: 0 is not allowed for guided decoding: this embedding model "
-                              "never learned to continue a given prefix; train it with a share in (0, 1], e.g. 0.25")
+            raise ConfigError(
+                "method.prefix_fraction: 0 is not allowed for guided decoding: this embedding model "
+                "never learned to continue a given prefix; train it with a share in (0, 1], e.g. 0.25"
+            )
         B, P = prefix.shape
         start = max(0, P + 1 - model.block_size)
         end = min(length, start + model.block_size)

@@ -18,9 +18,19 @@ from diffusion.methods.base import Method, Progress, no_progress
 
 @torch.no_grad()
 def guided_sample(
-    ar_method: Method, ar_model, diffusion_method: Method, diffusion_model, num_samples: int, length: int,
-    alpha: float, generator: torch.Generator | None, device="cpu", greedy: bool = True, temperature: float = 1.0,
-    top_k: int | None = None, progress: Progress = no_progress,
+    ar_method: Method,
+    ar_model,
+    diffusion_method: Method,
+    diffusion_model,
+    num_samples: int,
+    length: int,
+    alpha: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    progress: Progress = no_progress,
 ) -> Tensor:
     """(num_samples, length) tokens, each from the two methods' `next_token_logits` mixed."""
     tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)
@@ -34,7 +44,8 @@ def guided_sample(
             diffusion_logits = diffusion_method.next_token_logits(diffusion_model, tokens, length, generator)
             ar_logits = ar_method.next_token_logits(ar_model, tokens, length, generator)
             logits = alpha * F.log_softmax(diffusion_logits.float(), dim=-1) + (1 - alpha) * F.log_softmax(
-                ar_logits.float(), dim=-1)
+                ar_logits.float(), dim=-1
+            )
         next_token = sample_from_logits(logits, generator, temperature, top_k, greedy)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     return tokens

@@ -108,40 +108,72 @@ class MaskedDiffusion(Method):
         masks = torch.full((B, end - P), vocab_size_of(model), dtype=torch.long, device=prefix.device)
         return model(torch.cat([prefix[:, start:], masks], dim=1))[:, P - start].float()
 
-    def sample(self, model: nn.Module, num_samples: int, data: DataSpec, sample: SampleConfig,
-               generator: torch.Generator | None, device: torch.device | str = "cpu",
-               progress: Progress = no_progress) -> Tensor:
-        return self.generate(model, num_samples, sample.length or data.block_size, generator, device, progress,
-                             num_inference_steps=sample.num_inference_steps, block_length=sample.block_length,
-                             temperature=sample.temperature, top_k=sample.top_k)
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
+        return self.generate(
+            model,
+            num_samples,
+            sample.length or data.block_size,
+            generator,
+            device,
+            progress,
+            num_inference_steps=sample.num_inference_steps,
+            block_length=sample.block_length,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+        )
 
     def sample_name(self, sample: SampleConfig) -> str:
         return text_sample_name(sample)
 
     @torch.no_grad()
     def generate(
-        self, model, num_samples: int, length: int, generator: torch.Generator | None, device="cpu",
-        progress: Progress = no_progress, num_inference_steps: int = 50, block_length: int | None = None,
-        temperature: float = 1.0, top_k: int | None = None,
+        self,
+        model,
+        num_samples: int,
+        length: int,
+        generator: torch.Generator | None,
+        device="cpu",
+        progress: Progress = no_progress,
+        num_inference_steps: int = 50,
+        block_length: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
     ) -> Tensor:
         """Ancestral sampling from all-mask. With `block_length`, semi-autoregressively: block by
         block, each conditioned on the last block_size - block_length tokens before it."""
         block_length = block_length or length
         if block_length > model.block_size:
-            raise ValueError(f"block_length (or length, without one) {block_length} exceeds the model's "
-                             f"block size {model.block_size}: set sample.block_length")
+            raise ValueError(
+                f"block_length (or length, without one) {block_length} exceeds the model's "
+                f"block size {model.block_size}: set sample.block_length"
+            )
         tokens = torch.empty((num_samples, 0), dtype=torch.long, device=device)
         while tokens.shape[1] < length:
             n = min(block_length, length - tokens.shape[1])
-            context = tokens[:, tokens.shape[1] - min(tokens.shape[1], model.block_size - n):]
-            block = self.sample_block(model, context, n, generator, num_inference_steps, temperature, top_k,
-                                      progress)
+            context = tokens[:, tokens.shape[1] - min(tokens.shape[1], model.block_size - n) :]
+            block = self.sample_block(model, context, n, generator, num_inference_steps, temperature, top_k, progress)
             tokens = torch.cat([tokens, block], dim=1)
         return tokens
 
     def sample_block(
-        self, model, context: Tensor, n: int, generator: torch.Generator | None, num_inference_steps: int,
-        temperature: float, top_k: int | None, progress: Progress,
+        self,
+        model,
+        context: Tensor,
+        n: int,
+        generator: torch.Generator | None,
+        num_inference_steps: int,
+        temperature: float,
+        top_k: int | None,
+        progress: Progress,
     ) -> Tensor:
         """n new tokens after `context` (B, C), from n masks, in num_inference_steps steps."""
         mask_id = vocab_size_of(model)

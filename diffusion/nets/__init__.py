@@ -5,10 +5,17 @@ from torch import nn
 from diffusion.config import ModelConfig
 from diffusion.nets.unet import UNet
 
-
 # The config's fields that are the UNet's own arguments, by the same names (the rest are the transformer's).
-UNET_FIELDS = {"base_channels", "channel_mults", "num_res_blocks", "attention", "attention_heads", "dropout", "norm_groups",
-               "attention_resolutions"}
+UNET_FIELDS = {
+    "base_channels",
+    "channel_mults",
+    "num_res_blocks",
+    "attention",
+    "attention_heads",
+    "dropout",
+    "norm_groups",
+    "attention_resolutions",
+}
 
 
 def transformer_options(config: ModelConfig) -> dict:

@@ -127,7 +127,8 @@ class Transformer(nn.Module):
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.time_mlp = (
             nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.SiLU(), nn.Linear(4 * n_embd, n_embd))
-            if time_conditioning else None
+            if time_conditioning
+            else None
         )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal) for _ in range(n_layer)])

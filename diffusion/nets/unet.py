@@ -96,9 +96,7 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         level_channels = [base_channels * mult for mult in channel_mults]
 
-        self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Index num_classes is the null class: "no label", for classifier-free guidance.
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
 
@@ -112,8 +110,11 @@ class UNet(nn.Module):
             raise ValueError("attention_resolutions needs the image_size")
 
         def attention_at(level: int, level_ch: int) -> nn.Module:
-            return SelfAttention(level_ch, attention_heads, norm_groups) if sizes[level] in attention_resolutions \
+            return (
+                SelfAttention(level_ch, attention_heads, norm_groups)
+                if sizes[level] in attention_resolutions
                 else nn.Identity()
+            )
 
         # conv_in gives the first level's channels (not base_channels) so every GroupNorm sees a
         # multiple of some level's channels, which is all the config checks norm_groups against.
@@ -137,9 +138,7 @@ class UNet(nn.Module):
                 skip_channels.append(channels)
 
         self.mid_block1 = res_block(channels, channels)
-        self.mid_attention = (
-            SelfAttention(channels, attention_heads, norm_groups) if attention else nn.Identity()
-        )
+        self.mid_attention = SelfAttention(channels, attention_heads, norm_groups) if attention else nn.Identity()
         self.mid_block2 = res_block(channels, channels)
 
         self.up_levels = nn.ModuleList()

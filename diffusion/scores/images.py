@@ -62,8 +62,9 @@ def shuffled_batches(num_images: int, epochs: int, generator: torch.Generator):
         yield from torch.randperm(num_images, generator=generator).split(BATCH_SIZE)
 
 
-def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, device="cpu",
-                     progress: Progress = no_progress) -> LeNet:
+def train_classifier(
+    images: Tensor, labels: Tensor, epochs: int, seed: int, device="cpu", progress: Progress = no_progress
+) -> LeNet:
     """Adam with a one-cycle learning rate on cross-entropy. Deterministic given seed; the caller's global RNG
     state is left as it was."""
     device = torch.device(device)
@@ -74,7 +75,9 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int, seed: int, dev
         classifier = classifier_for(images)
     classifier.to(device).train()
     optimizer = torch.optim.Adam(classifier.parameters(), lr=MAX_LEARNING_RATE)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, MAX_LEARNING_RATE, total_steps=epochs * math.ceil(len(images) / BATCH_SIZE))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, MAX_LEARNING_RATE, total_steps=epochs * math.ceil(len(images) / BATCH_SIZE)
+    )
     batches = list(shuffled_batches(len(images), epochs, torch.Generator().manual_seed(seed)))  # a length for the bar
     for indices in progress(batches, "training LeNet classifier"):
         x = to_model_input(images[indices]).to(device)
@@ -101,8 +104,15 @@ def save_atomically(state_dict: dict, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def load_or_train_classifier(images: Tensor, labels: Tensor, epochs: int = 2, seed: int = 0,
-                             cache_dir: Path | None = None, device="cpu", progress: Progress = no_progress) -> LeNet:
+def load_or_train_classifier(
+    images: Tensor,
+    labels: Tensor,
+    epochs: int = 2,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    device="cpu",
+    progress: Progress = no_progress,
+) -> LeNet:
     """The LeNet trained on (images, labels), from cache_dir/classifiers/ when trained before. Returned in eval mode."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     key = classifier_cache_key(images, labels, epochs, seed)
@@ -154,8 +164,14 @@ def class_entropy_bits(class_counts: Tensor) -> float:
     return float(-(shares * shares.log2()).sum())
 
 
-def sample_scores(classifier: LeNet, samples: Tensor, reference_features: Tensor, confidence: float = 0.9,
-                  device="cpu", labels: Tensor | None = None) -> dict:
+def sample_scores(
+    classifier: LeNet,
+    samples: Tensor,
+    reference_features: Tensor,
+    confidence: float = 0.9,
+    device="cpu",
+    labels: Tensor | None = None,
+) -> dict:
     """{"fid", "confident_share", "class_entropy_bits", "class_counts"} of samples against reference
     features, and with the `labels` the samples were asked for, "class_accuracy": the share the
     classifier puts in that class."""
@@ -211,9 +227,12 @@ def overfit_report(samples: Tensor, train_images: Tensor, final_loss: float) -> 
     (M, C, H, W) in [-1, 1]; whether the loss came near zero and every sample reproduces an image."""
     distances = torch.cdist(samples.flatten(1).double().cpu(), train_images.flatten(1).double().cpu())
     nearest = distances.min(dim=1).values / math.sqrt(samples[0].numel())
-    return {"final_loss": final_loss, "loss_near_zero": final_loss < NEAR_ZERO_LOSS,
-            "nearest_train_rms": [round(value, 4) for value in nearest.tolist()],
-            "reproduced": bool((nearest < REPRODUCED_RMS).all())}
+    return {
+        "final_loss": final_loss,
+        "loss_near_zero": final_loss < NEAR_ZERO_LOSS,
+        "nearest_train_rms": [round(value, 4) for value in nearest.tolist()],
+        "reproduced": bool((nearest < REPRODUCED_RMS).all()),
+    }
 
 
 def random_subset(images: Tensor, num_samples: int, seed: int) -> Tensor:
@@ -223,15 +242,17 @@ def random_subset(images: Tensor, num_samples: int, seed: int) -> Tensor:
     return images[indices]
 
 
-def reference_features(classifier: LeNet, train_images: Tensor, num_samples: int, seed: int = 0,
-                       device="cpu") -> Tensor:
+def reference_features(
+    classifier: LeNet, train_images: Tensor, num_samples: int, seed: int = 0, device="cpu"
+) -> Tensor:
     """Features (float64) of num_samples random training images: the reference the samples are scored against."""
     features, _ = classifier_outputs(classifier, random_subset(train_images, num_samples, seed), device=device)
     return features
 
 
-def real_floor(classifier: LeNet, train_images: Tensor, test_images: Tensor, num_samples: int, seed: int = 0,
-               device="cpu") -> dict:
+def real_floor(
+    classifier: LeNet, train_images: Tensor, test_images: Tensor, num_samples: int, seed: int = 0, device="cpu"
+) -> dict:
     """sample_scores of num_samples random test images against num_samples random training images: what a
     perfect generator would get at this sample size."""
     reference = reference_features(classifier, train_images, num_samples, seed, device=device)

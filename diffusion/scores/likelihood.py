@@ -41,8 +41,9 @@ def scorer_perplexity(scorer, texts: list[str], device) -> float:
     return 2 ** (bits_per_token * tokens.numel() / characters)
 
 
-def evaluate_text(method: Method, model, validation, texts: list[str], device, seed: int = 0,
-                  num_blocks: int = 64, scorer=None) -> dict:
+def evaluate_text(
+    method: Method, model, validation, texts: list[str], device, seed: int = 0, num_blocks: int = 64, scorer=None
+) -> dict:
     """The scores of a text model and its samples; `collapsed` lists what looks degenerate."""
     scores = {"val_bits_per_char": validation_bits_per_char(method, model, validation, device, num_blocks, seed)}
     scores |= text_scores(texts)
@@ -50,4 +51,3 @@ def evaluate_text(method: Method, model, validation, texts: list[str], device, s
         scores["ar_perplexity"] = scorer_perplexity(scorer, texts, device)
     scores["collapsed"] = collapse(scores)
     return scores
-

@@ -115,15 +115,30 @@ def collapse(scores: dict[str, float]) -> list[str]:
         ("distinct_1", scores["distinct_1"] < MIN_DISTINCT_1, f"< {MIN_DISTINCT_1}: few distinct words"),
         ("distinct_2", scores["distinct_2"] < MIN_DISTINCT_2, f"< {MIN_DISTINCT_2}: word pairs repeat"),
         ("distinct_3", scores["distinct_3"] < MIN_DISTINCT_3, f"< {MIN_DISTINCT_3}: word triples repeat"),
-        ("longest_repeat_share", scores["longest_repeat_share"] > MAX_LONGEST_REPEAT_SHARE,
-         f"> {MAX_LONGEST_REPEAT_SHARE}: samples loop one passage"),
-        ("top_token_share", scores["top_token_share"] > MAX_TOP_TOKEN_SHARE,
-         f"> {MAX_TOP_TOKEN_SHARE}: one word dominates"),
-        ("punctuation_share", scores["punctuation_share"] > MAX_PUNCTUATION_SHARE,
-         f"> {MAX_PUNCTUATION_SHARE}: mostly punctuation"),
-        ("mean_word_length", scores["mean_word_length"] > MAX_MEAN_WORD_LENGTH,
-         f"> {MAX_MEAN_WORD_LENGTH}: runs of letters, not words"),
-        ("mean_word_length", scores["mean_word_length"] < MIN_MEAN_WORD_LENGTH,
-         f"< {MIN_MEAN_WORD_LENGTH}: scattered letters, not words"),
+        (
+            "longest_repeat_share",
+            scores["longest_repeat_share"] > MAX_LONGEST_REPEAT_SHARE,
+            f"> {MAX_LONGEST_REPEAT_SHARE}: samples loop one passage",
+        ),
+        (
+            "top_token_share",
+            scores["top_token_share"] > MAX_TOP_TOKEN_SHARE,
+            f"> {MAX_TOP_TOKEN_SHARE}: one word dominates",
+        ),
+        (
+            "punctuation_share",
+            scores["punctuation_share"] > MAX_PUNCTUATION_SHARE,
+            f"> {MAX_PUNCTUATION_SHARE}: mostly punctuation",
+        ),
+        (
+            "mean_word_length",
+            scores["mean_word_length"] > MAX_MEAN_WORD_LENGTH,
+            f"> {MAX_MEAN_WORD_LENGTH}: runs of letters, not words",
+        ),
+        (
+            "mean_word_length",
+            scores["mean_word_length"] < MIN_MEAN_WORD_LENGTH,
+            f"< {MIN_MEAN_WORD_LENGTH}: scattered letters, not words",
+        ),
     ]
     return [f"{name} {scores[name]:.3f} {why}" for name, failed, why in checks if failed]

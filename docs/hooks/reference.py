@@ -64,7 +64,11 @@ def yaml_value(value) -> str:
 
 
 def allowed(field) -> str:
-    parts = [", ".join(f"`{yaml_value(value)}`" for value in choices(field.annotation))] if choices(field.annotation) else []
+    parts = (
+        [", ".join(f"`{yaml_value(value)}`" for value in choices(field.annotation))]
+        if choices(field.annotation)
+        else []
+    )
     bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
     for item in field.metadata:
         for attribute, symbol in bounds.items():
@@ -111,8 +115,10 @@ def job_spec_reference() -> str:
         out += ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
         for name, field in leaves.items():
             key = f"{path}.{name}" if path else name
-            out.append(f"| `{key}` | {type_name(field.annotation)} | {default(field)} | {cell(allowed(field))} "
-                       f"| {cell(field.description or '')} |")
+            out.append(
+                f"| `{key}` | {type_name(field.annotation)} | {default(field)} | {cell(allowed(field))} "
+                f"| {cell(field.description or '')} |"
+            )
         out.append("")
     return "\n".join(out)
 
