@@ -1,1 +1,2 @@
-"""ops: where and how runs happen. Imports only `diffusion.config` from the research side."""
+"""ops: where and how runs happen. From the research side it imports only `diffusion.config`,
+`diffusion.records` (the run-dir files) and `diffusion.yamlfile`."""

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ops.errors import OpsError
+from ops.provenance import capture, restore
 from ops.rundir import DIFF, PROVENANCE, read_required
 
 BUILDERS = ("docker", "podman", "buildah")
@@ -103,15 +104,13 @@ def build_and_push(builder: str, context: Path, reference: str, push: bool, tls_
 def build_image(project, push: bool, builder: str | None = None, run_dir: Path | None = None,
                 build_args: dict[str, str] | None = None) -> Image:
     """The image of the working tree's code (or of a run's recorded code: `run_dir`)."""
-    from ops.provenance import capture, restore
-
     settings = project.settings
     if not settings.image_repository:
         raise OpsError("ops.yaml: image_repository: missing; e.g. us-central1-docker.pkg.dev/PROJECT/REPO/diffusion")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         if run_dir is None:
-            provenance, patch_path = capture(project.root, folder, exclude=project.not_code()), folder / "diff.patch"
+            provenance, patch_path = capture(project.root, folder, exclude=project.not_code()), folder / DIFF
         else:
             provenance = read_required(run_dir / PROVENANCE)
             patch_path = run_dir / DIFF

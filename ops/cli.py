@@ -16,11 +16,12 @@ Every command takes `--json` for agents. Stable fields:
   job, paths.
 Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written); `ops wait` exits by the
 final state: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (resumable), 4 UNKNOWN.
-Heavy imports live inside the commands that need them, so `ops --help` stays fast.
+The commands parse their arguments, call ops.runs (what happens to runs) and ops.views (what is
+printed), and choose the exit code. Heavy imports (pydantic through the spec modules, rich,
+ruamel.yaml) live inside the commands and views that need them, so `ops --help` stays fast.
 """
 
 import functools
-import json
 import shlex
 import signal
 import sqlite3
@@ -31,7 +32,13 @@ from pathlib import Path
 
 import typer
 
+from ops import runs, views
+from ops.build import build_image
 from ops.errors import OpsError
+from ops.registry import STATES, Registry
+from ops.secrets import redact_words
+from ops.settings import Project
+from ops.storage import WHAT
 
 app = typer.Typer(help="Submit, watch and record diffusion experiments.", no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False)
@@ -69,39 +76,6 @@ def one_line_errors(command):
     return wrapper
 
 
-def echo_json(data) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def console():
-    """Rich output for people. To a file or a pipe (a log, an agent) it never wraps a line: width
-    unlimited, no soft wrapping, so that grep and parsers see each line whole."""
-    from rich.console import Console
-
-    terminal = sys.stdout.isatty()
-    return Console(highlight=False, soft_wrap=not terminal, width=None if terminal else 1_000_000)
-
-
-def rule(out, title: str) -> None:
-    """A section rule: the console's width on a terminal, a short one elsewhere."""
-    if out.is_terminal:
-        out.rule(title)
-    else:
-        out.print(f"── {title} " + "─" * 40)
-
-
-def open_project(create: bool = False):
-    """The project and its registry. A command that only looks at runs writes nothing: in a project
-    without a registry yet it gets an empty one in memory (no run to find, none to list)."""
-    from ops.registry import Registry
-    from ops.settings import Project
-
-    project = Project()
-    if create or project.registry_path.is_file():
-        return project, Registry(project.registry_path)
-    return project, Registry.empty()
-
-
 @contextmanager
 def signals_interrupt():
     """SIGTERM and SIGHUP end the command as Ctrl-C does (KeyboardInterrupt), so that a run it was
@@ -120,21 +94,7 @@ def signals_interrupt():
 
 def command_line() -> str:
     """This command as it is recorded (job.json, the experiment log, issues): secrets hidden."""
-    from ops.secrets import redact_words
-
     return shlex.join(["ops", *redact_words(sys.argv[1:])])
-
-
-def when(timestamp: float | None) -> str:
-    return time.strftime("%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "-"
-
-
-STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "PREEMPTED": "magenta",
-               "RUNNING": "cyan", "QUEUED": "blue", "UNKNOWN": "dim"}
-
-
-def styled(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,75 +123,15 @@ def submit(
         return resume(resume_id, as_json)
     if not name:
         raise OpsError("NAME: missing; give a job spec name (`ops config list`) or --resume JOB_ID")
-    from ops import runs
-    from ops.engines import Launch, get_engine
-    from ops.settings import Project
-
     project = Project()
     planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
-    for warning in dict.fromkeys(warning for item in planned for warning in item.warnings):
-        typer.echo(f"warning: {warning}", err=True)
+    views.warn(list(dict.fromkeys(warning for item in planned for warning in item.warnings)))
     if dry_run:
-        return print_dry_run(project, planned, as_json, get_engine, Launch)
-    from ops.registry import Registry
-
+        return views.print_dry_run(runs.dry_run(project, planned), as_json)
     registry = Registry(project.registry_path)
     with signals_interrupt():
         started = runs.submit(project, registry, planned, command_line(), allow_no_git, image)
-    warn_outbox(registry, started)
-    left_out = snapshot_left_out(started)
-    for item in left_out:
-        typer.echo(f"note: left out of the run's code snapshot: {item['path']} ({item['reason']})", err=True)
-    if as_json:
-        return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id), "left_out": left_out}
-                                   for run in started]})
-    out = console()
-    for run in started:
-        values = "  " + " ".join(f"{key}={value}" for key, value in run.sweep.items()) if run.sweep else ""
-        out.print(f"[bold]{run.ops_id}[/]  {run.engine} job {run.engine_job_id}  {styled(run.state)}{values}")
-        out.print(f"  run dir {run.run_dir}")
-    if len(started) == 1:
-        out.print(f"watch it: ops monitor {started[0].ops_id} --logs --follow")
-
-
-def print_dry_run(project, planned, as_json, get_engine, Launch) -> None:
-    from ruamel.yaml import YAML
-
-    rows = []
-    for item in planned:
-        engine = get_engine(item.spec.engine, project.settings)
-        placeholder = project.runs_dir / f"{item.spec.name}-<id>"
-        launch = Launch(run_dir=placeholder, project_root=project.root,
-                        resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
-        rows.append({"spec": item.spec.model_dump(mode="json"), "sweep": item.sweep, "overrides": item.overrides,
-                     "changes": item.changes, "warnings": item.warnings, "would_start": engine.describe(launch)})
-    if as_json:
-        return echo_json({"dry_run": True, "runs": rows})
-    yaml = YAML()
-    yaml.default_flow_style = None
-    for row in rows:
-        typer.echo(f"# dry run: nothing written. sweep values: {row['sweep'] or 'none'}")
-        for key, old, new in row["changes"]:
-            typer.echo(f"# changed from the spec: {key}: {old} -> {new}")
-        yaml.dump(row["spec"], sys.stdout)
-        typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}\n")
-
-
-def snapshot_left_out(started) -> list[dict]:
-    """The untracked files that provenance kept out of diff.patch (the same for every run of a
-    submit): [{path, reason, ...}]; the user should know that the run will not see them."""
-    from ops.rundir import PROVENANCE, git_of, read_json
-
-    provenance = read_json(Path(started[0].run_dir) / PROVENANCE) if started else None
-    return git_of(provenance).get("skipped_untracked", [])
-
-
-def warn_outbox(registry, started) -> None:
-    """The run started; what could not be sent yet (GitHub down) waits for the next `ops sync`."""
-    for run in started:
-        for item in registry.failures(run.ops_id):
-            when = "waits for `ops sync --retry` once fixed" if item["permanent"] else "waits for the next `ops sync`"
-            typer.echo(f"warning: {run.ops_id}: {item['kind']} {when}: {item['error']}", err=True)
+    views.print_submitted(registry, started, runs.snapshot_left_out(started), as_json)
 
 
 @app.command()
@@ -240,16 +140,10 @@ def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or lat
     """Continue a stopped run from its last checkpoint.
 
     For preempted, cancelled or failed runs; the run keeps its ops id and run dir."""
-    from ops import runs
-
-    project, registry = open_project()
+    project, registry = runs.open_project()
     with signals_interrupt():
         run = runs.resume(project, registry, runs.find(registry, job_id))
-    warn_outbox(registry, [run])
-    if as_json:
-        return echo_json(run.to_json())
-    console().print(f"[bold]{run.ops_id}[/] resumed: {run.engine} job {run.engine_job_id}  {styled(run.state)}"
-                    f"  (restart {run.requeues})")
+    views.print_resumed(registry, run, as_json)
 
 
 @app.command()
@@ -259,92 +153,14 @@ def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or late
 
     A new run with the same spec, on the recorded commit plus its diff.patch (materialised in
     RUN_DIR/code); refuses when the commit is not in the repository."""
-    from ops import runs
-
-    project, registry = open_project()
+    project, registry = runs.open_project()
     with signals_interrupt():
         run = runs.rerun(project, registry, runs.find(registry, job_id), command_line())
-    warn_outbox(registry, [run])
-    if as_json:
-        return echo_json(run.to_json())
-    console().print(f"[bold]{run.ops_id}[/] (rerun of {job_id} at {(run.git_commit or '')[:8]}): "
-                    f"{run.engine} job {run.engine_job_id}  {styled(run.state)}")
+    views.print_rerun(registry, run, job_id, as_json)
 
 
 # ---------------------------------------------------------------------------------------------
 # monitor, list, wait, cancel, sync
-
-
-def run_view(project, run, engine_logs: bool, lines: int, full: bool) -> dict:
-    from ops import monitor, rundir
-    from ops.rundir import JOB, PROVENANCE, read_json
-
-    run_dir = Path(run.run_dir)
-    job = read_json(run_dir / JOB) or {}
-    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}  # a damaged job.json shows less
-    view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run), "progress": monitor.progress(run, spec)}
-    if engine_logs:
-        from ops.engines import get_engine
-
-        text, _ = get_engine(run.engine, project.settings).logs(run)
-        view["log_tail"] = monitor.tail(text, lines)
-    if full:
-        view["job"] = job
-        view["config"] = spec.get("run")
-        view["provenance"] = read_json(run_dir / PROVENANCE)
-        view["paths"] = {name: str(run_dir / name) for name in
-                         (rundir.CONFIG, rundir.PROVENANCE, rundir.DIFF, rundir.METRICS, rundir.LOG,
-                          rundir.CHECKPOINTS, rundir.SAMPLES, rundir.SUMMARY)}
-    return view
-
-
-def print_view(view: dict) -> None:
-    from ops.monitor import format_seconds
-
-    out = console()
-    p = view["progress"]
-    out.print(f"[bold]{view['ops_id']}[/]  {styled(view['state'])}  {view['engine']} job {view['engine_job_id']}"
-              f"  elapsed {format_seconds(view['elapsed_seconds'])}"
-              + (f"  exit code {view['exit_code']}" if view["exit_code"] is not None else "")
-              + (f"  restarts {view['requeues']}" if view["requeues"] else ""))
-    if p["step"] is not None:
-        def shown(value, form: str) -> str:  # a field an old or damaged metrics line lacks
-            return "-" if value is None else format(value, form)
-
-        out.print(f"  step {p['step']}/{shown(p['total_steps'], '')} ({shown(p['percent'], '')}%)  "
-                  f"epoch {shown(p['epoch'], '.2f')}/{shown(p['total_epochs'], '')}  loss {shown(p['loss'], '.4f')}  "
-                  f"{shown(p['it_per_s'], '.1f')} it/s  eta {format_seconds(p['eta_seconds'])}")
-    else:
-        out.print("  no metrics yet")
-    out.print(f"  run dir {view['run_dir']}")
-    if view["detail"]:
-        out.print(f"  {view['detail']}", markup=False)
-    if view["state"] == "PREEMPTED":
-        from ops.engines import get_engine
-        from ops.settings import Project
-
-        if get_engine(view["engine"], Project().settings).requeues_itself:
-            out.print(f"  stopped at a checkpoint; {view['engine']} requeues it and it resumes by itself")
-        else:
-            out.print(f"  stopped at a checkpoint; `ops resume {view['ops_id']}` continues it")
-    if view["github_issue"]:
-        out.print(f"  issue {view['github_issue']}", markup=False)
-    if view["journal_post"]:
-        out.print(f"  journal post {view['journal_post']}", markup=False)
-    for item in view.get("outbox", []):
-        if item["permanent"]:
-            out.print(f"  [red]stopped[/] {item['kind']} until fixed, then `ops sync --retry`: {item['error']}",
-                      markup=True)
-        else:
-            out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
-    if "log_tail" in view:
-        rule(out, "log tail")
-        typer.echo(view["log_tail"])  # as the run wrote it: rich would expand its tabs
-    if "provenance" in view:
-        from ruamel.yaml import YAML
-
-        rule(out, "full record")
-        YAML().dump({key: view[key] for key in ("paths", "provenance", "job")}, sys.stdout)
 
 
 @app.command()
@@ -359,65 +175,18 @@ def monitor(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """State, progress (step, loss, it/s, ETA) and log of a run."""
-    from ops import runs
-
-    project, registry = open_project()
+    project, registry = runs.open_project()
     run, problems = runs.reconcile(project, registry, runs.find(registry, job_id))
-    for problem in problems:
-        typer.echo(f"warning: {problem}", err=True)
+    views.warn(problems)
     if not follow:
-        view = run_view(project, run, logs, lines, full) | {"outbox": registry.failures(run.ops_id)}
-        return echo_json(view) if as_json else print_view(view)
-    follow_run(project, registry, run, as_json, interval)
-
-
-def settled(project, run) -> bool:
-    from ops.engines import get_engine
-
-    # A local PREEMPTED run waits for `ops resume`; a SLURM one comes back by itself.
-    stays_stopped = not get_engine(run.engine, project.settings).requeues_itself
-    return run.finished or (run.state == "PREEMPTED" and stays_stopped)
-
-
-def follow_run(project, registry, run, as_json: bool, interval: float) -> None:
-    from ops.engines import get_engine
-
-    engine = get_engine(run.engine, project.settings)
-    text, offset = engine.logs(run)
+        view = views.run_view(project, run, logs, lines, full) | {"outbox": registry.failures(run.ops_id)}
+        return views.echo_json(view) if as_json else views.print_view(project, view)
+    events = runs.follow(project, registry, run, interval)
     try:
-        follow_loop(project, registry, run, engine, text, offset, as_json, interval)
+        for event, value in events:
+            views.print_event(event, value, as_json)
     except KeyboardInterrupt:
         typer.echo(f"\nstopped following; the run goes on: ops monitor {run.ops_id} --logs", err=True)
-
-
-def follow_loop(project, registry, run, engine, text: str, offset: int, as_json: bool, interval: float) -> None:
-    from ops import runs
-
-    last_state = None
-    while True:
-        if run.state != last_state:
-            last_state = run.state
-            if as_json:
-                typer.echo(json.dumps({"event": "state", "state": run.state, "time": time.time()}))
-            else:
-                console().print(f"[bold]{run.ops_id}[/] {styled(run.state)}")
-        if text:
-            if as_json:
-                for line in text.splitlines():
-                    typer.echo(json.dumps({"event": "log", "line": line}))
-            else:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-        if settled(project, run):
-            break
-        time.sleep(interval)
-        run, _ = runs.reconcile(project, registry, registry.get(run.ops_id), engine)
-        text, offset = engine.logs(run, offset)
-    if as_json:
-        typer.echo(json.dumps({"event": "end", "run": run.to_json()}, default=str))
-    else:
-        console().print(f"[bold]{run.ops_id}[/] ended {styled(run.state)}"
-                        + (f" (exit code {run.exit_code})" if run.exit_code is not None else ""))
 
 
 @app.command("list")
@@ -429,34 +198,13 @@ def list_runs(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Runs, newest first (unfinished ones are refreshed)."""
-    from ops import runs
-    from ops.registry import STATES
-
     for state in states:
         if state.upper() not in STATES:
             raise OpsError(f"--state {state!r}: not a state; allowed: {', '.join(STATES)}")
-    project, registry = open_project()
+    project, registry = runs.open_project()
     shown = registry.select([s.upper() for s in states], names, limit or None)
     shown = [runs.reconcile(project, registry, run)[0] if not run.finished else run for run in shown]
-    if as_json:
-        return echo_json([run.to_json() for run in shown])
-    if not shown:
-        return typer.echo("no runs" + (" match" if states or names else " yet; `ops submit NAME` starts one"))
-    from ops.monitor import elapsed_seconds, format_seconds
-
-    # Plain aligned columns: a rich table costs a fifth of a second for 50 rows.
-    header = ("ops id", "state", "engine", "job", "created", "elapsed", "commit", "sweep")
-    rows = [(run.ops_id, run.state, run.engine, run.engine_job_id or "-", when(run.created_at),
-             format_seconds(elapsed_seconds(run)), (run.git_commit or "no git")[:8],
-             " ".join(f"{k}={v}" for k, v in run.sweep.items())) for run in shown]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    color = sys.stdout.isatty()
-    typer.echo("  ".join(name.ljust(width) for name, width in zip(header, widths)).rstrip())
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
-        if color:
-            cells[1] = typer.style(cells[1], fg=STATE_STYLE.get(row[1], "white").replace("dim", "white"))
-        typer.echo("  ".join(cells).rstrip())
+    views.print_runs(shown, bool(states or names), as_json)
 
 
 @app.command()
@@ -470,25 +218,19 @@ def wait(
     """Block until the run ends; exit code by final state.
 
     0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (stopped, resumable), 4 UNKNOWN, 124 timeout."""
-    from ops import runs
-
-    project, registry = open_project()
+    project, registry = runs.open_project()
     run = runs.find(registry, job_id)
     deadline = time.monotonic() + timeout if timeout else None
     while True:
         run, problems = runs.reconcile(project, registry, run)
-        if settled(project, run):
+        if runs.settled(project, run):
             break
         if deadline and time.monotonic() > deadline:
             typer.echo(f"{run.ops_id}: still {run.state} after {timeout:g} s", err=True)
             raise typer.Exit(124)
         time.sleep(interval)
-    for problem in problems:
-        typer.echo(f"warning: {problem}", err=True)
-    if as_json:
-        echo_json(run.to_json())
-    else:
-        console().print(f"[bold]{run.ops_id}[/] {styled(run.state)}")
+    views.warn(problems)
+    views.print_state(run, as_json)
     raise typer.Exit(WAIT_EXIT_CODES.get(run.state, 4))
 
 
@@ -500,21 +242,9 @@ def cancel(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Stop a run: SIGTERM (it checkpoints), later SIGKILL."""
-    from ops import runs
-    from ops.engines import get_engine
-
-    project, registry = open_project()
-    run, _ = runs.reconcile(project, registry, runs.find(registry, job_id))
-    if run.finished:
-        message = f"{run.ops_id}: already {run.state}; nothing to cancel"
-    else:
-        engine = get_engine(run.engine, project.settings)
-        engine.cancel(run, project.settings.cancel_grace_seconds if grace is None else grace)
-        run, _ = runs.reconcile(project, registry, run, engine)
-        message = f"{run.ops_id}: {run.state}"
-    if as_json:
-        return echo_json(run.to_json())
-    console().print(message)
+    project, registry = runs.open_project()
+    run, stopped = runs.cancel(project, registry, runs.find(registry, job_id), grace)
+    views.print_cancelled(run, stopped, as_json)
 
 
 @app.command()
@@ -528,45 +258,12 @@ def sync(
 
     Polls the engine of every unfinished run, adds registry rows for run dirs it lacks, and
     retries follow-ups (experiment log ...) that failed before."""
-    from ops import runs
-    from ops.registry import Registry, RegistryDamaged, move_aside
-    from ops.rundir import JOB
-    from ops.settings import Project
-
-    project = Project()
-    repaired = []
-    try:
-        _, registry = open_project(create=any(project.runs_dir.glob(f"*/{JOB}")))  # run dirs to index, or none yet
-    except RegistryDamaged as exc:
-        aside = move_aside(project.registry_path)
-        repaired.append(f"{exc.args[0].split(';')[0]}; moved it to {aside} and rebuilt the registry from the run dirs")
-        registry = Registry(project.registry_path)
-    try:
-        if retry:
-            registry.retry_stopped()
-        added, reconciled, problems = runs.sync(project, registry)
-    except sqlite3.DatabaseError as exc:  # damage that opening it did not reach: rebuild all the same
-        registry.close()
-        aside = move_aside(project.registry_path)
-        repaired.append(f"{project.registry_path}: damaged ({exc}); moved it to {aside} and rebuilt the registry "
-                        "from the run dirs")
-        registry = Registry(project.registry_path)
-        added, reconciled, problems = runs.sync(project, registry)
-    problems = repaired + problems
-    if as_json:
-        return echo_json({"rebuilt": added, "runs": [run.to_json() for run in reconciled], "problems": problems})
-    out = console()
-    for ops_id in added:
-        out.print(f"rebuilt registry row for {ops_id} from its run dir")
-    for run in reconciled:
-        out.print(f"{run.ops_id}  {styled(run.state)}")
-    for problem in problems:
-        out.print(f"[yellow]warning[/] {problem}")
-    out.print(f"synced {len(reconciled)} unfinished run(s)")
+    added, reconciled, problems = runs.sync(Project(), retry)
+    views.print_synced(added, reconciled, problems, as_json)
 
 
 # ---------------------------------------------------------------------------------------------
-# journal, compare
+# journal, compare, build, pull
 
 
 @app.command()
@@ -577,33 +274,10 @@ def journal(job_id: str = typer.Argument(..., help="ops id, engine job id, or la
     The post is JOURNAL_DIR/blog/posts/DATE-OPS_ID.md, served at blog/OPS_ID/, its images in
     OPS_ID/ beside it. Everything is rewritten except the text inside the marked regions
     (Observations), which is kept. JSON: ops_id, state, post (path), url (in the site), images."""
-    from ops import runs
-    from ops.journal import write_post
-
-    project, registry = open_project()
+    project, registry = runs.open_project()
     run, problems = runs.reconcile(project, registry, runs.find(registry, job_id))
-    for problem in problems:
-        typer.echo(f"warning: {problem}", err=True)
-    path = write_post(project, run)
-    registry.update(run.ops_id, journal_post=str(path))
-    images = sorted(str(image) for image in (path.parent / run.ops_id).glob("*.png"))
-    if as_json:
-        return echo_json({"ops_id": run.ops_id, "state": run.state, "post": str(path), "url": f"blog/{run.ops_id}/",
-                          "images": images})
-    typer.echo(f"{run.ops_id}: {path}")
-
-
-def print_columns(title: str, ids: list[str], rows: dict[str, list]) -> None:
-    from ops.journal import format_value
-
-    def shown(value) -> str:
-        text = "-" if value is None else format_value(value)
-        return text if len(text) <= 40 else text[:39] + "…"
-
-    table = [(title, *ids), *((key, *map(shown, values)) for key, values in rows.items())]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        typer.echo("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip())
+    views.warn(problems)
+    views.print_post(run, runs.rewrite_post(project, registry, run), as_json)
 
 
 @app.command()
@@ -621,28 +295,9 @@ def compare(
     post and keeps its Observations). JSON: runs (ops ids), states, config {key: [value per run]}
     (differing keys only), metrics {name: [value per run]} (null where a run lacks it), post (path
     or null)."""
-    from ops import runs
-    from ops.journal import comparison, write_comparison
-
-    project, registry = open_project()
-    found = {}
-    for job_id in job_ids:
-        run = runs.reconcile(project, registry, runs.find(registry, job_id))[0]
-        found.setdefault(run.ops_id, run)
-    if len(found) < 2:
-        raise OpsError(f"JOB_ID: {', '.join(job_ids)} name {len(found)} run; compare needs two or more")
-    compared = comparison(list(found.values()))
-    path = write_comparison(project, list(found.values()), compared) if post else None
-    if as_json:
-        return echo_json(compared | {"post": str(path) if path else None})
-    if compared["config"]:
-        print_columns("differing settings", compared["runs"], compared["config"])
-    else:
-        typer.echo("no differing settings")
-    typer.echo("")
-    print_columns("metric", compared["runs"], {"state": compared["states"], **compared["metrics"]})
-    if path:
-        typer.echo(f"\npost: {path}")
+    project, registry = runs.open_project()
+    compared, path = runs.compare(project, registry, job_ids, post)
+    views.print_comparison(compared, path, as_json)
 
 
 @app.command()
@@ -656,45 +311,25 @@ def build(
 
     The tag is the commit, plus a hash of the uncommitted diff when the tree is dirty; a tag the
     registry already has is not built or pushed again. Prints the image by digest."""
-    from ops.build import build_image
-    from ops.settings import Project
-
-    image = build_image(Project(), push=push, builder=builder)
-    if as_json:
-        return echo_json(image.to_json())
-    state = "built and pushed" if image.pushed else "built" if image.built else "already in the registry"
-    typer.echo(f"{image.reference}  {state}" + (f"\n{image.by_digest}" if image.digest else ""))
+    views.print_image(build_image(Project(), push=push, builder=builder), as_json)
 
 
 @app.command()
 @one_line_errors
 def pull(
     job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."),
-    what: str = typer.Option("all", "--what", help="checkpoints | samples | all"),
+    what: str = typer.Option("all", "--what", help=" | ".join(WHAT)),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Download a cloud run's files into its local run dir.
 
     Resumes partial downloads and skips files already present with the same checksum."""
-    from ops import runs
-    from ops.engines.vertex import VERTEX_FILE
-    from ops.rundir import OPS_RECORDS, read_required
-    from ops.storage import WHAT, pull as pull_files
-
     if what not in WHAT:
         raise OpsError(f"--what {what!r}: not allowed; one of {', '.join(WHAT)}")
-    project, registry = open_project()
+    project, registry = runs.open_project()
     run = runs.find(registry, job_id)
-    if run.engine != "vertex":
-        raise OpsError(f"{run.ops_id}: ran on {run.engine}; its run dir is already here: {run.run_dir}")
-    gcs_run_dir = read_required(Path(run.run_dir) / VERTEX_FILE)["gcs_run_dir"]
-    result = pull_files(gcs_run_dir, Path(run.run_dir), what, keep=OPS_RECORDS | {VERTEX_FILE},
-                        progress=None if as_json else lambda name: typer.echo(f"  {name}"))
-    if run.finished and result["downloaded"]:
-        runs.refresh_records(project, run)  # the log's results and the post, now with the run's figures
-    if as_json:
-        return echo_json({"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result})
-    typer.echo(f"{len(result['downloaded'])} downloaded, {len(result['skipped'])} unchanged, into {run.run_dir}")
+    result = runs.pull(project, run, what, progress=None if as_json else views.print_pulled_file)
+    views.print_pull(result, as_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,8 +337,6 @@ def pull(
 
 
 def jobs_dir() -> Path:
-    from ops.settings import Project
-
     return Project().jobs_dir
 
 
@@ -711,7 +344,7 @@ def jobs_dir() -> Path:
 @one_line_errors
 def config_list(as_json: bool = JSON_OPTION) -> None:
     """The job specs, with task, engine and description (or why a spec does not parse)."""
-    from diffusion.config import ConfigError, read_yaml
+    from diffusion.config import ConfigError, read_yaml  # heavy (pydantic): only the config commands import it
 
     rows = []
     for path in sorted(path for path in jobs_dir().glob("*.yaml") if path.is_file()):
@@ -725,15 +358,7 @@ def config_list(as_json: bool = JSON_OPTION) -> None:
         run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
         rows.append({"name": path.stem, "task": run.get("task", "train"), "engine": raw.get("engine", "local"),
                      "description": " ".join(str(raw.get("description", "")).split()), "error": None})
-    if as_json:
-        return echo_json(rows)
-    from rich.table import Table
-
-    table = Table("name", "task", "engine", "description")
-    for row in rows:
-        description = f"[red]{row['error']}[/]" if row["error"] else row["description"]
-        table.add_row(row["name"], row["task"] or "-", row["engine"] or "-", description)
-    console().print(table)
+    views.print_specs(rows, as_json)
 
 
 @config_app.command("show")
@@ -744,16 +369,9 @@ def config_show(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The resolved spec: every value in effect, defaults included."""
-    from ruamel.yaml import YAML
+    from ops.spec import load_spec, spec_path  # heavy (pydantic): only the commands that read specs import it
 
-    from ops.spec import load_spec, spec_path
-
-    spec = load_spec(spec_path(jobs_dir(), name), overrides).model_dump(mode="json")
-    if as_json:
-        return echo_json(spec)
-    yaml = YAML()
-    yaml.default_flow_style = None
-    yaml.dump(spec, sys.stdout)
+    views.print_spec(load_spec(spec_path(jobs_dir(), name), overrides).model_dump(mode="json"), as_json)
 
 
 @config_app.command("validate")
@@ -763,8 +381,7 @@ def config_validate(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Validate specs: a line per problem, exit 1 if any."""
-    from diffusion.config import ConfigError
-
+    from diffusion.config import ConfigError  # heavy (pydantic): only the commands that read specs import it
     from ops.spec import load_spec, spec_path
 
     folder = jobs_dir()
@@ -776,11 +393,7 @@ def config_validate(
             results.append({"spec": str(path), "valid": True, "error": None})
         except ConfigError as exc:
             results.append({"spec": str(path), "valid": False, "error": str(exc)})
-    if as_json:
-        echo_json(results)
-    else:
-        for result in results:
-            typer.echo(f"ok    {result['spec']}" if result["valid"] else f"error {result['error']}")
+    views.print_validation(results, as_json)
     if not all(result["valid"] for result in results):
         raise typer.Exit(1)
 
@@ -795,12 +408,8 @@ def config_set(
     """Edit a spec in place, keeping comments and layout.
 
     Validates the edited spec first; an invalid value writes nothing."""
+    from ops.spec import spec_path  # heavy (pydantic, ruamel): only the commands that read specs import them
     from ops.specedit import set_values
-    from ops.spec import spec_path
 
     path = spec_path(jobs_dir(), name)
-    changes = set_values(path, assignments)
-    if as_json:
-        return echo_json({"spec": str(path), "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes]})
-    for key, old, new in changes:
-        typer.echo(f"{path.name}: {key}: {old} -> {new}")
+    views.print_changes(path, set_values(path, assignments), as_json)

@@ -23,7 +23,7 @@ def _markers(ops_id: str) -> tuple[str, str]:
 
 
 def _locked(lock: Path):
-    from filelock import FileLock
+    from filelock import FileLock  # a few tens of ms: only the commands that write the log pay it
 
     return FileLock(str(lock), timeout=60)
 

@@ -1,6 +1,6 @@
 """One GitHub issue per run, labelled `experiment`: opened when the run starts, commented when it ends.
 
-Both are follow-ups (ops/runs.py): whatever GitHub does (errors, timeouts, rate limits), the
+Both are follow-ups (ops/followups.py): whatever GitHub does (errors, timeouts, rate limits), the
 submit goes through and the action waits in the outbox for the next `ops sync`. Nothing is sent
 twice: the issue body and the result comment carry HTML-comment markers with the ops id, and
 GitHub is searched for them before anything is created, so a crash between creating an issue and
@@ -16,14 +16,14 @@ import re
 import shutil
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ops.errors import OpsError, PermanentError
+from ops.journal import SAMPLES_IMAGE
 from ops.monitor import elapsed_seconds
 from ops.registry import Run
-from ops.rundir import CONFIG, PROVENANCE, Summary, git_of, read_json, read_summary
-from ops.runs import read_job
+from ops.rundir import CONFIG, FINAL_SAMPLES, PROVENANCE, SAMPLES, Summary, git_of, read_job, read_json, read_summary
 from ops.settings import Project
 
 EXPERIMENT_LABEL = "experiment"
@@ -86,7 +86,7 @@ class GitHub:
     """The project's repository through PyGithub, with every failure as one OpsError line."""
 
     def __init__(self, project: Project, repo_name: str):
-        from github import Auth, Github
+        from github import Auth, Github  # PyGithub, heavy: imported only when a run has an issue to write
 
         self.secret = token()
         if self.secret is None:
@@ -100,7 +100,7 @@ class GitHub:
         self.repo = self.call(lambda: self.client.get_repo(repo_name))
 
     def call(self, request):
-        import requests
+        import requests  # as in __init__: only when GitHub is called
         from github import GithubException, RateLimitExceededException
 
         try:
@@ -141,7 +141,7 @@ class GitHub:
         """The run's issue if one was opened already (its body carries the marker)."""
         marker = issue_marker(ops_id)
         # Issues updated since the run was created: bounded however many runs the repo has.
-        after = datetime.fromtimestamp(since - 3600, timezone.utc)
+        after = datetime.fromtimestamp(since - 3600, UTC)
         issues = self.call(lambda: list(self.repo.get_issues(state="all", labels=[EXPERIMENT_LABEL], since=after)))
         return next((issue for issue in issues if marker in (issue.body or "")), None)
 
@@ -195,7 +195,7 @@ def issue_body(project: Project, run: Run, job: dict, provenance: dict, repo_url
     spec = job["spec"]
     config_text = (Path(run.run_dir) / CONFIG).read_text()
     changes = "\n".join(f"- `{key}`: `{json.dumps(old)}` → `{json.dumps(new)}`" for key, old, new in job["changes"])
-    submitted = datetime.fromtimestamp(run.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    submitted = datetime.fromtimestamp(run.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         issue_marker(run.ops_id),
         f"**Hypothesis.** {' '.join(spec.get('hypothesis', '').split()) or '(none given in the spec)'}",
@@ -261,32 +261,32 @@ def result_body(project: Project, run: Run, summary: Summary, attempt: int) -> s
 
 def sample_links(project: Project, run: Run) -> list[str]:
     """The sample grid: on the published journal when there is one, else where the files are."""
-    samples = sorted(Path(run.run_dir).glob("samples/*.png"))
+    samples = sorted(Path(run.run_dir).glob(f"{SAMPLES}/*.png"))
     url = project.settings.journal_url
     if url and run.journal_post:
         base = url.rstrip("/")
         lines = [f"Journal post: {base}/blog/{run.ops_id}/"]
         if samples:
-            lines.append(f"![samples]({base}/blog/{run.ops_id}/samples.png)")
+            lines.append(f"![samples]({base}/blog/{run.ops_id}/{SAMPLES_IMAGE})")
         return lines
     lines = []
     if run.journal_post:
         lines.append(f"Journal post: `{os.path.relpath(run.journal_post, project.root)}` (`mkdocs serve` shows it)")
     if samples:
-        final = next((path for path in samples if path.name == "final.png"), samples[-1])
+        final = next((path for path in samples if path.name == f"{FINAL_SAMPLES}.png"), samples[-1])
         lines.append(f"Sample grid: `{os.path.relpath(final, project.root)}` (`ops pull {run.ops_id}` for remote runs)")
     return lines
 
 
 def text_excerpt(run: Run, limit: int = 600) -> list[str]:
     """A text run's first final samples, where the discussion happens (the rest in the run dir)."""
-    path = Path(run.run_dir) / "samples" / "final.txt"
+    path = Path(run.run_dir) / SAMPLES / f"{FINAL_SAMPLES}.txt"
     if not path.is_file():
         return []
     text = path.read_text()
     shown = text[:limit] + ("\n..." if len(text) > limit else "")
     fence = "~~~~" if "```" in shown else "```"
-    return ["", "Samples (`samples/final.txt`):", f"{fence}text", shown, fence]
+    return ["", f"Samples (`{SAMPLES}/{path.name}`):", f"{fence}text", shown, fence]
 
 
 def open_run_issue(project: Project, run: Run) -> str | None:

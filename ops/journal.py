@@ -21,15 +21,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ops.engines.vertex import VERTEX_FILE
 from ops.errors import OpsError
+from ops.monitor import elapsed_seconds, format_seconds
 from ops.registry import Run
-from ops.rundir import METRICS, PROVENANCE, Summary, atomic_write, git_of, read_json, read_jsonl, read_summary
-from ops.runs import flatten, read_job
+from ops.rundir import (
+    CONFIG,
+    EVAL,
+    FINAL_SAMPLES,
+    METRICS,
+    PROVENANCE,
+    SAMPLES,
+    Summary,
+    atomic_write,
+    flatten,
+    git_of,
+    read_job,
+    read_json,
+    read_jsonl,
+    read_summary,
+)
 from ops.secrets import redact_value
 from ops.settings import Project
 
 KEEP = re.compile(r"(<!-- ([\w-]+): write below; ops journal keeps this -->\n?)(.*?)(<!-- /\2 -->)", re.DOTALL)
 KEEP_START = re.compile(r"<!-- ([\w-]+): write below; ops journal keeps this -->")
+
+# A run's post keeps its images in OPS_ID/ beside it: the loss curve and a copy of the last sample grid.
+LOSS_IMAGE, SAMPLES_IMAGE = "loss.png", "samples.png"
 
 # Sample grids are a few pixels per digit: shown large, and sharp rather than blurred.
 PIXELS = 'width="360" style="image-rendering: pixelated"'
@@ -83,10 +102,10 @@ def write_text(path: Path, text: str) -> Path:
 
 def read_config(run_dir: Path) -> dict:
     """The run's config.yaml, or {} when it is missing or damaged (the post is written without it)."""
-    from diffusion.yamlfile import ConfigError, parse_yaml
+    from diffusion.yamlfile import ConfigError, parse_yaml  # ruamel: not for `ops --help`, which imports this module
 
     try:
-        config = parse_yaml((run_dir / "config.yaml").read_bytes(), str(run_dir / "config.yaml"))
+        config = parse_yaml((run_dir / CONFIG).read_bytes(), str(run_dir / CONFIG))
     except (OSError, ConfigError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -129,7 +148,7 @@ def figures(run_dir: Path) -> dict[str, Any]:
     found |= {key: value for key, value in scores.items() if is_number(value)}
     if scores.get("collapsed"):
         found["collapsed"] = "; ".join(scores["collapsed"])
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / EVAL).glob("*.json")):
         record = read_json(path) or {}
         for label, scores in (("", record.get("scores") or {}), (" (real vs real)", record.get("real_floor") or {})):
             found |= {f"{path.stem} {key}{label}": value for key, value in scores.items() if is_number(value)}
@@ -138,8 +157,8 @@ def figures(run_dir: Path) -> dict[str, Any]:
 
 def last_samples(run_dir: Path) -> Path | None:
     """The newest sample grid (final.png when there is one), an eval grid, else text samples."""
-    for pattern in ("samples/*.png", "eval/*.png", "samples/*.txt"):
-        found = sorted(run_dir.glob(pattern), key=lambda path: (path.stem == "final", path.stat().st_mtime))
+    for pattern in (f"{SAMPLES}/*.png", f"{EVAL}/*.png", f"{SAMPLES}/*.txt"):
+        found = sorted(run_dir.glob(pattern), key=lambda path: (path.stem == FINAL_SAMPLES, path.stat().st_mtime))
         if found:
             return found[-1]
     return None
@@ -154,7 +173,8 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
                   if is_number(record.get("val_bits_per_char"))]
     if not points:
         return False
-    from matplotlib.figure import Figure  # no pyplot: no global state; savefig renders PNG with Agg
+    # Heavy, so only when there is a loss to draw. No pyplot: no global state; savefig renders PNG with Agg.
+    from matplotlib.figure import Figure
 
     steps, losses = zip(*points)
     figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
@@ -191,8 +211,6 @@ def text_block(text: str, limit: int = 4000) -> list[str]:
 
 
 def seconds_text(seconds: float | None) -> str:
-    from ops.monitor import format_seconds
-
     return f"{seconds:.1f}s" if seconds is not None and seconds < 60 else format_seconds(seconds)
 
 
@@ -202,8 +220,6 @@ def seconds_text(seconds: float | None) -> str:
 
 def write_post(project: Project, run: Run) -> Path:
     """Write (or rewrite) the run's post and its images; returns the post's path."""
-    from ops.monitor import elapsed_seconds
-
     run_dir = Path(run.run_dir)
     job = read_job(run_dir)
     spec = job["spec"]
@@ -265,7 +281,7 @@ def write_post(project: Project, run: Run) -> Path:
         + (f", of which training {seconds_text(summary.train_seconds)}" if summary.train_seconds is not None else ""),
         f"- **Run dir:** `{os.path.relpath(run_dir, project.root)}`",
     ]
-    vertex = read_json(run_dir / "vertex_job.json") or {}
+    vertex = read_json(run_dir / VERTEX_FILE) or {}
     if vertex.get("gcs_run_dir"):
         lines.append(f"- **Artifacts:** `{vertex['gcs_run_dir']}` (`ops pull {run.ops_id}` copies them into "
                      f"the run dir, then `ops journal {run.ops_id}` redraws this post)")
@@ -284,15 +300,16 @@ def write_post(project: Project, run: Run) -> Path:
     else:
         lines += [f"No final metrics: the run {'ended' if run.finished else 'is'} {run.state} without them.", ""]
 
-    if plot_loss(run_dir / METRICS, assets / "loss.png"):
-        lines += ["### Loss", "", f"![loss against step]({run.ops_id}/loss.png)", ""]
+    if plot_loss(run_dir / METRICS, assets / LOSS_IMAGE):
+        lines += ["### Loss", "", f"![loss against step]({run.ops_id}/{LOSS_IMAGE})", ""]
     samples = last_samples(run_dir)
     lines += ["### Samples", ""]
     if samples is None:
         lines += ["No samples: the run wrote none" + ("." if run.finished else " yet."), ""]
     elif samples.suffix == ".png":
-        copy_file(samples, assets / "samples.png")
-        lines += [f"![samples]({run.ops_id}/samples.png){{ {PIXELS} }}", "", f"_`{samples.relative_to(run_dir)}`_", ""]
+        copy_file(samples, assets / SAMPLES_IMAGE)
+        lines += [f"![samples]({run.ops_id}/{SAMPLES_IMAGE}){{ {PIXELS} }}", "",
+                  f"_`{samples.relative_to(run_dir)}`_", ""]
     else:
         lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
 

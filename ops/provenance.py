@@ -34,18 +34,17 @@ The record is a JSON-serialisable dict; other code reads these fields, so they a
 """
 
 import getpass
-import importlib.metadata
 import os
 import platform
 import socket
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ops.errors import OpsError
-from ops.rundir import atomic_write
+from ops.rundir import DIFF, atomic_write
 from ops.secrets import redact_words, secret_content, secret_name
 
 # What an untracked file must be to enter a snapshot (diff.patch, which travels to clusters, buckets
@@ -72,7 +71,7 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude:
     `exclude`: paths (relative to the repo root) whose changes are not code and stay out of the
     patch, e.g. the experiment log that ops itself appends to at every submit."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    patch = run_dir / "diff.patch"
+    patch = run_dir / DIFF
     repo = _open_repo(repo_root)
     if repo is None:
         if not allow_no_git:
@@ -90,7 +89,7 @@ def capture(repo_root: Path, run_dir: Path, allow_no_git: bool = False, exclude:
         "host": socket.gethostname(),
         "user": getpass.getuser(),
         "platform": platform.platform(),
-        "captured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "captured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "argv": redact_words(sys.argv),
     }
 
@@ -162,7 +161,7 @@ def left_out(root: Path, path: str) -> str | None:
 
 
 def _open_repo(path: Path):
-    import git
+    import git  # GitPython, heavy: imported only by the commands that record or restore code
 
     try:
         return git.Repo(path, search_parent_directories=True)
@@ -209,7 +208,7 @@ def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()
             repo.git.reset("-q", "HEAD", "--", *exclude, env=env)  # back to HEAD in the scratch index only
         # Plumbing diff-index, not `git diff`: it ignores user config (noprefix, color, external diff,
         # textconv) that would make the patch unappliable.
-        scratch = Path(tmp) / "diff.patch"
+        scratch = Path(tmp) / DIFF
         with scratch.open("wb") as f:
             repo.git.diff_index("--cached", "--patch", "--binary", "HEAD", env=env, output_stream=f)
         diff_stat = repo.git.diff_index("--cached", "--shortstat", "HEAD", env=env).strip()
@@ -253,6 +252,8 @@ def _strip_credentials(url: str) -> str:
 
 
 def _version(package: str) -> str | None:
+    import importlib.metadata  # tens of ms: only when a run's provenance is recorded, not for `ops --help`
+
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

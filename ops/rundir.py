@@ -6,10 +6,13 @@ missing or torn file is "not there" (read_json) or one line naming it (read_requ
 """
 
 from pathlib import Path
+from typing import Any
 
 from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's files through these)
     CHECKPOINTS,
     CONFIG,
+    EVAL,
+    LATEST,
     LOG,
     METRICS,
     SAMPLES,
@@ -17,6 +20,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     MetricsRecord,
     Summary,
     atomic_write,
+    checkpoint_file,
     last_jsonl,
     read_json,
     read_jsonl,
@@ -30,6 +34,7 @@ DIFF = "diff.patch"  # uncommitted changes at submit
 CODE = "code"  # the recorded commit + diff.patch, for engines whose jobs start later
 IMAGE = "image.json"  # the container image a cloud run uses
 FOLLOWUPS_FILE = "followups.json"  # the follow-ups done (issue URL, journal post ...), for a rebuilt registry
+FINAL_SAMPLES = "final"  # the stem of the run's last samples in SAMPLES: final.png (images) or final.txt (text)
 # Written by ops on this machine, which keeps their one authoritative copy (a remote run dir holds
 # copies made at submit, older than these): nothing that syncs a run dir may overwrite them.
 OPS_RECORDS = frozenset({CONFIG, JOB, PROVENANCE, DIFF, IMAGE, FOLLOWUPS_FILE})
@@ -42,6 +47,24 @@ def read_required(path: Path) -> dict:
         state = "damaged (not JSON)" if Path(path).is_file() else "missing"
         raise OpsError(f"{path}: {state}; `ops sync` reports the run dirs it cannot read")
     return data
+
+
+JOB_FIELDS = {"ops_id": str, "name": str, "engine": str, "created_at": (int, float), "command": str,
+              "overrides": list, "sweep": dict, "changes": list, "spec": dict}
+
+
+def complete_job(job: dict | None) -> bool:
+    return job is not None and all(isinstance(job.get(key), kind) for key, kind in JOB_FIELDS.items()) \
+        and "engine_job_id" in job
+
+
+def read_job(run_dir: Path) -> dict:
+    """job.json, complete; OpsError naming it when it is missing or damaged."""
+    path = Path(run_dir) / JOB
+    job = read_required(path)
+    if not complete_job(job):
+        raise OpsError(f"{path}: damaged (not a complete ops record); `ops sync` reports the run dirs it cannot read")
+    return job
 
 
 def read_summary(run_dir: Path) -> Summary | None:
@@ -59,3 +82,14 @@ def git_of(provenance: dict | None) -> dict:
     """provenance.json's git record, {} when the run was recorded without git or the file is damaged."""
     git = (provenance or {}).get("git")
     return git if isinstance(git, dict) else {}
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested record (a spec, a config.yaml) as {dotted key: leaf}: the keys of job.json's
+    `changes` and of the journal's tables."""
+    if isinstance(data, dict) and data:
+        items = {}
+        for key, value in data.items():
+            items |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return items
+    return {prefix: data}

@@ -1,5 +1,5 @@
 """The life of a run: plan (validate) → create (run dir, provenance, registry row) → start on an
-engine → reconcile until it ends, then the follow-ups, each done once (an outbox).
+engine → reconcile until it ends, then the follow-ups, each done once (an outbox: ops/followups.py).
 
 Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine, engine job id,
 overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
@@ -9,19 +9,46 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ops.build import build_image
 from ops.engines import Engine, EngineState, Launch, get_engine
-from ops.monitor import elapsed_seconds
-from ops.registry import FINAL_STATES, Registry, Run
-from ops.errors import OpsError, PermanentError
-from ops.rundir import (CODE, DIFF, FOLLOWUPS_FILE, IMAGE, JOB, PROVENANCE, Summary, git_of, read_json, read_required, read_summary, write_json)
+from ops.engines.vertex import VERTEX_FILE
+from ops.errors import OpsError
+from ops.followups import columns, do_followups, do_pending, due_again, record_done, recorded, refresh_records, skip_all
+from ops.journal import comparison, write_comparison, write_post
+from ops.provenance import capture, restore
+from ops.registry import FINAL_STATES, Registry, RegistryDamaged, Run, move_aside
+from ops.rundir import (
+    CHECKPOINTS,
+    CODE,
+    CONFIG,
+    DIFF,
+    IMAGE,
+    JOB,
+    LATEST,
+    OPS_RECORDS,
+    PROVENANCE,
+    checkpoint_file,
+    complete_job,
+    flatten,
+    git_of,
+    read_job,
+    read_json,
+    read_required,
+    read_summary,
+    write_json,
+)
 from ops.secrets import redact_value, redact_words
 from ops.settings import Project
+from ops.storage import pull as pull_files
 
 
 @dataclass
@@ -35,15 +62,6 @@ class Planned:
     warnings: list[str] = field(default_factory=list)
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        items = {}
-        for key, value in data.items():
-            items |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-        return items
-    return {prefix: data}
-
-
 def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
     """(key, spec value, run value) for every leaf that the overrides changed."""
     old, new = flatten(base), flatten(resolved)
@@ -52,7 +70,7 @@ def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
 
 def plan(project: Project, name: str, engine: str | None, overrides: list[str], sweeps: list[str]) -> list[Planned]:
     """Resolve and validate every run a submit asks for; raises before anything is written."""
-    from ops.spec import expand_sweep, load_spec, spec_path
+    from ops.spec import expand_sweep, load_spec, spec_path  # pydantic: only the commands that read specs
 
     path = spec_path(project.jobs_dir, name)
     base = load_spec(path).model_dump(mode="json")
@@ -75,8 +93,7 @@ def check_references(project: Project, spec, source: str) -> None:
     """The runs a spec reads, checked at submit where this machine sees them (local and SLURM;
     Vertex jobs read theirs in the cloud): each is there, and a sample or eval task's settings suit
     its checkpoint's own method, network and data (that run's config.yaml). ConfigError, one line."""
-    from diffusion.config import ConfigError, load_run_config, sampling_conflict
-    from diffusion.records import checkpoint_file
+    from diffusion.config import ConfigError, load_run_config, sampling_conflict  # pydantic: only at submit
 
     run = spec.run
     sampling = run.task != "train"
@@ -94,8 +111,8 @@ def check_references(project: Project, spec, source: str) -> None:
             continue
         if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
             raise ConfigError(f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
-                              "holding checkpoints/latest.pt, or a .pt file)")
-    trained = project.root / Path(run.sample.checkpoint or "").expanduser() / "config.yaml"
+                              f"holding {CHECKPOINTS}/{LATEST}, or a .pt file)")
+    trained = project.root / Path(run.sample.checkpoint or "").expanduser() / CONFIG
     if sampling and trained.is_file():
         problem = sampling_conflict(load_run_config(trained), run.sample)
         if problem:
@@ -104,7 +121,7 @@ def check_references(project: Project, spec, source: str) -> None:
 
 def ignored_resources(engine: str, overrides: list[str]) -> list[str]:
     """A warning for each override of another engine's resources: valid, but this run ignores it."""
-    from diffusion.config import parse_assignment
+    from diffusion.config import parse_assignment  # pydantic: only at submit
 
     warnings = []
     for text in overrides:
@@ -130,38 +147,16 @@ def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | Non
                   resources=spec_json["resources"][run.engine])
 
 
-def read_job(run_dir: Path) -> dict:
-    """job.json, complete; OpsError naming it when it is missing or damaged."""
-    path = Path(run_dir) / JOB
-    job = read_required(path)
-    if not complete_job(job):
-        raise OpsError(f"{path}: damaged (not a complete ops record); `ops sync` reports the run dirs it cannot read")
-    return job
-
-
-JOB_FIELDS = {"ops_id": str, "name": str, "engine": str, "created_at": (int, float), "command": str,
-              "overrides": list, "sweep": dict, "changes": list, "spec": dict}
-
-
-def complete_job(job: dict | None) -> bool:
-    return job is not None and all(isinstance(job.get(key), kind) for key, kind in JOB_FIELDS.items()) \
-        and "engine_job_id" in job
-
-
 def this_process() -> dict:
     """Who is starting a run: host, pid and the process's start time (a reused pid is another process)."""
-    import socket
-
-    import psutil  # only here: the cheap commands never start a run
+    import psutil  # here, not at the top: the cheap commands never start a run
 
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
 
 
 def submitter_alive(submitter: dict | None) -> bool | None:
     """Whether the ops that is starting a run still runs; None when it runs on another host (unknown)."""
-    import socket
-
-    import psutil
+    import psutil  # as in this_process: only for a run that no engine has taken
 
     if not submitter:
         return False
@@ -192,7 +187,7 @@ def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
 def create(project: Project, registry: Registry, planned: Planned, command: str,
            provenance_into: Callable[[Path], dict]) -> Run:
     """Run dir + config.yaml + provenance + job.json + registry row. Nothing is left on failure."""
-    from diffusion.config import dump_yaml
+    from diffusion.config import dump_yaml  # pydantic: only at submit
 
     spec = planned.spec
     ops_id, run_dir = claim_run_dir(project, spec.name)
@@ -202,7 +197,7 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
         shutil.rmtree(run_dir)
         raise
     write_json(run_dir / PROVENANCE, provenance)
-    dump_yaml(spec.run.model_dump(mode="json"), run_dir / "config.yaml")
+    dump_yaml(spec.run.model_dump(mode="json"), run_dir / CONFIG)
     # What is recorded and shown (registry, job.json's record of the submit, issues, logs) hides
     # secrets given on the command line; the spec in job.json keeps them, for the engine.
     overrides = redact_words(planned.overrides)
@@ -289,8 +284,6 @@ def mark_failed(registry: Registry, runs: list[Run], detail: str) -> None:
 
 def snapshot_code(project: Project, run: Run) -> Path | None:
     """RUN_DIR/code: the recorded commit plus diff.patch, for engines whose jobs start later."""
-    from ops.provenance import restore
-
     run_dir = Path(run.run_dir)
     provenance = read_required(run_dir / PROVENANCE)
     if not git_of(provenance):
@@ -308,8 +301,6 @@ def code_folder(run_dir: Path) -> Path | None:
 
 def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
            allow_no_git: bool = False, image: str | None = None) -> list[Run]:
-    from ops.provenance import capture
-
     created, started = [], []
     with failed_if_interrupted(project, registry, created):
         for item in planned:
@@ -340,8 +331,6 @@ def failed_if_interrupted(project: Project, registry: Registry, runs: list[Run])
 
 def attach_image(project: Project, registry: Registry, runs: list[Run], image: str | None) -> None:
     """RUN_DIR/image.json for engines that run a container: built (or found) for the recorded code."""
-    from ops.build import build_image
-
     if image is None:
         try:
             built = build_image(project, push=True, run_dir=Path(runs[0].run_dir))  # a sweep shares its code
@@ -379,11 +368,7 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
                                  requeues=run.requeues + 1, submitter=this_process())
     if not claimed:
         raise OpsError(f"{run.ops_id} is being resumed by another ops")
-    again = [followup.kind for followup in FOLLOWUPS if followup.when == "finished"]
-    for kind in again:  # it ends again: its end-of-run follow-ups are due again, here and in a rebuild
-        registry.forget_followup(run.ops_id, kind)
-    done_path = Path(run.run_dir) / FOLLOWUPS_FILE
-    write_json(done_path, {kind: detail for kind, detail in (read_json(done_path) or {}).items() if kind not in again})
+    due_again(registry, run)
     run = registry.get(run.ops_id)
     with failed_if_interrupted(project, registry, [run]):
         return start(project, registry, run, code_dir)
@@ -391,8 +376,7 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
 
 def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     """A new run with the recorded spec, on the recorded commit plus its diff.patch."""
-    from ops.provenance import restore
-    from ops.spec import validate_spec
+    from ops.spec import validate_spec  # pydantic: only the commands that read specs
 
     old_dir = Path(run.run_dir)
     job = read_job(old_dir)
@@ -416,144 +400,6 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
 # Reconcile: engine + run dir (the truth) -> registry (the index), then the follow-ups
 
 
-def log_entry(project: Project, run: Run, job: dict, provenance: dict) -> dict:
-    git = git_of(provenance)
-    return {"ops_id": run.ops_id, "name": run.name, "hypothesis": job["spec"].get("hypothesis", ""),
-            "command": job["command"], "engine": run.engine, "engine_job_id": run.engine_job_id,
-            "run_dir": os.path.relpath(run.run_dir, project.root), "commit": git.get("commit"), "dirty": git.get("dirty", False),
-            "changes": job["changes"], "created_at": run.created_at}
-
-
-def followup_experiment_log_submit(project: Project, run: Run) -> str:
-    from ops.explog import append_section
-
-    run_dir = Path(run.run_dir)
-    provenance = read_required(run_dir / PROVENANCE)
-    append_section(project.experiment_log, log_entry(project, run, read_job(run_dir), provenance),
-                   project.runs_dir / ".experiment_log.lock")
-    return str(project.experiment_log)
-
-
-def followup_experiment_log_result(project: Project, run: Run) -> str:
-    from ops.explog import fill_results, results_text
-
-    summary = read_summary(run.run_dir) or Summary()
-    duration = elapsed_seconds(run) if run.finished_at else None
-    results = results_text(run.state, summary, duration)
-    if not fill_results(project.experiment_log, run.ops_id, results, project.runs_dir / ".experiment_log.lock"):
-        raise OpsError(f"{project.experiment_log}: no section for {run.ops_id} to fill in")
-    return str(project.experiment_log)
-
-
-def refresh_records(project: Project, run: Run) -> None:
-    """Rewrite what a finished run's local records say (the experiment log's results, the journal
-    post, which keeps its Observations) from its run dir: after `ops pull` brought its figures."""
-    followup_experiment_log_result(project, run)
-    followup_journal_post(project, run)
-
-
-def followup_journal_post(project: Project, run: Run) -> str:
-    from ops.journal import write_post
-
-    return str(write_post(project, run))
-
-
-def followup_github_issue(project: Project, run: Run) -> str | None:
-    from ops.github import open_run_issue
-
-    return open_run_issue(project, run)
-
-
-def followup_github_result(project: Project, run: Run) -> str | None:
-    from ops.github import comment_run_result
-
-    return comment_run_result(project, run)
-
-
-@dataclass(frozen=True)
-class Followup:
-    """Something done once per run, when it has started or when it has finished.
-
-    The action returns what it made (a path, a URL), or None when it does not apply to this
-    project (no GitHub repository): recorded as skipped, never retried. `column` is the registry
-    column that keeps the result; `after` lists follow-ups that must be done first."""
-
-    kind: str
-    when: str  # "started" | "finished"
-    action: Callable[[Project, Run], str | None]
-    column: str | None = None
-    after: tuple[str, ...] = ()
-
-    def due(self, run: Run) -> bool:
-        # A run that ended without ever starting (refused, interrupted, orphaned) is recorded too.
-        return run.finished or (self.when == "started" and run.engine_job_id is not None)
-
-
-FOLLOWUPS = [
-    Followup("experiment_log_submit", "started", followup_experiment_log_submit),
-    Followup("github_issue", "started", followup_github_issue, column="github_issue"),
-    Followup("experiment_log_result", "finished", followup_experiment_log_result, after=("experiment_log_submit",)),
-    Followup("journal_post", "finished", followup_journal_post, column="journal_post"),
-    Followup("github_result", "finished", followup_github_result, after=("github_issue",)),
-]
-SKIPPED = "skipped: not in use"
-
-
-def followup_lock(project: Project, ops_id: str):
-    """The claim on a run's follow-ups: one ops at a time does them. Another reconciling command
-    (sync, wait, monitor, list) waits here, then finds them done; a crashed holder's claim goes
-    with its process (an fcntl lock)."""
-    from filelock import FileLock
-
-    folder = project.runs_dir / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{ops_id}.followups.lock"), timeout=FOLLOWUP_LOCK_SECONDS)
-
-
-FOLLOWUP_LOCK_SECONDS = 600  # a GitHub at its slowest takes a few requests of 15 s each
-
-
-def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, list[str]]:
-    """Each due follow-up once, under the run's follow-up claim; a failure is reported and retried
-    by the next reconcile, a permanent one (a GitHub 4xx) waits for `ops sync --retry`. Returns
-    the run as the follow-ups left it (its issue URL, its post) and the failures."""
-    from filelock import Timeout
-
-    def pending(followup: Followup) -> bool:
-        return (followup.due(run) and not registry.followup_done(run.ops_id, followup.kind)
-                and not registry.followup_stopped(run.ops_id, followup.kind))
-
-    if not any(pending(followup) for followup in FOLLOWUPS):
-        return run, []
-    problems = []
-    try:
-        with followup_lock(project, run.ops_id):
-            for followup in FOLLOWUPS:
-                if not pending(followup):  # asked again under the claim: another ops may have done it
-                    continue
-                if not all(registry.followup_done(run.ops_id, kind) for kind in followup.after):
-                    continue  # waits for the one it builds on (the comment needs the issue)
-                try:
-                    detail = followup.action(project, run)
-                except Exception as exc:  # an outbox: keep going, the next sync retries this one
-                    permanent = isinstance(exc, PermanentError)
-                    registry.record_failure(run.ops_id, followup.kind, str(exc), permanent)
-                    problems.append(f"{run.ops_id}: {followup.kind} failed, " + (
-                        "stopped until it is fixed (then `ops sync --retry`)" if permanent else
-                        "will retry on the next sync") + f": {exc}")
-                    continue
-                if followup.column and detail is not None:
-                    registry.update(run.ops_id, **{followup.column: detail})
-                    run = registry.get(run.ops_id)
-                registry.record_followup(run.ops_id, followup.kind, SKIPPED if detail is None else detail)
-                done_path = Path(run.run_dir) / FOLLOWUPS_FILE  # so that a rebuilt registry does not redo it
-                write_json(done_path, (read_json(done_path) or {}) | {followup.kind: detail})
-    except Timeout:
-        problems.append(f"{run.ops_id}: its follow-ups are being done by another ops for over "
-                        f"{FOLLOWUP_LOCK_SECONDS} s; the next sync looks again")
-    return run, problems
-
-
 def records_decide(run: Run, observed: EngineState) -> EngineState:
     """The engine's word, unless the run's own complete records say otherwise: a run whose task
     completed (summary.json) is SUCCEEDED whatever a late signal made of its job (SLURM FAILED or
@@ -574,8 +420,7 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
     if not run.finished and not Path(run.run_dir).is_dir():
         detail = f"its run dir {run.run_dir} is gone (moved or deleted): nothing of the run can be read"
         registry.update(run.ops_id, state="FAILED", finished_at=time.time(), detail=detail)
-        for followup in FOLLOWUPS:  # there is nothing to report from, now or later
-            registry.record_followup(run.ops_id, followup.kind, f"skipped: {detail}")
+        skip_all(registry, run, detail)
         return registry.get(run.ops_id), [f"{run.ops_id}: {detail}"]
     if run.engine_job_id is None and run.state in ("QUEUED", "UNKNOWN", "FAILED"):
         run = adopt_recorded_job(project, registry, run)
@@ -620,22 +465,45 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
         provenance = read_json(run_dir / PROVENANCE) or {}
         if not git_of(provenance) and provenance.get("git", "missing") is not None:  # None: recorded without git
             problems.append(f"{run_dir / PROVENANCE}: missing or damaged; {job['ops_id']} is indexed without its commit")
-        done = {kind: detail for kind, detail in (read_json(run_dir / FOLLOWUPS_FILE) or {}).items()
-                if kind in {followup.kind for followup in FOLLOWUPS} and isinstance(detail, (str, type(None)))}
+        done = recorded(run_dir)
         run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(run_dir),
                   state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
                   started_at=job.get("started_at"), requeues=job.get("requeues", 0),
                   git_commit=git_of(provenance).get("commit"), sweep=job["sweep"],
                   overrides=job["overrides"], submitter=job.get("submitter"),
-                  **{followup.column: done.get(followup.kind) for followup in FOLLOWUPS if followup.column})
+                  **columns(done))
         registry.insert(run)
-        for kind, detail in done.items():
-            registry.record_followup(run.ops_id, kind, SKIPPED if detail is None else detail)
+        record_done(registry, run.ops_id, done)
         added.append(run.ops_id)
     return added, problems
 
 
-def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], list[str]]:
+def sync(project: Project, retry: bool = False) -> tuple[list[str], list[Run], list[str]]:
+    """`ops sync`: (rebuilt ops ids, reconciled runs, problems). A damaged registry is moved aside
+    and rebuilt from the run dirs; `retry` also retries the follow-ups a permanent error stopped."""
+    repaired = []
+    try:
+        # Created when there are run dirs to index; else none yet.
+        registry = open_registry(project, create=any(project.runs_dir.glob(f"*/{JOB}")))
+    except RegistryDamaged as exc:
+        aside = move_aside(project.registry_path)
+        repaired.append(f"{exc.args[0].split(';')[0]}; moved it to {aside} and rebuilt the registry from the run dirs")
+        registry = Registry(project.registry_path)
+    try:
+        if retry:
+            registry.retry_stopped()
+        added, reconciled, problems = reconcile_all(project, registry)
+    except sqlite3.DatabaseError as exc:  # damage that opening it did not reach: rebuild all the same
+        registry.close()
+        aside = move_aside(project.registry_path)
+        repaired.append(f"{project.registry_path}: damaged ({exc}); moved it to {aside} and rebuilt the registry "
+                        "from the run dirs")
+        registry = Registry(project.registry_path)
+        added, reconciled, problems = reconcile_all(project, registry)
+    return added, reconciled, repaired + problems
+
+
+def reconcile_all(project: Project, registry: Registry) -> tuple[list[str], list[Run], list[str]]:
     """(rebuilt ops ids, reconciled runs, problems) for every run not yet settled."""
     added, problems = rebuild_missing(project, registry)
     runs = []
@@ -647,9 +515,7 @@ def sync(project: Project, registry: Registry) -> tuple[list[str], list[Run], li
             continue
         runs.append(run)
         problems += run_problems
-    # Finished runs whose follow-ups an earlier crash or outage left undone.
-    for ops_id in registry.pending_followups([followup.kind for followup in FOLLOWUPS]):
-        problems += do_followups(project, registry, registry.get(ops_id))[1]
+    problems += do_pending(project, registry)  # finished runs whose follow-ups a crash or outage left undone
     return added, runs, problems
 
 
@@ -666,3 +532,118 @@ def find(registry: Registry, job_id: str) -> Run:
         hint = f"did you mean {', '.join(close)}?" if close else "`ops list` shows the runs"
         raise OpsError(f"JOB_ID {job_id!r}: no such run (neither an ops id nor an engine job id); {hint}")
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# What the other commands do with runs
+
+
+def open_registry(project: Project, create: bool = False) -> Registry:
+    """The project's registry. A command that only looks at runs writes nothing: in a project
+    without a registry yet it gets an empty one in memory (no run to find, none to list)."""
+    if create or project.registry_path.is_file():
+        return Registry(project.registry_path)
+    return Registry.empty()
+
+
+def open_project(create: bool = False) -> tuple[Project, Registry]:
+    """The project (found from the working directory) and its registry (see open_registry)."""
+    project = Project()
+    return project, open_registry(project, create)
+
+
+def dry_run(project: Project, planned: list[Planned]) -> list[dict]:
+    """What `ops submit --dry-run` shows of each planned run: the resolved spec, how it came about,
+    and what its engine would start. Writes nothing."""
+    rows = []
+    for item in planned:
+        engine = get_engine(item.spec.engine, project.settings)
+        placeholder = project.runs_dir / f"{item.spec.name}-<id>"
+        launch = Launch(run_dir=placeholder, project_root=project.root,
+                        resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
+        rows.append({"spec": item.spec.model_dump(mode="json"), "sweep": item.sweep, "overrides": item.overrides,
+                     "changes": item.changes, "warnings": item.warnings, "would_start": engine.describe(launch)})
+    return rows
+
+
+def snapshot_left_out(started: list[Run]) -> list[dict]:
+    """The untracked files that provenance kept out of diff.patch (the same for every run of a
+    submit): [{path, reason, ...}]; the user should know that the run will not see them."""
+    provenance = read_json(Path(started[0].run_dir) / PROVENANCE) if started else None
+    return git_of(provenance).get("skipped_untracked", [])
+
+
+def settled(project: Project, run: Run) -> bool:
+    """Over, or stopped for good: a local PREEMPTED run waits for `ops resume`; a SLURM one comes
+    back by itself."""
+    stays_stopped = not get_engine(run.engine, project.settings).requeues_itself
+    return run.finished or (run.state == "PREEMPTED" and stays_stopped)
+
+
+def follow(project: Project, registry: Registry, run: Run, interval: float) -> Iterator[tuple[str, Any]]:
+    """`ops monitor --follow`: ("state", run) at each change of state and ("log", text) for each
+    new piece of the log, polling every `interval` seconds until the run settles; ("end", run)."""
+    engine = get_engine(run.engine, project.settings)
+    text, offset = engine.logs(run)  # now, not at the first event: an interrupt here is not "stopped following"
+
+    def events(run: Run, text: str, offset: int) -> Iterator[tuple[str, Any]]:
+        last_state = None
+        while True:
+            if run.state != last_state:
+                last_state = run.state
+                yield "state", run
+            if text:
+                yield "log", text
+            if settled(project, run):
+                break
+            time.sleep(interval)
+            run, _ = reconcile(project, registry, registry.get(run.ops_id), engine)
+            text, offset = engine.logs(run, offset)
+        yield "end", run
+
+    return events(run, text, offset)
+
+
+def cancel(project: Project, registry: Registry, run: Run, grace_seconds: float | None = None) -> tuple[Run, bool]:
+    """Stop a run: its engine sends SIGTERM (the run checkpoints), SIGKILL after `grace_seconds`
+    (default: ops.yaml). Returns the run as it is then, and False when it had already finished."""
+    run, _ = reconcile(project, registry, run)
+    if run.finished:
+        return run, False
+    engine = get_engine(run.engine, project.settings)
+    engine.cancel(run, project.settings.cancel_grace_seconds if grace_seconds is None else grace_seconds)
+    run, _ = reconcile(project, registry, run, engine)
+    return run, True
+
+
+def rewrite_post(project: Project, registry: Registry, run: Run) -> Path:
+    """`ops journal`: the run's post written again from its run dir (keeping its Observations)."""
+    path = write_post(project, run)
+    registry.update(run.ops_id, journal_post=str(path))
+    return path
+
+
+def compare(project: Project, registry: Registry, job_ids: list[str], post: bool) -> tuple[dict, Path | None]:
+    """The runs' differing settings and their figures (journal.comparison), and with `post` the
+    comparison post's path."""
+    found = {}
+    for job_id in job_ids:
+        run = reconcile(project, registry, find(registry, job_id))[0]
+        found.setdefault(run.ops_id, run)
+    if len(found) < 2:
+        raise OpsError(f"JOB_ID: {', '.join(job_ids)} name {len(found)} run; compare needs two or more")
+    compared = comparison(list(found.values()))
+    path = write_comparison(project, list(found.values()), compared) if post else None
+    return compared, path
+
+
+def pull(project: Project, run: Run, what: str, progress: Callable[[str], None] | None = None) -> dict:
+    """`ops pull`: a Vertex run's files from Cloud Storage into its local run dir (ops' own records
+    there are kept); a finished run's log results and post are rewritten with what came."""
+    if run.engine != "vertex":
+        raise OpsError(f"{run.ops_id}: ran on {run.engine}; its run dir is already here: {run.run_dir}")
+    gcs_run_dir = read_required(Path(run.run_dir) / VERTEX_FILE)["gcs_run_dir"]
+    result = pull_files(gcs_run_dir, Path(run.run_dir), what, keep=OPS_RECORDS | {VERTEX_FILE}, progress=progress)
+    if run.finished and result["downloaded"]:
+        refresh_records(project, run)  # the log's results and the post, now with the run's figures
+    return {"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result}

@@ -82,7 +82,7 @@ def find_root(start: Path | None = None) -> Path:
 def read_settings_file(path: Path) -> dict:
     """ops.yaml as a mapping ({} when there is none); OpsError, one line with the place, when it
     does not parse or holds what a settings file never needs (anchors, tags, deep nesting)."""
-    from diffusion.yamlfile import ConfigError, parse_yaml
+    from diffusion.yamlfile import ConfigError, parse_yaml  # ruamel: read when a command runs, not for `ops --help`
 
     if not path.exists():
         return {}

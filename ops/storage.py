@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from ops.errors import OpsError
+from ops.rundir import CHECKPOINTS, EVAL, SAMPLES
 
-WHAT = {"checkpoints": ("checkpoints/",), "samples": ("samples/", "eval/"), "all": ("",)}
+WHAT = {"checkpoints": (f"{CHECKPOINTS}/",), "samples": (f"{SAMPLES}/", f"{EVAL}/"), "all": ("",)}
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -25,6 +26,7 @@ NO_CREDENTIALS = ("no Google credentials found; run `gcloud auth application-def
 
 
 def client():
+    # google.cloud, heavy: here and below, imported only by the commands that reach Cloud Storage
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
@@ -47,7 +49,7 @@ def upload_run_dir(run_dir: Path, gcs_run_dir: str, names: tuple[str, ...]) -> N
 
 def read_remote_from(uri: str, offset: int) -> tuple[str, int]:
     """Like engines.read_from, for a log file in Cloud Storage."""
-    from google.api_core.exceptions import NotFound
+    from google.api_core.exceptions import NotFound  # heavy, as in client()
 
     bucket_name, path = split_uri(uri)
     blob = client().bucket(bucket_name).blob(path)
@@ -72,7 +74,7 @@ def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
          keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
     """Download the run dir's files under `what`, except the local records in `keep` (ops' own, whose
     remote copies are older); returns {"downloaded": [...], "skipped": [...], "kept": [...]}."""
-    from google.api_core.exceptions import GoogleAPICallError
+    from google.api_core.exceptions import GoogleAPICallError  # heavy, as in client()
 
     try:
         return pull_blobs(gcs_run_dir, local_dir, what, progress, keep)

@@ -70,6 +70,10 @@ def read_from(path: Path, offset: int) -> tuple[str, int]:
 
 def get_engine(name: str, settings) -> Engine:
     """The engine called `name`; `settings` are the project's (ops.settings.Settings)."""
+    # Here, not at the top: each engine module imports this package (Launch, EngineState) and,
+    # through ops.rundir, `diffusion`; this package is also imported by the code that runs beside
+    # a job (the local wrapper; a SLURM job unpickling ops.engines.slurm_job), which must not import
+    # `diffusion` itself (a SLURM job imports it only once its code snapshot is on sys.path).
     if name == "local":
         from ops.engines.local import LocalEngine
 

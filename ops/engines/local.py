@@ -9,17 +9,19 @@ mistaken for our run.
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ops.engines import EngineState, Launch, read_from
+from ops.engines.local_wrapper import EXIT_FILE
 from ops.registry import Run
-from ops.rundir import LOG as LOG_FILE, read_json, read_summary, write_json
+from ops.rundir import LOG as LOG_FILE
+from ops.rundir import read_json, read_summary, write_json
 
 EXIT_PREEMPTED = 75  # diffusion's "preempted, resumable" (checkpoint written)
 PROCESS_FILE = "local_process.json"
-EXIT_FILE = "exit_status.json"
 CANCEL_FILE = "cancel_requested"
 
 
@@ -45,7 +47,7 @@ def environment(launch: Launch) -> dict[str, str]:
 
 def _process(run_dir: Path):
     """The wrapper's psutil.Process if it is still ours and alive, else None."""
-    import psutil
+    import psutil  # here and below, not at the top: `ops --help` and `ops list` of finished runs never need it
 
     record = read_json(run_dir / PROCESS_FILE) or {}
     pid, created = record.get("pid"), record.get("create_time")
@@ -80,9 +82,7 @@ class LocalEngine:
                 + " ".join(filter(None, [prefix, *command(launch)])))
 
     def submit(self, launch: Launch) -> str:
-        import subprocess
-
-        import psutil
+        import psutil  # as in _process
 
         run_dir = launch.run_dir
         for stale in (EXIT_FILE, CANCEL_FILE):
@@ -158,7 +158,7 @@ class LocalEngine:
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs (zombies do not: in a container, PID 1 may
     never reap them)."""
-    import psutil
+    import psutil  # as in _process
 
     for process in psutil.process_iter(["status"]):
         try:

@@ -5,7 +5,10 @@
 --tee also copies the output into RUN_DIR/log.txt (containers, whose stdout goes elsewhere).
 
 `ops cancel` signals the whole process group; the wrapper lets the signal reach the run (which
-checkpoints and exits) and stays alive to record its exit status. Kept free of heavy imports.
+checkpoints and exits) and stays alive to record its exit status. Kept free of heavy imports, and
+of the project's: nothing here imports `diffusion` (not even diffusion.records, through ops.rundir),
+so that a working tree that no longer imports cannot stop it recording the end, and the only
+`diffusion` a run's processes import is the one the run itself runs.
 """
 
 import json
@@ -15,6 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+EXIT_FILE = "exit_status.json"  # in RUN_DIR: the run's exit code and end time (the local engine reads it)
+LOG = "log.txt"  # diffusion.records.LOG, spelled here: see the docstring
 
 
 def main(argv: list[str]) -> int:
@@ -26,12 +32,11 @@ def main(argv: list[str]) -> int:
         # A handler, not SIG_IGN: ignored signals would stay ignored in the child after exec.
         signal.signal(signum, lambda *args: None)
     if tee:
-        returncode = run_teeing(cmd, Path(run_dir) / "log.txt")
+        returncode = run_teeing(cmd, Path(run_dir) / LOG)
     else:
         returncode = subprocess.Popen(cmd).wait()
-    # Written atomically by hand: the wrapper imports nothing of the project (not even
-    # diffusion.records), so a working tree that no longer imports cannot stop it recording the end.
-    path = Path(run_dir) / "exit_status.json"
+    # Written atomically by hand, not with diffusion.records.write_json: see the docstring.
+    path = Path(run_dir) / EXIT_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"returncode": returncode, "finished_at": time.time()}) + "\n")
     os.replace(tmp, path)

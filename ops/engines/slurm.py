@@ -8,11 +8,13 @@ States come from sacct (with accounting; SLURM's own states mapped onto ours bel
 was requeued after a preemption or a time limit shows PREEMPTED until it runs again.
 """
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from ops.engines import EngineState, Launch, read_from
+from ops.engines.slurm_job import SlurmRun
 from ops.errors import OpsError
 from ops.registry import Run
 from ops.rundir import read_json, read_required, write_json
@@ -54,7 +56,7 @@ def parameters(resources: dict, job_name: str) -> dict:
 
 
 def executor(folder: Path, resources: dict, job_name: str):
-    import submitit
+    import submitit  # heavy: here and below, imported only when SLURM is used
 
     # SlurmExecutor, not AutoExecutor: AutoExecutor silently falls back to local processes.
     slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources["max_requeues"])
@@ -64,9 +66,8 @@ def executor(folder: Path, resources: dict, job_name: str):
 
 def sbatch_script(launch: Launch, job_name: str) -> str:
     """The script submitit would hand to sbatch, for --dry-run and for review."""
+    import submitit  # heavy, as in executor()
     from submitit.slurm.slurm import _make_sbatch_string
-
-    import submitit
 
     folder = launch.run_dir / SUBMITIT_FOLDER
     command = " ".join(submitit.SlurmExecutor(folder=folder)._submitit_command_str.split())
@@ -101,8 +102,6 @@ class SlurmEngine:
     snapshots_code = True
 
     def preflight(self, resources: dict) -> None:
-        import shutil
-
         if not shutil.which("sbatch"):
             raise OpsError("--engine slurm: sbatch is not on PATH; run ops on a SLURM login node")
 
@@ -115,8 +114,6 @@ class SlurmEngine:
 
     def submit_many(self, launches: list[Launch]) -> list[str]:
         """One sbatch call; several launches become one job array (they share the resources)."""
-        from ops.engines.slurm_job import SlurmRun
-
         first = launches[0]
         # An array's files live with its first run; each run dir gets a pointer to them.
         folder = first.run_dir / SUBMITIT_FOLDER
@@ -152,7 +149,7 @@ class SlurmEngine:
 
     def log_path(self, run: Run) -> Path:
         pointer = read_required(Path(run.run_dir) / SLURM_FILE)
-        from submitit.core.utils import JobPaths
+        from submitit.core.utils import JobPaths  # heavy, as in executor()
 
         return JobPaths(Path(pointer["folder"]), job_id=run.engine_job_id, task_id=0).stdout
 

@@ -24,6 +24,8 @@ class SlurmRun:
         self.code_dir = code_dir
 
     def __call__(self) -> int:
+        # Imported here: submitit is heavy for the CLI that pickles this class, and `diffusion` must
+        # come from the code snapshot, which goes first on sys.path only now.
         import submitit
 
         if self.code_dir:
@@ -59,14 +61,14 @@ class SlurmRun:
     def checkpoint(self):
         """Called by submitit when the signal arrives outside training (before it started):
         nothing to save, run the same thing again."""
-        import submitit
+        import submitit  # heavy, as in __call__
 
         return submitit.helpers.DelayedSubmission(SlurmRun(self.run_dir, self.code_dir))
 
 
 def stopped_by(run_dir: str) -> str | None:
     """The signal that stopped the trainer, from its summary.json."""
-    from ops.rundir import read_summary
+    from ops.rundir import read_summary  # imports diffusion: only after __call__ put the snapshot on sys.path
 
     summary = read_summary(Path(run_dir))
     return summary.signal if summary else None

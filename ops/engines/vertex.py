@@ -15,6 +15,7 @@ from ops.engines import EngineState, Launch
 from ops.errors import OpsError
 from ops.registry import Run
 from ops.rundir import CONFIG, DIFF, IMAGE, JOB, LOG, PROVENANCE, git_of, read_json, read_required, write_json
+from ops.storage import NO_CREDENTIALS, read_remote_from, upload_run_dir
 
 JOB_STATES = {
     "JOB_STATE_QUEUED": "QUEUED", "JOB_STATE_PENDING": "QUEUED", "JOB_STATE_RUNNING": "RUNNING",
@@ -70,7 +71,7 @@ def custom_job(launch: Launch, ops_id: str, image: str, gcs_run_dir: str, labels
 
 def explain(exc: Exception, context: str) -> OpsError:
     """The errors people meet, each as one line with the fix."""
-    from google.api_core import exceptions
+    from google.api_core import exceptions  # google.cloud, heavy: here and below, only when Vertex is used
 
     message = getattr(exc, "message", None) or str(exc)
     if message.split(" ", 1)[0] in ("GET", "POST"):  # the REST transport prefixes "METHOD URL: "
@@ -104,7 +105,7 @@ def explain(exc: Exception, context: str) -> OpsError:
 
 def job_client(settings):
     """A JobServiceClient for the settings' region; `vertex_api_endpoint` points it elsewhere (a stand-in)."""
-    import google.auth
+    import google.auth  # heavy, as in explain()
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import aiplatform_v1
 
@@ -117,8 +118,6 @@ def job_client(settings):
     try:
         credentials, _ = google.auth.default()
     except DefaultCredentialsError:
-        from ops.storage import NO_CREDENTIALS
-
         raise OpsError(f"Vertex AI: {NO_CREDENTIALS}") from None
     return aiplatform_v1.JobServiceClient(
         credentials=credentials, client_options={"api_endpoint": f"{settings.gcp_region}-aiplatform.googleapis.com"})
@@ -142,7 +141,7 @@ class VertexEngine:
         return f"projects/{self.settings.gcp_project}/locations/{self.settings.gcp_region}"
 
     def preflight(self, resources: dict) -> None:
-        from google.cloud import aiplatform_v1
+        from google.cloud import aiplatform_v1  # heavy, as in explain()
 
         self.require("gcp_project", "gcs_bucket", "image_repository")
         if not self.settings.gcs_bucket.startswith("gs://"):
@@ -161,9 +160,7 @@ class VertexEngine:
         return f"as a Vertex AI CustomJob in {self.parent()}:\n" + json.dumps(job, indent=2)
 
     def submit(self, launch: Launch) -> str:
-        from google.api_core.exceptions import GoogleAPICallError
-
-        from ops.storage import upload_run_dir
+        from google.api_core.exceptions import GoogleAPICallError  # heavy, as in explain()
 
         client = job_client(self.settings)  # first: no credentials is one line, before any upload
         job_record = read_required(launch.run_dir / JOB)
@@ -192,7 +189,7 @@ class VertexEngine:
         return read_required(Path(run.run_dir) / VERTEX_FILE)["name"]
 
     def state(self, run: Run) -> EngineState:
-        from google.api_core.exceptions import GoogleAPICallError
+        from google.api_core.exceptions import GoogleAPICallError  # heavy, as in explain()
 
         try:
             job = job_client(self.settings).get_custom_job(name=self.job_name(run))
@@ -210,13 +207,11 @@ class VertexEngine:
         (offset: entries), as `vertex_logs` in ops.yaml says."""
         if self.settings.vertex_logs == "cloud-logging":
             return self.cloud_logs(run, offset)
-        from ops.storage import read_remote_from
-
         record = read_required(Path(run.run_dir) / VERTEX_FILE)
         return read_remote_from(f"{record['gcs_run_dir']}/{LOG}", offset)
 
     def cloud_logs(self, run: Run, offset: int) -> tuple[str, int]:
-        from google.api_core.exceptions import GoogleAPICallError
+        from google.api_core.exceptions import GoogleAPICallError  # heavy, as in explain()
         from google.cloud import logging as cloud_logging
 
         # The JSON API (not gRPC): the same client then talks to a plain-HTTP stand-in.
@@ -240,7 +235,7 @@ class VertexEngine:
         return text, offset + len(new)
 
     def cancel(self, run: Run, grace_seconds: float) -> None:
-        from google.api_core.exceptions import GoogleAPICallError
+        from google.api_core.exceptions import GoogleAPICallError  # heavy, as in explain()
 
         client = job_client(self.settings)
         try:
