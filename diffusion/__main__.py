@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 
 from diffusion.config import ConfigError, RunConfig, load_run_config, read_yaml
-from diffusion.data.spec import DatasetNotFoundError
 from diffusion.records import CONFIG, Summary
 from diffusion.rundir import RunDir
 
@@ -59,7 +58,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
     else:
         config_path = target
         run_dir = args.out or default_run_dir(target)
-    config = load_run_config(config_path, args.overrides)
+    config = load_run_config(config_path, args.overrides, stored=target.is_dir())
     if args.task:
         config.task = args.task
     if args.device:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         config, run_dir, in_place = resolve(args)
         run = RunDir(run_dir, config.task, in_place)
         return run_task(config, run)
-    except (ConfigError, DatasetNotFoundError) as exc:
+    except ConfigError as exc:  # a DatasetNotFoundError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -36,7 +36,7 @@ class Section(BaseModel):
 IMAGE_DATASETS = ("mnist", "cifar10")
 TEXT_DATASETS = ("shakespeare",)
 # Each method's name and the kind of data it models. diffusion.methods.register adds a method
-# defined elsewhere (a test's toy); ops, which never imports the methods, knows these four.
+# defined elsewhere (a test's toy); ops, which never imports the methods, knows those listed here.
 METHOD_KINDS = {"ddpm": "image", "autoregressive": "text", "masked": "text", "embedding": "text"}
 
 
@@ -476,6 +476,11 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
                 f"sample.guidance_scale: {sample.guidance_scale} is not allowed with model.class_conditional false: "
                 "guidance mixes a class-conditional model's conditional and unconditional outputs"
             )
+        elif sample.guidance_scale != 1 and method.label_dropout == 0:
+            yield (
+                f"sample.guidance_scale: {sample.guidance_scale} is not allowed with method.label_dropout 0: the "
+                "model never learned the null class that guidance needs (train with label_dropout > 0)"
+            )
         if sample.class_label is not None and not model.class_conditional:
             yield (
                 f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: "
@@ -537,6 +542,22 @@ def conflict(config: RunConfig) -> str | None:
 def sampling_conflict(trained: RunConfig, sample: "SampleConfig") -> str | None:
     """The first of `sampling_conflicts` for `sample` with a checkpoint whose config is `trained`."""
     return next(sampling_conflicts(trained, sample), None)
+
+
+# Fields added after runs were stored whose default would change what a stored run does: a stored
+# config (a run dir's config.yaml, a checkpoint's) without them gets the value that reproduces it.
+STORED_DEFAULTS = {("method", "label_dropout"): 0.0}  # class-conditional runs before guidance dropped none
+
+
+def validate_stored_run(raw: dict, source: str) -> RunConfig:
+    """A run config as a run dir or checkpoint stored it (every field written out): validated like
+    any other, with STORED_DEFAULTS for the fields it predates."""
+    if isinstance(raw, dict):
+        raw = {section: dict(value) if isinstance(value, dict) else value for section, value in raw.items()}
+        for (section, key), value in STORED_DEFAULTS.items():
+            if isinstance(raw.get(section), dict):
+                raw[section].setdefault(key, value)
+    return validate_run(raw, source)
 
 
 def validate_run(raw: dict, source: str = "config", prefix: str = "") -> RunConfig:
@@ -607,15 +628,16 @@ def apply_overrides(raw: dict, overrides: list[str], parse=parse_override) -> di
     return raw
 
 
-def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a run config or a job spec, apply `--set` overrides, validate."""
+def load_run_config(path: Path, overrides: list[str] = (), stored: bool = False) -> RunConfig:
+    """Read a run config or a job spec, apply `--set` overrides, validate; `stored`: a run dir's
+    config.yaml, whose missing fields take STORED_DEFAULTS."""
     path = Path(path)
     document = read_yaml(path)
     if document is None:  # a truncated or blank file must not train with every default
         raise ConfigError(f"{path}: empty; a run config holds at least one section (task, data, model ...)")
     raw = run_section(document, str(path))
     raw = apply_overrides(dict(raw), list(overrides))
-    return validate_run(raw, str(path))
+    return validate_stored_run(raw, str(path)) if stored else validate_run(raw, str(path))
 
 
 def dump_yaml(data: dict, path: Path) -> None:

@@ -33,7 +33,7 @@ class RunDir:
     def create(self, config: RunConfig) -> None:
         """Make the folders and write the resolved config; refuse to mix two different models."""
         if self.config.is_file():
-            existing = load_run_config(self.config)
+            existing = load_run_config(self.config, stored=True)
             for section in ("data", "model", "method"):
                 if getattr(existing, section) != getattr(config, section):
                     raise ConfigError(

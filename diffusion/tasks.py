@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from diffusion.config import RunConfig, SampleConfig
+from diffusion.config import ConfigError, RunConfig, SampleConfig
 from diffusion.data import has_validation, load_images, load_validation, write_samples
 from diffusion.methods import Progress, no_progress
 from diffusion.methods.guided import guided_sample
 from diffusion.progress import console, track
-from diffusion.records import Summary, write_json
+from diffusion.records import Summary, checkpoint_file, write_json
 from diffusion.runtime import pick_device
 from diffusion.scores import sample_scores
 from diffusion.scores.images import (
@@ -70,16 +70,22 @@ def generate(
 def load_trained(config: RunConfig, run_dir: Path) -> TrainedModel:
     """The checkpoint that `sample.checkpoint` (else the run dir) names, checked against the
     `sample` settings: ConfigError, one line, before any work."""
+    if config.sample.checkpoint is None and checkpoint_file(run_dir) is None:
+        raise ConfigError(
+            "sample.checkpoint: not set, and there is no trained run to sample in place; set it "
+            "to a run dir or a .pt file, or give the run dir itself"
+        )
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, pick_device(config.device))
     trained.check_sampling(config.sample)
     return trained
 
 
-def sample_task(config: RunConfig, run) -> int:
+def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> int:
     """Draw `sample.num_samples` samples into `run`'s samples/: a PNG grid and an .npz of images,
-    or the decoded texts with their scores (also in eval/NAME.json)."""
-    trained = load_trained(config, run.path)
+    or the decoded texts with their scores (also in eval/NAME.json). `trained`: the run, when the
+    caller loaded it already."""
+    trained = trained or load_trained(config, run.path)
     guide = load_scorer(
         config.sample.guide_checkpoint, trained.device, "sample.guide_checkpoint", tokenizer=trained.data.tokenizer
     )
@@ -137,15 +143,12 @@ def sample_task(config: RunConfig, run) -> int:
 
 def eval_task(config: RunConfig, run) -> int:
     """Score a trained run into `run`: text on `eval.num_samples` samples and its held-out bits
-    per character (the sample task's scores); images against real MNIST (FID and more)."""
-    if has_validation(config.data):  # text: scored on its samples and held-out likelihood, as `sample` does
-        return sample_task(
-            config.model_copy(
-                update={"sample": config.sample.model_copy(update={"num_samples": config.eval.num_samples})}
-            ),
-            run,
-        )
-    trained = load_for_eval(config, run.path)
+    per character (the sample task's scores); images against real ones (FID and more). Which,
+    the checkpoint's data decides, not this task's config."""
+    trained = load_trained(config, run.path)
+    if has_validation(trained.config.data):  # text: scored on its samples and held-out likelihood, as `sample` does
+        sample = config.sample.model_copy(update={"num_samples": config.eval.num_samples})
+        return sample_task(config.model_copy(update={"sample": sample}), run, trained)
     if not run.in_place:
         run.create(config)
     record = evaluate_checkpoint(config, run.path, progress=track, trained=trained)
@@ -155,29 +158,24 @@ def eval_task(config: RunConfig, run) -> int:
     return 0
 
 
-def load_for_eval(config: RunConfig, run_dir: Path) -> TrainedModel:
-    """The image run to score, checked against the `sample` settings; ConfigError, one line,
-    before any work."""
-    return load_trained(config, run_dir)
-
-
 def evaluate_checkpoint(
     config: RunConfig, run_dir: Path, progress: Progress = no_progress, trained: TrainedModel | None = None
 ) -> dict:
-    """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_for_eval)
+    """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_trained)
     with the `sample` settings, score them with a LeNet trained on the run's dataset (and cached),
     against real images of that dataset, and write the record to RUN_DIR/eval/NAME.json (with a
     grid beside it). Samples of an upscaled run are scored at the dataset's own size."""
-    trained = trained or load_for_eval(config, run_dir)
+    trained = trained or load_trained(config, run_dir)
     device = trained.device
     # The trained run's data, found where this task's settings say.
     data = trained.config.data.model_copy(update={"root": config.data.root, "download": config.data.download})
     train_images, train_labels = load_images(data, "train")
     test_images, test_labels = load_images(data, "test")
     classifier_images, classifier_labels = train_images, train_labels
-    if config.eval.classifier_subset:
-        classifier_images = train_images[: config.eval.classifier_subset]
-        classifier_labels = train_labels[: config.eval.classifier_subset]
+    if config.eval.classifier_subset:  # a seeded random subset: files may be sorted by class
+        chosen = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+        chosen = chosen[: config.eval.classifier_subset].sort().values
+        classifier_images, classifier_labels = train_images[chosen], train_labels[chosen]
     classifier = load_or_train_classifier(
         classifier_images, classifier_labels, epochs=config.eval.classifier_epochs, device=device, progress=progress
     )

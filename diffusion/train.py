@@ -38,7 +38,7 @@ from diffusion.checkpoint import (
     save_checkpoint,
     step_files,
 )
-from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_run
+from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_stored_run
 from diffusion.data import DataSpec, load_dataset, load_validation, write_samples
 from diffusion.methods import Method, build_method
 from diffusion.progress import TrainProgress
@@ -251,7 +251,7 @@ def resume(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, ranks:
     if not latest:
         return
     checkpoint_path, checkpoint = latest
-    trained = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
+    trained = validate_stored_run(checkpoint["config"], f"{checkpoint_path} (config)")
     for section in ("data", "model", "method"):
         if getattr(trained, section) != getattr(config, section):
             raise ConfigError(

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_run
+from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_stored_run
 from diffusion.data import DataSpec
 from diffusion.methods import Method, build_method
 from diffusion.records import CHECKPOINTS, LATEST, checkpoint_file
@@ -56,7 +56,7 @@ class TrainedModel:
     def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device):
         checkpoint = load_checkpoint(checkpoint_path)
         self.path = checkpoint_path
-        self.config: RunConfig = validate_run(checkpoint["config"], f"{checkpoint_path} (config)")
+        self.config: RunConfig = validate_stored_run(checkpoint["config"], f"{checkpoint_path} (config)")
         self.step: int = checkpoint["step"]
         # Image checkpoints from before text runs kept the shape and classes at the top level.
         self.data = DataSpec.from_json(

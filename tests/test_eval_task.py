@@ -33,3 +33,39 @@ def test_eval_command_scores_samples_next_to_the_real_floor(tiny_config, tmp_pat
     assert (run / "eval/ddim3-seed0.png").is_file()
     assert "real vs real" in result.stdout
     assert list((tmp_path / "cache/classifiers").glob("lenet-*.pt"))
+
+
+def test_eval_scores_what_the_checkpoint_holds_not_what_the_task_config_says(shakespeare_root, tmp_path, monkeypatch):
+    """An image spec pointed at a text run scores text (held-out bits per character), in one go."""
+    from tests.test_text_train import tiny_config as tiny_text_config
+
+    run = tmp_path / "masked"
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(shakespeare_root))
+    assert train(tiny_text_config("masked", max_steps=2), run) == 0
+    env = {**os.environ}
+    result = run_diffusion(
+        "eval",
+        "configs/jobs/mnist-sampling.yaml",
+        "--set",
+        f"sample.checkpoint={run}",
+        "--set",
+        "sample.sampler=ancestral",
+        "--set",
+        "eval.num_samples=4",
+        "--out",
+        tmp_path / "scored",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = (tmp_path / "scored/eval").glob("*.json")
+    assert json.loads(record.read_text())["scores"]["val_bits_per_char"] > 0
+
+
+def test_sampling_a_config_without_a_checkpoint_says_the_setting_is_missing(tmp_path):
+    result = run_diffusion("sample", "configs/jobs/mnist-quick.yaml", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: sample.checkpoint: not set, and there is no trained run to sample in "
+        "place; set it to a run dir or a .pt file, or give the run dir itself"
+    )
+    assert not (tmp_path / "out").exists()

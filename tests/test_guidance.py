@@ -166,3 +166,17 @@ def test_a_conditional_run_samples_guided_with_dpm_solver_and_scores_its_class_a
     assert scores["class_accuracy"] == pytest.approx(predicted_four)  # every sample was asked to be a 4
     assert "class_accuracy" not in record["real_floor"] and record["guidance_scale"] == 1.0
     assert "class accuracy" in evaluated.stdout
+
+
+def test_a_stored_config_from_before_label_dropout_keeps_training_without_it_and_refuses_guidance(tmp_path):
+    from diffusion.config import dump_yaml, load_run_config, to_dict, validate_stored_run
+
+    raw = to_dict(validate_run({"model": {"class_conditional": True}}))
+    del raw["method"]["label_dropout"]  # as a run dir or checkpoint written before the field existed stores it
+    stored = validate_stored_run(raw, "checkpoint (config)")
+    assert stored.method.label_dropout == 0.0 and build_method(stored).label_dropout == 0.0
+    dump_yaml(raw, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml", stored=True).method.label_dropout == 0.0
+    assert load_run_config(tmp_path / "config.yaml").method.label_dropout == 0.1  # a new spec: the default
+    with pytest.raises(ConfigError, match=r"sample.guidance_scale: 2.0 is not allowed with method.label_dropout 0"):
+        validate_stored_run({**raw, "sample": {"guidance_scale": 2.0}}, "config")

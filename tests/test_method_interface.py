@@ -39,7 +39,7 @@ class OneParameterDenoiser(Method):
 
     def loss(self, model, batch, shard=None):
         images = batch["images"]
-        s = torch.rand(images.shape[0], 1, 1, 1)  # from the global RNG, which checkpoints keep
+        s = torch.rand(images.shape[0], 1, 1, 1, device=images.device)  # the global RNG, which checkpoints keep
         noise = torch.randn_like(images)
         if shard is not None:
             images, s, noise = images[shard], s[shard], noise[shard]

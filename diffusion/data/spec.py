@@ -5,11 +5,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusion.config import ConfigError
+
 DATA_ROOT_ENV = "DIFFUSION_DATA_ROOT"
 
 
-class DatasetNotFoundError(RuntimeError):
-    """The dataset is neither under the data root nor downloadable; the message says how to fix it."""
+class DatasetNotFoundError(ConfigError):
+    """The dataset is neither under the data root nor downloadable; the message says how to fix it.
+    Bad input like any other (exit 2, nothing written)."""
 
 
 def resolve_data_root(configured: str | None) -> Path:

@@ -11,6 +11,7 @@ Images are float tensors in [-1, 1] of shape (N, 1, 28, 28); uint8 images (0..25
 """
 
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -196,8 +197,6 @@ INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's, 
 
 def inception_unavailable() -> str | None:
     """Why Inception FID cannot be computed here, or None when it can."""
-    import importlib.util
-
     if importlib.util.find_spec("torch_fidelity") is None:
         return "torch-fidelity is not installed (pip install torch-fidelity)"
     weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
