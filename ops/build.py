@@ -74,15 +74,26 @@ def run(command: list[str], what: str) -> str:
 def remote_digest(reference: str, tls_verify: bool) -> str | None:
     """The digest of a tag in the registry, None when the registry does not have it."""
     if shutil.which("skopeo"):
-        result = subprocess.run(["skopeo", "inspect", f"--tls-verify={str(tls_verify).lower()}",
-                                 "--format", "{{.Digest}}", f"docker://{reference}"], capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                "skopeo",
+                "inspect",
+                f"--tls-verify={str(tls_verify).lower()}",
+                "--format",
+                "{{.Digest}}",
+                f"docker://{reference}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         return result.stdout.strip() or None if result.returncode == 0 else None
     result = subprocess.run(["docker", "manifest", "inspect", "-v", reference], capture_output=True, text=True)
     return json.loads(result.stdout)["Descriptor"]["digest"] if result.returncode == 0 else None
 
 
-def build_and_push(builder: str, context: Path, reference: str, push: bool, tls_verify: bool,
-                   build_args: dict[str, str]) -> str | None:
+def build_and_push(
+    builder: str, context: Path, reference: str, push: bool, tls_verify: bool, build_args: dict[str, str]
+) -> str | None:
     args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
     if builder == "buildah":
         run(["buildah", "bud", "--isolation", "chroot", *args, "-t", reference, str(context)], "image build")
@@ -96,13 +107,28 @@ def build_and_push(builder: str, context: Path, reference: str, push: bool, tls_
         return out.strip().rsplit("@", 1)[1]
     with tempfile.TemporaryDirectory() as folder:
         digest_file = Path(folder) / "digest"
-        run([builder, "push", f"--tls-verify={str(tls_verify).lower()}", "--digestfile", str(digest_file),
-             reference, f"docker://{reference}"], "image push")
+        run(
+            [
+                builder,
+                "push",
+                f"--tls-verify={str(tls_verify).lower()}",
+                "--digestfile",
+                str(digest_file),
+                reference,
+                f"docker://{reference}",
+            ],
+            "image push",
+        )
         return digest_file.read_text().strip()
 
 
-def build_image(project, push: bool, builder: str | None = None, run_dir: Path | None = None,
-                build_args: dict[str, str] | None = None) -> Image:
+def build_image(
+    project,
+    push: bool,
+    builder: str | None = None,
+    run_dir: Path | None = None,
+    build_args: dict[str, str] | None = None,
+) -> Image:
     """The image of the working tree's code (or of a run's recorded code: `run_dir`)."""
     settings = project.settings
     if not settings.image_repository:

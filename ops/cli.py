@@ -40,10 +40,15 @@ from ops.secrets import redact_words
 from ops.settings import Project
 from ops.storage import WHAT
 
-app = typer.Typer(help="Submit, watch and record diffusion experiments.", no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False)
-config_app = typer.Typer(help="Job specs in configs/jobs/: list, show, validate, set.", no_args_is_help=True,
-                         rich_markup_mode=None)
+app = typer.Typer(
+    help="Submit, watch and record diffusion experiments.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(
+    help="Job specs in configs/jobs/: list, show, validate, set.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(config_app, name="config")
 
 WAIT_EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3, "PREEMPTED": 75, "UNKNOWN": 4}
@@ -69,8 +74,11 @@ def one_line_errors(command):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except sqlite3.DatabaseError as exc:  # the registry, damaged past what opening it reads
-            typer.echo(f"error: the run registry is damaged ({exc}); `ops sync` moves it aside and rebuilds it "
-                       "from the run dirs", err=True)
+            typer.echo(
+                f"error: the run registry is damaged ({exc}); `ops sync` moves it aside and rebuilds it "
+                "from the run dirs",
+                err=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper
@@ -111,8 +119,11 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and what would start; do nothing."),
     resume_id: str = typer.Option(None, "--resume", help="Continue a stopped run (same as `ops resume JOB_ID`)."),
     allow_no_git: bool = typer.Option(False, "--allow-no-git", help="Submit outside git, recorded as 'no git'."),
-    image: str = typer.Option(None, "--image", help="Container engines: run this image (REPO@sha256:...) "
-                                                     "instead of building one for the code."),
+    image: str = typer.Option(
+        None,
+        "--image",
+        help="Container engines: run this image (REPO@sha256:...) instead of building one for the code.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Validate a spec, record provenance, start the run.
@@ -136,7 +147,9 @@ def submit(
 
 @app.command()
 @one_line_errors
-def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+def resume(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION
+) -> None:
     """Continue a stopped run from its last checkpoint.
 
     For preempted, cancelled or failed runs; the run keeps its ops id and run dir."""
@@ -148,7 +161,9 @@ def resume(job_id: str = typer.Argument(..., help="ops id, engine job id, or lat
 
 @app.command()
 @one_line_errors
-def rerun(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+def rerun(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION
+) -> None:
     """Run again on the recorded commit, config and diff.
 
     A new run with the same spec, on the recorded commit plus its diff.patch (materialised in
@@ -250,8 +265,11 @@ def cancel(
 @app.command()
 @one_line_errors
 def sync(
-    retry: bool = typer.Option(False, "--retry", help="Also retry follow-ups stopped by a permanent error "
-                                                       "(a GitHub 4xx), after fixing its cause."),
+    retry: bool = typer.Option(
+        False,
+        "--retry",
+        help="Also retry follow-ups stopped by a permanent error (a GitHub 4xx), after fixing its cause.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reconcile unfinished runs, rebuild rows, retry follow-ups.
@@ -268,7 +286,9 @@ def sync(
 
 @app.command()
 @one_line_errors
-def journal(job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION) -> None:
+def journal(
+    job_id: str = typer.Argument(..., help="ops id, engine job id, or latest."), as_json: bool = JSON_OPTION
+) -> None:
     """Write the run's journal post again, from its run dir.
 
     The post is JOURNAL_DIR/blog/posts/DATE-OPS_ID.md, served at blog/OPS_ID/, its images in
@@ -356,8 +376,15 @@ def config_list(as_json: bool = JSON_OPTION) -> None:
         if not isinstance(raw, dict):
             raw = {}
         run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
-        rows.append({"name": path.stem, "task": run.get("task", "train"), "engine": raw.get("engine", "local"),
-                     "description": " ".join(str(raw.get("description", "")).split()), "error": None})
+        rows.append(
+            {
+                "name": path.stem,
+                "task": run.get("task", "train"),
+                "engine": raw.get("engine", "local"),
+                "description": " ".join(str(raw.get("description", "")).split()),
+                "error": None,
+            }
+        )
     views.print_specs(rows, as_json)
 
 

@@ -82,8 +82,11 @@ def results_text(state: str, summary: Summary, duration_seconds: float | None) -
     lines = [f"**Result: {state}**" + (f" after {duration_seconds / 60:.1f} min" if duration_seconds else "")]
     final = summary.final_metrics or {}
     if summary.step is not None:
-        lines.append(f"- steps {summary.step}" + (f", epoch {summary.epoch:.2f}" if summary.epoch is not None else "")
-                     + (f", final loss {final['loss']:.4f}" if "loss" in final else ""))
+        lines.append(
+            f"- steps {summary.step}"
+            + (f", epoch {summary.epoch:.2f}" if summary.epoch is not None else "")
+            + (f", final loss {final['loss']:.4f}" if "loss" in final else "")
+        )
     if summary.reason:
         lines.append(f"- stopped: {summary.reason}")
     if summary.scores:

@@ -34,10 +34,19 @@ from ops.settings import Project
 
 def log_entry(project: Project, run: Run, job: dict, provenance: dict) -> dict:
     git = git_of(provenance)
-    return {"ops_id": run.ops_id, "name": run.name, "hypothesis": job["spec"].get("hypothesis", ""),
-            "command": job["command"], "engine": run.engine, "engine_job_id": run.engine_job_id,
-            "run_dir": os.path.relpath(run.run_dir, project.root), "commit": git.get("commit"), "dirty": git.get("dirty", False),
-            "changes": job["changes"], "created_at": run.created_at}
+    return {
+        "ops_id": run.ops_id,
+        "name": run.name,
+        "hypothesis": job["spec"].get("hypothesis", ""),
+        "command": job["command"],
+        "engine": run.engine,
+        "engine_job_id": run.engine_job_id,
+        "run_dir": os.path.relpath(run.run_dir, project.root),
+        "commit": git.get("commit"),
+        "dirty": git.get("dirty", False),
+        "changes": job["changes"],
+        "created_at": run.created_at,
+    }
 
 
 def experiment_log_lock(project: Project) -> Path:
@@ -47,8 +56,9 @@ def experiment_log_lock(project: Project) -> Path:
 def experiment_log_submit(project: Project, run: Run) -> str:
     run_dir = Path(run.run_dir)
     provenance = read_required(run_dir / PROVENANCE)
-    append_section(project.experiment_log, log_entry(project, run, read_job(run_dir), provenance),
-                   experiment_log_lock(project))
+    append_section(
+        project.experiment_log, log_entry(project, run, read_job(run_dir), provenance), experiment_log_lock(project)
+    )
     return str(project.experiment_log)
 
 
@@ -121,8 +131,11 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
     the run as the follow-ups left it (its issue URL, its post) and the failures."""
 
     def pending(followup: Followup) -> bool:
-        return (followup.due(run) and not registry.followup_done(run.ops_id, followup.kind)
-                and not registry.followup_stopped(run.ops_id, followup.kind))
+        return (
+            followup.due(run)
+            and not registry.followup_done(run.ops_id, followup.kind)
+            and not registry.followup_stopped(run.ops_id, followup.kind)
+        )
 
     if not any(pending(followup) for followup in FOLLOWUPS):
         return run, []
@@ -141,9 +154,15 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
                 except Exception as exc:  # an outbox: keep going, the next sync retries this one
                     permanent = isinstance(exc, PermanentError)
                     registry.record_failure(run.ops_id, followup.kind, str(exc), permanent)
-                    problems.append(f"{run.ops_id}: {followup.kind} failed, " + (
-                        "stopped until it is fixed (then `ops sync --retry`)" if permanent else
-                        "will retry on the next sync") + f": {exc}")
+                    problems.append(
+                        f"{run.ops_id}: {followup.kind} failed, "
+                        + (
+                            "stopped until it is fixed (then `ops sync --retry`)"
+                            if permanent
+                            else "will retry on the next sync"
+                        )
+                        + f": {exc}"
+                    )
                     continue
                 if followup.column and detail is not None:
                     registry.update(run.ops_id, **{followup.column: detail})
@@ -152,8 +171,10 @@ def do_followups(project: Project, registry: Registry, run: Run) -> tuple[Run, l
                 done_path = Path(run.run_dir) / FOLLOWUPS_FILE  # so that a rebuilt registry does not redo it
                 write_json(done_path, (read_json(done_path) or {}) | {followup.kind: detail})
     except Timeout:
-        problems.append(f"{run.ops_id}: its follow-ups are being done by another ops for over "
-                        f"{FOLLOWUP_LOCK_SECONDS} s; the next sync looks again")
+        problems.append(
+            f"{run.ops_id}: its follow-ups are being done by another ops for over "
+            f"{FOLLOWUP_LOCK_SECONDS} s; the next sync looks again"
+        )
     return run, problems
 
 
@@ -182,8 +203,11 @@ def due_again(registry: Registry, run: Run) -> None:
 
 def recorded(run_dir: Path) -> dict[str, str | None]:
     """The follow-ups RUN_DIR/followups.json says were done, {kind: detail}, for a rebuilt row."""
-    return {kind: detail for kind, detail in (read_json(run_dir / FOLLOWUPS_FILE) or {}).items()
-            if kind in {followup.kind for followup in FOLLOWUPS} and isinstance(detail, (str, type(None)))}
+    return {
+        kind: detail
+        for kind, detail in (read_json(run_dir / FOLLOWUPS_FILE) or {}).items()
+        if kind in {followup.kind for followup in FOLLOWUPS} and isinstance(detail, (str, type(None)))
+    }
 
 
 def columns(done: dict[str, str | None]) -> dict[str, str | None]:

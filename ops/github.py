@@ -30,8 +30,13 @@ EXPERIMENT_LABEL = "experiment"
 LABEL_COLORS = {
     EXPERIMENT_LABEL: "5319e7",
     "engine": "c5def5",
-    "queued": "fbca04", "running": "fbca04", "preempted": "f9d0c4", "unknown": "ededed",
-    "succeeded": "0e8a16", "failed": "d73a4a", "cancelled": "cccccc",
+    "queued": "fbca04",
+    "running": "fbca04",
+    "preempted": "f9d0c4",
+    "unknown": "ededed",
+    "succeeded": "0e8a16",
+    "failed": "d73a4a",
+    "cancelled": "cccccc",
 }
 # Answers that the same request will get again, and what to fix; anything else (5xx, timeouts,
 # rate limits) is retried by the next sync.
@@ -90,12 +95,18 @@ class GitHub:
 
         self.secret = token()
         if self.secret is None:
-            raise OpsError(f"GitHub {repo_name}: no token; export GITHUB_TOKEN (or run `gh auth login`), "
-                           "or set github_issues: false in ops.yaml")
+            raise OpsError(
+                f"GitHub {repo_name}: no token; export GITHUB_TOKEN (or run `gh auth login`), "
+                "or set github_issues: false in ops.yaml"
+            )
         settings = project.settings
         # No retries and no sleeping inside a CLI: a failed request is retried by the next sync.
-        self.client = Github(base_url=settings.github_api_url, auth=Auth.Token(self.secret),
-                             timeout=max(1, round(settings.github_timeout_seconds)), retry=None)
+        self.client = Github(
+            base_url=settings.github_api_url,
+            auth=Auth.Token(self.secret),
+            timeout=max(1, round(settings.github_timeout_seconds)),
+            retry=None,
+        )
         self.repo_name = repo_name
         self.repo = self.call(lambda: self.client.get_repo(repo_name))
 
@@ -121,6 +132,7 @@ class GitHub:
     def ensure_labels(self, names: list[str]) -> list[str]:
         """The labels, created where missing; GitHub compares label names ignoring case, so an
         existing `Experiment` is `experiment`, under the name the repository gave it."""
+
         def labels() -> dict[str, str]:
             return {label.name.lower(): label.name for label in self.call(lambda: list(self.repo.get_labels()))}
 
@@ -149,8 +161,11 @@ class GitHub:
         issue = self.find_issue(run.ops_id, run.created_at)
         if issue is None:
             labels = self.ensure_labels(run_labels(run))
-            issue = self.call(lambda: self.repo.create_issue(title=scrub(title, self.secret),
-                                                             body=scrub(body, self.secret), labels=labels))
+            issue = self.call(
+                lambda: self.repo.create_issue(
+                    title=scrub(title, self.secret), body=scrub(body, self.secret), labels=labels
+                )
+            )
         return issue
 
     def comment_result(self, run: Run, issue_number: int, body: str, attempt: int):
@@ -173,8 +188,10 @@ class GitHub:
 def issue_title(run: Run, job: dict, provenance: dict) -> str:
     git = git_of(provenance)
     commit = (git.get("short_commit") or "no git") + ("+dirty" if git.get("dirty") else "")
-    changed = ", ".join(f"{key.removeprefix('run.')}={json.dumps(new) if not isinstance(new, str) else new}"
-                        for key, _, new in job["changes"])
+    changed = ", ".join(
+        f"{key.removeprefix('run.')}={json.dumps(new) if not isinstance(new, str) else new}"
+        for key, _, new in job["changes"]
+    )
     title = f"{run.name} @ {commit}" + (f": {changed}" if changed else "")
     return title if len(title) <= 200 else title[:199] + "…"
 
@@ -196,39 +213,41 @@ def issue_body(project: Project, run: Run, job: dict, provenance: dict, repo_url
     config_text = (Path(run.run_dir) / CONFIG).read_text()
     changes = "\n".join(f"- `{key}`: `{json.dumps(old)}` → `{json.dumps(new)}`" for key, old, new in job["changes"])
     submitted = datetime.fromtimestamp(run.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([
-        issue_marker(run.ops_id),
-        f"**Hypothesis.** {' '.join(spec.get('hypothesis', '').split()) or '(none given in the spec)'}",
-        "",
-        f"**Expected outcome.** {' '.join(spec.get('expected', '').split()) or '(none given in the spec)'}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| ops id | `{run.ops_id}` |",
-        f"| engine | {run.engine}, job `{run.engine_job_id}` |",
-        f"| commit | {commit_line(repo_url, provenance)} |",
-        f"| submitted | {submitted} by `{provenance.get('user')}` on `{provenance.get('host')}` |",
-        f"| command | `{job['command']}` |",
-        f"| run dir | `{os.path.relpath(run.run_dir, project.root)}` |",
-        "",
-        "**Changed from the spec:**" if changes else "**Changed from the spec:** nothing; the spec as written.",
-        changes,
-        "",
-        "<details><summary>Resolved config (<code>config.yaml</code>)</summary>",
-        "",
-        "```yaml",
-        config_text.rstrip(),
-        "```",
-        "</details>",
-        "",
-        "**Follow it:**",
-        "```bash",
-        f"ops monitor {run.ops_id} --logs           # state, progress and the log tail",
-        f"ops monitor {run.ops_id} --logs --follow  # stream the log",
-        f"ops wait {run.ops_id}                     # block until it ends",
-        "```",
-        "_Filed by `ops`; the result is posted here as a comment when the run ends._",
-    ])
+    return "\n".join(
+        [
+            issue_marker(run.ops_id),
+            f"**Hypothesis.** {' '.join(spec.get('hypothesis', '').split()) or '(none given in the spec)'}",
+            "",
+            f"**Expected outcome.** {' '.join(spec.get('expected', '').split()) or '(none given in the spec)'}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| ops id | `{run.ops_id}` |",
+            f"| engine | {run.engine}, job `{run.engine_job_id}` |",
+            f"| commit | {commit_line(repo_url, provenance)} |",
+            f"| submitted | {submitted} by `{provenance.get('user')}` on `{provenance.get('host')}` |",
+            f"| command | `{job['command']}` |",
+            f"| run dir | `{os.path.relpath(run.run_dir, project.root)}` |",
+            "",
+            "**Changed from the spec:**" if changes else "**Changed from the spec:** nothing; the spec as written.",
+            changes,
+            "",
+            "<details><summary>Resolved config (<code>config.yaml</code>)</summary>",
+            "",
+            "```yaml",
+            config_text.rstrip(),
+            "```",
+            "</details>",
+            "",
+            "**Follow it:**",
+            "```bash",
+            f"ops monitor {run.ops_id} --logs           # state, progress and the log tail",
+            f"ops monitor {run.ops_id} --logs --follow  # stream the log",
+            f"ops wait {run.ops_id}                     # block until it ends",
+            "```",
+            "_Filed by `ops`; the result is posted here as a comment when the run ends._",
+        ]
+    )
 
 
 def format_number(value) -> str:
@@ -239,17 +258,29 @@ def format_number(value) -> str:
 
 def result_body(project: Project, run: Run, summary: Summary, attempt: int) -> str:
     duration = elapsed_seconds(run) if run.finished_at else None
-    lines = [result_marker(run.ops_id, attempt),
-             f"### {run.state}" + (f" after {duration / 60:.1f} min" if duration else "")]
+    lines = [
+        result_marker(run.ops_id, attempt),
+        f"### {run.state}" + (f" after {duration / 60:.1f} min" if duration else ""),
+    ]
     if run.detail:
         lines.append(f"> {run.detail}")
     final = summary.final_metrics or {}
-    rows = [(key, value) for key in ("step", "epoch", "train_seconds", "num_parameters")
-            if (value := getattr(summary, key)) is not None]
-    rows += [(key, value) for key, value in final.items() if key not in ("step", "epoch", "train_seconds", "total_steps")]
+    rows = [
+        (key, value)
+        for key in ("step", "epoch", "train_seconds", "num_parameters")
+        if (value := getattr(summary, key)) is not None
+    ]
+    rows += [
+        (key, value) for key, value in final.items() if key not in ("step", "epoch", "train_seconds", "total_steps")
+    ]
     rows += list((summary.scores or {}).items())
     if rows:
-        lines += ["", "| metric | value |", "|---|---|", *(f"| {key} | {format_number(value)} |" for key, value in rows)]
+        lines += [
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {key} | {format_number(value)} |" for key, value in rows),
+        ]
     if summary.reason:
         lines += ["", f"Stopped: {summary.reason}."]
     if summary.error:

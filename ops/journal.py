@@ -54,10 +54,28 @@ LOSS_IMAGE, SAMPLES_IMAGE = "loss.png", "samples.png"
 PIXELS = 'width="360" style="image-rendering: pixelated"'
 
 # The settings a reader looks for first; the full config follows them, folded.
-MAIN_KEYS = ("task", "device", "data.dataset", "data.subset", "data.only_digit", "model.name", "model.base_channels",
-             "model.channel_mults", "method.name", "method.num_train_timesteps", "method.beta_schedule",
-             "method.prediction_type", "train.batch_size", "train.epochs", "train.max_steps", "train.max_minutes",
-             "train.lr", "train.seed", "sample.sampler", "sample.num_inference_steps")
+MAIN_KEYS = (
+    "task",
+    "device",
+    "data.dataset",
+    "data.subset",
+    "data.only_digit",
+    "model.name",
+    "model.base_channels",
+    "model.channel_mults",
+    "method.name",
+    "method.num_train_timesteps",
+    "method.beta_schedule",
+    "method.prediction_type",
+    "train.batch_size",
+    "train.epochs",
+    "train.max_steps",
+    "train.max_minutes",
+    "train.lr",
+    "train.seed",
+    "sample.sampler",
+    "sample.num_inference_steps",
+)
 
 
 def posts_dir(project: Project) -> Path:
@@ -66,8 +84,11 @@ def posts_dir(project: Project) -> Path:
 
 def post_path(project: Project, run: Run) -> Path:
     """The run's post: the one it has (whatever time zone dated it), else DAY-OPS_ID.md in UTC."""
-    existing = [path for path in sorted(posts_dir(project).glob(f"*-{run.ops_id}.md"))
-                if path.name[len("YYYY-MM-DD-"):] == f"{run.ops_id}.md"]
+    existing = [
+        path
+        for path in sorted(posts_dir(project).glob(f"*-{run.ops_id}.md"))
+        if path.name[len("YYYY-MM-DD-") :] == f"{run.ops_id}.md"
+    ]
     if existing:
         return existing[0]
     day = time.strftime("%Y-%m-%d", time.gmtime(run.created_at))
@@ -79,8 +100,10 @@ def keep_regions(new: str, old: str, source: Path) -> str:
     kept = {match[2]: match[3] for match in KEEP.finditer(old)}
     broken = [name for name in KEEP_START.findall(old) if name not in kept]
     if broken:
-        raise OpsError(f"{source}: the '{broken[0]}' region has lost its end marker <!-- /{broken[0]} -->; "
-                       "put it back, else rewriting the post would drop the text written there")
+        raise OpsError(
+            f"{source}: the '{broken[0]}' region has lost its end marker <!-- /{broken[0]} -->; "
+            "put it back, else rewriting the post would drop the text written there"
+        )
     return KEEP.sub(lambda match: match[1] + kept.get(match[2], match[3]) + match[4], new)
 
 
@@ -138,8 +161,11 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def figures(run_dir: Path) -> dict[str, Any]:
     """A run's end figures by name: summary.json's, its last logged metrics, the eval scores."""
     summary = read_summary(run_dir) or Summary()
-    found = {key: value for key in ("step", "total_steps", "epoch", "train_seconds", "num_parameters")
-             if (value := getattr(summary, key)) is not None}
+    found = {
+        key: value
+        for key in ("step", "total_steps", "epoch", "train_seconds", "num_parameters")
+        if (value := getattr(summary, key)) is not None
+    }
     last = summary.final_metrics or {}
     if "step" in last and last["step"] != summary.step:
         found["last logged step"] = last["step"]  # the figures below are from then, not from the end
@@ -169,8 +195,11 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
     (train.val_every_steps) on a second axis; False when nothing was logged."""
     records = read_jsonl(metrics_path)  # complete lines only: a running trainer may be halfway through one
     points = [(record["step"], record["loss"]) for record in records if is_number(record.get("loss"))]
-    validation = [(record["step"], record["val_bits_per_char"]) for record in records
-                  if is_number(record.get("val_bits_per_char"))]
+    validation = [
+        (record["step"], record["val_bits_per_char"])
+        for record in records
+        if is_number(record.get("val_bits_per_char"))
+    ]
     if not points:
         return False
     # Heavy, so only when there is a loss to draw. No pyplot: no global state; savefig renders PNG with Agg.
@@ -179,8 +208,15 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
     steps, losses = zip(*points)
     figure = Figure(figsize=(7, 3.5), dpi=100, layout="constrained")
     axes = figure.subplots()
-    axes.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2,
-              color=TRAINING_COLOUR, label="training loss")
+    axes.plot(
+        steps,
+        losses,
+        marker="o" if len(points) < 30 else None,
+        markersize=3,
+        linewidth=1.2,
+        color=TRAINING_COLOUR,
+        label="training loss",
+    )
     if min(losses) > 0:
         axes.set_yscale("log")
     axes.set_xlabel("step")
@@ -189,8 +225,14 @@ def plot_loss(metrics_path: Path, out: Path) -> bool:
     if validation:
         # Its own axis: bits per character of the EMA weights, not the loss's nats per token.
         right = axes.twinx()
-        right.plot(*zip(*validation), marker="o", markersize=3, linewidth=1.2, color=VALIDATION_COLOUR,
-                   label="validation bits/char")
+        right.plot(
+            *zip(*validation),
+            marker="o",
+            markersize=3,
+            linewidth=1.2,
+            color=VALIDATION_COLOUR,
+            label="validation bits/char",
+        )
         right.set_ylabel("validation bits/char")
         figure.legend(loc="outside lower center", ncols=2, frameon=False)
     png = io.BytesIO()
@@ -236,7 +278,9 @@ def write_post(project: Project, run: Run) -> Path:
     expected = " ".join((spec.get("expected") or "").split())
     created = time.localtime(run.created_at)
     duration = elapsed_seconds(run)
-    lead = f"**{run.state}** on `{run.engine}`" + (f" after {seconds_text(duration)}" if run.finished and duration else "")
+    lead = f"**{run.state}** on `{run.engine}`" + (
+        f" after {seconds_text(duration)}" if run.finished and duration else ""
+    )
     if "loss" in found:
         lead += f", final loss {format_value(found['loss'])}"
     lines = [
@@ -266,25 +310,37 @@ def write_post(project: Project, run: Run) -> Path:
 
     commit = "no git (submitted with --allow-no-git)"
     if git.get("commit"):
-        commit = (f"`{git['commit'][:8]}`" + (f" on `{git['branch']}`" if git.get("branch") else "")
-                  + (", with uncommitted changes (`diff.patch`)" if git.get("dirty") else ", clean"))
+        commit = (
+            f"`{git['commit'][:8]}`"
+            + (f" on `{git['branch']}`" if git.get("branch") else "")
+            + (", with uncommitted changes (`diff.patch`)" if git.get("dirty") else ", clean")
+        )
     lines += [
         "## Run",
         "",
-        f"- **State:** {run.state}" + (f": {' '.join(run.detail.split())}" if run.detail
-                                       else f" (exit code {run.exit_code})" if run.exit_code is not None else ""),
+        f"- **State:** {run.state}"
+        + (
+            f": {' '.join(run.detail.split())}"
+            if run.detail
+            else f" (exit code {run.exit_code})"
+            if run.exit_code is not None
+            else ""
+        ),
         f"- **Engine:** `{run.engine}`, job `{run.engine_job_id or 'not submitted'}`"
         + (f", restarted {run.requeues} time(s)" if run.requeues else ""),
         f"- **Commit:** {commit}",
         f"- **Created:** {time.strftime('%Y-%m-%d %H:%M', created)}",
-        f"- **Duration:** {seconds_text(duration)}" + ("" if run.finished else " so far (still running)")
+        f"- **Duration:** {seconds_text(duration)}"
+        + ("" if run.finished else " so far (still running)")
         + (f", of which training {seconds_text(summary.train_seconds)}" if summary.train_seconds is not None else ""),
         f"- **Run dir:** `{os.path.relpath(run_dir, project.root)}`",
     ]
     vertex = read_json(run_dir / VERTEX_FILE) or {}
     if vertex.get("gcs_run_dir"):
-        lines.append(f"- **Artifacts:** `{vertex['gcs_run_dir']}` (`ops pull {run.ops_id}` copies them into "
-                     f"the run dir, then `ops journal {run.ops_id}` redraws this post)")
+        lines.append(
+            f"- **Artifacts:** `{vertex['gcs_run_dir']}` (`ops pull {run.ops_id}` copies them into "
+            f"the run dir, then `ops journal {run.ops_id}` redraws this post)"
+        )
     if run.github_issue:
         lines.append(f"- **GitHub issue:** [{run.github_issue}]({run.github_issue})")
     lines += ["", "## Results", ""]
@@ -308,8 +364,12 @@ def write_post(project: Project, run: Run) -> Path:
         lines += ["No samples: the run wrote none" + ("." if run.finished else " yet."), ""]
     elif samples.suffix == ".png":
         copy_file(samples, assets / SAMPLES_IMAGE)
-        lines += [f"![samples]({run.ops_id}/{SAMPLES_IMAGE}){{ {PIXELS} }}", "",
-                  f"_`{samples.relative_to(run_dir)}`_", ""]
+        lines += [
+            f"![samples]({run.ops_id}/{SAMPLES_IMAGE}){{ {PIXELS} }}",
+            "",
+            f"_`{samples.relative_to(run_dir)}`_",
+            "",
+        ]
     else:
         lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
 
@@ -352,8 +412,9 @@ def comparison(runs: list[Run]) -> dict:
     for run in runs:
         run_dir = Path(run.run_dir)
         spec = {key: value for key, value in read_job(run_dir)["spec"].items() if key != "run"}
-        settings.append(flatten(read_config(run_dir)) | {key: redact_value(key, value)
-                                                         for key, value in flatten(spec).items()})
+        settings.append(
+            flatten(read_config(run_dir)) | {key: redact_value(key, value) for key, value in flatten(spec).items()}
+        )
         found.append(figures(run_dir))
     keys = sorted(set().union(*settings))
     config = {key: [values.get(key) for values in settings] for key in keys}
@@ -407,8 +468,10 @@ def write_comparison(project: Project, runs: list[Run], compared: dict) -> Path:
     else:
         lines.append("None: the runs share every setting.")
     lines += ["", "## Final metrics", ""]
-    lines += table(["metric", *ids], [["state", *compared["states"]],
-                                      *([key, *values] for key, values in compared["metrics"].items())])
+    lines += table(
+        ["metric", *ids],
+        [["state", *compared["states"]], *([key, *values] for key, values in compared["metrics"].items())],
+    )
     lines += ["", "## Samples", ""]
     grids, texts = [], []
     for run in runs:
@@ -424,7 +487,9 @@ def write_comparison(project: Project, runs: list[Run], compared: dict) -> Path:
     lines += [
         "## Observations",
         "",
-        *region("observations", "_What does the comparison show? Write it here: `ops compare --post` keeps this text._"),
+        *region(
+            "observations", "_What does the comparison show? Write it here: `ops compare --post` keeps this text._"
+        ),
         "",
     ]
     return write_text(path, "\n".join(lines))

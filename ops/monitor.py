@@ -8,9 +8,19 @@ import time
 from ops.registry import Run
 from ops.rundir import MetricsRecord, last_metrics, read_summary
 
+TRACEBACK = "Traceback (most recent call last):"
+MAX_TRACEBACK_LINES = 400
+
 
 def tail(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    """The last `lines` lines; when they end inside a Python traceback (the run failed), from the
+    traceback's first line on, so that the whole of it is shown (at most MAX_TRACEBACK_LINES)."""
+    all_lines = text.rstrip("\n").splitlines()
+    start = max(0, len(all_lines) - lines)
+    recent = all_lines[-MAX_TRACEBACK_LINES:]
+    if TRACEBACK in recent and TRACEBACK not in all_lines[start:]:
+        start = len(all_lines) - len(recent) + max(i for i, line in enumerate(recent) if line == TRACEBACK)
+    return "\n".join(all_lines[start:])
 
 
 def elapsed_seconds(run: Run) -> float | None:
@@ -24,15 +34,23 @@ def progress(run: Run, spec: dict) -> dict:
 
     Fields: step, total_steps, epoch, total_epochs, loss, it_per_s, eta_seconds, percent; all
     None before the first metrics line."""
-    fields = dict.fromkeys(("step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent"))
+    fields = dict.fromkeys(
+        ("step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds", "percent")
+    )
     record = last_metrics(run.run_dir)
     train = ((spec.get("run") or {}).get("train") or {}) if isinstance(spec.get("run"), dict) else {}
     fields["total_epochs"] = train.get("epochs")
     summary = read_summary(run.run_dir) if run.finished else None
     if summary is not None and summary.step is not None:
         # Where it ended, not the last logged step before a budget or a signal stopped it.
-        record = MetricsRecord(**{**(record or MetricsRecord()).__dict__, "step": summary.step,
-                                  "epoch": summary.epoch, "total_steps": summary.total_steps})
+        record = MetricsRecord(
+            **{
+                **(record or MetricsRecord()).__dict__,
+                "step": summary.step,
+                "epoch": summary.epoch,
+                "total_steps": summary.total_steps,
+            }
+        )
     if record is None:
         return fields
     step, total = record.step, record.total_steps

@@ -52,9 +52,42 @@ from ops.secrets import redact_words, secret_content, secret_name
 # MAX_UNTRACKED_FILE_BYTES, with no secret in its name or its content. Everything else is left out
 # and listed in skipped_untracked with its reason; `ops submit` says which.
 MAX_UNTRACKED_FILE_BYTES = 1_000_000
-CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".sh", ".proto",
-                 ".yaml", ".yml", ".toml", ".json", ".cfg", ".ini", ".txt", ".md", ".rst", ".ipynb", ".jinja", ".j2",
-                 ".sql", ".lock", ".cmake", ".mk", ".in", ".js", ".ts", ".css", ".html")
+CODE_SUFFIXES = (
+    ".py",
+    ".pyi",
+    ".pyx",
+    ".pxd",
+    ".c",
+    ".cc",
+    ".cpp",
+    ".h",
+    ".hpp",
+    ".cu",
+    ".cuh",
+    ".sh",
+    ".proto",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".json",
+    ".cfg",
+    ".ini",
+    ".txt",
+    ".md",
+    ".rst",
+    ".ipynb",
+    ".jinja",
+    ".j2",
+    ".sql",
+    ".lock",
+    ".cmake",
+    ".mk",
+    ".in",
+    ".js",
+    ".ts",
+    ".css",
+    ".html",
+)
 CODE_NAMES = ("makefile", ".dockerignore", ".gitignore")  # and dockerfile, Dockerfile.gpu ...
 MAX_PATCH_BYTES = 20_000_000
 
@@ -122,8 +155,12 @@ def restore(provenance: dict, patch: Path, repo_root: Path, dest: Path) -> Path:
         repo.git.read_tree(commit, env=env)
         if patch.stat().st_size > 0:  # `git apply` rejects an empty patch
             status, _, err = repo.git.apply(
-                "--cached", "--binary", str(patch.resolve()),
-                env=env, with_extended_output=True, with_exceptions=False,
+                "--cached",
+                "--binary",
+                str(patch.resolve()),
+                env=env,
+                with_extended_output=True,
+                with_exceptions=False,
             )
             if status != 0:
                 first = err.strip().splitlines()[0] if err.strip() else f"git apply exited {status}"
@@ -137,8 +174,11 @@ def is_record(path: str, record: str) -> bool:
     """`path` is the record, inside it (a folder of them), or its temporary file while another ops
     writes it (atomic_write's `.NAME.PID.tmp` beside it)."""
     name, folder = Path(record).name, Path(record).parent
-    return path == record or path.startswith(record + "/") or (
-        Path(path).parent == folder and Path(path).name.startswith(f".{name}.") and path.endswith(".tmp"))
+    return (
+        path == record
+        or path.startswith(record + "/")
+        or (Path(path).parent == folder and Path(path).name.startswith(f".{name}.") and path.endswith(".tmp"))
+    )
 
 
 def left_out(root: Path, path: str) -> str | None:
@@ -202,8 +242,9 @@ def _capture_git(repo, patch: Path, project: Path, exclude: tuple[str, ...] = ()
             pathspecs = Path(tmp) / "pathspecs"
             pathspecs.write_bytes(b"\0".join(os.fsencode(path) for path in untracked))  # any file name
             # Literal, so a file named like a glob adds only itself.
-            repo.git.add("--pathspec-from-file", str(pathspecs), "--pathspec-file-nul",
-                         env=env | {"GIT_LITERAL_PATHSPECS": "1"})
+            repo.git.add(
+                "--pathspec-from-file", str(pathspecs), "--pathspec-file-nul", env=env | {"GIT_LITERAL_PATHSPECS": "1"}
+            )
         if exclude:
             repo.git.reset("-q", "HEAD", "--", *exclude, env=env)  # back to HEAD in the scratch index only
         # Plumbing diff-index, not `git diff`: it ignores user config (noprefix, color, external diff,

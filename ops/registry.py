@@ -143,8 +143,10 @@ class Registry:
             self.db.execute("SELECT ops_id FROM runs LIMIT 1")  # the index ops needs is really there
         except sqlite3.DatabaseError as exc:  # garbage, a truncated file, another program's database
             self.db.close()
-            raise RegistryDamaged(f"{self.path}: damaged, not a run registry ({exc}); `ops sync` moves it aside "
-                                  "and rebuilds it from the run dirs") from None
+            raise RegistryDamaged(
+                f"{self.path}: damaged, not a run registry ({exc}); `ops sync` moves it aside "
+                "and rebuilds it from the run dirs"
+            ) from None
 
     @classmethod
     def empty(cls) -> "Registry":
@@ -156,8 +158,10 @@ class Registry:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise OpsError(f"{self.path}: written by a newer ops (schema {version}, this one knows {SCHEMA_VERSION}); "
-                           "update ops (pip install -e . in the project)")
+            raise OpsError(
+                f"{self.path}: written by a newer ops (schema {version}, this one knows {SCHEMA_VERSION}); "
+                "update ops (pip install -e . in the project)"
+            )
         self.db.execute("BEGIN IMMEDIATE")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]  # another CLI may have migrated
         for number in range(version, SCHEMA_VERSION):
@@ -195,8 +199,10 @@ class Registry:
         changes["updated_at"] = time.time()
         assignments = ", ".join(f"{name} = ?" for name in changes)
         conditions = "".join(f" AND {name} IS ?" for name in expected)
-        cursor = self.db.execute(f"UPDATE runs SET {assignments} WHERE ops_id = ?{conditions}",
-                                 [*changes.values(), ops_id, *expected.values()])
+        cursor = self.db.execute(
+            f"UPDATE runs SET {assignments} WHERE ops_id = ?{conditions}",
+            [*changes.values(), ops_id, *expected.values()],
+        )
         return cursor.rowcount == 1
 
     def get(self, job_id: str) -> Run | None:
@@ -257,8 +263,9 @@ class Registry:
         )
 
     def followup_stopped(self, ops_id: str, kind: str) -> bool:
-        row = self.db.execute("SELECT 1 FROM followup_failures WHERE ops_id = ? AND kind = ? AND permanent = 1",
-                              (ops_id, kind)).fetchone()
+        row = self.db.execute(
+            "SELECT 1 FROM followup_failures WHERE ops_id = ? AND kind = ? AND permanent = 1", (ops_id, kind)
+        ).fetchone()
         return row is not None
 
     def retry_stopped(self) -> int:

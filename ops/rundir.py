@@ -49,13 +49,25 @@ def read_required(path: Path) -> dict:
     return data
 
 
-JOB_FIELDS = {"ops_id": str, "name": str, "engine": str, "created_at": (int, float), "command": str,
-              "overrides": list, "sweep": dict, "changes": list, "spec": dict}
+JOB_FIELDS = {
+    "ops_id": str,
+    "name": str,
+    "engine": str,
+    "created_at": (int, float),
+    "command": str,
+    "overrides": list,
+    "sweep": dict,
+    "changes": list,
+    "spec": dict,
+}
 
 
 def complete_job(job: dict | None) -> bool:
-    return job is not None and all(isinstance(job.get(key), kind) for key, kind in JOB_FIELDS.items()) \
+    return (
+        job is not None
+        and all(isinstance(job.get(key), kind) for key, kind in JOB_FIELDS.items())
         and "engine_job_id" in job
+    )
 
 
 def read_job(run_dir: Path) -> dict:

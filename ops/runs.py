@@ -65,7 +65,9 @@ class Planned:
 def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
     """(key, spec value, run value) for every leaf that the overrides changed."""
     old, new = flatten(base), flatten(resolved)
-    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    return [
+        (key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+    ]
 
 
 def plan(project: Project, name: str, engine: str | None, overrides: list[str], sweeps: list[str]) -> list[Planned]:
@@ -83,8 +85,15 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
         check_references(project, spec, str(path))
-        planned.append(Planned(spec, run_overrides, combination, spec_changes(base, spec.model_dump(mode="json")),
-                               ignored_resources(spec.engine, run_overrides)))
+        planned.append(
+            Planned(
+                spec,
+                run_overrides,
+                combination,
+                spec_changes(base, spec.model_dump(mode="json")),
+                ignored_resources(spec.engine, run_overrides),
+            )
+        )
     preflight(project, planned)
     return planned
 
@@ -98,23 +107,28 @@ def check_references(project: Project, spec, source: str) -> None:
     run = spec.run
     sampling = run.task != "train"
     if sampling and run.sample.checkpoint is None:
-        raise ConfigError(f"{source}: run.sample.checkpoint: required for a {run.task} task: the run dir (or .pt "
-                          "file) to sample from")
+        raise ConfigError(
+            f"{source}: run.sample.checkpoint: required for a {run.task} task: the run dir (or .pt file) to sample from"
+        )
     if spec.engine == "vertex":
         return
-    references = {"sample.checkpoint": run.sample.checkpoint if sampling else None,
-                  "sample.guide_checkpoint": run.sample.guide_checkpoint if sampling else None,
-                  "eval.scorer_checkpoint": run.eval.scorer_checkpoint,
-                  "method.init_embeddings": None if sampling else run.method.init_embeddings}
+    references = {
+        "sample.checkpoint": run.sample.checkpoint if sampling else None,
+        "sample.guide_checkpoint": run.sample.guide_checkpoint if sampling else None,
+        "eval.scorer_checkpoint": run.eval.scorer_checkpoint,
+        "method.init_embeddings": None if sampling else run.method.init_embeddings,
+    }
     for key, reference in references.items():
         if reference is None:
             continue
         if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
-            raise ConfigError(f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
-                              f"holding {CHECKPOINTS}/{LATEST}, or a .pt file)")
+            raise ConfigError(
+                f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
+                f"holding {CHECKPOINTS}/{LATEST}, or a .pt file)"
+            )
     trained = project.root / Path(run.sample.checkpoint or "").expanduser() / CONFIG
     if sampling and trained.is_file():
-        problem = sampling_conflict(load_run_config(trained), run.sample)
+        problem = sampling_conflict(load_run_config(trained, stored=True), run.sample)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
 
@@ -130,8 +144,10 @@ def ignored_resources(engine: str, overrides: list[str]) -> list[str]:
             continue
         named = [parts[1]] if len(parts) > 1 else list(value) if isinstance(value, dict) else []
         for other in [name for name in named if name != engine]:
-            warnings.append(f"--set {text}: the run goes to the {engine} engine, which ignores resources.{other}; "
-                            f"add --engine {other} to use it")
+            warnings.append(
+                f"--set {text}: the run goes to the {engine} engine, which ignores resources.{other}; "
+                f"add --engine {other} to use it"
+            )
     return warnings
 
 
@@ -143,8 +159,12 @@ def preflight(project: Project, planned: list[Planned]) -> None:
 
 
 def launch_for(project: Project, run: Run, spec_json: dict, code_dir: Path | None = None) -> Launch:
-    return Launch(run_dir=Path(run.run_dir), project_root=project.root, code_dir=code_dir,
-                  resources=spec_json["resources"][run.engine])
+    return Launch(
+        run_dir=Path(run.run_dir),
+        project_root=project.root,
+        code_dir=code_dir,
+        resources=spec_json["resources"][run.engine],
+    )
 
 
 def this_process() -> dict:
@@ -184,8 +204,9 @@ def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
             continue
 
 
-def create(project: Project, registry: Registry, planned: Planned, command: str,
-           provenance_into: Callable[[Path], dict]) -> Run:
+def create(
+    project: Project, registry: Registry, planned: Planned, command: str, provenance_into: Callable[[Path], dict]
+) -> Run:
     """Run dir + config.yaml + provenance + job.json + registry row. Nothing is left on failure."""
     from diffusion.config import dump_yaml  # pydantic: only at submit
 
@@ -203,13 +224,29 @@ def create(project: Project, registry: Registry, planned: Planned, command: str,
     overrides = redact_words(planned.overrides)
     sweep = {key: redact_value(key, value) for key, value in planned.sweep.items()}
     changes = [(key, redact_value(key, old), redact_value(key, new)) for key, old, new in planned.changes]
-    run = Run(ops_id=ops_id, name=spec.name, engine=spec.engine, run_dir=str(run_dir),
-              git_commit=(provenance.get("git") or {}).get("commit"), sweep=sweep,
-              overrides=overrides, submitter=this_process())
-    job = {"ops_id": ops_id, "name": spec.name, "engine": spec.engine, "engine_job_id": None,
-           "created_at": run.created_at, "command": command, "overrides": overrides,
-           "sweep": sweep, "changes": changes, "spec": spec.model_dump(mode="json"),
-           "submitter": run.submitter}
+    run = Run(
+        ops_id=ops_id,
+        name=spec.name,
+        engine=spec.engine,
+        run_dir=str(run_dir),
+        git_commit=(provenance.get("git") or {}).get("commit"),
+        sweep=sweep,
+        overrides=overrides,
+        submitter=this_process(),
+    )
+    job = {
+        "ops_id": ops_id,
+        "name": spec.name,
+        "engine": spec.engine,
+        "engine_job_id": None,
+        "created_at": run.created_at,
+        "command": command,
+        "overrides": overrides,
+        "sweep": sweep,
+        "changes": changes,
+        "spec": spec.model_dump(mode="json"),
+        "submitter": run.submitter,
+    }
     write_json(run_dir / JOB, job)
     if not registry.insert(run):
         raise OpsError(f"{ops_id}: already in the registry {registry.path}")
@@ -254,8 +291,10 @@ def signals_deferred():
     a job the engine took is never left without its id. (Handlers, not a blocked signal mask,
     which the engine's child processes would inherit.)"""
     received = []
-    previous = {signum: signal.signal(signum, lambda number, frame: received.append(number))
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        signum: signal.signal(signum, lambda number, frame: received.append(number))
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         yield
     finally:
@@ -299,13 +338,26 @@ def code_folder(run_dir: Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def submit(project: Project, registry: Registry, planned: list[Planned], command: str,
-           allow_no_git: bool = False, image: str | None = None) -> list[Run]:
+def submit(
+    project: Project,
+    registry: Registry,
+    planned: list[Planned],
+    command: str,
+    allow_no_git: bool = False,
+    image: str | None = None,
+) -> list[Run]:
     created, started = [], []
     with failed_if_interrupted(project, registry, created):
         for item in planned:
-            created.append(create(project, registry, item, command,
-                                  lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code())))
+            created.append(
+                create(
+                    project,
+                    registry,
+                    item,
+                    command,
+                    lambda run_dir: capture(project.root, run_dir, allow_no_git, project.not_code()),
+                )
+            )
         for engine_name in dict.fromkeys(run.engine for run in created):
             group = [run for run in created if run.engine == engine_name]
             engine = get_engine(engine_name, project.settings)
@@ -323,9 +375,16 @@ def failed_if_interrupted(project: Project, registry: Registry, runs: list[Run])
     try:
         yield
     except KeyboardInterrupt:
-        mark_failed(registry, [run for run in runs if registry.get(run.ops_id).engine_job_id is None
-                               and adopt_recorded_job(project, registry, run).engine_job_id is None],
-                    "not started: interrupted")
+        mark_failed(
+            registry,
+            [
+                run
+                for run in runs
+                if registry.get(run.ops_id).engine_job_id is None
+                and adopt_recorded_job(project, registry, run).engine_job_id is None
+            ],
+            "not started: interrupted",
+        )
         raise
 
 
@@ -351,8 +410,10 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
     run = reconcile(project, registry, run)[0]
     engine = get_engine(run.engine, project.settings)
     if run.state == "PREEMPTED" and engine.requeues_itself:
-        raise OpsError(f"{run.ops_id}: is waiting for {run.engine} to requeue it, and resumes by itself; "
-                       f"`ops cancel {run.ops_id}` first to resume it by hand")
+        raise OpsError(
+            f"{run.ops_id}: is waiting for {run.engine} to requeue it, and resumes by itself; "
+            f"`ops cancel {run.ops_id}` first to resume it by hand"
+        )
     if run.state == "QUEUED" and run.engine_job_id is None:
         doing = "resumed" if run.requeues else "submitted"
         raise OpsError(f"{run.ops_id} is being {doing} by another ops (pid {(run.submitter or {}).get('pid')})")
@@ -363,9 +424,17 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
     code_dir = code_folder(Path(run.run_dir))
     # Compare-and-set: of two ops resuming at once, one wins. The old engine job id goes, so that
     # nobody reconciles this run against the job that stopped; the submitter marks it as ours.
-    claimed = registry.update_if(run.ops_id, {"state": run.state, "requeues": run.requeues}, state="QUEUED",
-                                 engine_job_id=None, finished_at=None, exit_code=None, detail=None,
-                                 requeues=run.requeues + 1, submitter=this_process())
+    claimed = registry.update_if(
+        run.ops_id,
+        {"state": run.state, "requeues": run.requeues},
+        state="QUEUED",
+        engine_job_id=None,
+        finished_at=None,
+        exit_code=None,
+        detail=None,
+        requeues=run.requeues + 1,
+        submitter=this_process(),
+    )
     if not claimed:
         raise OpsError(f"{run.ops_id} is being resumed by another ops")
     due_again(registry, run)
@@ -410,8 +479,13 @@ def records_decide(run: Run, observed: EngineState) -> EngineState:
     if summary is None or summary.status != "completed":
         return observed
     said = observed.detail or observed.state
-    return EngineState("SUCCEEDED", 0, f"the run completed (summary.json); the engine said otherwise "
-                                       f"afterwards ({said}), a late signal", observed.finished_at, observed.requeues)
+    return EngineState(
+        "SUCCEEDED",
+        0,
+        f"the run completed (summary.json); the engine said otherwise afterwards ({said}), a late signal",
+        observed.finished_at,
+        observed.requeues,
+    )
 
 
 def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | None = None) -> tuple[Run, list[str]]:
@@ -426,9 +500,14 @@ def reconcile(project: Project, registry: Registry, run: Run, engine: Engine | N
         run = adopt_recorded_job(project, registry, run)
     if not run.finished and run.engine_job_id is None and submitter_alive(run.submitter) is False:
         pid = (run.submitter or {}).get("pid")
-        registry.update_if(run.ops_id, {"engine_job_id": None, "state": run.state}, state="FAILED",
-                           finished_at=time.time(), detail=f"not started: the ops that was starting it "
-                           f"({'pid ' + str(pid) if pid else 'unknown'}) ended first; `ops resume {run.ops_id}` starts it")
+        registry.update_if(
+            run.ops_id,
+            {"engine_job_id": None, "state": run.state},
+            state="FAILED",
+            finished_at=time.time(),
+            detail=f"not started: the ops that was starting it "
+            f"({'pid ' + str(pid) if pid else 'unknown'}) ended first; `ops resume {run.ops_id}` starts it",
+        )
         run = registry.get(run.ops_id)
     if not run.finished and run.engine_job_id is not None:
         engine = engine or get_engine(run.engine, project.settings)
@@ -454,8 +533,9 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
     for job_path in sorted(project.runs_dir.glob(f"*/{JOB}")):
         job = read_json(job_path)
         if not complete_job(job):
-            problems.append(f"{job_path}: damaged (not a complete ops record); skipped, so this run is not in "
-                            "the registry")
+            problems.append(
+                f"{job_path}: damaged (not a complete ops record); skipped, so this run is not in the registry"
+            )
             continue
         if registry.get(job["ops_id"]) is not None:
             continue
@@ -464,14 +544,26 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
         run_dir = job_path.parent
         provenance = read_json(run_dir / PROVENANCE) or {}
         if not git_of(provenance) and provenance.get("git", "missing") is not None:  # None: recorded without git
-            problems.append(f"{run_dir / PROVENANCE}: missing or damaged; {job['ops_id']} is indexed without its commit")
+            problems.append(
+                f"{run_dir / PROVENANCE}: missing or damaged; {job['ops_id']} is indexed without its commit"
+            )
         done = recorded(run_dir)
-        run = Run(ops_id=job["ops_id"], name=job["name"], engine=job["engine"], run_dir=str(run_dir),
-                  state="UNKNOWN", engine_job_id=job["engine_job_id"], created_at=job["created_at"],
-                  started_at=job.get("started_at"), requeues=job.get("requeues", 0),
-                  git_commit=git_of(provenance).get("commit"), sweep=job["sweep"],
-                  overrides=job["overrides"], submitter=job.get("submitter"),
-                  **columns(done))
+        run = Run(
+            ops_id=job["ops_id"],
+            name=job["name"],
+            engine=job["engine"],
+            run_dir=str(run_dir),
+            state="UNKNOWN",
+            engine_job_id=job["engine_job_id"],
+            created_at=job["created_at"],
+            started_at=job.get("started_at"),
+            requeues=job.get("requeues", 0),
+            git_commit=git_of(provenance).get("commit"),
+            sweep=job["sweep"],
+            overrides=job["overrides"],
+            submitter=job.get("submitter"),
+            **columns(done),
+        )
         registry.insert(run)
         record_done(registry, run.ops_id, done)
         added.append(run.ops_id)
@@ -496,8 +588,9 @@ def sync(project: Project, retry: bool = False) -> tuple[list[str], list[Run], l
     except sqlite3.DatabaseError as exc:  # damage that opening it did not reach: rebuild all the same
         registry.close()
         aside = move_aside(project.registry_path)
-        repaired.append(f"{project.registry_path}: damaged ({exc}); moved it to {aside} and rebuilt the registry "
-                        "from the run dirs")
+        repaired.append(
+            f"{project.registry_path}: damaged ({exc}); moved it to {aside} and rebuilt the registry from the run dirs"
+        )
         registry = Registry(project.registry_path)
         added, reconciled, problems = reconcile_all(project, registry)
     return added, reconciled, repaired + problems
@@ -559,10 +652,21 @@ def dry_run(project: Project, planned: list[Planned]) -> list[dict]:
     for item in planned:
         engine = get_engine(item.spec.engine, project.settings)
         placeholder = project.runs_dir / f"{item.spec.name}-<id>"
-        launch = Launch(run_dir=placeholder, project_root=project.root,
-                        resources=item.spec.resources.model_dump(mode="json")[item.spec.engine])
-        rows.append({"spec": item.spec.model_dump(mode="json"), "sweep": item.sweep, "overrides": item.overrides,
-                     "changes": item.changes, "warnings": item.warnings, "would_start": engine.describe(launch)})
+        launch = Launch(
+            run_dir=placeholder,
+            project_root=project.root,
+            resources=item.spec.resources.model_dump(mode="json")[item.spec.engine],
+        )
+        rows.append(
+            {
+                "spec": item.spec.model_dump(mode="json"),
+                "sweep": item.sweep,
+                "overrides": item.overrides,
+                "changes": item.changes,
+                "warnings": item.warnings,
+                "would_start": engine.describe(launch),
+            }
+        )
     return rows
 
 

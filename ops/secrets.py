@@ -16,13 +16,46 @@ from pathlib import Path
 # registry logins, and folders of them. Code may be called credentials_test.py or secret_sharing.py,
 # so the broad words count only for data and config files.
 SECRET_NAMES = (
-    ".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ovpn",
-    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "credentials", "*.credentials",
-    *(f"*{word}*.{suffix}" for word in ("credential", "secret", "service-account", "service_account", "token")
-      for suffix in ("json", "yaml", "yml", "toml", "txt", "ini", "cfg", "conf")),
-    "kaggle.json", "adc.json", "application_default_credentials.json", ".netrc", "_netrc", "netrc*",
-    ".git-credentials", ".pypirc", ".npmrc", ".dockercfg", ".htpasswd",
-    ".ssh", ".aws", ".gnupg", ".kube", ".docker", ".gcloud", "secrets",
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.ovpn",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "credentials",
+    "*.credentials",
+    *(
+        f"*{word}*.{suffix}"
+        for word in ("credential", "secret", "service-account", "service_account", "token")
+        for suffix in ("json", "yaml", "yml", "toml", "txt", "ini", "cfg", "conf")
+    ),
+    "kaggle.json",
+    "adc.json",
+    "application_default_credentials.json",
+    ".netrc",
+    "_netrc",
+    "netrc*",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    ".dockercfg",
+    ".htpasswd",
+    ".ssh",
+    ".aws",
+    ".gnupg",
+    ".kube",
+    ".docker",
+    ".gcloud",
+    "secrets",
 )
 # Content that is a secret whatever the file is called: private keys, cloud credentials, tokens in
 # their providers' formats. Case matters, and a token must not be the tail of a longer word
@@ -33,7 +66,9 @@ SECRET_CONTENT = re.compile(
     rb"|(?<![A-Za-z0-9_-])(?:AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}|gh[pousr]_[A-Za-z0-9]{30,}"
     rb"|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}"
     rb"|sk-(?:proj-)?[A-Za-z0-9_-]{20,}|[sr]k_live_[A-Za-z0-9]{16,}|hf_[A-Za-z0-9]{30,})"
-    rb"|hooks\.slack\.com/services/", re.MULTILINE)
+    rb"|hooks\.slack\.com/services/",
+    re.MULTILINE,
+)
 REDACTED = "***"
 
 
@@ -49,8 +84,9 @@ def secret_setting(key: str, value) -> bool:
     """Whether `key=value` (a --set) carries a secret: an environment variable's value, or a
     value that looks like a credential."""
     parts = key.split(".")
-    return (len(parts) >= 4 and parts[0] == "resources" and parts[2] == "env") or \
-        (isinstance(value, str) and secret_content(value.encode()))
+    return (len(parts) >= 4 and parts[0] == "resources" and parts[2] == "env") or (
+        isinstance(value, str) and secret_content(value.encode())
+    )
 
 
 def redact_assignment(text: str) -> str:
@@ -72,6 +108,7 @@ def redact_words(words: list[str]) -> list[str]:
 
 def dockerignore_lines() -> list[str]:
     """SECRET_NAMES as .dockerignore lines, at any depth and in any case (Docker matches case)."""
+
     def any_case(pattern: str) -> str:
         return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
 

@@ -100,8 +100,11 @@ def load_settings(root: Path) -> Settings:
     if not isinstance(raw, dict):
         raise OpsError(f"{path}: expected a mapping of settings")
     settings = check_settings(raw, str(path))
-    environment = {field.name: os.environ[f"OPS_{field.name.upper()}"] for field in fields(Settings)
-                   if f"OPS_{field.name.upper()}" in os.environ}
+    environment = {
+        field.name: os.environ[f"OPS_{field.name.upper()}"]
+        for field in fields(Settings)
+        if f"OPS_{field.name.upper()}" in os.environ
+    }
     return check_settings({**raw, **environment}, f"{path} + OPS_* environment") if environment else settings
 
 

@@ -46,8 +46,9 @@ class SlurmResources(Section):
     tasks_per_node: int = Field(1, ge=1, le=1024)
     gpus_per_node: int = Field(0, ge=0, le=64)
     cpus_per_task: int = Field(2, ge=1, le=1024)
-    mem_gb: float | None = Field(None, ge=0.01, le=100_000, description="Per node; sbatch --mem in MB "
-                                 "(0 would mean all of it).")
+    mem_gb: float | None = Field(
+        None, ge=0.01, le=100_000, description="Per node; sbatch --mem in MB (0 would mean all of it)."
+    )
     constraint: str | None = None
     exclude: str | None = None
     additional_parameters: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options.")
@@ -59,14 +60,31 @@ class SlurmResources(Section):
 # Vertex AI's own rules for a CustomJob, checked at validation rather than after an upload and an
 # image build. GPU machine types and the accelerator counts each offers (Compute Engine's GPU
 # machine types); n1 machines take T4, V100, P100 and P4 GPUs, the other families come with theirs.
-N1_GPUS = {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8), "NVIDIA_TESLA_P100": (1, 2, 4),
-           "NVIDIA_TESLA_P4": (1, 2, 4)}
+N1_GPUS = {
+    "NVIDIA_TESLA_T4": (1, 2, 4),
+    "NVIDIA_TESLA_V100": (1, 2, 4, 8),
+    "NVIDIA_TESLA_P100": (1, 2, 4),
+    "NVIDIA_TESLA_P4": (1, 2, 4),
+}
 GPU_MACHINES = {
-    "NVIDIA_TESLA_A100": {"a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4, "a2-highgpu-8g": 8,
-                          "a2-megagpu-16g": 16},
+    "NVIDIA_TESLA_A100": {
+        "a2-highgpu-1g": 1,
+        "a2-highgpu-2g": 2,
+        "a2-highgpu-4g": 4,
+        "a2-highgpu-8g": 8,
+        "a2-megagpu-16g": 16,
+    },
     "NVIDIA_A100_80GB": {"a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4, "a2-ultragpu-8g": 8},
-    "NVIDIA_L4": {"g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1, "g2-standard-16": 1,
-                  "g2-standard-32": 1, "g2-standard-24": 2, "g2-standard-48": 4, "g2-standard-96": 8},
+    "NVIDIA_L4": {
+        "g2-standard-4": 1,
+        "g2-standard-8": 1,
+        "g2-standard-12": 1,
+        "g2-standard-16": 1,
+        "g2-standard-32": 1,
+        "g2-standard-24": 2,
+        "g2-standard-48": 4,
+        "g2-standard-96": 8,
+    },
     "NVIDIA_H100_80GB": {"a3-highgpu-1g": 1, "a3-highgpu-2g": 2, "a3-highgpu-4g": 4, "a3-highgpu-8g": 8},
     "NVIDIA_H100_MEGA_80GB": {"a3-megagpu-8g": 8},
     "NVIDIA_H200_141GB": {"a3-ultragpu-8g": 8},
@@ -91,8 +109,11 @@ def label_problem(text: str, what: str) -> str | None:
 
 
 class VertexResources(Section):
-    machine_type: str = Field("n1-standard-8", pattern=r"^[a-z][a-z0-9-]*$", description="A Compute Engine machine "
-                              "type, lowercase: n1-standard-8, a2-highgpu-1g, g2-standard-8 ...")
+    machine_type: str = Field(
+        "n1-standard-8",
+        pattern=r"^[a-z][a-z0-9-]*$",
+        description="A Compute Engine machine type, lowercase: n1-standard-8, a2-highgpu-1g, g2-standard-8 ...",
+    )
     accelerator_type: str | None = Field(None, description="e.g. NVIDIA_TESLA_T4, NVIDIA_TESLA_V100")
     accelerator_count: int = Field(0, ge=0, le=16, description="GPUs per replica; > 1 trains data-parallel (torchrun).")
     replica_count: int = Field(1, ge=1, le=1000, description="Machines; > 1 trains data-parallel across them.")
@@ -119,8 +140,14 @@ class VertexResources(Section):
         """`version: 2` and `preemptible: true` are labels too: Vertex's values are text."""
         if not isinstance(labels, dict):
             return labels
-        return {key: str(value).lower() if isinstance(value, bool) else str(value) if isinstance(value, (int, float))
-                else value for key, value in labels.items()}
+        return {
+            key: str(value).lower()
+            if isinstance(value, bool)
+            else str(value)
+            if isinstance(value, (int, float))
+            else value
+            for key, value in labels.items()
+        }
 
     @field_validator("labels")
     @classmethod
@@ -144,8 +171,10 @@ class VertexResources(Section):
             raise ValueError(f"accelerator_count {count} is not allowed without accelerator_type: name the GPU")
         family = next((name for name, machines in GPU_MACHINES.items() if machine in machines), None)
         if family and accelerator != family:
-            raise ValueError(f"machine_type {machine!r} comes with {GPU_MACHINES[family][machine]} x {family}: set "
-                             f"accelerator_type {family} and accelerator_count {GPU_MACHINES[family][machine]}")
+            raise ValueError(
+                f"machine_type {machine!r} comes with {GPU_MACHINES[family][machine]} x {family}: set "
+                f"accelerator_type {family} and accelerator_count {GPU_MACHINES[family][machine]}"
+            )
         if accelerator in GPU_MACHINES:
             machines = GPU_MACHINES[accelerator]
             if machines.get(machine) != count:
@@ -153,11 +182,14 @@ class VertexResources(Section):
                 raise ValueError(f"accelerator_type {accelerator} x {count} needs its machine type, one of {fits}")
         if accelerator in N1_GPUS:
             if not machine.startswith("n1-"):
-                raise ValueError(f"accelerator_type {accelerator} attaches to n1 machine types (n1-standard-8 ...), "
-                                 f"not {machine!r}")
+                raise ValueError(
+                    f"accelerator_type {accelerator} attaches to n1 machine types (n1-standard-8 ...), not {machine!r}"
+                )
             if count not in N1_GPUS[accelerator]:
-                raise ValueError(f"accelerator_count {count} is not offered for {accelerator}: "
-                                 f"{', '.join(map(str, N1_GPUS[accelerator]))}")
+                raise ValueError(
+                    f"accelerator_count {count} is not offered for {accelerator}: "
+                    f"{', '.join(map(str, N1_GPUS[accelerator]))}"
+                )
         return self
 
 
@@ -169,7 +201,9 @@ class Resources(Section):
 
 class JobSpec(Section):
     # At most 50: the ops id (NAME-xxxxxx) is a Vertex label value, which may have 63 characters.
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=50, description="Lowercase letters, digits and dashes.")
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=50, description="Lowercase letters, digits and dashes."
+    )
     description: str = Field("", description="What the job is, in a sentence.")
     hypothesis: str = Field("", description="What the run is meant to show, and why.")
     expected: str = Field("", description="The outcome that would confirm the hypothesis (figures, if any).")
@@ -214,13 +248,17 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], JobSpec)}") from None
     slurm = spec.resources.slurm
     if spec.engine == "slurm" and slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
-        raise ConfigError(f"{source}: resources.slurm.tasks_per_node: {slurm.tasks_per_node} is not allowed with "
-                          f"gpus_per_node {slurm.gpus_per_node}: each task trains on a GPU of its own; set "
-                          "tasks_per_node to at most gpus_per_node")
+        raise ConfigError(
+            f"{source}: resources.slurm.tasks_per_node: {slurm.tasks_per_node} is not allowed with "
+            f"gpus_per_node {slurm.gpus_per_node}: each task trains on a GPU of its own; set "
+            "tasks_per_node to at most gpus_per_node"
+        )
     ranks, how = data_parallel_ranks(spec)
     if spec.run.task == "train" and spec.run.train.batch_size % ranks:
-        raise ConfigError(f"{source}: run.train.batch_size: {spec.run.train.batch_size} is not allowed on "
-                          f"{spec.engine}: must be a multiple of its {ranks} data-parallel ranks ({how})")
+        raise ConfigError(
+            f"{source}: run.train.batch_size: {spec.run.train.batch_size} is not allowed on "
+            f"{spec.engine}: must be a multiple of its {ranks} data-parallel ranks ({how})"
+        )
     return spec
 
 
@@ -229,13 +267,16 @@ def data_parallel_ranks(spec: JobSpec) -> tuple[int, str]:
     batch, and which resources say so."""
     if spec.engine == "slurm":
         slurm = spec.resources.slurm
-        return slurm.nodes * slurm.tasks_per_node, \
-            f"resources.slurm.nodes {slurm.nodes} x tasks_per_node {slurm.tasks_per_node}"
+        return (
+            slurm.nodes * slurm.tasks_per_node,
+            f"resources.slurm.nodes {slurm.nodes} x tasks_per_node {slurm.tasks_per_node}",
+        )
     if spec.engine == "vertex":
         vertex = spec.resources.vertex
         gpus = vertex.accelerator_count if vertex.accelerator_type else 0
-        return vertex.replica_count * max(gpus, 1), \
-            f"resources.vertex.replica_count {vertex.replica_count} x accelerator_count {max(gpus, 1)}"
+        return vertex.replica_count * max(
+            gpus, 1
+        ), f"resources.vertex.replica_count {vertex.replica_count} x accelerator_count {max(gpus, 1)}"
     return 1, "one process"
 
 

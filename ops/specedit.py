@@ -44,7 +44,8 @@ def round_trip_yaml() -> YAML:
     yaml.width = 4096  # never re-wrap long lines the author wrote
     # ruamel writes None as an empty value; specs spell it `null`.
     yaml.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     yaml.representer.add_representer(Typed, lambda representer, data: representer.represent_scalar(data.tag, data))
     return yaml
 
@@ -117,7 +118,9 @@ def set_values(path: Path, assignments: list[str]) -> list[tuple[str, Any, Any]]
                 node[part] = CommentedMap()
             node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"{path}: {'.'.join(parts[: depth + 1])}: is a value, not a section; cannot set {text!r}")
+                raise ConfigError(
+                    f"{path}: {'.'.join(parts[: depth + 1])}: is a value, not a section; cannot set {text!r}"
+                )
         old = node.get(parts[-1])
         node[parts[-1]] = as_typed(text.partition("=")[2], value)
         changes.append((".".join(parts), old, value))

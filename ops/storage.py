@@ -21,8 +21,10 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, path.rstrip("/")
 
 
-NO_CREDENTIALS = ("no Google credentials found; run `gcloud auth application-default login`, "
-                  "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file")
+NO_CREDENTIALS = (
+    "no Google credentials found; run `gcloud auth application-default login`, "
+    "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
+)
 
 
 def client():
@@ -70,8 +72,9 @@ def md5_matches(path: Path, md5_base64: str | None) -> bool:
     return base64.b64encode(digest.digest()).decode() == md5_base64
 
 
-def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
-         keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+def pull(
+    gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None, keep: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
     """Download the run dir's files under `what`, except the local records in `keep` (ops' own, whose
     remote copies are older); returns {"downloaded": [...], "skipped": [...], "kept": [...]}."""
     from google.api_core.exceptions import GoogleAPICallError  # heavy, as in client()
@@ -79,16 +82,21 @@ def pull(gcs_run_dir: str, local_dir: Path, what: str = "all", progress=None,
     try:
         return pull_blobs(gcs_run_dir, local_dir, what, progress, keep)
     except GoogleAPICallError as exc:
-        raise OpsError(f"{gcs_run_dir}: Cloud Storage refused the download ({' '.join(str(exc).split())}); "
-                       "`ops pull` again resumes it") from None
+        raise OpsError(
+            f"{gcs_run_dir}: Cloud Storage refused the download ({' '.join(str(exc).split())}); "
+            "`ops pull` again resumes it"
+        ) from None
 
 
 def pull_blobs(gcs_run_dir: str, local_dir: Path, what: str, progress, keep: frozenset[str]) -> dict[str, list[str]]:
     bucket_name, prefix = split_uri(gcs_run_dir)
     bucket = client().bucket(bucket_name)
     result = {"downloaded": [], "skipped": [], "kept": []}
-    blobs = [blob for blob in bucket.list_blobs(prefix=prefix + "/")
-             if blob.name.removeprefix(prefix + "/").startswith(WHAT[what])]
+    blobs = [
+        blob
+        for blob in bucket.list_blobs(prefix=prefix + "/")
+        if blob.name.removeprefix(prefix + "/").startswith(WHAT[what])
+    ]
     for blob in blobs:
         relative = blob.name.removeprefix(prefix + "/")
         target = local_dir / relative

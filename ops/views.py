@@ -17,8 +17,15 @@ from ops.journal import format_value
 from ops.registry import Registry, Run
 from ops.settings import Project
 
-STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "PREEMPTED": "magenta",
-               "RUNNING": "cyan", "QUEUED": "blue", "UNKNOWN": "dim"}
+STATE_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "CANCELLED": "yellow",
+    "PREEMPTED": "magenta",
+    "RUNNING": "cyan",
+    "QUEUED": "blue",
+    "UNKNOWN": "dim",
+}
 
 
 def echo_json(data) -> None:
@@ -91,8 +98,13 @@ def print_submitted(registry: Registry, started: list[Run], left_out: list[dict]
     for item in left_out:
         typer.echo(f"note: left out of the run's code snapshot: {item['path']} ({item['reason']})", err=True)
     if as_json:
-        return echo_json({"runs": [run.to_json() | {"outbox": registry.failures(run.ops_id), "left_out": left_out}
-                                   for run in started]})
+        return echo_json(
+            {
+                "runs": [
+                    run.to_json() | {"outbox": registry.failures(run.ops_id), "left_out": left_out} for run in started
+                ]
+            }
+        )
     out = console()
     for run in started:
         values = "  " + " ".join(f"{key}={value}" for key, value in run.sweep.items()) if run.sweep else ""
@@ -106,16 +118,20 @@ def print_resumed(registry: Registry, run: Run, as_json: bool) -> None:
     warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
-    console().print(f"[bold]{run.ops_id}[/] resumed: {run.engine} job {run.engine_job_id}  {styled(run.state)}"
-                    f"  (restart {run.requeues})")
+    console().print(
+        f"[bold]{run.ops_id}[/] resumed: {run.engine} job {run.engine_job_id}  {styled(run.state)}"
+        f"  (restart {run.requeues})"
+    )
 
 
 def print_rerun(registry: Registry, run: Run, job_id: str, as_json: bool) -> None:
     warn_outbox(registry, [run])
     if as_json:
         return echo_json(run.to_json())
-    console().print(f"[bold]{run.ops_id}[/] (rerun of {job_id} at {(run.git_commit or '')[:8]}): "
-                    f"{run.engine} job {run.engine_job_id}  {styled(run.state)}")
+    console().print(
+        f"[bold]{run.ops_id}[/] (rerun of {job_id} at {(run.git_commit or '')[:8]}): "
+        f"{run.engine} job {run.engine_job_id}  {styled(run.state)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,26 +152,41 @@ def run_view(project: Project, run: Run, engine_logs: bool, lines: int, full: bo
         view["job"] = job
         view["config"] = spec.get("run")
         view["provenance"] = rundir.read_json(run_dir / rundir.PROVENANCE)
-        view["paths"] = {name: str(run_dir / name) for name in
-                         (rundir.CONFIG, rundir.PROVENANCE, rundir.DIFF, rundir.METRICS, rundir.LOG,
-                          rundir.CHECKPOINTS, rundir.SAMPLES, rundir.SUMMARY)}
+        view["paths"] = {
+            name: str(run_dir / name)
+            for name in (
+                rundir.CONFIG,
+                rundir.PROVENANCE,
+                rundir.DIFF,
+                rundir.METRICS,
+                rundir.LOG,
+                rundir.CHECKPOINTS,
+                rundir.SAMPLES,
+                rundir.SUMMARY,
+            )
+        }
     return view
 
 
 def print_view(project: Project, view: dict) -> None:
     out = console()
     p = view["progress"]
-    out.print(f"[bold]{view['ops_id']}[/]  {styled(view['state'])}  {view['engine']} job {view['engine_job_id']}"
-              f"  elapsed {monitor.format_seconds(view['elapsed_seconds'])}"
-              + (f"  exit code {view['exit_code']}" if view["exit_code"] is not None else "")
-              + (f"  restarts {view['requeues']}" if view["requeues"] else ""))
+    out.print(
+        f"[bold]{view['ops_id']}[/]  {styled(view['state'])}  {view['engine']} job {view['engine_job_id']}"
+        f"  elapsed {monitor.format_seconds(view['elapsed_seconds'])}"
+        + (f"  exit code {view['exit_code']}" if view["exit_code"] is not None else "")
+        + (f"  restarts {view['requeues']}" if view["requeues"] else "")
+    )
     if p["step"] is not None:
+
         def shown(value, form: str) -> str:  # a field an old or damaged metrics line lacks
             return "-" if value is None else format(value, form)
 
-        out.print(f"  step {p['step']}/{shown(p['total_steps'], '')} ({shown(p['percent'], '')}%)  "
-                  f"epoch {shown(p['epoch'], '.2f')}/{shown(p['total_epochs'], '')}  loss {shown(p['loss'], '.4f')}  "
-                  f"{shown(p['it_per_s'], '.1f')} it/s  eta {monitor.format_seconds(p['eta_seconds'])}")
+        out.print(
+            f"  step {p['step']}/{shown(p['total_steps'], '')} ({shown(p['percent'], '')}%)  "
+            f"epoch {shown(p['epoch'], '.2f')}/{shown(p['total_epochs'], '')}  loss {shown(p['loss'], '.4f')}  "
+            f"{shown(p['it_per_s'], '.1f')} it/s  eta {monitor.format_seconds(p['eta_seconds'])}"
+        )
     else:
         out.print("  no metrics yet")
     out.print(f"  run dir {view['run_dir']}")
@@ -172,8 +203,9 @@ def print_view(project: Project, view: dict) -> None:
         out.print(f"  journal post {view['journal_post']}", markup=False)
     for item in view.get("outbox", []):
         if item["permanent"]:
-            out.print(f"  [red]stopped[/] {item['kind']} until fixed, then `ops sync --retry`: {item['error']}",
-                      markup=True)
+            out.print(
+                f"  [red]stopped[/] {item['kind']} until fixed, then `ops sync --retry`: {item['error']}", markup=True
+            )
         else:
             out.print(f"  [yellow]waiting[/] {item['kind']} ({item['attempts']} tries): {item['error']}")
     if "log_tail" in view:
@@ -203,8 +235,10 @@ def print_event(event: str, value, as_json: bool) -> None:
     elif as_json:
         typer.echo(json.dumps({"event": "end", "run": value.to_json()}, default=str))
     else:
-        console().print(f"[bold]{value.ops_id}[/] ended {styled(value.state)}"
-                        + (f" (exit code {value.exit_code})" if value.exit_code is not None else ""))
+        console().print(
+            f"[bold]{value.ops_id}[/] ended {styled(value.state)}"
+            + (f" (exit code {value.exit_code})" if value.exit_code is not None else "")
+        )
 
 
 def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
@@ -214,9 +248,19 @@ def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
         return typer.echo("no runs" + (" match" if filtered else " yet; `ops submit NAME` starts one"))
     # Plain aligned columns: a rich table costs a fifth of a second for 50 rows.
     header = ("ops id", "state", "engine", "job", "created", "elapsed", "commit", "sweep")
-    rows = [(run.ops_id, run.state, run.engine, run.engine_job_id or "-", when(run.created_at),
-             monitor.format_seconds(monitor.elapsed_seconds(run)), (run.git_commit or "no git")[:8],
-             " ".join(f"{k}={v}" for k, v in run.sweep.items())) for run in shown]
+    rows = [
+        (
+            run.ops_id,
+            run.state,
+            run.engine,
+            run.engine_job_id or "-",
+            when(run.created_at),
+            monitor.format_seconds(monitor.elapsed_seconds(run)),
+            (run.git_commit or "no git")[:8],
+            " ".join(f"{k}={v}" for k, v in run.sweep.items()),
+        )
+        for run in shown
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     color = sys.stdout.isatty()
     typer.echo("  ".join(name.ljust(width) for name, width in zip(header, widths)).rstrip())
@@ -261,8 +305,15 @@ def print_synced(added: list[str], reconciled: list[Run], problems: list[str], a
 def print_post(run: Run, path: Path, as_json: bool) -> None:
     images = sorted(str(image) for image in (path.parent / run.ops_id).glob("*.png"))
     if as_json:
-        return echo_json({"ops_id": run.ops_id, "state": run.state, "post": str(path), "url": f"blog/{run.ops_id}/",
-                          "images": images})
+        return echo_json(
+            {
+                "ops_id": run.ops_id,
+                "state": run.state,
+                "post": str(path),
+                "url": f"blog/{run.ops_id}/",
+                "images": images,
+            }
+        )
     typer.echo(f"{run.ops_id}: {path}")
 
 

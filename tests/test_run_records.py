@@ -158,3 +158,12 @@ def test_ops_monitor_reads_progress_past_a_torn_line(probe):
     run = Run(ops_id="probe-1", name="probe", engine="local", run_dir=str(probe), state="RUNNING", started_at=1.0)
     shown = progress(run, {"run": {"train": {"epochs": 1}}})
     assert shown["step"] == 2 and shown["total_steps"] == 2 and shown["percent"] == 100.0
+
+
+def test_a_log_tail_that_ends_in_a_traceback_shows_all_of_it():
+    from ops.monitor import tail
+
+    log = "\n".join(["step 1", "Traceback (most recent call last):", *[f'  File "f{i}.py"' for i in range(40)], "E: x"])
+    shown = tail(log, 30).splitlines()
+    assert shown[0] == "Traceback (most recent call last):" and shown[-1] == "E: x" and len(shown) == 42
+    assert tail("a\nb\nc\n", 2) == "b\nc"  # no traceback: the last lines only

@@ -78,8 +78,9 @@ class LocalEngine:
         extra = {key: env[key] for key in ("PYTHONPATH", "OMP_NUM_THREADS") if key in env}
         extra |= (launch.resources or {}).get("env", {})
         prefix = " ".join(f"{key}={value}" for key, value in extra.items())
-        return (f"in {launch.project_root}, detached (new session), log {launch.run_dir / LOG_FILE}:\n  "
-                + " ".join(filter(None, [prefix, *command(launch)])))
+        return f"in {launch.project_root}, detached (new session), log {launch.run_dir / LOG_FILE}:\n  " + " ".join(
+            filter(None, [prefix, *command(launch)])
+        )
 
     def submit(self, launch: Launch) -> str:
         import psutil  # as in _process
@@ -89,11 +90,19 @@ class LocalEngine:
             (run_dir / stale).unlink(missing_ok=True)
         with (run_dir / LOG_FILE).open("ab") as log:
             process = subprocess.Popen(
-                command(launch), cwd=launch.project_root, env=environment(launch), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                command(launch),
+                cwd=launch.project_root,
+                env=environment(launch),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        record = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time(),
-                  "started_at": time.time()}
+        record = {
+            "pid": process.pid,
+            "create_time": psutil.Process(process.pid).create_time(),
+            "started_at": time.time(),
+        }
         write_json(run_dir / PROCESS_FILE, record)
         return str(process.pid)
 

@@ -22,12 +22,29 @@ from ops.rundir import read_json, read_required, write_json
 SLURM_FILE = "slurm_job.json"  # the job id and submitit's folder, for logs
 
 SLURM_STATES = {
-    "PENDING": "QUEUED", "CONFIGURING": "QUEUED", "REQUEUED": "PREEMPTED", "REQUEUE_HOLD": "PREEMPTED",
-    "REQUEUE_FED": "PREEMPTED", "RESV_DEL_HOLD": "QUEUED", "SUSPENDED": "PREEMPTED", "PREEMPTED": "PREEMPTED",
-    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
-    "RESIZING": "RUNNING", "COMPLETED": "SUCCEEDED", "CANCELLED": "CANCELLED", "FAILED": "FAILED",
-    "TIMEOUT": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
-    "DEADLINE": "FAILED", "REVOKED": "CANCELLED", "SPECIAL_EXIT": "FAILED",
+    "PENDING": "QUEUED",
+    "CONFIGURING": "QUEUED",
+    "REQUEUED": "PREEMPTED",
+    "REQUEUE_HOLD": "PREEMPTED",
+    "REQUEUE_FED": "PREEMPTED",
+    "RESV_DEL_HOLD": "QUEUED",
+    "SUSPENDED": "PREEMPTED",
+    "PREEMPTED": "PREEMPTED",
+    "RUNNING": "RUNNING",
+    "COMPLETING": "RUNNING",
+    "STAGE_OUT": "RUNNING",
+    "SIGNALING": "RUNNING",
+    "RESIZING": "RUNNING",
+    "COMPLETED": "SUCCEEDED",
+    "CANCELLED": "CANCELLED",
+    "FAILED": "FAILED",
+    "TIMEOUT": "FAILED",
+    "NODE_FAIL": "FAILED",
+    "OUT_OF_MEMORY": "FAILED",
+    "BOOT_FAIL": "FAILED",
+    "DEADLINE": "FAILED",
+    "REVOKED": "CANCELLED",
+    "SPECIAL_EXIT": "FAILED",
 }
 SUBMITIT_FOLDER = "slurm"
 
@@ -78,7 +95,9 @@ def sacct(job_id: str) -> list[dict]:
     """Every attempt of the job (requeues are duplicates), oldest first."""
     result = subprocess.run(
         ["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,ExitCode"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if result.returncode != 0:
         raise OpsError(f"sacct -j {job_id} failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -117,13 +136,16 @@ class SlurmEngine:
         first = launches[0]
         # An array's files live with its first run; each run dir gets a pointer to them.
         folder = first.run_dir / SUBMITIT_FOLDER
-        slurm = executor(folder, first.resources, first.run_dir.name if len(launches) == 1 else first.run_dir.name + "-sweep")
+        slurm = executor(
+            folder, first.resources, first.run_dir.name if len(launches) == 1 else first.run_dir.name + "-sweep"
+        )
         runs = [SlurmRun(str(launch.run_dir), str(launch.code_dir) if launch.code_dir else None) for launch in launches]
         with slurm.batch():
             jobs = [slurm.submit(run) for run in runs]
         for launch, job in zip(launches, jobs):
-            write_json(launch.run_dir / SLURM_FILE, {"job_id": job.job_id, "folder": str(folder),
-                                                     "submitted_at": time.time()})
+            write_json(
+                launch.run_dir / SLURM_FILE, {"job_id": job.job_id, "folder": str(folder), "submitted_at": time.time()}
+            )
         return [job.job_id for job in jobs]
 
     def recorded_job(self, run_dir: Path) -> str | None:

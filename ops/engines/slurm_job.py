@@ -45,13 +45,19 @@ class SlurmRun:
         if code == EXIT_PREEMPTED and environment.global_rank == 0 and stopped_by(self.run_dir) == "SIGTERM":
             # scancel, `scontrol requeue`, or a preemption with the default signal: SLURM decides what
             # comes next, not a requeue by us. Either way nothing is lost; no traceback for it.
-            print(f"[ops] checkpointed on SIGTERM: SLURM is cancelling or requeueing job "
-                  f"{os.environ.get('SLURM_JOB_ID', '?')}; a requeued job resumes from this checkpoint, a cancelled "
-                  "one with `ops resume`", flush=True)
+            print(
+                f"[ops] checkpointed on SIGTERM: SLURM is cancelling or requeueing job "
+                f"{os.environ.get('SLURM_JOB_ID', '?')}; a requeued job resumes from this checkpoint, a cancelled "
+                "one with `ops resume`",
+                flush=True,
+            )
             return code
         if code == EXIT_PREEMPTED:
-            print(f"[ops] checkpointed at a preemption signal; requeueing (restart "
-                  f"{os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
+            print(
+                f"[ops] checkpointed at a preemption signal; requeueing (restart "
+                f"{os.environ.get('SLURM_RESTART_COUNT', '0')})",
+                flush=True,
+            )
             os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler requeues (rank 0) and exits
             return code
         if code != 0:

@@ -18,10 +18,17 @@ from ops.rundir import CONFIG, DIFF, IMAGE, JOB, LOG, PROVENANCE, git_of, read_j
 from ops.storage import NO_CREDENTIALS, read_remote_from, upload_run_dir
 
 JOB_STATES = {
-    "JOB_STATE_QUEUED": "QUEUED", "JOB_STATE_PENDING": "QUEUED", "JOB_STATE_RUNNING": "RUNNING",
-    "JOB_STATE_SUCCEEDED": "SUCCEEDED", "JOB_STATE_FAILED": "FAILED", "JOB_STATE_CANCELLING": "RUNNING",
-    "JOB_STATE_CANCELLED": "CANCELLED", "JOB_STATE_PAUSED": "PREEMPTED", "JOB_STATE_EXPIRED": "FAILED",
-    "JOB_STATE_UPDATING": "RUNNING", "JOB_STATE_PARTIALLY_SUCCEEDED": "FAILED",
+    "JOB_STATE_QUEUED": "QUEUED",
+    "JOB_STATE_PENDING": "QUEUED",
+    "JOB_STATE_RUNNING": "RUNNING",
+    "JOB_STATE_SUCCEEDED": "SUCCEEDED",
+    "JOB_STATE_FAILED": "FAILED",
+    "JOB_STATE_CANCELLING": "RUNNING",
+    "JOB_STATE_CANCELLED": "CANCELLED",
+    "JOB_STATE_PAUSED": "PREEMPTED",
+    "JOB_STATE_EXPIRED": "FAILED",
+    "JOB_STATE_UPDATING": "RUNNING",
+    "JOB_STATE_PARTIALLY_SUCCEEDED": "FAILED",
 }
 VERTEX_FILE = "vertex_job.json"  # in the local run dir: the job's resource name and its gs:// run dir
 
@@ -49,7 +56,10 @@ def custom_job(launch: Launch, ops_id: str, image: str, gcs_run_dir: str, labels
     resources = launch.resources
     machine = {"machine_type": resources["machine_type"]}
     if resources["accelerator_type"]:
-        machine |= {"accelerator_type": resources["accelerator_type"], "accelerator_count": resources["accelerator_count"]}
+        machine |= {
+            "accelerator_type": resources["accelerator_type"],
+            "accelerator_count": resources["accelerator_count"],
+        }
     pool = {
         "machine_spec": machine,
         "replica_count": 1,
@@ -57,13 +67,20 @@ def custom_job(launch: Launch, ops_id: str, image: str, gcs_run_dir: str, labels
         "container_spec": {"image_uri": image, "command": container_command(gcs_fuse_path(gcs_run_dir), resources)},
     }
     # Worker pool 0 is the chief; further replicas go in pool 1 with the same spec.
-    pools = [pool] + ([{**pool, "replica_count": resources["replica_count"] - 1}] if resources["replica_count"] > 1 else [])
-    scheduling = {"timeout": f"{int(resources['timeout_hours'] * 3600)}s",
-                  "restart_job_on_worker_restart": resources["restart_job_on_worker_restart"]}
+    pools = [pool] + (
+        [{**pool, "replica_count": resources["replica_count"] - 1}] if resources["replica_count"] > 1 else []
+    )
+    scheduling = {
+        "timeout": f"{int(resources['timeout_hours'] * 3600)}s",
+        "restart_job_on_worker_restart": resources["restart_job_on_worker_restart"],
+    }
     if resources["spot"]:
         scheduling["strategy"] = "SPOT"
-    spec = {"worker_pool_specs": pools, "scheduling": scheduling,
-            "base_output_directory": {"output_uri_prefix": gcs_run_dir}}
+    spec = {
+        "worker_pool_specs": pools,
+        "scheduling": scheduling,
+        "base_output_directory": {"output_uri_prefix": gcs_run_dir},
+    }
     if resources["service_account"]:
         spec["service_account"] = resources["service_account"]
     return {"display_name": ops_id, "job_spec": spec, "labels": {**labels, **resources["labels"]}}
@@ -78,16 +95,22 @@ def explain(exc: Exception, context: str) -> OpsError:
         message = message.split(": ", 1)[-1]
     # The REST transport raises the HTTP classes (Forbidden), gRPC the status ones (PermissionDenied).
     if isinstance(exc, (exceptions.PermissionDenied, exceptions.Forbidden)):
-        return OpsError(f"{context}: permission denied ({message}); grant the account roles/aiplatform.user "
-                        "(and storage access to the bucket), or check gcp_project in ops.yaml")
+        return OpsError(
+            f"{context}: permission denied ({message}); grant the account roles/aiplatform.user "
+            "(and storage access to the bucket), or check gcp_project in ops.yaml"
+        )
     if isinstance(exc, (exceptions.Unauthenticated, exceptions.Unauthorized)):
         return OpsError(f"{context}: not authenticated ({message}); run `gcloud auth application-default login`")
     if isinstance(exc, (exceptions.ResourceExhausted, exceptions.TooManyRequests)):
-        return OpsError(f"{context}: quota exceeded ({message}); request more quota for this accelerator in "
-                        "the region, pick another region (gcp_region) or a smaller resources.vertex")
+        return OpsError(
+            f"{context}: quota exceeded ({message}); request more quota for this accelerator in "
+            "the region, pick another region (gcp_region) or a smaller resources.vertex"
+        )
     if isinstance(exc, exceptions.NotFound):
-        return OpsError(f"{context}: not found ({message}); check gcp_project / gcp_region in ops.yaml, or that "
-                        "the image was pushed (`ops build --push`)")
+        return OpsError(
+            f"{context}: not found ({message}); check gcp_project / gcp_region in ops.yaml, or that "
+            "the image was pushed (`ops build --push`)"
+        )
     if isinstance(exc, (exceptions.InvalidArgument, exceptions.BadRequest)):
         lowered = message.lower()
         if "label" in lowered:
@@ -95,8 +118,10 @@ def explain(exc: Exception, context: str) -> OpsError:
         elif "display name" in lowered:
             cause = "the job's display name (the ops id, at most 128 characters)"
         elif any(word in lowered for word in ("accelerator", "machine", "gpu")):
-            cause = "resources.vertex: machine_type, accelerator_type and accelerator_count must be a combination " \
-                    "the region offers"
+            cause = (
+                "resources.vertex: machine_type, accelerator_type and accelerator_count must be a combination "
+                "the region offers"
+            )
         else:
             cause = "resources.vertex and the rest of the CustomJob (`ops submit --dry-run` shows it)"
         return OpsError(f"{context}: rejected ({message}); check {cause}")
@@ -113,14 +138,17 @@ def job_client(settings):
         from google.auth.credentials import AnonymousCredentials
 
         return aiplatform_v1.JobServiceClient(
-            transport="rest", credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": settings.vertex_api_endpoint})
+            transport="rest",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": settings.vertex_api_endpoint},
+        )
     try:
         credentials, _ = google.auth.default()
     except DefaultCredentialsError:
         raise OpsError(f"Vertex AI: {NO_CREDENTIALS}") from None
     return aiplatform_v1.JobServiceClient(
-        credentials=credentials, client_options={"api_endpoint": f"{settings.gcp_region}-aiplatform.googleapis.com"})
+        credentials=credentials, client_options={"api_endpoint": f"{settings.gcp_region}-aiplatform.googleapis.com"}
+    )
 
 
 class VertexEngine:
@@ -145,7 +173,9 @@ class VertexEngine:
 
         self.require("gcp_project", "gcs_bucket", "image_repository")
         if not self.settings.gcs_bucket.startswith("gs://"):
-            raise OpsError(f"ops.yaml: gcs_bucket: {self.settings.gcs_bucket!r} is not allowed: must be gs://BUCKET/PREFIX")
+            raise OpsError(
+                f"ops.yaml: gcs_bucket: {self.settings.gcs_bucket!r} is not allowed: must be gs://BUCKET/PREFIX"
+            )
         accelerator = resources["accelerator_type"]
         known = [name for name in aiplatform_v1.AcceleratorType.__members__ if name != "ACCELERATOR_TYPE_UNSPECIFIED"]
         if accelerator and accelerator not in known:
@@ -155,8 +185,13 @@ class VertexEngine:
 
     def describe(self, launch: Launch) -> str:
         self.preflight(launch.resources)
-        job = custom_job(launch, launch.run_dir.name, f"{self.settings.image_repository}@sha256:<built at submit>",
-                         remote_run_dir(self.settings.gcs_bucket, launch.run_dir.name), {"ops-id": launch.run_dir.name})
+        job = custom_job(
+            launch,
+            launch.run_dir.name,
+            f"{self.settings.image_repository}@sha256:<built at submit>",
+            remote_run_dir(self.settings.gcs_bucket, launch.run_dir.name),
+            {"ops-id": launch.run_dir.name},
+        )
         return f"as a Vertex AI CustomJob in {self.parent()}:\n" + json.dumps(job, indent=2)
 
     def submit(self, launch: Launch) -> str:
@@ -174,8 +209,10 @@ class VertexEngine:
             created = client.create_custom_job(parent=self.parent(), custom_job=body)
         except GoogleAPICallError as exc:
             raise explain(exc, f"Vertex AI create_custom_job in {self.parent()}") from None
-        write_json(launch.run_dir / VERTEX_FILE,
-                   {"name": created.name, "gcs_run_dir": gcs_run_dir, "image": image, "submitted_at": time.time()})
+        write_json(
+            launch.run_dir / VERTEX_FILE,
+            {"name": created.name, "gcs_run_dir": gcs_run_dir, "image": image, "submitted_at": time.time()},
+        )
         return created.name.rsplit("/", 1)[1]
 
     def submit_many(self, launches: list[Launch]) -> list[str]:
@@ -225,13 +262,19 @@ class VertexEngine:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.created_at))
         query = f'resource.type="ml_job" AND resource.labels.job_id="{run.engine_job_id}" AND timestamp>="{since}"'
         try:
-            entries = list(client.list_entries(resource_names=[f"projects/{self.settings.gcp_project}"],
-                                               filter_=query, order_by=cloud_logging.ASCENDING))
+            entries = list(
+                client.list_entries(
+                    resource_names=[f"projects/{self.settings.gcp_project}"],
+                    filter_=query,
+                    order_by=cloud_logging.ASCENDING,
+                )
+            )
         except GoogleAPICallError as exc:
             raise explain(exc, f"Cloud Logging for job {run.engine_job_id}") from None
         new = entries[offset:]
-        text = "".join(f"{entry.payload if isinstance(entry.payload, str) else json.dumps(entry.payload)}\n"
-                       for entry in new)
+        text = "".join(
+            f"{entry.payload if isinstance(entry.payload, str) else json.dumps(entry.payload)}\n" for entry in new
+        )
         return text, offset + len(new)
 
     def cancel(self, run: Run, grace_seconds: float) -> None:

@@ -18,8 +18,13 @@ def torchrun_args(cluster_spec: dict, gpus_per_replica: int) -> list[str]:
     chief = cluster.get("workerpool0", ["localhost:2222"])[0].split(":")[0]
     workers = cluster.get("workerpool1", [])
     node_rank = 0 if task["type"] == "workerpool0" else 1 + int(task["index"])
-    return [f"--nnodes={1 + len(workers)}", f"--node_rank={node_rank}", f"--nproc_per_node={gpus_per_replica}",
-            f"--master_addr={chief}", f"--master_port={RENDEZVOUS_PORT}"]
+    return [
+        f"--nnodes={1 + len(workers)}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={gpus_per_replica}",
+        f"--master_addr={chief}",
+        f"--master_port={RENDEZVOUS_PORT}",
+    ]
 
 
 def main(argv: list[str]) -> None:
