@@ -1,5 +1,6 @@
 """python -m diffusion train|sample|eval CONFIG_OR_RUN_DIR [--set KEY=VALUE ...] [--out RUN_DIR] [--device D]
 python -m diffusion RUN_DIR          run the task in RUN_DIR/config.yaml, in place (what every engine calls)
+python -m diffusion inspect CHECKPOINT_OR_RUN_DIR   what a checkpoint holds, as JSON (`ops ckpt inspect`)
 
 A CONFIG is a run config or a job spec (configs/jobs/NAME.yaml, whose `run:` section is used).
 A RUN_DIR given to `train` resumes it; given to `sample` or `eval`, samples from its checkpoint and
@@ -7,6 +8,7 @@ writes into it. Exit codes: 0 done, 2 bad input (nothing written), 75 preempted 
 """
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -85,8 +87,26 @@ def run_task(config: RunConfig, run: RunDir) -> int:
     return eval_task(config, run)
 
 
+def inspect(target: str) -> int:
+    # torch loads only here, as for the tasks.
+    from diffusion.trained import inspect_checkpoint
+
+    try:
+        print(json.dumps(inspect_checkpoint(target), default=str))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        if len(argv) != 2:
+            print("usage: python -m diffusion inspect CHECKPOINT_OR_RUN_DIR", file=sys.stderr)
+            return 2
+        return inspect(argv[1])
+    args = parse_args(argv)
     run = None
     try:
         config, run_dir, in_place = resolve(args)

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 from diffusion.config import ConfigError
-from diffusion.records import LATEST, atomic_write
+from diffusion.records import LATEST, STEP_FILES, atomic_write, step_file, step_of
 
 
 def step_files(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every step checkpoint in the folder, oldest first."""
-    return [(int(path.stem.removeprefix("step_")), path) for path in sorted(checkpoint_dir.glob("step_*.pt"))]
+    return [(step_of(path), path) for path in sorted(checkpoint_dir.glob(STEP_FILES))]
 
 
 def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> Path:
@@ -27,7 +27,7 @@ def save_checkpoint(state: dict, checkpoint_dir: Path, step: int, keep: int) -> 
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    step_path = checkpoint_dir / f"step_{step:08d}.pt"
+    step_path = checkpoint_dir / step_file(step)
     atomic_write(step_path, data)
     atomic_write(checkpoint_dir / LATEST, data)
     for _, old in step_files(checkpoint_dir)[:-keep]:

@@ -19,6 +19,18 @@ SUMMARY = "summary.json"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"  # in CHECKPOINTS: the newest checkpoint
+STEP_FILES = "step_*.pt"  # in CHECKPOINTS: one per saved step, step_00001234.pt
+
+
+def step_file(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def step_of(path: Path) -> int:
+    """The step of a step checkpoint's file name."""
+    return int(Path(path).stem.removeprefix("step_"))
+
+
 SAMPLES = "samples"
 EVAL = "eval"
 TASKS = "tasks"  # records of sample and eval tasks run inside another task's run dir

@@ -1,16 +1,17 @@
 """A trained run as the tasks use it: a checkpoint's config, method, data spec and (EMA) network.
 The one place that turns checkpoints into networks: methods never load one."""
 
+import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, validate_stored_run
+from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, to_dict, validate_stored_run
 from diffusion.data import DataSpec
 from diffusion.methods import Method, build_method
-from diffusion.records import CHECKPOINTS, LATEST, checkpoint_file
+from diffusion.records import CHECKPOINTS, LATEST, METRICS, checkpoint_file, last_jsonl
 
 
 def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") -> Path:
@@ -75,6 +76,48 @@ class TrainedModel:
         problem = sampling_conflict(self.config, sample)
         if problem:
             raise ConfigError(f"{self.path}: {problem}")
+
+
+def inspect_checkpoint(reference: str | Path) -> dict:
+    """What a checkpoint holds, without building its network: file, size, step, method, net, data,
+    parameter count, the run it started from, and its run's last metrics line. ConfigError (one
+    line) when there is no checkpoint there or the file is not one."""
+    path = resolve_checkpoint(reference, "checkpoint")
+    try:
+        checkpoint = load_checkpoint(path)
+        stored = checkpoint["config"]
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise ConfigError(
+            f"checkpoint: {str(path)!r} is not allowed: not a checkpoint of a run "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+        ) from None
+    config = validate_stored_run(stored, f"{path} (config)")
+    data = DataSpec.from_json(
+        checkpoint.get("data")
+        or {"kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]}
+    )
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
+    return {
+        "checkpoint": str(path),
+        "bytes": path.stat().st_size,
+        "step": checkpoint["step"],
+        "epoch": checkpoint.get("epoch"),
+        "train_seconds": checkpoint.get("train_seconds"),
+        "method": config.method.name,
+        "net": config.model.name,
+        "num_parameters": sum(tensor.numel() for tensor in checkpoint["model"].values() if tensor.is_floating_point()),
+        "data": {
+            "dataset": config.data.dataset,
+            "kind": data.kind,
+            "shape": list(data.shape),
+            "num_classes": data.num_classes,
+            "vocab_size": data.vocab_size,
+        },
+        "parent": build_method(config).pretrained_reference,  # the run whose weights it started from
+        "run_dir": str(run_dir) if run_dir else None,
+        "metrics": last_jsonl(run_dir / METRICS) if run_dir else None,
+        "config": to_dict(config),
+    }
 
 
 def load_scorer(

@@ -50,6 +50,10 @@ config_app = typer.Typer(
     help="Job specs in configs/jobs/: list, show, validate, set.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(config_app, name="config")
+ckpt_app = typer.Typer(
+    help="Checkpoints: what one holds, and the best of a run or a spec.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(ckpt_app, name="ckpt")
 
 WAIT_EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3, "PREEMPTED": 75, "UNKNOWN": 4}
 JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output (fields in `ops --help` docs).")
@@ -440,3 +444,36 @@ def config_set(
 
     path = spec_path(jobs_dir(), name)
     views.print_changes(path, set_values(path, assignments), as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# ckpt inspect, ckpt best
+
+
+@ckpt_app.command("inspect")
+@one_line_errors
+def ckpt_inspect(
+    reference: str = typer.Argument(..., help="A run (ops id, engine job id, latest), a run dir or a .pt file."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Config, step, metrics, size, method, net and parent run of a checkpoint."""
+    project, registry = runs.open_project()
+    record = runs.inspect_checkpoint(project, runs.checkpoint_reference(project, registry, reference))
+    views.echo_json(record) if as_json else views.print_checkpoint(record)
+
+
+@ckpt_app.command("best")
+@one_line_errors
+def ckpt_best(
+    reference: str = typer.Argument(
+        ..., help="A run (ops id, engine job id, latest), a run dir, or a spec name (all its runs)."
+    ),
+    metric: str = typer.Option("loss", "--metric", help="A field of metrics.jsonl, e.g. loss or val_bits_per_char."),
+    mode: str = typer.Option("min", "--mode", help="min or max."),
+    copy_to: Path = typer.Option(None, "--copy-to", help="Copy the best checkpoint to this path."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The step checkpoint with the best logged metric, among a run's or a spec's."""
+    project, registry = runs.open_project()
+    result = runs.best_checkpoint(project, registry, reference, metric, mode, copy_to)
+    views.echo_json(result) if as_json else views.print_best(result)

@@ -16,6 +16,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     LOG,
     METRICS,
     SAMPLES,
+    STEP_FILES,
     SUMMARY,
     MetricsRecord,
     Summary,
@@ -24,6 +25,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     last_jsonl,
     read_json,
     read_jsonl,
+    step_of,
     write_json,
 )
 from ops.errors import OpsError

@@ -5,12 +5,14 @@ Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine,
 overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
 """
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,16 +36,21 @@ from ops.rundir import (
     IMAGE,
     JOB,
     LATEST,
+    METRICS,
     OPS_RECORDS,
     PROVENANCE,
+    STEP_FILES,
+    atomic_write,
     checkpoint_file,
     complete_job,
     flatten,
     git_of,
     read_job,
     read_json,
+    read_jsonl,
     read_required,
     read_summary,
+    step_of,
     write_json,
 )
 from ops.secrets import redact_value, redact_words
@@ -751,3 +758,87 @@ def pull(project: Project, run: Run, what: str, progress: Callable[[str], None] 
     if run.finished and result["downloaded"]:
         refresh_records(project, run)  # the log's results and the post, now with the run's figures
     return {"ops_id": run.ops_id, "from": gcs_run_dir, "to": run.run_dir, **result}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what one holds, and the best of a run's or a spec's
+
+
+def checkpoint_reference(project: Project, registry: Registry, reference: str) -> Path:
+    """A run (ops id, engine job id, `latest`) as its run dir, else a path (a run dir or .pt file,
+    relative to the project)."""
+    path = project.root / Path(reference).expanduser()
+    if path.exists():
+        return path
+    return Path(find(registry, reference).run_dir)
+
+
+def inspect_checkpoint(project: Project, reference: Path) -> dict:
+    """`python -m diffusion inspect`'s record of a checkpoint: ops reads no checkpoint itself (that
+    would import torch); the run's own entry point does."""
+    import subprocess  # only this command starts one
+
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion", "inspect", str(reference)], cwd=project.root, capture_output=True, text=True
+    )
+    if result.returncode == 2:
+        raise OpsError(result.stderr.strip().removeprefix("error: "))
+    if result.returncode != 0:
+        raise OpsError(
+            f"python -m diffusion inspect {reference} failed (exit {result.returncode}): "
+            f"{' '.join(result.stderr.strip().splitlines()[-1:])}"
+        )
+    return json.loads(result.stdout)
+
+
+def checkpoint_candidates(run_dir: Path, metric: str) -> list[dict]:
+    """Each step checkpoint of a run dir with its metric: the value logged at its step, or the last
+    one logged before it (None when the run never logged the metric by then)."""
+    logged = [line for line in read_jsonl(run_dir / METRICS) if isinstance(line.get(metric), (int, float))]
+    candidates = []
+    for path in sorted((run_dir / CHECKPOINTS).glob(STEP_FILES)):
+        step = step_of(path)
+        before = [line for line in logged if isinstance(line.get("step"), int) and line["step"] <= step]
+        value = before[-1][metric] if before else None
+        candidates.append({"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "value": value})
+    return candidates
+
+
+def best_checkpoint(
+    project: Project, registry: Registry, reference: str, metric: str, mode: str, copy_to: Path | None = None
+) -> dict:
+    """The step checkpoint with the lowest (`min`) or highest (`max`) logged `metric` among a run's,
+    or among all runs of a spec; with `copy_to`, copied there (atomically)."""
+    if mode not in ("min", "max"):
+        raise OpsError(f"--mode {mode!r}: not allowed; use min or max")
+    path = project.root / Path(reference).expanduser()
+    if path.is_dir():
+        run_dirs = [path]
+    elif registry.get(reference) is not None or reference == "latest":
+        run_dirs = [Path(find(registry, reference).run_dir)]
+    else:
+        run_dirs = [Path(run.run_dir) for run in registry.select(names=[reference])]
+        if not run_dirs:
+            raise OpsError(
+                f"RUN_OR_SPEC {reference!r}: neither a run, a run dir, nor a spec with runs; `ops list` shows the runs"
+            )
+    candidates = [candidate for run_dir in run_dirs for candidate in checkpoint_candidates(run_dir, metric)]
+    scored = [candidate for candidate in candidates if candidate["value"] is not None]
+    if not scored:
+        fields = sorted({key for run_dir in run_dirs for line in read_jsonl(run_dir / METRICS)[-1:] for key in line})
+        raise OpsError(
+            f"--metric {metric!r}: no step checkpoint of {reference!r} has it logged "
+            f"({len(candidates)} checkpoints; logged fields: {', '.join(fields) or 'none'})"
+        )
+    best = (min if mode == "min" else max)(scored, key=lambda candidate: candidate["value"])
+    if copy_to is not None:
+        target = project.root / Path(copy_to).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, Path(best["checkpoint"]).read_bytes())
+    return {
+        "metric": metric,
+        "mode": mode,
+        "best": best,
+        "candidates": candidates,
+        "copied_to": str(project.root / Path(copy_to).expanduser()) if copy_to else None,
+    }

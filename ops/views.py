@@ -393,3 +393,45 @@ def print_changes(path: Path, changes: list[tuple], as_json: bool) -> None:
         return echo_json({"spec": str(path), "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes]})
     for key, old, new in changes:
         typer.echo(f"{path.name}: {key}: {old} -> {new}")
+
+
+def print_checkpoint(record: dict) -> None:
+    """`ops ckpt inspect`: the checkpoint's facts, then its last metrics line."""
+    data = record["data"]
+    shape = "x".join(map(str, data["shape"]))
+    rows = [
+        ("checkpoint", record["checkpoint"]),
+        ("size", f"{record['bytes'] / 1e6:,.1f} MB"),
+        ("step", f"{record['step']} (epoch {record['epoch']})"),
+        ("method", record["method"]),
+        ("net", f"{record['net']}, {record['num_parameters']:,} parameters"),
+        (
+            "data",
+            f"{data['dataset']} ({data['kind']}, {shape}"
+            + (f", {data['num_classes']} classes" if data["num_classes"] else "")
+            + (f", {data['vocab_size']} tokens" if data["vocab_size"] else "")
+            + ")",
+        ),
+        ("started from", record["parent"] or "-"),
+        ("run dir", record["run_dir"] or "-"),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:>13}  {value}")
+    if record["metrics"]:
+        typer.echo(
+            f"{'last metrics':>13}  "
+            + "  ".join(f"{key} {format_value(value)}" for key, value in record["metrics"].items())
+        )
+
+
+def print_best(result: dict) -> None:
+    """`ops ckpt best`: every candidate, the best marked."""
+    best = result["best"]
+    typer.echo(f"{result['metric']} ({result['mode']}):")
+    for candidate in result["candidates"]:
+        mark = "*" if candidate is best or candidate == best else " "
+        value = "-" if candidate["value"] is None else format_value(candidate["value"])
+        typer.echo(f"{mark} step {candidate['step']:>8}  {value:>12}  {candidate['checkpoint']}")
+    typer.echo(f"best: {best['checkpoint']} (step {best['step']}, {result['metric']} {format_value(best['value'])})")
+    if result["copied_to"]:
+        typer.echo(f"copied to {result['copied_to']}")
