@@ -41,6 +41,10 @@ def remove_partial_writes(checkpoint_dir: Path) -> None:
         tmp.unlink()
 
 
+# What torch.load raises for a torn file or one that is not a checkpoint.
+UNREADABLE = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
 def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads: latest.pt, else the step files newest first (every file
     is written atomically, so only damage from outside can break one). None when there is none;
@@ -50,7 +54,7 @@ def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
     for path in (path for path in candidates if path.is_file()):
         try:
             checkpoint = load_checkpoint(path)
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torn or not a checkpoint
+        except UNREADABLE as exc:
             problems.append(f"{path.name}: {' '.join(str(exc).split())[:120]}")
             continue
         if problems:

@@ -116,7 +116,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     ):
         loop_started, seconds_before = time.monotonic(), state.train_seconds
         while state.step < plan.total_steps:
-            loss, grad_norm = train_step(state, method, batches.at(state.step), plan.shard, tc, use_bf16)
+            loss, grad_norm = train_step(state, method, batches.at(state.step), plan.shard, tc, device, use_bf16)
             # Wall clock of the whole loop (grids and checkpoints included), summed over resumes.
             state.train_seconds = seconds_before + time.monotonic() - loop_started
             window.add(loss, state.step)
@@ -297,14 +297,19 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def train_step(
-    state: TrainState, method: Method, batch: dict, shard: slice | None, tc: TrainConfig, use_bf16: bool
+    state: TrainState,
+    method: Method,
+    batch: dict,
+    shard: slice | None,
+    tc: TrainConfig,
+    device: torch.device,
+    use_bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One AdamW step with warm-up, gradient clipping and the EMA update; (loss, grad norm), both
     left on the device."""
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate_at(state.step, tc)
-    device_type = next(state.model.parameters()).device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         loss = method.loss(state.trained_model, batch, shard)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -1,13 +1,12 @@
 """A trained run as the tasks use it: a checkpoint's config, method, data spec and (EMA) network.
 The one place that turns checkpoints into networks: methods never load one."""
 
-import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from diffusion.checkpoint import load_checkpoint
+from diffusion.checkpoint import UNREADABLE, load_checkpoint
 from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, to_dict, validate_stored_run
 from diffusion.data import DataSpec
 from diffusion.methods import Method, build_method
@@ -43,6 +42,15 @@ def pretrained_token_table(reference: str, data: DataSpec) -> Tensor:
     return table[: data.vocab_size]  # the extra row is the start (AR) or mask (masked) token
 
 
+def checkpoint_data(checkpoint: dict) -> DataSpec:
+    """The DataSpec a checkpoint records; image checkpoints from before text runs kept the shape
+    and classes at the top level."""
+    return DataSpec.from_json(
+        checkpoint.get("data")
+        or {"kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]}
+    )
+
+
 def build_network(config: RunConfig, method: Method, data: DataSpec) -> nn.Module:
     """The method's network for `data`, started from the run its method names, if any."""
     pretrained = None
@@ -59,11 +67,7 @@ class TrainedModel:
         self.path = checkpoint_path
         self.config: RunConfig = validate_stored_run(checkpoint["config"], f"{checkpoint_path} (config)")
         self.step: int = checkpoint["step"]
-        # Image checkpoints from before text runs kept the shape and classes at the top level.
-        self.data = DataSpec.from_json(
-            checkpoint.get("data")
-            or {"kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]}
-        )
+        self.data = checkpoint_data(checkpoint)
         self.method = build_method(self.config)
         self.model = build_network(self.config, self.method, self.data)
         self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
@@ -86,16 +90,13 @@ def inspect_checkpoint(reference: str | Path) -> dict:
     try:
         checkpoint = load_checkpoint(path)
         stored = checkpoint["config"]
-    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+    except (*UNREADABLE, KeyError, TypeError) as exc:  # or a pickle that holds no run's config
         raise ConfigError(
             f"checkpoint: {str(path)!r} is not allowed: not a checkpoint of a run "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
         ) from None
     config = validate_stored_run(stored, f"{path} (config)")
-    data = DataSpec.from_json(
-        checkpoint.get("data")
-        or {"kind": "image", "image_shape": checkpoint["image_shape"], "num_classes": checkpoint["num_classes"]}
-    )
+    data = checkpoint_data(checkpoint)
     run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
     return {
         "checkpoint": str(path),
