@@ -37,7 +37,14 @@ IMAGE_DATASETS = ("mnist", "cifar10")
 TEXT_DATASETS = ("shakespeare",)
 # Each method's name and the kind of data it models. diffusion.methods.register adds a method
 # defined elsewhere (a test's toy); ops, which never imports the methods, knows those listed here.
-METHOD_KINDS = {"ddpm": "image", "autoregressive": "text", "masked": "text", "embedding": "text"}
+METHOD_KINDS = {
+    "ddpm": "image",
+    "autoencoder": "image",
+    "autoregressive": "text",
+    "masked": "text",
+    "embedding": "text",
+}
+AUTOENCODER_NETS = ("mlp_autoencoder", "conv_autoencoder")
 
 
 def methods_of(kind: str) -> tuple[str, ...]:
@@ -101,7 +108,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["unet", "transformer"] = Field("unet", description="unet for images, transformer for text.")
+    name: Literal["unet", "transformer", "mlp", "mlp_autoencoder", "conv_autoencoder"] = Field(
+        "unet",
+        description="unet for images, transformer for text; mlp (FiLM) for an autoencoder's latents "
+        "(method.autoencoder); mlp_autoencoder or conv_autoencoder for method.name autoencoder.",
+    )
     base_channels: int = Field(64, ge=8, le=2048)
     channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
         default_factory=lambda: [1, 2, 2], min_length=1, max_length=4
@@ -118,6 +129,18 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(8, ge=1, validate_default=True)  # after the fields its check reads
     class_conditional: bool = Field(False, description="Add a class embedding (with a null class).")
+    latent_dim: int = Field(16, ge=1, le=4096, description="mlp_autoencoder: size of the latent vector.")
+    latent_channels: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="conv_autoencoder: latent channels, on a grid one stride-2 "
+        "convolution per channel_mults entry smaller (MNIST with [1, 2]: 4 x 7 x 7).",
+    )
+    hidden_dim: int = Field(512, ge=8, le=16384, description="mlp, mlp_autoencoder: width of the hidden layers.")
+    num_layers: int = Field(
+        3, ge=1, le=64, description="mlp: FiLM residual blocks; mlp_autoencoder: hidden layers on each side."
+    )
     n_layer: int = Field(4, ge=1, le=128, description="Transformer: blocks.")
     n_head: int = Field(4, ge=1, le=256, description="Transformer: attention heads.")
     n_embd: int = Field(256, ge=8, le=16384, description="Transformer: width; a multiple of n_head.")
@@ -151,6 +174,17 @@ class MethodConfig(Section):
         pattern=NO_NUL,
         description="embedding: a trained text run (same tokenizer) whose "
         "token embeddings start these, through a learned projection.",
+    )
+
+    autoencoder: str | None = Field(
+        None,
+        pattern=NO_NUL,
+        description="Latent diffusion: a trained autoencoder run (a run dir, a "
+        "checkpoint, or an ops id) whose frozen encoder's latents this method models; its type and "
+        "sizes are read from its checkpoint.",
+    )
+    reconstruction_loss: Literal["bce", "mse"] = Field(
+        "bce", description="autoencoder: binary cross-entropy on the decoder's logits, or squared error."
     )
 
     @field_validator("name")
@@ -353,7 +387,7 @@ def conflicts(config: RunConfig):
     dir it can read, by the task when it loads the checkpoint)."""
     yield from model_conflicts(config)
     if config.task == "train" or config.sample.checkpoint is None:
-        yield from sampling_conflicts(config, config.sample)
+        yield from sampling_conflicts(config, config.sample, config.task)
 
 
 def model_conflicts(config: RunConfig):
@@ -366,11 +400,35 @@ def model_conflicts(config: RunConfig):
             f"method.name: {method.name!r} is not allowed with data.dataset {data.dataset!r}: "
             f"use one of {', '.join(allowed)}"
         )
+    autoencoding = method.name == "autoencoder"
     if text != (model.name == "transformer"):
         yield (
             f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: "
             f"use {'transformer' if text else 'unet'}"
         )
+    elif not text and autoencoding != (model.name in AUTOENCODER_NETS):
+        yield (
+            f"model.name: {model.name!r} is not allowed with method.name {method.name!r}: use "
+            + (quoted_choices(AUTOENCODER_NETS) if autoencoding else "unet (or mlp for latents)")
+        )
+    elif model.name == "mlp" and method.autoencoder is None:
+        yield (
+            "model.name: 'mlp' is not allowed without method.autoencoder: the FiLM MLP denoises an "
+            "autoencoder's latents; use unet for pixels, or name the autoencoder run"
+        )
+    if autoencoding and model.class_conditional:
+        yield "model.class_conditional: true is not allowed with method.name 'autoencoder': an autoencoder takes no class"
+    if method.autoencoder is not None:
+        if method.name != "ddpm":
+            yield (
+                f"method.autoencoder: {method.autoencoder!r} is not allowed with method.name {method.name!r}: "
+                "latent diffusion is a ddpm on the autoencoder's latents"
+            )
+        elif method.clip_sample:
+            yield (
+                "method.clip_sample: true is not allowed with method.autoencoder: latents are not in [-1, 1]; "
+                "set method.clip_sample false"
+            )
     if method.name in ("ddpm", "embedding"):
         first, last = alpha_bar_range(method)
         if last < MIN_ALPHA_BAR or first > MAX_ALPHA_BAR:
@@ -424,7 +482,8 @@ def model_conflicts(config: RunConfig):
         sizes = [size]
         for _ in model.channel_mults[1:]:
             sizes.append((sizes[-1] + 1) // 2)
-        for resolution in model.attention_resolutions:
+        # A latent run's UNet sees the autoencoder's latent grid, known once its checkpoint is read.
+        for resolution in model.attention_resolutions if method.autoencoder is None else ():
             if resolution not in sizes:
                 yield (
                     f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} "
@@ -449,9 +508,17 @@ def model_conflicts(config: RunConfig):
                 yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
 
 
-def sampling_conflicts(config: RunConfig, sample: "SampleConfig"):
-    """What `sample` cannot do with the method, network and data of `config` (a checkpoint's)."""
+def sampling_conflicts(config: RunConfig, sample: "SampleConfig", task: str = "sample"):
+    """What `sample` cannot do with the method, network and data of `config` (a checkpoint's), in
+    a `task` (a training run's previews included)."""
     data, model, method = config.data, config.model, config.method
+    if method.name == "autoencoder" and task != "train":
+        yield (
+            f"task: {task!r} is not allowed with an autoencoder (method.name 'autoencoder'): it draws no new "
+            "images; its training run writes reconstructions and the latent space, and a latent diffusion run "
+            "(method.autoencoder) samples through it"
+        )
+        return
     if sample.top_k is not None and method.name not in ("autoregressive", "masked") and sample.guide_checkpoint is None:
         yield (
             f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no "
@@ -539,9 +606,9 @@ def conflict(config: RunConfig) -> str | None:
     return next(conflicts(config), None)
 
 
-def sampling_conflict(trained: RunConfig, sample: "SampleConfig") -> str | None:
-    """The first of `sampling_conflicts` for `sample` with a checkpoint whose config is `trained`."""
-    return next(sampling_conflicts(trained, sample), None)
+def sampling_conflict(trained: RunConfig, sample: "SampleConfig", task: str = "sample") -> str | None:
+    """The first of `sampling_conflicts` for `sample` in `task` with a checkpoint whose config is `trained`."""
+    return next(sampling_conflicts(trained, sample, task), None)
 
 
 # Fields added after runs were stored whose default would change what a stored run does: a stored

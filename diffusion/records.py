@@ -33,6 +33,7 @@ def step_of(path: Path) -> int:
 
 SAMPLES = "samples"
 EVAL = "eval"
+FIGURES = "figures"  # pictures a run draws of its model besides samples (an autoencoder's latent space)
 TASKS = "tasks"  # records of sample and eval tasks run inside another task's run dir
 
 

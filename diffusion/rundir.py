@@ -24,6 +24,7 @@ class RunDir:
         self.checkpoints = self.path / records.CHECKPOINTS
         self.samples = self.path / records.SAMPLES
         self.eval = self.path / records.EVAL
+        self.figures = self.path / records.FIGURES
         self.summary = self.path / records.SUMMARY
         self.in_place = in_place
         self._lock: int | None = None

@@ -77,7 +77,7 @@ def load_trained(config: RunConfig, run_dir: Path) -> TrainedModel:
         )
     checkpoint_path = resolve_checkpoint(config.sample.checkpoint or run_dir)
     trained = TrainedModel(checkpoint_path, config.sample.use_ema, pick_device(config.device))
-    trained.check_sampling(config.sample)
+    trained.check_sampling(config.sample, config.task)
     return trained
 
 

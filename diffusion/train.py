@@ -40,7 +40,7 @@ from diffusion.checkpoint import (
 )
 from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_stored_run
 from diffusion.data import DataSpec, load_dataset, load_validation, write_samples
-from diffusion.methods import Method, build_method
+from diffusion.methods import Method, Parent, build_method
 from diffusion.progress import TrainProgress
 from diffusion.records import MetricsRecord, Summary
 from diffusion.rundir import RunDir
@@ -56,11 +56,15 @@ from diffusion.runtime import (
 )
 from diffusion.scores import sample_scores, validation_bits_per_char
 from diffusion.scores.images import overfit_report
-from diffusion.trained import build_network, load_scorer
+from diffusion.scores.latents import LATENT_SPACE, latent_space_report
+from diffusion.trained import build_network, load_parent, load_scorer
 
 # fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
 # on top, so this is a floor, enough to refuse a model that cannot fit before anything is built.
 BYTES_PER_PARAMETER = 20
+# Fixed training examples kept on the device: previews of a method that draws no samples, and
+# data-dependent set-up (a latent run's scale).
+EXAMPLES = 256
 
 
 def train(config: RunConfig, run_dir: Path, device: torch.device | None = None) -> int:
@@ -86,7 +90,10 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     data = dataset.spec()
     plan = Plan.of(len(dataset), tc, ranks)
     method = build_method(config)
-    num_params = check_memory(config, method, data, device)  # before writing anything, like the dataset
+    # Read before building: a resumed run's parent (an autoencoder) comes from its own checkpoint.
+    latest = load_latest(run.checkpoints)
+    parent = load_parent(method, latest[1].get("parent") if latest else None)
+    num_params = check_memory(config, method, data, parent, device)  # before writing anything, like the dataset
     scorer = load_scorer(config.eval.scorer_checkpoint, device)  # text: the final samples' perplexity under it
     if ranks.is_main:
         run.create(config)
@@ -94,8 +101,12 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     ranks.barrier()
 
     seed_everything(tc.seed)
-    state = TrainState.build(config, method, data, device, ranks)
-    resume(state, run, config, plan, ranks)
+    # Fixed training examples: what a preview shows a method that draws no samples, and the data a
+    # fresh network is set up on (Method.initialize).
+    examples = dataset.batch(torch.arange(min(len(dataset), EXAMPLES)), device)
+    state = TrainState.build(config, method, data, parent, device, ranks, None if latest else examples)
+    if latest:
+        resume(state, latest, run, config, plan, ranks)
     print(
         f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
         f"(at least {num_params * BYTES_PER_PARAMETER / 1e6:,.0f} MB to train), "
@@ -146,7 +157,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
 
             epoch = step // plan.steps_per_epoch
             if end_of_epoch and tc.sample_every_epochs and epoch % tc.sample_every_epochs == 0:
-                preview(state, method, data, config, run, f"epoch_{epoch:04d}", ranks)
+                preview(state, method, data, config, run, f"epoch_{epoch:04d}", ranks, examples)
                 state.model.train()
 
             due, preempted, out_of_time = checkpoint_due(
@@ -169,7 +180,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
         if status == "completed":
             if checkpointed_step != state.step:
                 save(state, run, config, plan, data, ranks)
-            final_samples = preview(state, method, data, config, run, "final", ranks)
+            final_samples = preview(state, method, data, config, run, "final", ranks, examples)
 
     return finish(
         status,
@@ -226,14 +237,25 @@ class TrainState:
     ema_model: torch.nn.Module
     trained_model: torch.nn.Module  # the model, or its DDP wrapper: what the loss is computed with
     optimizer: torch.optim.Optimizer
+    parent: Parent | None = None  # the run the network builds on; its record goes into every checkpoint
     step: int = 0
     train_seconds: float = 0.0
 
     @classmethod
     def build(
-        cls, config: RunConfig, method: Method, data: DataSpec, device: torch.device, ranks: DataParallel
+        cls,
+        config: RunConfig,
+        method: Method,
+        data: DataSpec,
+        parent: Parent | None,
+        device: torch.device,
+        ranks: DataParallel,
+        examples: dict[str, torch.Tensor] | None,
     ) -> "TrainState":
-        model = build_network(config, method, data).to(device)
+        """The network (set up on `examples` when given: a fresh run), its EMA copy and optimizer."""
+        model = build_network(config, method, data, parent).to(device)
+        if examples is not None:
+            method.initialize(model, examples)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         trained_model = model
         if ranks.enabled:
@@ -241,15 +263,14 @@ class TrainState:
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-        return cls(model, ema_model, trained_model, optimizer)
+        return cls(model, ema_model, trained_model, optimizer, parent)
 
 
-def resume(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, ranks: DataParallel) -> None:
-    """Load the run dir's newest checkpoint into `state`, if there is one: weights, optimizer,
-    step and RNG states; the metrics logged after it are dropped (they will be logged again)."""
-    latest = load_latest(run.checkpoints)
-    if not latest:
-        return
+def resume(
+    state: TrainState, latest: tuple[Path, dict], run: RunDir, config: RunConfig, plan: Plan, ranks: DataParallel
+) -> None:
+    """Load the run dir's newest checkpoint (`load_latest`) into `state`: weights, optimizer, step
+    and RNG states; the metrics logged after it are dropped (they will be logged again)."""
     checkpoint_path, checkpoint = latest
     trained = validate_stored_run(checkpoint["config"], f"{checkpoint_path} (config)")
     for section in ("data", "model", "method"):
@@ -309,6 +330,7 @@ def train_step(
     left on the device."""
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate_at(state.step, tc)
+    batch = method.training_batch(state.model, batch)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         loss = method.loss(state.trained_model, batch, shard)
     state.optimizer.zero_grad(set_to_none=True)
@@ -422,16 +444,25 @@ def save(state: TrainState, run: RunDir, config: RunConfig, plan: Plan, data: Da
         "rng": capture_rng_state(),
         "config": to_dict(config),
         "data": data.to_json(),  # what sampling needs without the dataset: image shape, or tokenizer
+        "parent": state.parent.record if state.parent else None,  # its config: resuming needs no parent run
     }
     save_checkpoint(checkpoint, run.checkpoints, state.step, keep=config.train.keep_checkpoints)
 
 
 @torch.no_grad()
 def preview(
-    state: TrainState, method: Method, data: DataSpec, config: RunConfig, run: RunDir, stem: str, ranks: DataParallel
+    state: TrainState,
+    method: Method,
+    data: DataSpec,
+    config: RunConfig,
+    run: RunDir,
+    stem: str,
+    ranks: DataParallel,
+    examples: dict[str, torch.Tensor],
 ) -> dict | None:
-    """A few samples of the EMA model into samples/STEM (a grid, or texts), from the fixed
-    sample seed, so that they are comparable over training; `write_samples`' record."""
+    """A few samples of the EMA model (`Method.preview`: for an autoencoder, reconstructions of
+    `examples`) into samples/STEM (a grid, or texts), from the fixed sample seed, so that they are
+    comparable over training; `write_samples`' record."""
     if not ranks.is_main:
         return None
     count = min(config.sample.num_samples, data.preview_count)
@@ -440,7 +471,7 @@ def preview(
     generator = torch.Generator().manual_seed(config.sample.seed)
     state.ema_model.eval()
     device = next(state.ema_model.parameters()).device
-    samples = method.sample(state.ema_model, count, data, sample, generator, device)
+    samples = method.preview(state.ema_model, count, data, sample, generator, device, examples)
     written = write_samples(
         data, samples, run.samples, stem, keep_arrays=False, labels=method.class_labels(count, data, sample)
     )
@@ -496,6 +527,10 @@ def finish(
             )
             if scores and scores["collapsed"]:
                 print(f"samples collapsed: {'; '.join(scores['collapsed'])}", flush=True)
+            if method.learns_latents:
+                scores = (scores or {}) | {
+                    "latent_space": picture_latents(method, state.ema_model, config, run, device)
+                }
             if config.data.limit_per_class is not None and logged:  # overfit mode: memorised?
                 training_images = dataset.batch(torch.arange(len(dataset)), torch.device("cpu"))["images"]
                 overfit = overfit_report(final_samples["values"], training_images, logged[-1].loss)
@@ -527,11 +562,32 @@ def finish(
         return exit_code
 
 
-def check_memory(config: RunConfig, method: Method, data: DataSpec, device: torch.device) -> int:
+@torch.no_grad()
+def picture_latents(method: Method, model: torch.nn.Module, config: RunConfig, run: RunDir, device) -> dict:
+    """The latents of `eval.num_samples` held-out images of every class (a seeded subset of the
+    test split), pictured into figures/latent_space.png; their scores (scores/latents.py)."""
+    every_class = config.data.model_copy(update={"only_digit": None, "limit_per_class": None, "subset": None})
+    held_out = load_dataset(every_class, "test")
+    generator = torch.Generator().manual_seed(config.sample.seed)
+    chosen = torch.randperm(len(held_out), generator=generator)[: config.eval.num_samples].sort().values
+    batches = [held_out.batch(indices, device) for indices in chosen.split(256)]
+    latents = torch.cat([method.encode(model, batch["images"]).cpu() for batch in batches])
+    labels = torch.cat([batch["labels"].cpu() for batch in batches])
+    out = run.figures / LATENT_SPACE
+    scores = latent_space_report(latents, labels, out, seed=config.sample.seed)
+    print(
+        f"latent space of {len(latents)} held-out images: silhouette {scores['silhouette']:.3f}, "
+        f"Calinski-Harabasz {scores['calinski_harabasz']:.1f} -> {out}",
+        flush=True,
+    )
+    return scores
+
+
+def check_memory(config: RunConfig, method: Method, data: DataSpec, parent: Parent | None, device: torch.device) -> int:
     """The network's parameter count, counted on the meta device (no memory, no RNG draws); raises
     ConfigError when training it cannot fit in the device's free memory."""
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in build_network(config, method, data).parameters())
+        num_params = sum(p.numel() for p in build_network(config, method, data, parent).parameters())
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:

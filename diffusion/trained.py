@@ -1,15 +1,16 @@
 """A trained run as the tasks use it: a checkpoint's config, method, data spec and (EMA) network.
 The one place that turns checkpoints into networks: methods never load one."""
 
+import hashlib
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from diffusion.checkpoint import UNREADABLE, load_checkpoint
 from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, to_dict, validate_stored_run
 from diffusion.data import DataSpec
-from diffusion.methods import Method, build_method
+from diffusion.methods import Method, Parent, build_method
 from diffusion.records import CHECKPOINTS, LATEST, METRICS, checkpoint_file, last_jsonl
 
 
@@ -18,28 +19,14 @@ def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") ->
     the setting that gave the reference, when there is none."""
     found = checkpoint_file(reference)
     if found is None:
+        named = str(reference).startswith("run:")
         raise ConfigError(
             f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
-            f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST})"
+            f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST}"
+            + ("; run:SPEC and ops ids are resolved by `ops submit`" if named else "")
+            + ")"
         )
     return found
-
-
-def pretrained_token_table(reference: str, data: DataSpec) -> Tensor:
-    """(V, d) token embeddings of a trained text run (its EMA weights), for a method whose network
-    starts from them (`Method.pretrained_reference`). ConfigError (key method.init_embeddings)
-    when the run was trained on other tokens or has no token table."""
-    checkpoint = load_checkpoint(resolve_checkpoint(reference, "method.init_embeddings"))
-    if (checkpoint.get("data") or {}).get("tokenizer") != data.tokenizer:
-        raise ConfigError(
-            f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
-            "tokenizer (or is not a text run); give a run with the same data settings"
-        )
-    # The token table of an autoregressive or masked run's Transformer (an embedding run has none).
-    table = checkpoint["ema"].get("wte.weight")
-    if table is None:
-        raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it has no token embedding table")
-    return table[: data.vocab_size]  # the extra row is the start (AR) or mask (masked) token
 
 
 def checkpoint_data(checkpoint: dict) -> DataSpec:
@@ -51,12 +38,49 @@ def checkpoint_data(checkpoint: dict) -> DataSpec:
     )
 
 
-def build_network(config: RunConfig, method: Method, data: DataSpec) -> nn.Module:
-    """The method's network for `data`, started from the run its method names, if any."""
-    pretrained = None
-    if method.pretrained_reference:
-        pretrained = pretrained_token_table(method.pretrained_reference, data)
-    return method.build_model(config.model, data, pretrained)
+def load_parent(method: Method, recorded: dict | None = None) -> Parent | None:
+    """The run `method` builds on (`Method.parent_reference`), or None. `recorded`: what a
+    checkpoint of the run being built keeps of its parent; then the parent's config comes from it
+    and its weights with that checkpoint, so the parent run need not exist. Else the parent's
+    checkpoint is read: ConfigError (naming `method.parent_key`) when it is missing or not a run's."""
+    reference = method.parent_reference
+    if reference is None:
+        return None
+    if recorded is not None:
+        config = validate_stored_run(recorded["config"], f"{method.parent_key} {reference!r} (recorded config)")
+        return Parent(config, DataSpec.from_json(recorded["data"]), None, recorded)
+    path = resolve_checkpoint(reference, method.parent_key)
+    try:
+        checkpoint = load_checkpoint(path)
+        stored = checkpoint["config"]
+    except (*UNREADABLE, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{method.parent_key}: {reference!r} is not allowed: {path} is not a checkpoint of a run "
+            f"({type(exc).__name__})"
+        ) from None
+    record = {
+        "reference": reference,
+        "checkpoint": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "step": checkpoint["step"],
+        "config": stored,
+        "data": checkpoint_data(checkpoint).to_json(),
+    }
+    config = validate_stored_run(stored, f"{path} (config)")
+    return Parent(config, checkpoint_data(checkpoint), checkpoint["ema"], record)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_network(config: RunConfig, method: Method, data: DataSpec, parent: Parent | None = None) -> nn.Module:
+    """The method's network for `data`, built on `parent` (load_parent) when its method names one."""
+    return method.build_model(config.model, data, parent)
 
 
 class TrainedModel:
@@ -69,15 +93,16 @@ class TrainedModel:
         self.step: int = checkpoint["step"]
         self.data = checkpoint_data(checkpoint)
         self.method = build_method(self.config)
-        self.model = build_network(self.config, self.method, self.data)
+        self.parent = load_parent(self.method, checkpoint.get("parent"))
+        self.model = build_network(self.config, self.method, self.data, self.parent)
         self.model.load_state_dict(checkpoint["ema" if use_ema else "model"])
         self.model.to(device).eval()
         self.device = device
 
-    def check_sampling(self, sample: SampleConfig) -> None:
+    def check_sampling(self, sample: SampleConfig, task: str = "sample") -> None:
         """Raise ConfigError (one line) when `sample` cannot work with this checkpoint's method and
         network, whose config is the checkpoint's own, not the sampling spec's."""
-        problem = sampling_conflict(self.config, sample)
+        problem = sampling_conflict(self.config, sample, task)
         if problem:
             raise ConfigError(f"{self.path}: {problem}")
 
@@ -114,10 +139,26 @@ def inspect_checkpoint(reference: str | Path) -> dict:
             "num_classes": data.num_classes,
             "vocab_size": data.vocab_size,
         },
-        "parent": build_method(config).pretrained_reference,  # the run whose weights it started from
+        "parent": parent_summary(checkpoint.get("parent"), build_method(config).parent_reference),
         "run_dir": str(run_dir) if run_dir else None,
         "metrics": last_jsonl(run_dir / METRICS) if run_dir else None,
         "config": to_dict(config),
+    }
+
+
+def parent_summary(recorded: dict | None, reference: str | None) -> dict | None:
+    """The run a checkpoint built on, as `inspect_checkpoint` shows it: its reference, checkpoint,
+    hash, step, method and net (recorded by the checkpoint; older ones kept the reference alone)."""
+    if reference is None:
+        return None
+    if recorded is None:
+        return {"reference": reference}
+    config = recorded["config"]
+    return {
+        **{key: recorded[key] for key in ("reference", "checkpoint", "sha256", "step")},
+        "method": config["method"]["name"],
+        "net": config["model"]["name"],
+        "data": recorded["data"],
     }
 
 

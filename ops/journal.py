@@ -28,6 +28,7 @@ from ops.registry import Run
 from ops.rundir import (
     CONFIG,
     EVAL,
+    FIGURES,
     FINAL_SAMPLES,
     METRICS,
     PROVENANCE,
@@ -172,6 +173,9 @@ def figures(run_dir: Path) -> dict[str, Any]:
     found |= {key: value for key, value in last.items() if key not in ("step", "total_steps", "epoch", "train_seconds")}
     scores = summary.scores or {}  # a text run scores its final samples itself
     found |= {key: value for key, value in scores.items() if is_number(value)}
+    for group, values in scores.items():  # scores of one kind together: latent_space, overfit
+        if isinstance(values, dict):
+            found |= {f"{group} {key}": value for key, value in values.items() if is_number(value)}
     if scores.get("collapsed"):
         found["collapsed"] = "; ".join(scores["collapsed"])
     for path in sorted((run_dir / EVAL).glob("*.json")):
@@ -372,6 +376,17 @@ def write_post(project: Project, run: Run) -> Path:
         ]
     else:
         lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
+    pictures = sorted((run_dir / FIGURES).glob("*.png"))
+    if pictures:
+        lines += ["### Figures", ""]
+        for figure in pictures:  # what the run drew of its model, e.g. an autoencoder's latent space
+            copy_file(figure, assets / f"figure-{figure.name}")
+            lines += [
+                f"![{figure.stem.replace('_', ' ')}]({run.ops_id}/figure-{figure.name})",
+                "",
+                f"_`{figure.relative_to(run_dir)}`_",
+                "",
+            ]
 
     lines += ["## Config", ""]
     changes = job.get("changes") or []

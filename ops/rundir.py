@@ -12,6 +12,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     CHECKPOINTS,
     CONFIG,
     EVAL,
+    FIGURES,
     LATEST,
     LOG,
     METRICS,

@@ -124,20 +124,43 @@ def check_references(project: Project, spec, source: str) -> None:
         "sample.guide_checkpoint": run.sample.guide_checkpoint if sampling else None,
         "eval.scorer_checkpoint": run.eval.scorer_checkpoint,
         "method.init_embeddings": None if sampling else run.method.init_embeddings,
+        "method.autoencoder": None if sampling else run.method.autoencoder,
     }
+    registry = open_registry(project)
     for key, reference in references.items():
         if reference is None:
             continue
         if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
-            raise ConfigError(
-                f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
-                f"holding {CHECKPOINTS}/{LATEST}, or a .pt file)"
-            )
+            named = named_run(registry, reference)  # recorded as the run's dir
+            if named is None or checkpoint_file(named.run_dir) is None:
+                raise ConfigError(
+                    f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
+                    f"holding {CHECKPOINTS}/{LATEST}, a .pt file, the ops id of a run that wrote one, or "
+                    "run:SPEC for the newest succeeded run of a spec)"
+                )
+            section, field_name = key.split(".")
+            setattr(getattr(run, section), field_name, relative_to_project(project, Path(named.run_dir)))
     trained = project.root / Path(run.sample.checkpoint or "").expanduser() / CONFIG
     if sampling and trained.is_file():
-        problem = sampling_conflict(load_run_config(trained, stored=True), run.sample)
+        problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
+
+
+def named_run(registry: Registry, reference: str) -> Run | None:
+    """The run a reference names: `run:SPEC` the newest succeeded run of that spec, `run:ID` or a
+    bare ops id (or engine job id) that run; None when it names none."""
+    name = reference.removeprefix("run:")
+    if reference.startswith("run:"):
+        newest = registry.select(states=["SUCCEEDED"], names=[name], limit=1)
+        if newest:
+            return newest[0]
+    return registry.get(name)
+
+
+def relative_to_project(project: Project, path: Path) -> str:
+    """`path` relative to the project root when it is inside it (so that a rerun elsewhere finds it), else as is."""
+    return str(path.relative_to(project.root)) if path.is_relative_to(project.root) else str(path)
 
 
 def ignored_resources(engine: str, overrides: list[str]) -> list[str]:

@@ -412,7 +412,7 @@ def print_checkpoint(record: dict) -> None:
             + (f", {data['vocab_size']} tokens" if data["vocab_size"] else "")
             + ")",
         ),
-        ("started from", record["parent"] or "-"),
+        ("built on", parent_line(record["parent"])),
         ("run dir", record["run_dir"] or "-"),
     ]
     for key, value in rows:
@@ -422,6 +422,18 @@ def print_checkpoint(record: dict) -> None:
             f"{'last metrics':>13}  "
             + "  ".join(f"{key} {format_value(value)}" for key, value in record["metrics"].items())
         )
+
+
+def parent_line(parent: dict | None) -> str:
+    """The run a checkpoint builds on (an autoencoder, a run's token embeddings), in one line."""
+    if parent is None:
+        return "-"
+    if "method" not in parent:  # an older checkpoint recorded the reference alone
+        return parent["reference"]
+    return (
+        f"{parent['reference']}: {parent['method']} ({parent['net']}), step {parent['step']}, "
+        f"{parent['checkpoint']} (sha256 {parent['sha256'][:12]})"
+    )
 
 
 def print_best(result: dict) -> None:

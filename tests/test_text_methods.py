@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffusion.config import MethodConfig
+from diffusion.config import MethodConfig, RunConfig
 from diffusion.data import DataSpec
-from diffusion.methods import build_method
+from diffusion.methods import Parent, build_method
 from diffusion.methods.autoregressive import Autoregressive
 from diffusion.methods.ddpm import DDPM
 from diffusion.methods.embedding import EmbeddingDiffusion
@@ -309,8 +309,18 @@ def test_rounding_loss_is_on_the_predicted_x0():
 
 def test_pretrained_embeddings_go_through_a_learned_projection():
     method = embedding_method()
-    pretrained = torch.randn(V, 24)
-    model = method.build_model(TINY, META, pretrained)
+    pretrained = torch.randn(V + 1, 24)  # an AR run's table: the vocabulary and its start token
+    ar_run = RunConfig.model_validate(
+        {
+            "data": {"dataset": "shakespeare"},
+            "model": {"name": "transformer", "n_embd": 24, "n_head": 2},
+            "method": {"name": "autoregressive"},
+        }
+    )
+    model = method.build_model(TINY, META, Parent(ar_run, META, {"wte.weight": pretrained}, {}))
+    assert torch.equal(model.pretrained, pretrained[:V])
+    # Without weights (a checkpoint of this run will hold them): a table of the same shape.
+    assert method.build_model(TINY, META, Parent(ar_run, META, None, {})).pretrained.shape == (V, 24)
     assert model.embeddings().shape == (V, 16)
     torch.testing.assert_close(model.embeddings().norm(dim=-1), torch.full((V,), 4.0))
     method.loss(model, {"tokens": toy_batch(8, torch.Generator().manual_seed(0))}).backward()

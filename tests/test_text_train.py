@@ -166,6 +166,12 @@ def test_embedding_diffusion_starts_from_a_trained_runs_embeddings(shakespeare_r
     assert torch.equal(trained["pretrained"], ar_table[:-1])
     assert trained["projection.weight"].shape == (8, 32) and "embedding.weight" not in trained
 
+    # The run it started from may go: resuming and sampling read the table from this run's checkpoint.
+    moved = tmp_path / "ar-moved"
+    ar.rename(moved)
+    config.train.epochs += 1  # resumes: four more steps
+    assert train(config, embedding) == 0
+    assert main(["sample", str(embedding), "--set", "sample.num_samples=2"]) == 0
     config.method.init_embeddings = str(embedding)  # an embedding run has no token table to give
     with pytest.raises(ConfigError, match="no token embedding table"):
         train(config, tmp_path / "again")

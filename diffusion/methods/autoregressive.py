@@ -48,7 +48,7 @@ class Autoregressive(Method):
     data_kind = "text"
     exact_likelihood = True
 
-    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
         return Transformer(
             vocab_size=data.vocab_size + 1,  # + BOS
             out_dim=data.vocab_size,

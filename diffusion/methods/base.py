@@ -10,11 +10,12 @@ network it builds, nor anything learnt from a batch.
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from diffusion.config import METHOD_KINDS, MethodConfig, ModelConfig, RunConfig, SampleConfig
+from diffusion.config import METHOD_KINDS, ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
 
 # progress(steps, description) -> the same steps, shown as a bar while they are taken.
@@ -37,13 +38,28 @@ class Method(ABC):
         """The method as the run config describes it (each method reads its own fields)."""
         return cls()
 
-    # The reference to another run whose weights the network starts from (a run dir or .pt file),
-    # or None. The caller loads it and hands the tensor to build_model: methods load no checkpoints.
-    pretrained_reference: str | None = None
+    # Another run this method builds on (a run dir or .pt file), or None, and the config key that
+    # names it. The caller loads it and hands it to build_model as a Parent: methods load no checkpoints.
+    parent_reference: str | None = None
+    parent_key: str = ""
+    # It learns a representation of its data: `encode` gives it, and a run pictures it.
+    learns_latents: bool = False
 
     @abstractmethod
-    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
-        """The network for this method on `data` (a net from diffusion/nets, maybe wrapped)."""
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent: "Parent | None" = None) -> nn.Module:
+        """The network for this method on `data` (a net from diffusion/nets, maybe wrapped), with
+        `parent` the run of `parent_reference` when there is one. ConfigError (naming
+        `parent_key`) when that run will not do."""
+
+    def initialize(self, model: nn.Module, examples: dict[str, Tensor]) -> None:
+        """Data-dependent set-up of a freshly built network (a scale measured on `examples`, fixed
+        training examples), before its first step; a resumed network has it in its weights. It
+        draws no random numbers."""
+
+    def training_batch(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch `loss` trains on, made from the data's batch with `model` (the network itself,
+        not a data-parallel wrapper): the data's batch unless the method models something else."""
+        return batch
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Tensor], shard: slice | None = None) -> Tensor:
@@ -65,6 +81,24 @@ class Method(ABC):
         """`num_samples` new examples: images (N, C, H, W) in [-1, 1] or tokens (N, L), drawn from
         `generator` on the CPU (the same samples on every device) with the `sample` settings this
         method reads."""
+
+    def preview(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str,
+        examples: dict[str, Tensor],
+    ) -> Tensor:
+        """What a training run shows of its model: `num_samples` samples (the default), or for a
+        method that draws none, what it makes of `examples` (that many fixed training examples)."""
+        return self.sample(model, num_samples, data, sample, generator, device)
+
+    def encode(self, model: nn.Module, images: Tensor) -> Tensor:
+        """(N, D) the representation that a method which `learns_latents` gives `images`."""
+        raise NotImplementedError(f"{self.name} learns no latents")
 
     @abstractmethod
     def sample_name(self, sample: SampleConfig) -> str:
@@ -91,6 +125,19 @@ class Method(ABC):
         raise NotImplementedError(f"{self.name} does not decode left to right")
 
 
+@dataclass
+class Parent:
+    """A trained run that a method builds on (an autoencoder, a run's token embeddings): its
+    config, its data and its (EMA) weights; weights None when the network is about to be loaded
+    from a checkpoint of the run being built (a resume, a sample task), which holds them already,
+    so that the parent run need not exist any more. `record`: what the checkpoint keeps of it."""
+
+    config: RunConfig
+    data: DataSpec
+    weights: dict[str, Tensor] | None
+    record: dict
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -100,13 +147,6 @@ def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     METHOD_KINDS[cls.name] = cls.data_kind
     return cls
-
-
-def build_method(config: RunConfig | MethodConfig) -> Method:
-    """The method a run config names. A MethodConfig alone builds it with the model defaults."""
-    if isinstance(config, MethodConfig):
-        config = RunConfig(method=config)
-    return METHODS[config.method.name].from_config(config)
 
 
 def text_sample_name(sample: SampleConfig, steps: bool = True) -> str:

@@ -17,14 +17,15 @@ from torch import Tensor, nn
 from diffusion.config import NUM_CLASSES, ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Method, Progress, no_progress, register
-from diffusion.nets import build_unet
+from diffusion.nets import build_denoiser
 from diffusion.schedulers import PREDICTION_TYPES, NoiseSchedule, Scheduler, make_scheduler
 
 
 @register
 class DDPM(Method):
-    """`model(x, t, class_labels=None)` is any network that maps noisy images and (B,) long
-    timesteps to a prediction of the same shape (a UNet from diffusion/nets)."""
+    """`model(x, t, class_labels=None)` is any network that maps noisy examples (images, or an
+    autoencoder's latents) and (B,) long timesteps to a prediction of the same shape (a UNet or a
+    FiLM MLP from diffusion/nets)."""
 
     name = "ddpm"
     data_kind = "image"
@@ -68,10 +69,8 @@ class DDPM(Method):
             label_dropout=config.method.label_dropout if conditional else 0.0,
         )
 
-    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
-        return build_unet(
-            model_config, in_channels=data.shape[0], num_classes=data.num_classes, image_size=data.shape[-1]
-        )
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
+        return build_denoiser(model_config, data.shape, data.num_classes)
 
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         """Mean loss over the batch, or over `shard` of it (data-parallel ranks). The noise and the

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from diffusion.config import ConfigError, ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
-from diffusion.methods.base import Method, Progress, no_progress, register, text_sample_name
+from diffusion.methods.base import Method, Parent, Progress, no_progress, register, text_sample_name
 from diffusion.nets import transformer_options
 from diffusion.nets.transformer import Transformer
 from diffusion.schedulers import NoiseSchedule, Scheduler, make_scheduler
@@ -139,8 +139,9 @@ class EmbeddingDiffusion(Method):
         self.normalize_embeddings = normalize_embeddings  # False only to show the collapse it prevents
         self.init_embeddings = init_embeddings
         self.prefix_fraction = prefix_fraction
-        # The run whose token embeddings (V, d_pre) start these: the caller loads its table.
-        self.pretrained_reference = init_embeddings
+        # The run whose token embeddings (V, d_pre) start these: the caller loads it.
+        self.parent_reference = init_embeddings
+        self.parent_key = "method.init_embeddings"
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "EmbeddingDiffusion":
@@ -156,9 +157,10 @@ class EmbeddingDiffusion(Method):
         }
         return cls(**config.method.model_dump(include=fields))
 
-    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
-        """`pretrained`: (V, d_pre) token embeddings of a trained run, entering through a learned
-        projection (method.init_embeddings names the run)."""
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent: Parent | None = None) -> nn.Module:
+        """With `parent` (method.init_embeddings), its (V, d_pre) token embeddings enter through a
+        learned projection; ConfigError when it has other tokens or no token table."""
+        pretrained = None if parent is None else self.token_table(parent, data)
         denoiser = Transformer(
             vocab_size=None,
             in_dim=self.embedding_dim,
@@ -170,6 +172,23 @@ class EmbeddingDiffusion(Method):
         return EmbeddingDiffusionModel(
             data.vocab_size, self.embedding_dim, denoiser, pretrained, self.normalize_embeddings
         )
+
+    def token_table(self, parent: Parent, data: DataSpec) -> Tensor:
+        """(V, d_pre) the parent run's token embeddings: its EMA weights, or zeros of their shape
+        when the network will be loaded from a checkpoint that holds them."""
+        reference = self.parent_reference
+        if parent.data.tokenizer != data.tokenizer:
+            raise ConfigError(
+                f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
+                "tokenizer (or is not a text run); give a run with the same data settings"
+            )
+        if parent.config.method.name not in ("autoregressive", "masked"):
+            raise ConfigError(f"method.init_embeddings: {reference!r} is not allowed: it has no token embedding table")
+        if parent.weights is None:
+            return torch.zeros(data.vocab_size, parent.config.model.n_embd)
+        # The token table of an autoregressive or masked run's Transformer; its extra row is the
+        # start (AR) or mask (masked) token.
+        return parent.weights["wte.weight"][: data.vocab_size]
 
     def given_prefixes(self, B: int, L: int) -> Tensor:
         """(B, L) booleans, True on the prefix a sequence is given: a prefix_fraction share of the

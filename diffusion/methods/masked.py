@@ -45,7 +45,7 @@ class MaskedDiffusion(Method):
     name = "masked"
     data_kind = "text"
 
-    def build_model(self, model_config: ModelConfig, data: DataSpec, pretrained: Tensor | None = None) -> nn.Module:
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
         return Transformer(
             vocab_size=data.vocab_size + 1,  # + the mask token
             out_dim=data.vocab_size,  # never the mask

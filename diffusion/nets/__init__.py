@@ -2,7 +2,9 @@
 
 from torch import nn
 
-from diffusion.config import ModelConfig
+from diffusion.config import ConfigError, ModelConfig
+from diffusion.nets.autoencoder import ConvAutoencoder, MLPAutoencoder
+from diffusion.nets.mlp import FiLMMLP
 from diffusion.nets.unet import UNet
 
 # The config's fields that are the UNet's own arguments, by the same names (the rest are the transformer's).
@@ -31,4 +33,45 @@ def build_unet(config: ModelConfig, in_channels: int, num_classes: int | None, i
         image_size=image_size,
         num_classes=num_classes if config.class_conditional else None,
         **config.model_dump(include=UNET_FIELDS),
+    )
+
+
+def build_denoiser(config: ModelConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
+    """The net of a Gaussian-diffusion method for examples of `shape`: the UNet for (C, H, W), the
+    FiLM MLP for vectors (D,); conditioned on `num_classes` classes when the config asks for it.
+    ConfigError when the net cannot take that shape (a UNet for an MLP autoencoder's vectors)."""
+    if config.name == "mlp":
+        if len(shape) != 1:
+            raise ConfigError(
+                f"model.name: 'mlp' is not allowed for latents of shape {tuple(shape)}: the FiLM MLP takes "
+                "vectors (an mlp_autoencoder's); use unet for a conv_autoencoder's latent grid"
+            )
+        return FiLMMLP(
+            shape[0],
+            hidden_dim=config.hidden_dim,
+            num_layers=config.num_layers,
+            num_classes=num_classes if config.class_conditional else None,
+            dropout=config.dropout,
+        )
+    if len(shape) != 3:
+        raise ConfigError(
+            f"model.name: {config.name!r} is not allowed for latents of shape {tuple(shape)}: the UNet takes "
+            "images (C, H, W); use mlp for an mlp_autoencoder's latent vectors"
+        )
+    return build_unet(config, in_channels=shape[0], num_classes=num_classes, image_size=shape[-1])
+
+
+def build_autoencoder(config: ModelConfig, image_shape: tuple[int, ...]) -> nn.Module:
+    """The autoencoder the model config describes (model.name mlp_autoencoder or conv_autoencoder),
+    for images of `image_shape` (C, H, W)."""
+    if config.name == "mlp_autoencoder":
+        return MLPAutoencoder(
+            image_shape, latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, num_layers=config.num_layers
+        )
+    return ConvAutoencoder(
+        image_shape,
+        latent_channels=config.latent_channels,
+        base_channels=config.base_channels,
+        channel_mults=tuple(config.channel_mults),
+        norm_groups=config.norm_groups,
     )

@@ -1,0 +1,110 @@
+"""Latent diffusion (Rombach et al. 2022): a Gaussian-diffusion method run on the latents of a
+frozen, trained autoencoder (method.autoencoder names its run), whose decoder turns the samples
+into images.
+
+The latents are divided by their standard deviation, measured once on the trainer's fixed
+training examples (the first 256) before the first step (Rombach et al.'s scale factor; `latent_std`, kept in the weights
+and logged), so that the schedule's unit-variance noise suits them. The network holds the
+autoencoder too, so that a checkpoint alone resumes and samples: the autoencoder's run may be gone.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.config import ConfigError, ModelConfig, SampleConfig
+from diffusion.data.spec import DataSpec
+from diffusion.methods.base import Method, Parent, Progress, no_progress
+from diffusion.nets import build_autoencoder
+
+
+class LatentModel(nn.Module):
+    """The denoiser of scaled latents (its forward is the denoiser's) with the frozen autoencoder."""
+
+    def __init__(self, denoiser: nn.Module, autoencoder: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        self.autoencoder = autoencoder.requires_grad_(False)
+        self.register_buffer("latent_std", torch.ones(()))
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.denoiser(x, t, class_labels=class_labels)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents of unit scale."""
+        return self.autoencoder.encode(images) / self.latent_std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents of unit scale -> images in [-1, 1]."""
+        return self.autoencoder.decode(latents * self.latent_std) * 2 - 1
+
+
+class Latent(Method):
+    """`inner` (a Gaussian-diffusion method) on the latents of the autoencoder run `reference`."""
+
+    data_kind = "image"
+    parent_key = "method.autoencoder"
+
+    def __init__(self, inner: Method, reference: str):
+        self.inner = inner
+        self.name = inner.name
+        self.parent_reference = reference
+
+    def latent_data(self, autoencoder: nn.Module, data: DataSpec) -> DataSpec:
+        return DataSpec("image", tuple(autoencoder.latent_shape), num_classes=data.num_classes)
+
+    def build_model(self, model_config: ModelConfig, data: DataSpec, parent: Parent | None = None) -> nn.Module:
+        """ConfigError (method.autoencoder) when `parent` is not an autoencoder of images like `data`."""
+        reference = self.parent_reference
+        if parent is None or parent.config.method.name != "autoencoder":
+            what = "nothing" if parent is None else f"a {parent.config.method.name!r} run"
+            raise ConfigError(
+                f"method.autoencoder: {reference!r} is not allowed: it is {what}, not an autoencoder "
+                "(method.name 'autoencoder')"
+            )
+        if tuple(parent.data.shape) != tuple(data.shape):
+            raise ConfigError(
+                f"method.autoencoder: {reference!r} is not allowed: it encodes {tuple(parent.data.shape)} images "
+                f"({parent.config.data.dataset}), and this run trains on {tuple(data.shape)} ({data.kind})"
+            )
+        autoencoder = build_autoencoder(parent.config.model, parent.data.shape)
+        if parent.weights is not None:
+            autoencoder.load_state_dict(parent.weights, assign=True)  # also on the meta device (check_memory)
+        denoiser = self.inner.build_model(model_config, self.latent_data(autoencoder, data))
+        return LatentModel(denoiser, autoencoder)
+
+    @torch.no_grad()
+    def initialize(self, model: nn.Module, examples: dict[str, Tensor]) -> None:
+        latents = model.autoencoder.encode(examples["images"])
+        model.latent_std.fill_(latents.float().std())
+
+    def training_batch(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return batch | {"images": model.encode(batch["images"])}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], shard: slice | None = None) -> Tensor:
+        return self.inner.loss(model, batch, shard)
+
+    def sample(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        progress: Progress = no_progress,
+    ) -> Tensor:
+        latents = self.inner.sample(
+            model, num_samples, self.latent_data(model.autoencoder, data), sample, generator, device, progress
+        )
+        return torch.cat([model.decode(chunk) for chunk in latents.split(sample.batch_size)])
+
+    def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
+        return self.inner.class_labels(num_samples, data, sample)
+
+    def training_metrics(self, model: nn.Module) -> dict[str, float]:
+        return {"latent_std": model.latent_std.item()}
+
+    def sample_name(self, sample: SampleConfig) -> str:
+        return f"latent-{self.inner.sample_name(sample)}"

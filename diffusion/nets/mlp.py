@@ -1,0 +1,62 @@
+"""A residual MLP with FiLM conditioning, for vectors: an autoencoder's latents (and 2-D points).
+
+Each block: LayerNorm, then FiLM (scale and shift from the time and class embedding, zero-initialised
+so that every block starts unconditioned), then Linear, SiLU, Linear, added back to the stream.
+Conditioning as in the UNet: a sinusoidal embedding of t through an MLP, plus an optional class
+embedding with a null class (index num_classes) for classifier-free guidance.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion.nets.unet import timestep_embedding
+
+
+class FiLMBlock(nn.Module):
+    def __init__(self, width: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.film = nn.Linear(emb_dim, 2 * width)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        gamma, beta = self.film(F.silu(emb)).chunk(2, dim=1)
+        x = (1 + gamma) * self.norm(h) + beta
+        return h + self.fc2(self.dropout(F.silu(self.fc1(x))))
+
+
+class FiLMMLP(nn.Module):
+    """(x (B, D), t (B,), class_labels (B,) long or None) -> (B, D).
+
+    dim: D, the vector size; hidden_dim: the width of the residual stream; num_layers: FiLM blocks;
+    num_classes: None for an unconditional net."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int = 256, num_layers: int = 4, num_classes: int | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        emb_dim = 4 * min(hidden_dim, 128)
+        self.time_dim = emb_dim // 4
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        self.proj_in = nn.Linear(dim, hidden_dim)
+        self.blocks = nn.ModuleList(FiLMBlock(hidden_dim, emb_dim, dropout) for _ in range(num_layers))
+        self.norm_out = nn.LayerNorm(hidden_dim)
+        self.proj_out = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        if self.class_embedding is not None:
+            if class_labels is None:  # no label: the null class, as in the UNet
+                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embedding(class_labels)
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.proj_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,78 @@
+"""An autoencoder and a latent diffusion run through `ops` on the local engine: the latent spec
+names its autoencoder as `run:SPEC`, which ops resolves at submit (or refuses in one line before
+anything is submitted); the autoencoder's post shows its latent space; `ops ckpt inspect` of the
+latent run names the autoencoder it builds on."""
+
+import time
+from pathlib import Path
+
+from tests.ops_project import git, ops, ops_json, registry_rows
+
+TINY_AE = """\
+name: tiny-ae
+description: A tiny MLP autoencoder for the ops tests.
+hypothesis: The reconstructions improve.
+engine: local
+resources:
+  local: {threads: 1}
+run:
+  device: cpu
+  data: {subset: 64, download: false}
+  model: {name: mlp_autoencoder, latent_dim: 4, hidden_dim: 32, num_layers: 1}
+  method: {name: autoencoder}
+  train: {batch_size: 16, epochs: 2, log_every: 1, sample_every_epochs: null, checkpoint_every_minutes: null, progress: lines}
+  sample: {num_samples: 16}
+  eval: {num_samples: 60}
+"""
+
+TINY_LATENT = """\
+name: tiny-latent
+description: A tiny latent DDPM for the ops tests.
+hypothesis: It trains on the autoencoder's latents.
+engine: local
+resources:
+  local: {threads: 1}
+run:
+  device: cpu
+  data: {subset: 64, download: false}
+  model: {name: mlp, hidden_dim: 32, num_layers: 1}
+  method: {name: ddpm, autoencoder: "run:tiny-ae", clip_sample: false, num_train_timesteps: 20}
+  train: {batch_size: 16, epochs: 1, log_every: 1, sample_every_epochs: null, checkpoint_every_minutes: null, progress: lines}
+  sample: {num_samples: 4, num_inference_steps: 3}
+"""
+
+
+def test_a_latent_run_builds_on_the_newest_autoencoder_run_named_by_its_spec(ops_project):
+    root = ops_project
+    (root / "configs/jobs/tiny-ae.yaml").write_text(TINY_AE)
+    (root / "configs/jobs/tiny-latent.yaml").write_text(TINY_LATENT)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "autoencoder specs")
+
+    refused = ops(root, "submit", "tiny-latent")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+    assert "run.method.autoencoder: 'run:tiny-ae' is not allowed: no checkpoint there" in refused.stderr
+    assert registry_rows(root) == []  # nothing submitted
+
+    autoencoder = ops_json(root, "submit", "tiny-ae")["runs"][0]
+    assert ops(root, "wait", autoencoder["ops_id"], "--interval", "0.3").returncode == 0
+    assert ops(root, "journal", autoencoder["ops_id"]).returncode == 0
+    (post,) = (root / "docs/blog/posts").glob(f"*{autoencoder['ops_id']}.md")
+    text = post.read_text()
+    figure = f"{autoencoder['ops_id']}/figure-latent_space.png"
+    assert f"![latent space]({figure})" in text and "latent_space silhouette" in text
+    shown = post.parent / figure
+    assert shown.read_bytes() == (Path(autoencoder["run_dir"]) / "figures/latent_space.png").read_bytes()
+
+    time.sleep(1)  # a later submit: `run:SPEC` is the newest succeeded run
+    latent = ops_json(root, "submit", "tiny-latent")["runs"][0]
+    assert ops(root, "wait", latent["ops_id"], "--interval", "0.3").returncode == 0
+    resolved = (Path(latent["run_dir"]) / "config.yaml").read_text()
+    expected = Path(autoencoder["run_dir"]).relative_to(root)
+    assert f"autoencoder: {expected}" in resolved  # recorded as the run dir it was at submit
+
+    record = ops_json(root, "ckpt", "inspect", latent["ops_id"])
+    assert record["parent"]["method"] == "autoencoder" and record["parent"]["net"] == "mlp_autoencoder"
+    assert record["parent"]["checkpoint"] == str((Path(autoencoder["run_dir"]) / "checkpoints/latest.pt").resolve())
+    shown = ops(root, "ckpt", "inspect", latent["ops_id"])
+    assert f"built on  {expected}: autoencoder (mlp_autoencoder), step 8" in shown.stdout
