@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from diffusion.config import load_run_config
+from diffusion.methods import build_method
 from diffusion.progress import track
+from diffusion.records import read_json
 from diffusion.tasks import evaluate_checkpoint
 from diffusion.train import train
 
@@ -36,6 +38,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--solver-w", type=float, default=2.0, help="guidance scale of the solver comparison")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run dirs as they are")
+    parser.add_argument(
+        "--train", choices=("mnist-quick", "mnist-conditional"), help="train only this one (again), then evaluate both"
+    )
+    parser.add_argument(
+        "--reuse-evals", action="store_true", help="take a sampler's scores from its eval/NAME.json when there is one"
+    )
     parser.add_argument("--note", default="nothing else", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
 
@@ -50,13 +58,21 @@ def main() -> None:
         config.train.progress = "lines"
         config.sample.batch_size, config.eval.num_samples = 500, args.num_samples
         configs[name] = config
-        if not args.skip_train:
+        if not args.skip_train and args.train in (None, name):
             train(config, root / name)
 
     def evaluate(name: str, label: str, **sample) -> dict:
         config = configs[name].model_copy(deep=True)
         for key, value in sample.items():
             setattr(config.sample, key, value)
+        written = read_json(root / name / "eval" / f"{build_method(config).sample_name(config.sample)}.json")
+        trained_step = (read_json(root / name / "summary.json") or {}).get("step")
+        if (
+            args.reuse_evals
+            and written
+            and (written["step"], written["num_samples"]) == (trained_step, args.num_samples)
+        ):
+            return {"label": label, **written}  # this checkpoint, this many samples
         record = evaluate_checkpoint(config, root / name, progress=track)
         return {"label": label, **record}
 

@@ -73,6 +73,17 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def load_weights_only(path: Path):
+    """A checkpoint read by torch's weights-only loader, so that a file from elsewhere (another
+    run a method builds on, bare weights from another code base) can run no code; the numpy RNG
+    state of our own checkpoints is allowed by name."""
+    # The function numpy pickles arrays with (numpy._core's in numpy 2, numpy.core's before).
+    reconstruct = np.zeros(0).__reduce__()[0]
+    numpy_state = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct]
+    with torch.serialization.safe_globals(numpy_state):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def capture_rng_state() -> dict:
     state = {
         "python": random.getstate(),

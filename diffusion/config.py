@@ -183,9 +183,28 @@ class MethodConfig(Section):
         "checkpoint, or an ops id) whose frozen encoder's latents this method models; its type and "
         "sizes are read from its checkpoint.",
     )
+    autoencoder_model: dict[str, Any] | None = Field(
+        None,
+        description="Latent diffusion: model settings of the autoencoder "
+        "that override those its checkpoint records, e.g. {name: mlp_autoencoder, latent_dim: 16} for a "
+        ".pt of bare weights (a state dict), which records none.",
+    )
     reconstruction_loss: Literal["bce", "mse"] = Field(
         "bce", description="autoencoder: binary cross-entropy on the decoder's logits, or squared error."
     )
+
+    @field_validator("autoencoder_model")
+    @classmethod
+    def _autoencoder_settings(cls, settings: dict[str, Any] | None) -> dict[str, Any] | None:
+        if settings is None:
+            return None
+        try:
+            model = ModelConfig.model_validate(settings)
+        except ValidationError as exc:
+            raise ValueError(describe_error(exc.errors()[0], ModelConfig)) from None
+        if "name" in settings and model.name not in AUTOENCODER_NETS:
+            raise ValueError(f"name must be {quoted_choices(AUTOENCODER_NETS)}")
+        return settings  # as written: only these override the checkpoint's
 
     @field_validator("name")
     @classmethod
@@ -402,9 +421,10 @@ def model_conflicts(config: RunConfig):
         )
     autoencoding = method.name == "autoencoder"
     if text != (model.name == "transformer"):
+        image_nets = quoted_choices(AUTOENCODER_NETS) if autoencoding else "unet"
         yield (
             f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: "
-            f"use {'transformer' if text else 'unet'}"
+            f"use {'transformer' if text else image_nets}"
         )
     elif not text and autoencoding != (model.name in AUTOENCODER_NETS):
         yield (
@@ -418,6 +438,17 @@ def model_conflicts(config: RunConfig):
         )
     if autoencoding and model.class_conditional:
         yield "model.class_conditional: true is not allowed with method.name 'autoencoder': an autoencoder takes no class"
+    if autoencoding and data.limit_per_class is not None:
+        yield (
+            f"data.limit_per_class: {data.limit_per_class} is not allowed with method.name 'autoencoder': overfit "
+            "mode measures how near samples come to the training images, and an autoencoder draws none (train on "
+            "data.subset and watch the reconstruction loss instead)"
+        )
+    if method.autoencoder_model is not None and method.autoencoder is None:
+        yield (
+            f"method.autoencoder_model: {method.autoencoder_model} is not allowed without method.autoencoder: it "
+            "overrides the settings of that autoencoder's checkpoint"
+        )
     if method.autoencoder is not None:
         if method.name != "ddpm":
             yield (
@@ -478,22 +509,9 @@ def model_conflicts(config: RunConfig):
             yield f"data.only_digit: {data.only_digit} is not allowed with data.dataset {data.dataset!r}: it is for MNIST"
         if data.npz is not None and data.dataset != "cifar10":
             yield f"data.npz: {data.npz!r} is not allowed with data.dataset {data.dataset!r}: it is for CIFAR-10"
-        size = data.resolution or NATIVE_SIZE[data.dataset]
-        sizes = [size]
-        for _ in model.channel_mults[1:]:
-            sizes.append((sizes[-1] + 1) // 2)
-        # A latent run's UNet sees the autoencoder's latent grid, known once its checkpoint is read.
-        for resolution in model.attention_resolutions if method.autoencoder is None else ():
-            if resolution not in sizes:
-                yield (
-                    f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} "
-                    f"images are {', '.join(map(str, sizes))}"
-                )
-            elif (model.base_channels * model.channel_mults[sizes.index(resolution)]) % model.attention_heads:
-                yield (
-                    f"model.attention_heads: {model.attention_heads} is not allowed: must divide the channels "
-                    f"of the {resolution}x{resolution} level that model.attention_resolutions gives attention"
-                )
+        # A latent run's UNet sees the autoencoder's latent grid, checked once its checkpoint is read.
+        if method.autoencoder is None:
+            yield from attention_conflicts(model, data.resolution or NATIVE_SIZE[data.dataset])
         lowest = model.base_channels * model.channel_mults[-1]
         if model.attention and lowest % model.attention_heads:
             yield (
@@ -506,6 +524,24 @@ def model_conflicts(config: RunConfig):
         ):
             if value is not None:
                 yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
+
+
+def attention_conflicts(model: ModelConfig, size: int):
+    """What model.attention_resolutions asks that a UNet on size x size inputs cannot do."""
+    sizes = [size]
+    for _ in model.channel_mults[1:]:
+        sizes.append((sizes[-1] + 1) // 2)
+    for resolution in model.attention_resolutions:
+        if resolution not in sizes:
+            yield (
+                f"model.attention_resolutions: {resolution} is not allowed: the levels of {size}x{size} "
+                f"inputs are {', '.join(map(str, sizes))}"
+            )
+        elif (model.base_channels * model.channel_mults[sizes.index(resolution)]) % model.attention_heads:
+            yield (
+                f"model.attention_heads: {model.attention_heads} is not allowed: must divide the channels "
+                f"of the {resolution}x{resolution} level that model.attention_resolutions gives attention"
+            )
 
 
 def sampling_conflicts(config: RunConfig, sample: "SampleConfig", task: str = "sample"):

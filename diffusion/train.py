@@ -56,7 +56,7 @@ from diffusion.runtime import (
 )
 from diffusion.scores import sample_scores, validation_bits_per_char
 from diffusion.scores.images import overfit_report
-from diffusion.scores.latents import LATENT_SPACE, latent_space_report
+from diffusion.scores.latents import LATENT_SPACE, format_score, latent_space_report
 from diffusion.trained import build_network, load_parent, load_scorer
 
 # fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
@@ -107,6 +107,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     state = TrainState.build(config, method, data, parent, device, ranks, None if latest else examples)
     if latest:
         resume(state, latest, run, config, plan, ranks)
+    del latest  # the whole checkpoint: not kept in memory for the rest of the run
     print(
         f"training on {device}: {len(dataset)} examples, {num_params / 1e6:.2f}M parameters "
         f"(at least {num_params * BYTES_PER_PARAMETER / 1e6:,.0f} MB to train), "
@@ -262,7 +263,8 @@ class TrainState:
             trained_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]  # not a frozen parent
+        optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
         return cls(model, ema_model, trained_model, optimizer, parent)
 
 
@@ -576,8 +578,8 @@ def picture_latents(method: Method, model: torch.nn.Module, config: RunConfig, r
     out = run.figures / LATENT_SPACE
     scores = latent_space_report(latents, labels, out, seed=config.sample.seed)
     print(
-        f"latent space of {len(latents)} held-out images: silhouette {scores['silhouette']:.3f}, "
-        f"Calinski-Harabasz {scores['calinski_harabasz']:.1f} -> {out}",
+        f"latent space of {len(latents)} held-out images: silhouette {format_score(scores['silhouette'])}, "
+        f"Calinski-Harabasz {format_score(scores['calinski_harabasz'], '.1f')} -> {out}",
         flush=True,
     )
     return scores

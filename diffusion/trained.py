@@ -2,12 +2,13 @@
 The one place that turns checkpoints into networks: methods never load one."""
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffusion.checkpoint import UNREADABLE, load_checkpoint
+from diffusion.checkpoint import UNREADABLE, load_checkpoint, load_weights_only
 from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, to_dict, validate_stored_run
 from diffusion.data import DataSpec
 from diffusion.methods import Method, Parent, build_method
@@ -47,27 +48,53 @@ def load_parent(method: Method, recorded: dict | None = None) -> Parent | None:
     if reference is None:
         return None
     if recorded is not None:
+        if recorded["config"] is None:  # bare weights: the method's own settings say what they are
+            return Parent(None, None, None, recorded)
         config = validate_stored_run(recorded["config"], f"{method.parent_key} {reference!r} (recorded config)")
         return Parent(config, DataSpec.from_json(recorded["data"]), None, recorded)
     path = resolve_checkpoint(reference, method.parent_key)
     try:
-        checkpoint = load_checkpoint(path)
-        stored = checkpoint["config"]
-    except (*UNREADABLE, KeyError, TypeError) as exc:
+        checkpoint = load_weights_only(path)  # a file from elsewhere runs no code
+    except UNREADABLE as exc:
+        problem = (
+            "holds more than weights (objects whose loading could run code)"
+            if isinstance(exc, pickle.UnpicklingError)
+            else "is not a checkpoint"
+        )
         raise ConfigError(
-            f"{method.parent_key}: {reference!r} is not allowed: {path} is not a checkpoint of a run "
-            f"({type(exc).__name__})"
+            f"{method.parent_key}: {reference!r} is not allowed: {path} {problem} ({type(exc).__name__})"
         ) from None
-    record = {
-        "reference": reference,
-        "checkpoint": str(path.resolve()),
-        "sha256": file_sha256(path),
-        "step": checkpoint["step"],
-        "config": stored,
-        "data": checkpoint_data(checkpoint).to_json(),
-    }
-    config = validate_stored_run(stored, f"{path} (config)")
-    return Parent(config, checkpoint_data(checkpoint), checkpoint["ema"], record)
+    record = {"reference": reference, "checkpoint": str(path.resolve()), "sha256": file_sha256(path)}
+    weights = bare_weights(checkpoint)
+    if weights is not None:
+        return Parent(None, None, weights, record | {"step": None, "config": None, "data": None})
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise ConfigError(
+            f"{method.parent_key}: {reference!r} is not allowed: {path} is neither a run's checkpoint nor a state dict"
+        )
+    try:
+        data = checkpoint_data(checkpoint)
+        record |= {"step": checkpoint["step"], "config": checkpoint["config"], "data": data.to_json()}
+        weights = checkpoint["ema"]
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{method.parent_key}: {reference!r} is not allowed: {path} has a config but is not a run's "
+            f"checkpoint (no {exc})"
+        ) from None
+    config = validate_stored_run(checkpoint["config"], f"{method.parent_key} {reference!r} (its config)")
+    return Parent(config, data, weights, record)
+
+
+def bare_weights(checkpoint) -> dict[str, torch.Tensor] | None:
+    """A checkpoint that is only weights (`torch.save(net.state_dict())`, or one under
+    "state_dict" / "model_state_dict", as other code bases save them), else None."""
+    if isinstance(checkpoint, dict) and "config" not in checkpoint:
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+        if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            return dict(checkpoint)
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -153,11 +180,11 @@ def parent_summary(recorded: dict | None, reference: str | None) -> dict | None:
         return None
     if recorded is None:
         return {"reference": reference}
-    config = recorded["config"]
+    config = recorded["config"]  # None: bare weights, described by the run's own method settings
     return {
         **{key: recorded[key] for key in ("reference", "checkpoint", "sha256", "step")},
-        "method": config["method"]["name"],
-        "net": config["model"]["name"],
+        "method": config["method"]["name"] if config else None,
+        "net": config["model"]["name"] if config else None,
         "data": recorded["data"],
     }
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ops.build import build_image
 from ops.engines import Engine, EngineState, Launch, get_engine
-from ops.engines.vertex import VERTEX_FILE
+from ops.engines.vertex import VERTEX_FILE, gcs_fuse_path
 from ops.errors import OpsError
 from ops.followups import columns, do_followups, do_pending, due_again, record_done, recorded, refresh_records, skip_all
 from ops.journal import comparison, write_comparison, write_post
@@ -106,9 +106,10 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
 
 
 def check_references(project: Project, spec, source: str) -> None:
-    """The runs a spec reads, checked at submit where this machine sees them (local and SLURM;
-    Vertex jobs read theirs in the cloud): each is there, and a sample or eval task's settings suit
-    its checkpoint's own method, network and data (that run's config.yaml). ConfigError, one line."""
+    """The runs a spec reads (a run dir, a .pt, `run:SPEC` or an ops id), resolved to where the
+    engine reads them and recorded so in the spec: checked here where this machine sees them
+    (local and SLURM: each is there, and a sample or eval task's settings suit its checkpoint's own
+    method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line."""
     from diffusion.config import ConfigError, load_run_config, sampling_conflict  # pydantic: only at submit
 
     run = spec.run
@@ -117,8 +118,6 @@ def check_references(project: Project, spec, source: str) -> None:
         raise ConfigError(
             f"{source}: run.sample.checkpoint: required for a {run.task} task: the run dir (or .pt file) to sample from"
         )
-    if spec.engine == "vertex":
-        return
     references = {
         "sample.checkpoint": run.sample.checkpoint if sampling else None,
         "sample.guide_checkpoint": run.sample.guide_checkpoint if sampling else None,
@@ -130,37 +129,65 @@ def check_references(project: Project, spec, source: str) -> None:
     for key, reference in references.items():
         if reference is None:
             continue
+        section, field_name = key.split(".")
+        if spec.engine == "vertex":
+            resolved = vertex_reference(registry, reference, f"{source}: run.{key}")
+            setattr(getattr(run, section), field_name, resolved)
+            continue
         if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
-            named = named_run(registry, reference)  # recorded as the run's dir
-            if named is None or checkpoint_file(named.run_dir) is None:
+            named = named_run(registry, reference, lambda run: checkpoint_file(run.run_dir) is not None)
+            if named is None:
                 raise ConfigError(
                     f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
                     f"holding {CHECKPOINTS}/{LATEST}, a .pt file, the ops id of a run that wrote one, or "
                     "run:SPEC for the newest succeeded run of a spec)"
                 )
-            section, field_name = key.split(".")
-            setattr(getattr(run, section), field_name, relative_to_project(project, Path(named.run_dir)))
+            # Absolute: a SLURM job starts in the directory ops was called from, not the project's.
+            setattr(getattr(run, section), field_name, named.run_dir)
     trained = project.root / Path(run.sample.checkpoint or "").expanduser() / CONFIG
-    if sampling and trained.is_file():
+    if sampling and trained.is_file() and spec.engine != "vertex":
         problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
 
 
-def named_run(registry: Registry, reference: str) -> Run | None:
-    """The run a reference names: `run:SPEC` the newest succeeded run of that spec, `run:ID` or a
-    bare ops id (or engine job id) that run; None when it names none."""
+def vertex_reference(registry: Registry, reference: str, key: str) -> str:
+    """A checkpoint reference as a Vertex job reaches it: a gs:// URI, or a Vertex run named by
+    run:SPEC or its ops id, as its /gcs/ path (Cloud Storage mounted in the container); other
+    paths as given (the job's own). ConfigError when a named run's files are on this machine only."""
+    from diffusion.config import ConfigError  # pydantic: only at submit
+
+    if reference.startswith("gs://"):
+        return gcs_fuse_path(reference)
+
+    def in_cloud(run: Run) -> bool:
+        return bool((read_json(Path(run.run_dir) / VERTEX_FILE) or {}).get("gcs_run_dir"))
+
+    named = named_run(registry, reference, in_cloud) or named_run(registry, reference)
+    if named is None and reference.startswith("run:"):
+        raise ConfigError(f"{key}: {reference!r} is not allowed: no succeeded run of spec {reference[4:]!r}")
+    if named is None:
+        return reference
+    if not in_cloud(named):
+        raise ConfigError(
+            f"{key}: {reference!r} is not allowed on Vertex: run {named.ops_id} ran on {named.engine}, so its "
+            "checkpoints are not in Cloud Storage; name a Vertex run, or copy them to a gs:// path and give that"
+        )
+    return gcs_fuse_path(read_json(Path(named.run_dir) / VERTEX_FILE)["gcs_run_dir"])
+
+
+def named_run(registry: Registry, reference: str, usable: Callable[[Run], bool] = lambda run: True) -> Run | None:
+    """The run a reference names: `run:SPEC` the newest succeeded run of exactly that spec that is
+    `usable` (its checkpoints where the job can read them), `run:ID` or a bare ops id (or engine
+    job id) that run if usable; None when it names none."""
     name = reference.removeprefix("run:")
     if reference.startswith("run:"):
-        newest = registry.select(states=["SUCCEEDED"], names=[name], limit=1)
-        if newest:
-            return newest[0]
-    return registry.get(name)
-
-
-def relative_to_project(project: Project, path: Path) -> str:
-    """`path` relative to the project root when it is inside it (so that a rerun elsewhere finds it), else as is."""
-    return str(path.relative_to(project.root)) if path.is_relative_to(project.root) else str(path)
+        succeeded = registry.select(states=["SUCCEEDED"], names=[name])  # LIKE: _ and % match more
+        found = next((run for run in succeeded if run.name == name and usable(run)), None)
+        if found:
+            return found
+    run = registry.get(name)
+    return run if run is not None and usable(run) else None
 
 
 def ignored_resources(engine: str, overrides: list[str]) -> list[str]:

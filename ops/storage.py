@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from ops.errors import OpsError
-from ops.rundir import CHECKPOINTS, EVAL, SAMPLES
+from ops.rundir import CHECKPOINTS, EVAL, FIGURES, SAMPLES
 
-WHAT = {"checkpoints": (f"{CHECKPOINTS}/",), "samples": (f"{SAMPLES}/", f"{EVAL}/"), "all": ("",)}
+WHAT = {"checkpoints": (f"{CHECKPOINTS}/",), "samples": (f"{SAMPLES}/", f"{EVAL}/", f"{FIGURES}/"), "all": ("",)}
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -430,6 +430,8 @@ def parent_line(parent: dict | None) -> str:
         return "-"
     if "method" not in parent:  # an older checkpoint recorded the reference alone
         return parent["reference"]
+    if parent["method"] is None:
+        return f"{parent['reference']}: bare weights (described by method.autoencoder_model), sha256 {parent['sha256'][:12]}"
     return (
         f"{parent['reference']}: {parent['method']} ({parent['net']}), step {parent['step']}, "
         f"{parent['checkpoint']} (sha256 {parent['sha256'][:12]})"

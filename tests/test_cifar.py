@@ -60,7 +60,7 @@ def test_images_are_upscaled_per_batch_and_limited_per_class(cifar_root):
 
 def test_cifar_settings_are_checked_before_any_work():
     with pytest.raises(
-        ConfigError, match=r"model.attention_resolutions: 12 is not allowed: the levels of 32x32 images are 32, 16, 8"
+        ConfigError, match=r"model.attention_resolutions: 12 is not allowed: the levels of 32x32 inputs are 32, 16, 8"
     ):
         validate_run({"data": {"dataset": "cifar10"}, "model": {"attention_resolutions": [12]}})
     with pytest.raises(ConfigError, match=r"data.npz: 'x.npz' is not allowed with data.dataset 'mnist'"):

@@ -53,7 +53,7 @@ def config_of(mnist_root, model: dict, method: dict, **sections):
     return validate_run(raw | {"model": model, "method": method})
 
 
-def latent_config(mnist_root, autoencoder: str, net: str = "mlp", **sections):
+def latent_config(mnist_root, autoencoder: str, net: str = "mlp", method: dict | None = None, **sections):
     model = {"name": net, "hidden_dim": 32, "num_layers": 2, "class_conditional": True}
     if net == "unet":
         model |= {
@@ -63,8 +63,8 @@ def latent_config(mnist_root, autoencoder: str, net: str = "mlp", **sections):
             "attention": False,
             "norm_groups": 4,
         }
-    method = {"name": "ddpm", "autoencoder": autoencoder, "clip_sample": False, "num_train_timesteps": 50}
-    return config_of(mnist_root, model, method, **sections)
+    settings = {"name": "ddpm", "autoencoder": autoencoder, "clip_sample": False, "num_train_timesteps": 50}
+    return config_of(mnist_root, model, settings | (method or {}), **sections)
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +192,12 @@ def test_latent_diffusion_needs_nothing_but_its_own_run(autoencoders, mnist_root
 
     shutil.rmtree(source)  # resuming and sampling need only the latent run
     assert train(config, halves) == 0
-    a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)["model"]
-    b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)
+    b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
     assert main(["sample", str(halves), "--set", "sample.guidance_scale=2", "--set", "sample.num_samples=10"]) == 0
     arrays = np.load(halves / "samples/latent-ddim4-w2-seed0.npz")
     assert arrays["images"].shape == (10, 1, 28, 28) and list(arrays["labels"]) == list(range(10))
@@ -262,12 +263,42 @@ def test_an_autoencoder_of_other_images_is_refused(autoencoders, mnist_root, tmp
             {"name": "autoencoder"},
             "model.class_conditional: true is not allowed with method.name 'autoencoder'",
         ),
+        (
+            {"name": "transformer"},
+            {"name": "autoencoder"},
+            "model.name: 'transformer' is not allowed with data.dataset 'mnist': use 'mlp_autoencoder' or "
+            "'conv_autoencoder'",
+        ),
+        (
+            {"name": "mlp"},
+            {"autoencoder": "runs/ae", "clip_sample": False, "autoencoder_model": {"latent_dm": 4}},
+            "method.autoencoder_model: {'latent_dm': 4} is not allowed: latent_dm: unknown key; did you mean "
+            "'latent_dim'?",
+        ),
+        (
+            {"name": "mlp"},
+            {"autoencoder": "runs/ae", "clip_sample": False, "autoencoder_model": {"name": "unet"}},
+            "method.autoencoder_model: {'name': 'unet'} is not allowed: name must be 'mlp_autoencoder' or "
+            "'conv_autoencoder'",
+        ),
+        (
+            {"name": "unet"},
+            {"autoencoder_model": {"latent_dim": 4}},
+            "method.autoencoder_model: {'latent_dim': 4} is not allowed without method.autoencoder",
+        ),
     ],
 )
 def test_autoencoder_and_latent_settings_that_cannot_work_are_refused(model, method, message):
     with pytest.raises(ConfigError) as error:
         validate_run({"model": model, "method": method})
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_overfit_mode_is_refused_for_an_autoencoder_which_draws_no_samples():
+    with pytest.raises(ConfigError, match="data.limit_per_class: 2 is not allowed with method.name 'autoencoder'"):
+        validate_run(
+            {"data": {"limit_per_class": 2}, "model": {"name": "mlp_autoencoder"}, "method": {"name": "autoencoder"}}
+        )
 
 
 def test_label_dropout_applies_to_latent_runs_too():
@@ -317,10 +348,102 @@ def test_each_autoencoder_spec_trains_checkpoints_resumes_bitwise_and_previews(s
     a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)
     b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)
     assert a["step"] == b["step"] == 4
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    for part in ("model", "ema"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
     with Image.open(whole / "samples/final.png") as image:
         assert np.asarray(image).std() > 5
     if spec == "latent-diffusion":
         assert main(["sample", str(whole)]) == 0
         assert len(np.load(whole / "samples/latent-ddim3-eta1-w2-seed0.npz")["images"]) == 8
+
+
+def test_bare_autoencoder_weights_are_described_by_an_explicit_override(autoencoders, mnist_root, tmp_path):
+    """A .pt of bare weights (as other code bases save them) records no config: the run says
+    what it is with method.autoencoder_model, which also overrides a recorded config."""
+    ema = torch.load(autoencoders["mlp"] / "checkpoints/latest.pt", weights_only=False)["ema"]
+    torch.save({"model_state_dict": ema}, tmp_path / "bare.pt")
+    reference = str(tmp_path / "bare.pt")
+    with pytest.raises(ConfigError, match="not allowed without method.autoencoder_model: it holds bare weights"):
+        train(latent_config(mnist_root, reference), tmp_path / "latent")
+    wrong = {"name": "mlp_autoencoder", "latent_dim": 7, "hidden_dim": 32, "num_layers": 1}
+    for source, settings in ((reference, wrong), (str(autoencoders["mlp"]), {"latent_dim": 7})):
+        with pytest.raises(ConfigError) as error:
+            train(latent_config(mnist_root, source, method={"autoencoder_model": settings}), tmp_path / "latent")
+        assert "its weights do not fit a mlp_autoencoder with these settings (method.autoencoder_model)" in str(
+            error.value
+        ) and "\n" not in str(error.value)
+        assert not (tmp_path / "latent").exists()
+
+    right = wrong | {"latent_dim": 6}
+    config = latent_config(mnist_root, reference, method={"autoencoder_model": right})
+    assert (
+        train(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 3})}), tmp_path / "a")
+        == 0
+    )
+    (tmp_path / "bare.pt").unlink()  # resumes from its own checkpoint and the run's own settings
+    assert train(config, tmp_path / "a") == 0
+    model = torch.load(tmp_path / "a/checkpoints/latest.pt", weights_only=False)["model"]
+    for key, tensor in ema.items():
+        assert torch.equal(model[f"autoencoder.{key}"], tensor), key
+    assert inspect_checkpoint(tmp_path / "a")["parent"]["method"] is None  # bare weights: nothing recorded
+
+
+@pytest.mark.parametrize("num_samples, side", [(1, 2), (8, 2), (12, 2), (16, 4), (50, 6), (64, 8), (100, 10)])
+def test_the_reconstruction_preview_is_a_square_of_row_pairs(num_samples, side, tmp_path):
+    from diffusion.data import DataSpec, write_samples
+    from diffusion.methods.autoencoder import Autoencoder
+
+    net = MLPAutoencoder((1, 6, 6), latent_dim=3, hidden_dim=8)
+    examples = {"images": torch.rand(256, 1, 6, 6) * 2 - 1}
+    shown = Autoencoder().preview(net, num_samples, DataSpec("image", (1, 6, 6)), None, None, "cpu", examples)
+    assert shown.shape == (side * side, 1, 6, 6)
+    for row in range(0, side, 2):  # originals, then their reconstructions, in pairs of rows
+        originals = examples["images"][row // 2 * side : row // 2 * side + side]
+        assert torch.equal(shown[row * side : (row + 1) * side], originals)
+        expected = net.decode(net.encode(originals)) * 2 - 1
+        assert torch.allclose(shown[(row + 1) * side : (row + 2) * side], expected)
+    grid = write_samples(DataSpec("image", (1, 6, 6)), shown, tmp_path, "preview", keep_arrays=False)["grid"]
+    with Image.open(grid) as image:  # the grid keeps the pairs: side images per row
+        assert image.size == (2 + side * 8, 2 + side * 8)
+    few = Autoencoder().preview(
+        net, 64, DataSpec("image", (1, 6, 6)), None, None, "cpu", {"images": examples["images"][:10]}
+    )
+    assert few.shape[0] == 16  # ten examples fill 4 x 4 with eight originals: the side shrinks, whole rows
+
+
+def test_the_latent_report_copes_with_one_dimension_and_too_few_classes(tmp_path):
+    one_dimension = latent_space_report(torch.randn(40, 1), torch.arange(40) % 4, tmp_path / "a.png")
+    assert one_dimension["silhouette"] is not None and (tmp_path / "a.png").is_file()
+    one_class = latent_space_report(torch.randn(30, 5), torch.zeros(30, dtype=torch.long), tmp_path / "b.png")
+    assert one_class["silhouette"] is None and one_class["calinski_harabasz"] is None
+    every_point_its_class = latent_space_report(torch.randn(3, 5), torch.arange(3), tmp_path / "c.png")
+    assert every_point_its_class["silhouette"] is None and (tmp_path / "c.png").is_file()
+
+
+def test_a_latent_unet_is_checked_against_the_latent_grid_in_one_line():
+    from diffusion.config import ModelConfig
+    from diffusion.nets import build_denoiser
+
+    model = ModelConfig(base_channels=8, channel_mults=[1, 2], norm_groups=4, attention_resolutions=[14])
+    with pytest.raises(ConfigError) as error:
+        build_denoiser(model, (4, 7, 7), None)
+    assert str(error.value) == (
+        "model.attention_resolutions: 14 is not allowed: the levels of 7x7 inputs are 7, 4 "
+        "(the autoencoder's latents are 4x7x7)"
+    )
+    assert build_denoiser(model.model_copy(update={"attention_resolutions": [4]}), (4, 7, 7), None)(
+        torch.randn(2, 4, 7, 7), torch.tensor([3, 4])
+    ).shape == (2, 4, 7, 7)
+
+
+def test_a_parent_file_that_holds_code_is_refused_without_running_it(mnist_root, tmp_path, capsys):
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "extra": RunsCode()}, tmp_path / "foreign.pt")
+    with pytest.raises(ConfigError) as error:
+        train(latent_config(mnist_root, str(tmp_path / "foreign.pt")), tmp_path / "latent")
+    assert "holds more than weights (objects whose loading could run code)" in str(error.value)
+    assert "this ran" not in capsys.readouterr().out and not (tmp_path / "latent").exists()

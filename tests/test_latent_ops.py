@@ -6,6 +6,13 @@ latent run names the autoencoder it builds on."""
 import time
 from pathlib import Path
 
+import pytest
+
+from diffusion.config import ConfigError
+from ops.engines.vertex import VERTEX_FILE
+from ops.registry import Registry, Run
+from ops.rundir import write_json
+from ops.runs import vertex_reference
 from tests.ops_project import git, ops, ops_json, registry_rows
 
 TINY_AE = """\
@@ -68,11 +75,36 @@ def test_a_latent_run_builds_on_the_newest_autoencoder_run_named_by_its_spec(ops
     latent = ops_json(root, "submit", "tiny-latent")["runs"][0]
     assert ops(root, "wait", latent["ops_id"], "--interval", "0.3").returncode == 0
     resolved = (Path(latent["run_dir"]) / "config.yaml").read_text()
-    expected = Path(autoencoder["run_dir"]).relative_to(root)
-    assert f"autoencoder: {expected}" in resolved  # recorded as the run dir it was at submit
+    expected = autoencoder["run_dir"]
+    assert f"autoencoder: {expected}\n" in resolved  # recorded as the run dir it was at submit
 
     record = ops_json(root, "ckpt", "inspect", latent["ops_id"])
     assert record["parent"]["method"] == "autoencoder" and record["parent"]["net"] == "mlp_autoencoder"
     assert record["parent"]["checkpoint"] == str((Path(autoencoder["run_dir"]) / "checkpoints/latest.pt").resolve())
     shown = ops(root, "ckpt", "inspect", latent["ops_id"])
     assert f"built on  {expected}: autoencoder (mlp_autoencoder), step 8" in shown.stdout
+
+
+def test_a_vertex_job_reaches_a_named_run_through_its_cloud_storage_path(tmp_path):
+    registry = Registry(tmp_path / "runs.db")
+    cloud, local = tmp_path / "cloud-ae", tmp_path / "local-ae"
+    cloud.mkdir()
+    write_json(cloud / VERTEX_FILE, {"gcs_run_dir": "gs://bucket/runs/ae-cloud"})
+    registry.insert(Run("ae-cloud", "autoencoder-mlp", "vertex", str(cloud), state="SUCCEEDED", created_at=1.0))
+    registry.insert(Run("ae-local", "autoencoder-mlp", "local", str(local), state="SUCCEEDED", created_at=2.0))
+
+    registry.insert(Run("ae-like", "autoencoderXmlp", "vertex", str(cloud), state="SUCCEEDED", created_at=3.0))
+
+    assert vertex_reference(registry, "ae-cloud", "key") == "/gcs/bucket/runs/ae-cloud"
+    # The newest succeeded run of exactly that spec whose files are in the cloud (not the newer local one).
+    assert vertex_reference(registry, "run:autoencoder-mlp", "key") == "/gcs/bucket/runs/ae-cloud"
+    assert vertex_reference(registry, "gs://bucket/x/latest.pt", "key") == "/gcs/bucket/x/latest.pt"
+    assert vertex_reference(registry, "/gcs/bucket/y", "key") == "/gcs/bucket/y"  # the job's own path, as given
+    with pytest.raises(ConfigError) as error:
+        vertex_reference(registry, "ae-local", "spec: run.method.autoencoder")
+    assert str(error.value) == (
+        "spec: run.method.autoencoder: 'ae-local' is not allowed on Vertex: run ae-local ran on local, "
+        "so its checkpoints are not in Cloud Storage; name a Vertex run, or copy them to a gs:// path and give that"
+    )
+    with pytest.raises(ConfigError, match="'run:autoencoder_mlp' is not allowed: no succeeded run of spec"):
+        vertex_reference(registry, "run:autoencoder_mlp", "key")  # `_` is no wildcard: autoencoderXmlp is another

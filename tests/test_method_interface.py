@@ -34,7 +34,7 @@ class OneParameterDenoiser(Method):
     name = "toy-scale"
     data_kind = "image"
 
-    def build_model(self, model_config, data, pretrained=None):
+    def build_model(self, model_config, data, parent=None):
         return Scale()
 
     def loss(self, model, batch, shard=None):

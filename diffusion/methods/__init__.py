@@ -14,7 +14,7 @@ def build_method(config: RunConfig | MethodConfig) -> Method:
         config = RunConfig(method=config)
     method = METHODS[config.method.name].from_config(config)
     if config.method.autoencoder is not None:
-        method = Latent(method, config.method.autoencoder)
+        method = Latent(method, config.method.autoencoder, config.method.autoencoder_model)
     return method
 
 

@@ -9,6 +9,8 @@ It draws no new images: a training run shows reconstructions (originals and thei
 reconstructions in alternate rows) and pictures the latent space (`encode`).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,14 +63,17 @@ class Autoencoder(Method):
         device: torch.device | str,
         examples: dict[str, Tensor],
     ) -> Tensor:
-        """`num_samples` images in [-1, 1]: rows of originals, each followed by a row of their
-        reconstructions (rows of round(sqrt(num_samples)) images, the grid's)."""
-        columns = max(1, round(num_samples**0.5))
-        originals = examples["images"][: num_samples // 2].to(device)
+        """A square grid of images in [-1, 1]: rows of originals, each followed by a row of their
+        reconstructions; an even side of at most sqrt(num_samples) (at least 2), so that
+        write_samples' square grid keeps the pairs of rows."""
+        side = max(2, math.isqrt(num_samples) // 2 * 2)
+        while side > 2 and side * side // 2 > len(examples["images"]):
+            side -= 2
+        originals = examples["images"][: side * side // 2].to(device)
         reconstructions = model.decode(model.encode(originals)) * 2 - 1
         rows = []
-        for start in range(0, len(originals), columns):
-            rows += [originals[start : start + columns], reconstructions[start : start + columns]]
+        for start in range(0, len(originals), side):
+            rows += [originals[start : start + side], reconstructions[start : start + side]]
         return torch.cat(rows).float()
 
     @torch.no_grad()

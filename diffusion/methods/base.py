@@ -130,10 +130,12 @@ class Parent:
     """A trained run that a method builds on (an autoencoder, a run's token embeddings): its
     config, its data and its (EMA) weights; weights None when the network is about to be loaded
     from a checkpoint of the run being built (a resume, a sample task), which holds them already,
-    so that the parent run need not exist any more. `record`: what the checkpoint keeps of it."""
+    so that the parent run need not exist any more. config and data None: bare weights (a state
+    dict from elsewhere), which the method's own settings describe. `record`: what the checkpoint
+    keeps of it."""
 
-    config: RunConfig
-    data: DataSpec
+    config: RunConfig | None
+    data: DataSpec | None
     weights: dict[str, Tensor] | None
     record: dict
 

@@ -177,7 +177,7 @@ class EmbeddingDiffusion(Method):
         """(V, d_pre) the parent run's token embeddings: its EMA weights, or zeros of their shape
         when the network will be loaded from a checkpoint that holds them."""
         reference = self.parent_reference
-        if parent.data.tokenizer != data.tokenizer:
+        if parent.config is None or parent.data.tokenizer != data.tokenizer:
             raise ConfigError(
                 f"method.init_embeddings: {reference!r} is not allowed: it was trained with another "
                 "tokenizer (or is not a text run); give a run with the same data settings"

@@ -9,9 +9,10 @@ autoencoder too, so that a checkpoint alone resumes and samples: the autoencoder
 """
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from diffusion.config import ConfigError, ModelConfig, SampleConfig
+from diffusion.config import ConfigError, ModelConfig, SampleConfig, describe_error
 from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Method, Parent, Progress, no_progress
 from diffusion.nets import build_autoencoder
@@ -28,6 +29,11 @@ class LatentModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         return self.denoiser(x, t, class_labels=class_labels)
+
+    def train(self, mode: bool = True) -> "LatentModel":
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: no dropout or batch statistics of its own while the denoiser trains
+        return self
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -46,33 +52,65 @@ class Latent(Method):
     data_kind = "image"
     parent_key = "method.autoencoder"
 
-    def __init__(self, inner: Method, reference: str):
+    def __init__(self, inner: Method, reference: str, autoencoder_model: dict | None = None):
         self.inner = inner
         self.name = inner.name
         self.parent_reference = reference
+        self.autoencoder_model = autoencoder_model  # settings that override the checkpoint's
 
     def latent_data(self, autoencoder: nn.Module, data: DataSpec) -> DataSpec:
         return DataSpec("image", tuple(autoencoder.latent_shape), num_classes=data.num_classes)
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, parent: Parent | None = None) -> nn.Module:
-        """ConfigError (method.autoencoder) when `parent` is not an autoencoder of images like `data`."""
+        """The autoencoder as `parent`'s checkpoint records it (with method.autoencoder_model's
+        settings over it) and the inner method's denoiser for its latents. ConfigError (one line)
+        when `parent` is not an autoencoder of images like `data`, or its weights do not fit."""
         reference = self.parent_reference
-        if parent is None or parent.config.method.name != "autoencoder":
+        override = self.autoencoder_model or {}
+        if parent is not None and parent.config is None:  # bare weights: the override says what they are
+            if "name" not in override:
+                raise ConfigError(
+                    f"method.autoencoder: {reference!r} is not allowed without method.autoencoder_model: it holds "
+                    "bare weights and no config; say which autoencoder they are, e.g. "
+                    "{name: mlp_autoencoder, latent_dim: 16, hidden_dim: 512, num_layers: 2}"
+                )
+            settings = self.autoencoder_settings(override)
+        elif parent is None or parent.config.method.name != "autoencoder":
             what = "nothing" if parent is None else f"a {parent.config.method.name!r} run"
             raise ConfigError(
                 f"method.autoencoder: {reference!r} is not allowed: it is {what}, not an autoencoder "
                 "(method.name 'autoencoder')"
             )
-        if tuple(parent.data.shape) != tuple(data.shape):
+        elif tuple(parent.data.shape) != tuple(data.shape):
             raise ConfigError(
                 f"method.autoencoder: {reference!r} is not allowed: it encodes {tuple(parent.data.shape)} images "
                 f"({parent.config.data.dataset}), and this run trains on {tuple(data.shape)} ({data.kind})"
             )
-        autoencoder = build_autoencoder(parent.config.model, parent.data.shape)
+        else:
+            settings = self.autoencoder_settings(parent.config.model.model_dump() | override)
+        autoencoder = build_autoencoder(settings, data.shape)
         if parent.weights is not None:
-            autoencoder.load_state_dict(parent.weights, assign=True)  # also on the meta device (check_memory)
+            try:  # assign: also on the meta device (the trainer's memory check)
+                autoencoder.load_state_dict(parent.weights, assign=True)
+            except RuntimeError as exc:
+                problem = " ".join(str(exc).split())
+                raise ConfigError(
+                    f"method.autoencoder: {reference!r} is not allowed: its weights do not fit a "
+                    f"{settings.name} with these settings{' (method.autoencoder_model)' if override else ''}: "
+                    f"{problem[:200]}"
+                ) from None
         denoiser = self.inner.build_model(model_config, self.latent_data(autoencoder, data))
         return LatentModel(denoiser, autoencoder)
+
+    def autoencoder_settings(self, settings: dict) -> ModelConfig:
+        """The autoencoder's model section: its checkpoint's with method.autoencoder_model over it."""
+        try:
+            return ModelConfig.model_validate(settings)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"method.autoencoder_model: {self.autoencoder_model} is not allowed with the autoencoder of "
+                f"{self.parent_reference!r}: {describe_error(exc.errors()[0], ModelConfig)}"
+            ) from None
 
     @torch.no_grad()
     def initialize(self, model: nn.Module, examples: dict[str, Tensor]) -> None:

@@ -1,8 +1,9 @@
-"""Networks. They know nothing about diffusion: a net maps (x, t, class_labels) to an output."""
+"""Networks. They know nothing about diffusion: a denoiser maps (x, t, class_labels) to an output of
+x's shape, an autoencoder images to latents and back."""
 
 from torch import nn
 
-from diffusion.config import ConfigError, ModelConfig
+from diffusion.config import ConfigError, ModelConfig, attention_conflicts
 from diffusion.nets.autoencoder import ConvAutoencoder, MLPAutoencoder
 from diffusion.nets.mlp import FiLMMLP
 from diffusion.nets.unet import UNet
@@ -58,6 +59,9 @@ def build_denoiser(config: ModelConfig, shape: tuple[int, ...], num_classes: int
             f"model.name: {config.name!r} is not allowed for latents of shape {tuple(shape)}: the UNet takes "
             "images (C, H, W); use mlp for an mlp_autoencoder's latent vectors"
         )
+    problem = next(attention_conflicts(config, shape[-1]), None)  # latents: their grid is known only now
+    if problem:
+        raise ConfigError(f"{problem} (the autoencoder's latents are {'x'.join(map(str, shape))})")
     return build_unet(config, in_channels=shape[0], num_classes=num_classes, image_size=shape[-1])
 
 

@@ -31,16 +31,20 @@ def latent_space_report(latents: Tensor, labels: Tensor, out: Path, seed: int = 
 
     points = latents.double().numpy()
     classes = labels.numpy()
+    # Both scores need 2 <= clusters <= points - 1; otherwise they are not defined (None).
+    defined = 2 <= len(np.unique(classes)) < len(points)
     scores = {
         "num_points": len(points),
         "latent_dim": points.shape[1],
-        "silhouette": float(silhouette_score(points, classes)),
-        "calinski_harabasz": float(calinski_harabasz_score(points, classes)),
+        "silhouette": float(silhouette_score(points, classes)) if defined else None,
+        "calinski_harabasz": float(calinski_harabasz_score(points, classes)) if defined else None,
     }
-    pca = PCA(n_components=2, random_state=seed)
+    pca = PCA(n_components=min(2, *points.shape), random_state=seed)
     projected = {"PCA": pca.fit_transform(points)}
+    if projected["PCA"].shape[1] == 1:  # one latent dimension: its values against zero
+        projected["PCA"] = np.concatenate([projected["PCA"], np.zeros_like(projected["PCA"])], axis=1)
     scores["pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
-    if points.shape[1] > 2:
+    if points.shape[1] > 2 and len(points) > 4:
         perplexity = min(30.0, (len(points) - 1) / 3)
         projected["t-SNE"] = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
             points
@@ -57,8 +61,8 @@ def latent_space_report(latents: Tensor, labels: Tensor, out: Path, seed: int = 
         axis.set_yticks([])
     axes[0][-1].legend(title="class", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
     figure.suptitle(
-        f"{len(points)} held-out images, {points.shape[1]}-d latents: silhouette {scores['silhouette']:.3f}, "
-        f"Calinski-Harabasz {scores['calinski_harabasz']:.1f}"
+        f"{len(points)} held-out images, {points.shape[1]}-d latents: silhouette {format_score(scores['silhouette'])}, "
+        f"Calinski-Harabasz {format_score(scores['calinski_harabasz'], '.1f')}"
     )
     figure.tight_layout()
     png = io.BytesIO()
@@ -67,3 +71,7 @@ def latent_space_report(latents: Tensor, labels: Tensor, out: Path, seed: int = 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, png.getvalue())
     return scores
+
+
+def format_score(value: float | None, spec: str = ".3f") -> str:
+    return "undefined (fewer than two classes)" if value is None else format(value, spec)
