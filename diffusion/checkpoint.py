@@ -6,7 +6,6 @@ pointing at the last complete checkpoint. Only the newest `keep` step files are 
 """
 
 import io
-import pickle
 import random
 from pathlib import Path
 
@@ -41,8 +40,12 @@ def remove_partial_writes(checkpoint_dir: Path) -> None:
         tmp.unlink()
 
 
-# What torch.load raises for a torn file or one that is not a checkpoint.
-UNREADABLE = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+class UnreadableCheckpoint(Exception):
+    """A file that does not load as a checkpoint: torn, not a checkpoint at all, or holding objects
+    besides weights (which the weights-only loader refuses); the message says which."""
+
+
+UNREADABLE = (UnreadableCheckpoint,)
 
 
 def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
@@ -68,20 +71,21 @@ def load_latest(checkpoint_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load_checkpoint(path: Path) -> dict:
-    # Our own files: they hold python/numpy RNG states, which the weights-only loader refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_weights_only(path: Path):
-    """A checkpoint read by torch's weights-only loader, so that a file from elsewhere (another
-    run a method builds on, bare weights from another code base) can run no code; the numpy RNG
-    state of our own checkpoints is allowed by name."""
+def load_checkpoint(path: Path):
+    """A checkpoint read by torch's weights-only loader, so that a file from elsewhere (a .pt
+    given to sample, inspect or build on; bare weights from another code base) can run no code;
+    the numpy RNG state of our own checkpoints is allowed by name. UnreadableCheckpoint when the
+    file does not load."""
     # The function numpy pickles arrays with (numpy._core's in numpy 2, numpy.core's before).
     reconstruct = np.zeros(0).__reduce__()[0]
     numpy_state = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct]
-    with torch.serialization.safe_globals(numpy_state):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(numpy_state):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # bytes that are not a checkpoint fail torch's parsers in many ways
+        raise UnreadableCheckpoint(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
 
 def capture_rng_state() -> dict:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
 
 from diffusion.records import atomic_write
@@ -198,11 +198,18 @@ class MethodConfig(Section):
     def _autoencoder_settings(cls, settings: dict[str, Any] | None) -> dict[str, Any] | None:
         if settings is None:
             return None
-        try:
-            model = ModelConfig.model_validate(settings)
-        except ValidationError as exc:
-            raise ValueError(describe_error(exc.errors()[0], ModelConfig)) from None
-        if "name" in settings and model.name not in AUTOENCODER_NETS:
+        # Each value alone: limits between fields are checked with the checkpoint's settings merged in.
+        for key, value in settings.items():
+            field = ModelConfig.model_fields.get(key)
+            if field is None:
+                raise ValueError(describe_error({"type": "extra_forbidden", "loc": (key,)}, ModelConfig))
+            try:
+                kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+                TypeAdapter(kind).validate_python(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                raise ValueError(describe_error(error | {"loc": (key, *error["loc"])}, ModelConfig)) from None
+        if settings.get("name", AUTOENCODER_NETS[0]) not in AUTOENCODER_NETS:
             raise ValueError(f"name must be {quoted_choices(AUTOENCODER_NETS)}")
         return settings  # as written: only these override the checkpoint's
 
@@ -365,6 +372,7 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
 # What the datasets hold, for the limits below (the corpus is checked by its sha256 on download).
 NUM_CLASSES = {"mnist": 10, "cifar10": 10}
 NATIVE_SIZE = {"mnist": 28, "cifar10": 32}
+NUM_CHANNELS = {"mnist": 1, "cifar10": 3}
 CORPUS_CHARACTERS = {"shakespeare": 1_115_394}
 
 
@@ -524,6 +532,38 @@ def model_conflicts(config: RunConfig):
         ):
             if value is not None:
                 yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: it is for text; leave it unset"
+
+
+def image_shape(data: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the images a run trains on."""
+    size = data.resolution or NATIVE_SIZE[data.dataset]
+    return NUM_CHANNELS[data.dataset], size, size
+
+
+def autoencoder_conflicts(config: RunConfig, autoencoder: RunConfig):
+    """What a latent run (`config`, method.autoencoder set) cannot do with the autoencoder run
+    whose config is `autoencoder` (what ops checks at submit; the run checks it again from the
+    checkpoint, with method.autoencoder_model's settings over it)."""
+    reference, model = config.method.autoencoder, config.model
+    if autoencoder.method.name != "autoencoder":
+        yield (
+            f"method.autoencoder: {reference!r} is not allowed: it is a {autoencoder.method.name!r} run, not an "
+            "autoencoder (method.name 'autoencoder')"
+        )
+        return
+    if autoencoder.data.dataset in TEXT_DATASETS or image_shape(autoencoder.data) != image_shape(config.data):
+        yield (
+            f"method.autoencoder: {reference!r} is not allowed: it encodes {autoencoder.data.dataset} images of "
+            f"{'x'.join(map(str, image_shape(autoencoder.data)))}, and this run trains on "
+            f"{'x'.join(map(str, image_shape(config.data)))}"
+        )
+    net = (config.method.autoencoder_model or {}).get("name", autoencoder.model.name)
+    wanted = "mlp" if net == "mlp_autoencoder" else "unet"
+    if model.name != wanted:
+        yield (
+            f"model.name: {model.name!r} is not allowed with method.autoencoder {reference!r}: a {net} gives "
+            f"{'latent vectors' if wanted == 'mlp' else 'a latent grid'}; use {wanted}"
+        )
 
 
 def attention_conflicts(model: ModelConfig, size: int):

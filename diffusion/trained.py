@@ -2,13 +2,12 @@
 The one place that turns checkpoints into networks: methods never load one."""
 
 import hashlib
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffusion.checkpoint import UNREADABLE, load_checkpoint, load_weights_only
+from diffusion.checkpoint import UNREADABLE, UnreadableCheckpoint, load_checkpoint
 from diffusion.config import ConfigError, RunConfig, SampleConfig, sampling_conflict, to_dict, validate_stored_run
 from diffusion.data import DataSpec
 from diffusion.methods import Method, Parent, build_method
@@ -20,11 +19,11 @@ def resolve_checkpoint(reference: str | Path, key: str = "sample.checkpoint") ->
     the setting that gave the reference, when there is none."""
     found = checkpoint_file(reference)
     if found is None:
-        named = str(reference).startswith("run:")
+        named = str(reference).startswith("run:") or not ("/" in str(reference) or str(reference).endswith(".pt"))
         raise ConfigError(
             f"{key}: {str(reference)!r} is not allowed: no checkpoint there "
             f"(expected a .pt file or a run dir holding {CHECKPOINTS}/{LATEST}"
-            + ("; run:SPEC and ops ids are resolved by `ops submit`" if named else "")
+            + ("; run:SPEC and ops ids are resolved by `ops submit`, not here" if named else "")
             + ")"
         )
     return found
@@ -54,15 +53,10 @@ def load_parent(method: Method, recorded: dict | None = None) -> Parent | None:
         return Parent(config, DataSpec.from_json(recorded["data"]), None, recorded)
     path = resolve_checkpoint(reference, method.parent_key)
     try:
-        checkpoint = load_weights_only(path)  # a file from elsewhere runs no code
+        checkpoint = load_checkpoint(path)  # weights only: a file from elsewhere runs no code
     except UNREADABLE as exc:
-        problem = (
-            "holds more than weights (objects whose loading could run code)"
-            if isinstance(exc, pickle.UnpicklingError)
-            else "is not a checkpoint"
-        )
         raise ConfigError(
-            f"{method.parent_key}: {reference!r} is not allowed: {path} {problem} ({type(exc).__name__})"
+            f"{method.parent_key}: {reference!r} is not allowed: {path} is not a checkpoint ({unreadable_reason(exc)})"
         ) from None
     record = {"reference": reference, "checkpoint": str(path.resolve()), "sha256": file_sha256(path)}
     weights = bare_weights(checkpoint)
@@ -113,8 +107,8 @@ def build_network(config: RunConfig, method: Method, data: DataSpec, parent: Par
 class TrainedModel:
     """A checkpoint's network (EMA weights by default), its method and what it was trained on."""
 
-    def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device):
-        checkpoint = load_checkpoint(checkpoint_path)
+    def __init__(self, checkpoint_path: Path, use_ema: bool, device: torch.device, key: str = "sample.checkpoint"):
+        checkpoint = read_run_checkpoint(checkpoint_path, key)
         self.path = checkpoint_path
         self.config: RunConfig = validate_stored_run(checkpoint["config"], f"{checkpoint_path} (config)")
         self.step: int = checkpoint["step"]
@@ -134,20 +128,35 @@ class TrainedModel:
             raise ConfigError(f"{self.path}: {problem}")
 
 
+def read_run_checkpoint(path: Path, key: str) -> dict:
+    """A run's checkpoint (weights-only loading: a foreign file runs no code); ConfigError naming
+    `key`, the setting that gave it, when the file is not one."""
+    try:
+        checkpoint = load_checkpoint(path)
+        for part in ("config", "step", "model", "ema"):
+            checkpoint[part]
+    except (*UNREADABLE, KeyError, TypeError) as exc:  # KeyError, TypeError: it holds no run's checkpoint
+        raise ConfigError(
+            f"{key}: {str(path)!r} is not allowed: not a checkpoint of a run ({unreadable_reason(exc)})"
+        ) from None
+    return checkpoint
+
+
+def unreadable_reason(exc: Exception) -> str:
+    if "Weights only load failed" in str(exc):
+        return "it holds objects besides weights, which could run code when loaded"
+    if isinstance(exc, UnreadableCheckpoint):  # its message names the parser's error
+        return str(exc)[:120]
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+
+
 def inspect_checkpoint(reference: str | Path) -> dict:
     """What a checkpoint holds, without building its network: file, size, step, method, net, data,
     parameter count, the run it started from, and its run's last metrics line. ConfigError (one
     line) when there is no checkpoint there or the file is not one."""
     path = resolve_checkpoint(reference, "checkpoint")
-    try:
-        checkpoint = load_checkpoint(path)
-        stored = checkpoint["config"]
-    except (*UNREADABLE, KeyError, TypeError) as exc:  # or a pickle that holds no run's config
-        raise ConfigError(
-            f"checkpoint: {str(path)!r} is not allowed: not a checkpoint of a run "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-        ) from None
-    config = validate_stored_run(stored, f"{path} (config)")
+    checkpoint = read_run_checkpoint(path, "checkpoint")
+    config = validate_stored_run(checkpoint["config"], f"{path} (config)")
     data = checkpoint_data(checkpoint)
     run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
     return {
@@ -197,7 +206,7 @@ def load_scorer(
     without a reference. ConfigError naming `key` when it is missing or will not do."""
     if reference is None:
         return None
-    scorer = TrainedModel(resolve_checkpoint(reference, key), use_ema=True, device=device)
+    scorer = TrainedModel(resolve_checkpoint(reference, key), use_ema=True, device=device, key=key)
     if not scorer.method.exact_likelihood:
         raise ConfigError(
             f"{key}: {reference!r} is not allowed: not an autoregressive run (method.name "

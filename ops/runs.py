@@ -110,7 +110,12 @@ def check_references(project: Project, spec, source: str) -> None:
     engine reads them and recorded so in the spec: checked here where this machine sees them
     (local and SLURM: each is there, and a sample or eval task's settings suit its checkpoint's own
     method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line."""
-    from diffusion.config import ConfigError, load_run_config, sampling_conflict  # pydantic: only at submit
+    from diffusion.config import (  # pydantic: only at submit
+        ConfigError,
+        autoencoder_conflicts,
+        load_run_config,
+        sampling_conflict,
+    )
 
     run = spec.run
     sampling = run.task != "train"
@@ -144,6 +149,14 @@ def check_references(project: Project, spec, source: str) -> None:
                 )
             # Absolute: a SLURM job starts in the directory ops was called from, not the project's.
             setattr(getattr(run, section), field_name, named.run_dir)
+    if run.method.autoencoder is not None and not sampling:  # its run's config says what it encodes
+        folder = project.root / Path(run.method.autoencoder).expanduser()
+        run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
+        stored = run_dir / CONFIG if (run_dir / CONFIG).is_file() else None
+        if stored is not None:
+            problem = next(autoencoder_conflicts(run, load_run_config(stored, stored=True)), None)
+            if problem:
+                raise ConfigError(f"{source}: run.{problem}")
     trained = project.root / Path(run.sample.checkpoint or "").expanduser() / CONFIG
     if sampling and trained.is_file() and spec.engine != "vertex":
         problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)

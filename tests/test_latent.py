@@ -445,5 +445,5 @@ def test_a_parent_file_that_holds_code_is_refused_without_running_it(mnist_root,
     torch.save({"model_state_dict": {"w": torch.zeros(1)}, "extra": RunsCode()}, tmp_path / "foreign.pt")
     with pytest.raises(ConfigError) as error:
         train(latent_config(mnist_root, str(tmp_path / "foreign.pt")), tmp_path / "latent")
-    assert "holds more than weights (objects whose loading could run code)" in str(error.value)
+    assert "it holds objects besides weights, which could run code when loaded" in str(error.value)
     assert "this ran" not in capsys.readouterr().out and not (tmp_path / "latent").exists()

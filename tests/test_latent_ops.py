@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.config import ConfigError
+from diffusion.config import ConfigError, load_run_config
 from ops.engines.vertex import VERTEX_FILE
 from ops.registry import Registry, Run
 from ops.rundir import write_json
@@ -74,9 +74,9 @@ def test_a_latent_run_builds_on_the_newest_autoencoder_run_named_by_its_spec(ops
     time.sleep(1)  # a later submit: `run:SPEC` is the newest succeeded run
     latent = ops_json(root, "submit", "tiny-latent")["runs"][0]
     assert ops(root, "wait", latent["ops_id"], "--interval", "0.3").returncode == 0
-    resolved = (Path(latent["run_dir"]) / "config.yaml").read_text()
+    resolved = load_run_config(Path(latent["run_dir"]) / "config.yaml", stored=True)
     expected = autoencoder["run_dir"]
-    assert f"autoencoder: {expected}\n" in resolved  # recorded as the run dir it was at submit
+    assert resolved.method.autoencoder == expected  # recorded as the run dir it was at submit
 
     record = ops_json(root, "ckpt", "inspect", latent["ops_id"])
     assert record["parent"]["method"] == "autoencoder" and record["parent"]["net"] == "mlp_autoencoder"
@@ -108,3 +108,41 @@ def test_a_vertex_job_reaches_a_named_run_through_its_cloud_storage_path(tmp_pat
     )
     with pytest.raises(ConfigError, match="'run:autoencoder_mlp' is not allowed: no succeeded run of spec"):
         vertex_reference(registry, "run:autoencoder_mlp", "key")  # `_` is no wildcard: autoencoderXmlp is another
+
+
+def test_submit_refuses_an_autoencoder_that_does_not_fit_in_one_line(ops_project):
+    """Checked at submit from the autoencoder run's config.yaml: nothing is submitted."""
+    from diffusion.config import validate_run
+    from ops.rundir import CONFIG
+    from tests.conftest import write_config
+
+    root = ops_project
+    (root / "configs/jobs/tiny-latent.yaml").write_text(TINY_LATENT)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "latent spec")
+    runs = {
+        "cifar": {
+            "data": {"dataset": "cifar10"},
+            "model": {"name": "mlp_autoencoder"},
+            "method": {"name": "autoencoder"},
+        },
+        "pixel": {},
+        "conv": {"model": {"name": "conv_autoencoder"}, "method": {"name": "autoencoder"}},
+    }
+    for name, raw in runs.items():
+        (root / name / "checkpoints").mkdir(parents=True)
+        (root / name / "checkpoints/latest.pt").write_bytes(b"weights")
+        write_config(validate_run(raw), root / name / CONFIG)
+    expected = {
+        "cifar": "run.method.autoencoder: 'cifar' is not allowed: it encodes cifar10 images of 3x32x32, and this "
+        "run trains on 1x28x28",
+        "pixel": "run.method.autoencoder: 'pixel' is not allowed: it is a 'ddpm' run, not an autoencoder",
+        "conv": "run.model.name: 'mlp' is not allowed with method.autoencoder 'conv': a conv_autoencoder gives a "
+        "latent grid; use unet",
+    }
+    for name, message in expected.items():
+        for reference in (name, f"{name}/checkpoints/latest.pt"):
+            refused = ops(root, "submit", "tiny-latent", "--set", f"run.method.autoencoder={reference}", "--dry-run")
+            assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+            assert message.replace(f"'{name}'", f"'{reference}'") in refused.stderr
+    assert registry_rows(root) == []

@@ -12,11 +12,13 @@
 
 import errno
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffusion.records import MetricsRecord, Summary, atomic_write, last_jsonl, read_json, read_jsonl, write_json
 from diffusion.train import train
@@ -107,7 +109,14 @@ def test_a_failed_sample_task_in_a_training_run_leaves_its_summary_alone(probe):
     assert digest(probe / "summary.json") == summary
 
     latest = probe / "checkpoints/latest.pt"
-    latest.write_bytes(latest.read_bytes()[:1000])  # a damaged checkpoint fails the task at run time
+    intact = latest.read_bytes()
+    latest.write_bytes(intact[:1000])  # a torn checkpoint: bad input, one line, before any work
+    torn = run_diffusion("sample", probe, "--set", "sample.num_samples=2")
+    assert torn.returncode == 2 and len(torn.stderr.strip().splitlines()) == 1
+    assert "sample.checkpoint: " in torn.stderr and "not a checkpoint of a run" in torn.stderr
+    checkpoint = torch.load(io.BytesIO(intact), weights_only=False)
+    checkpoint["ema"].popitem()  # weights that do not fit the network fail the task at run time
+    torch.save(checkpoint, latest)
     failed = run_diffusion("sample", probe, "--set", "sample.num_samples=2")
     assert failed.returncode == 1
     assert digest(probe / "summary.json") == summary

@@ -92,6 +92,7 @@ class Latent(Method):
         if parent.weights is not None:
             try:  # assign: also on the meta device (the trainer's memory check)
                 autoencoder.load_state_dict(parent.weights, assign=True)
+                autoencoder.float()  # weights saved in half precision from elsewhere
             except RuntimeError as exc:
                 problem = " ".join(str(exc).split())
                 raise ConfigError(
@@ -114,8 +115,15 @@ class Latent(Method):
 
     @torch.no_grad()
     def initialize(self, model: nn.Module, examples: dict[str, Tensor]) -> None:
-        latents = model.autoencoder.encode(examples["images"])
-        model.latent_std.fill_(latents.float().std())
+        latents = model.autoencoder.encode(examples["images"]).float()
+        std = latents.std() if latents.numel() > 1 else torch.tensor(float("nan"))
+        if not torch.isfinite(std) or std == 0:
+            raise ConfigError(
+                f"method.autoencoder: {self.parent_reference!r} is not allowed: the latents of the first "
+                f"{len(latents)} training examples have standard deviation {std.item():g}, which cannot scale "
+                "them (train on more examples, or check the autoencoder)"
+            )
+        model.latent_std.fill_(std)
 
     def training_batch(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return batch | {"images": model.encode(batch["images"])}

@@ -74,4 +74,4 @@ def latent_space_report(latents: Tensor, labels: Tensor, out: Path, seed: int = 
 
 
 def format_score(value: float | None, spec: str = ".3f") -> str:
-    return "undefined (fewer than two classes)" if value is None else format(value, spec)
+    return "undefined (needs 2 to N-1 classes among N points)" if value is None else format(value, spec)
