@@ -103,6 +103,8 @@ def test_samples_take_a_class_per_row_or_the_chosen_class():
     chosen = sample.model_copy(update={"class_label": 7})
     assert method.class_labels(5, data, chosen).tolist() == [7] * 5
     assert DDPM().class_labels(5, data, sample) is None
+    # w = 0 samples the unconditional model: no class is asked for, so none is scored.
+    assert method.class_labels(5, data, sample.model_copy(update={"guidance_scale": 0.0})) is None
 
 
 def test_guidance_needs_a_class_conditional_image_model():

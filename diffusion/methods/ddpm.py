@@ -139,8 +139,9 @@ class DDPM(Method):
 
     def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
         """`sample.class_label` for every image, else the classes in blocks (0, 0, ..., 1, 1, ...):
-        a class per row of the grid, and as many of each as can be. None for an unconditional model."""
-        if not self.class_conditional:
+        a class per row of the grid, and as many of each as can be. None for an unconditional model,
+        and at guidance scale 0, which samples the unconditional model (no class is asked for)."""
+        if not self.class_conditional or sample.guidance_scale == 0:
             return None
         if sample.class_label is not None:
             return torch.full((num_samples,), sample.class_label)
