@@ -35,6 +35,18 @@ run:
 """
 
 
+def write_misfit_checkpoint(path: Path) -> Path:
+    """A checkpoint that loads but whose weights fit no network: a sample task from it fails at
+    run time, with a traceback (a file that does not load at all is refused in one line)."""
+    import torch  # only the tests that need a failing run
+
+    from diffusion.config import RunConfig, to_dict
+
+    data = {"kind": "image", "image_shape": [1, 28, 28], "num_classes": 10}
+    torch.save({"config": to_dict(RunConfig()), "data": data, "step": 0, "model": {}, "ema": {}}, path)
+    return path
+
+
 def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 

@@ -13,7 +13,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.ops_project import git, make_project, metrics_steps, ops, ops_json, registry_rows, wait_for
+from tests.ops_project import (
+    git,
+    make_project,
+    metrics_steps,
+    ops,
+    ops_json,
+    registry_rows,
+    wait_for,
+    write_misfit_checkpoint,
+)
 
 RUN_FIELDS = {
     "ops_id",
@@ -108,7 +117,7 @@ def test_submit_runs_to_success_and_records_it(ops_project):
 
 def test_a_failing_run_ends_failed_and_its_log_shows_the_traceback(ops_project):
     root = ops_project
-    (root / "broken.pt").write_bytes(b"not a checkpoint")
+    write_misfit_checkpoint(root / "broken.pt")
     run = ops_json(
         root, "submit", "tiny", "--set", "run.task=sample", "--set", f"run.sample.checkpoint={root / 'broken.pt'}"
     )["runs"][0]

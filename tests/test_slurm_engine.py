@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.ops_project import git, metrics_steps, ops, ops_json, registry_rows, wait_for
+from tests.ops_project import git, metrics_steps, ops, ops_json, registry_rows, wait_for, write_misfit_checkpoint
 
 # One thread everywhere: bitwise comparisons need the same reduction order in every process.
 SLURM = [
@@ -163,7 +163,7 @@ def test_cancel_and_failure(slurm_project):
     leftover = subprocess.run(["pgrep", "-f", run["run_dir"]], capture_output=True, text=True).stdout
     assert leftover == ""
 
-    (root / "broken.pt").write_bytes(b"not a checkpoint")
+    write_misfit_checkpoint(root / "broken.pt")  # loads, fits no network: fails at run time
     failing = ops_json(
         root,
         "submit",
