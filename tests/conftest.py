@@ -64,6 +64,27 @@ def write_config(config: RunConfig, path: Path) -> Path:
     return path
 
 
+def assert_resumes_bitwise(spec: Path, overrides: list[str], tmp_path: Path, parts=("model", "ema")) -> Path:
+    """Train `spec` 4 steps in one go and 2 + 2 with a resume between: the checkpoints' `parts`
+    are equal bit for bit. Returns the one-go run dir."""
+    import torch
+
+    from diffusion.config import load_run_config
+    from diffusion.train import train
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert train(load_run_config(spec, [*overrides, "train.max_steps=4"]), whole) == 0
+    assert train(load_run_config(spec, [*overrides, "train.max_steps=2"]), halves) == 0
+    assert train(load_run_config(spec, [*overrides, "train.max_steps=4"]), halves) == 0
+    a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)
+    b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for part in parts:
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
+    return whole
+
+
 def run_diffusion(*args: str, **kwargs):
     """`python -m diffusion ...` in a fresh process, as engines start it."""
     import subprocess

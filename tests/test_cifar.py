@@ -13,6 +13,7 @@ from diffusion.__main__ import main
 from diffusion.config import ConfigError, load_run_config, validate_run
 from diffusion.data import load_dataset
 from diffusion.train import train
+from tests.conftest import assert_resumes_bitwise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,16 +122,7 @@ def test_each_new_spec_trains_resumes_bitwise_and_samples(spec, overrides, cifar
         "sample.num_inference_steps=3",
         *overrides,
     ]
-    path = REPO / "configs/jobs" / f"{spec}.yaml"
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    assert train(load_run_config(path, [*common, "train.max_steps=4"]), whole) == 0
-    assert train(load_run_config(path, [*common, "train.max_steps=2"]), halves) == 0
-    assert train(load_run_config(path, [*common, "train.max_steps=4"]), halves) == 0
-    a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)
-    b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    whole = assert_resumes_bitwise(REPO / "configs/jobs" / f"{spec}.yaml", common, tmp_path, parts=("model",))
     assert main(["sample", str(whole)]) == 0
     (grid,) = (whole / "samples").glob("*seed0.png")
     arrays = np.load(grid.with_suffix(".npz"))

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from diffusion.__main__ import main
-from diffusion.config import ConfigError, load_run_config, validate_run
+from diffusion.config import ConfigError, validate_run
 from diffusion.methods import build_method
 from diffusion.nets.autoencoder import ConvAutoencoder, MLPAutoencoder
 from diffusion.nets.mlp import FiLMMLP
 from diffusion.scores.latents import latent_space_report
 from diffusion.train import train
 from diffusion.trained import TrainedModel, file_sha256, inspect_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_resumes_bitwise
 
 COMMON = {
     "device": "cpu",
@@ -340,17 +340,7 @@ def test_each_autoencoder_spec_trains_checkpoints_resumes_bitwise_and_previews(s
         common += [f"method.autoencoder={autoencoders['mlp']}", "model.hidden_dim=32", "model.num_layers=2"]
     else:
         common += ["model.hidden_dim=32", "model.base_channels=8", "model.norm_groups=4"]
-    path = REPO / "configs/jobs" / f"{spec}.yaml"
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    assert train(load_run_config(path, [*common, "train.max_steps=4"]), whole) == 0
-    assert train(load_run_config(path, [*common, "train.max_steps=2"]), halves) == 0
-    assert train(load_run_config(path, [*common, "train.max_steps=4"]), halves) == 0
-    a = torch.load(whole / "checkpoints/latest.pt", weights_only=False)
-    b = torch.load(halves / "checkpoints/latest.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for part in ("model", "ema"):
-        for name, tensor in a[part].items():
-            assert torch.equal(tensor, b[part][name]), f"{part}.{name}"
+    whole = assert_resumes_bitwise(REPO / "configs/jobs" / f"{spec}.yaml", common, tmp_path)
     with Image.open(whole / "samples/final.png") as image:
         assert np.asarray(image).std() > 5
     if spec == "latent-diffusion":
