@@ -35,20 +35,45 @@ class Section(BaseModel):
 
 IMAGE_DATASETS = ("mnist", "cifar10")
 TEXT_DATASETS = ("shakespeare",)
-# Each method's name and the kind of data it models. diffusion.methods.register adds a method
+# 2-D toy distributions, generated from a fixed seed (diffusion/data/toys.py): the kind "points".
+TOY_DATASETS = ("moons", "eight_gaussians", "checkerboard", "spirals", "gaussian_mixture")
+# Each method's name and the kinds of data it models. diffusion.methods.register adds a method
 # defined elsewhere (a test's toy); ops, which never imports the methods, knows those listed here.
 METHOD_KINDS = {
-    "ddpm": "image",
-    "autoencoder": "image",
-    "autoregressive": "text",
-    "masked": "text",
-    "embedding": "text",
+    "ddpm": ("image",),
+    "flow_matching": ("image", "points"),
+    "meanflow": ("image", "points"),
+    "autoencoder": ("image",),
+    "autoregressive": ("text",),
+    "masked": ("text",),
+    "embedding": ("text",),
 }
+# Methods that model a Gaussian-noise path, so that they can also run on an autoencoder's latents.
+GAUSSIAN_METHODS = ("ddpm", "flow_matching", "meanflow")
 AUTOENCODER_NETS = ("mlp_autoencoder", "conv_autoencoder")
+# The nets a kind of data takes (for a method that is not an autoencoder).
+KIND_NETS = {"image": ("unet", "dit"), "text": ("transformer",), "points": ("mlp",)}
+# Samplers: the Gaussian-diffusion schedulers, the flows' ODE solvers (diffusion/solvers.py; the
+# method's own velocity), MeanFlow's average-velocity jumps, and text's ancestral sampling.
+SCHEDULER_SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+ODE_SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
+METHOD_SAMPLERS = {
+    "ddpm": SCHEDULER_SAMPLERS,
+    "embedding": SCHEDULER_SAMPLERS,
+    "flow_matching": ODE_SOLVERS,
+    "meanflow": ("meanflow", *ODE_SOLVERS),
+    "autoregressive": ("ancestral",),
+    "masked": ("ancestral",),
+}
+
+
+def data_kind(dataset: str) -> str:
+    """The kind of data a dataset holds: "image", "text" or "points" (the 2-D toys)."""
+    return "text" if dataset in TEXT_DATASETS else "points" if dataset in TOY_DATASETS else "image"
 
 
 def methods_of(kind: str) -> tuple[str, ...]:
-    return tuple(name for name, of in METHOD_KINDS.items() if of == kind)
+    return tuple(name for name, kinds in METHOD_KINDS.items() if kind in kinds)
 
 
 def quoted_choices(names) -> str:
@@ -62,7 +87,9 @@ NO_NUL = r"^[^\x00]*$"  # a path with a NUL byte cannot be opened
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "cifar10", "shakespeare"] = "mnist"
+    dataset: Literal[
+        "mnist", "cifar10", "shakespeare", "moons", "eight_gaussians", "checkerboard", "spirals", "gaussian_mixture"
+    ] = Field("mnist", description="Images: mnist, cifar10; text: shakespeare; 2-D points: the toys.")
     root: str | None = Field(None, pattern=NO_NUL, description="Data root; else $DIFFUSION_DATA_ROOT; else ./data.")
     download: bool = Field(True, description="Download when the files are missing under the root.")
     only_digit: int | None = Field(None, ge=0, le=9, description="Train on one digit only (MNIST).")
@@ -98,6 +125,13 @@ class DataConfig(Section):
         description="Text: a training window starts every this many "
         "tokens (overlapping); None: block_size, no overlap.",
     )
+    num_points: int = Field(
+        20_000,
+        ge=16,
+        le=10_000_000,
+        description="2-D toys: training points (the held-out split is drawn from another fixed seed).",
+    )
+    num_components: int = Field(8, ge=1, le=1000, description="gaussian_mixture: its Gaussians (and classes).")
     val_fraction: float = Field(
         0.1,
         gt=0.0,
@@ -108,11 +142,16 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["unet", "transformer", "mlp", "mlp_autoencoder", "conv_autoencoder"] = Field(
+    name: Literal["unet", "dit", "transformer", "mlp", "mlp_autoencoder", "conv_autoencoder"] = Field(
         "unet",
-        description="unet for images, transformer for text; mlp (FiLM) for an autoencoder's latents "
-        "(method.autoencoder); mlp_autoencoder or conv_autoencoder for method.name autoencoder.",
+        description="unet or dit for images, transformer for text; mlp (FiLM) for 2-D points and an "
+        "autoencoder's latent vectors (method.autoencoder); mlp_autoencoder or conv_autoencoder for "
+        "method.name autoencoder.",
     )
+    dit_size: Literal["tiny", "S", "B"] = Field(
+        "S", description="dit: tiny (4 blocks of 128, for CPUs), S (12 of 384, DiT-S) or B (12 of 768, DiT-B)."
+    )
+    patch_size: int = Field(2, ge=1, le=32, description="dit: patch side; must divide the image (or latent grid).")
     base_channels: int = Field(64, ge=8, le=2048)
     channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
         default_factory=lambda: [1, 2, 2], min_length=1, max_length=4
@@ -159,7 +198,9 @@ class ModelConfig(Section):
 
 class MethodConfig(Section):
     name: str = Field(
-        "ddpm", description="ddpm (images); text: autoregressive, masked (MDLM), embedding (Diffusion-LM)."
+        "ddpm",
+        description="ddpm (images); flow_matching, meanflow (images, 2-D points); autoencoder (images); text: "
+        "autoregressive, masked (MDLM), embedding (Diffusion-LM).",
     )
     num_train_timesteps: int = Field(1000, ge=2, le=100_000)
     beta_schedule: Literal["linear", "cosine", "sqrt"] = Field("linear", description="sqrt suits embeddings.")
@@ -188,6 +229,34 @@ class MethodConfig(Section):
         description="Latent diffusion: model settings of the autoencoder "
         "that override those its checkpoint records, e.g. {name: mlp_autoencoder, latent_dim: 16} for a "
         ".pt of bare weights (a state dict), which records none.",
+    )
+    time_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform",
+        description="flow_matching, meanflow: how training times t in [0, 1] are drawn; logit_normal "
+        "(sigmoid of N(logit_normal_mean, logit_normal_std)) trains the middle of the path more.",
+    )
+    logit_normal_mean: float = Field(0.0, ge=-10.0, le=10.0, description="time_sampling logit_normal: mean.")
+    logit_normal_std: float = Field(1.0, gt=0.0, le=10.0, description="time_sampling logit_normal: std.")
+    r_equals_t_share: float = Field(
+        0.75,
+        ge=0.0,
+        le=1.0,
+        description="meanflow: share of training pairs (r, t) with r = t, where the MeanFlow loss is "
+        "flow matching's (the paper's best: 75%).",
+    )
+    adaptive_weight_power: float = Field(
+        1.0,
+        ge=0.0,
+        le=4.0,
+        description="meanflow: p of the adaptive loss weight 1 / (error + adaptive_weight_eps)^p; 0 is plain MSE.",
+    )
+    adaptive_weight_eps: float = Field(1e-3, gt=0.0, le=1.0, description="meanflow: c of the adaptive loss weight.")
+    training_guidance_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=20.0,
+        description="meanflow, class-conditional: classifier-free guidance folded into the training target "
+        "(the paper's omega, eq. 13), so that one step samples the guided model; 1: none.",
     )
     reconstruction_loss: Literal["bce", "mse"] = Field(
         "bce", description="autoencoder: binary cross-entropy on the decoder's logits, or squared error."
@@ -261,18 +330,28 @@ class TrainConfig(Section):
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
     keep_checkpoints: int = Field(3, ge=1, description="Step-numbered checkpoints kept besides latest.pt.")
     progress: Literal["auto", "bar", "lines"] = Field("auto", description="auto: a bar on a terminal.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the network for training; if compilation fails the run says why and "
+        "trains uncompiled.",
+    )
 
 
 class SampleConfig(Section):
     checkpoint: str | None = Field(
         None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval)."
     )
-    sampler: Literal["ddpm", "ddim", "dpmsolver++", "ancestral"] = Field(
+    sampler: Literal[
+        "ddpm", "ddim", "dpmsolver++", "euler", "midpoint", "heun", "rk4", "dopri5", "meanflow", "ancestral"
+    ] = Field(
         "ddim",
-        description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for images and embedding; "
-        "ancestral (autoregressive, masked).",
+        description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for ddpm and embedding; ODE solvers "
+        "euler, midpoint, heun, rk4 (fixed steps) and dopri5 (adaptive) for flow_matching and meanflow; meanflow "
+        "(1-2 average-velocity jumps) for meanflow; ancestral for autoregressive and masked.",
     )
-    num_inference_steps: int = Field(50, ge=1, le=100_000)
+    num_inference_steps: int = Field(50, ge=1, le=100_000, description="Steps (dopri5: output frames only).")
+    rtol: float = Field(1e-5, gt=0.0, le=1.0, description="dopri5: relative tolerance.")
+    atol: float = Field(1e-5, gt=0.0, le=1.0, description="dopri5: absolute tolerance.")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 equals DDPM.")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     num_samples: int = Field(64, ge=1, le=1_000_000)
@@ -370,10 +449,15 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "") -> str
 
 
 # What the datasets hold, for the limits below (the corpus is checked by its sha256 on download).
-NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "moons": 2, "eight_gaussians": 8, "checkerboard": 8, "spirals": 2}
 NATIVE_SIZE = {"mnist": 28, "cifar10": 32}
 NUM_CHANNELS = {"mnist": 1, "cifar10": 3}
 CORPUS_CHARACTERS = {"shakespeare": 1_115_394}
+
+
+def num_classes(data: DataConfig) -> int | None:
+    """The classes of a dataset's labels (a toy's modes, squares or arms), None for text."""
+    return data.num_components if data.dataset == "gaussian_mixture" else NUM_CLASSES.get(data.dataset)
 
 
 # alpha_bar must stay inside these: at 0 the samplers divide by zero (and far below 1e-20 an
@@ -420,30 +504,26 @@ def conflicts(config: RunConfig):
 def model_conflicts(config: RunConfig):
     """What cannot be trained: data, network and method that do not go together."""
     data, model, method = config.data, config.model, config.method
-    text = data.dataset in TEXT_DATASETS
-    if text != (METHOD_KINDS[method.name] == "text"):
-        allowed = methods_of("text" if text else "image")
+    kind = data_kind(data.dataset)
+    text = kind == "text"
+    if kind not in METHOD_KINDS[method.name]:
         yield (
             f"method.name: {method.name!r} is not allowed with data.dataset {data.dataset!r}: "
-            f"use one of {', '.join(allowed)}"
+            f"use one of {', '.join(methods_of(kind))}"
         )
     autoencoding = method.name == "autoencoder"
-    if text != (model.name == "transformer"):
-        image_nets = quoted_choices(AUTOENCODER_NETS) if autoencoding else "unet"
-        yield (
-            f"model.name: {model.name!r} is not allowed with data.dataset {data.dataset!r}: "
-            f"use {'transformer' if text else image_nets}"
-        )
-    elif not text and autoencoding != (model.name in AUTOENCODER_NETS):
-        yield (
-            f"model.name: {model.name!r} is not allowed with method.name {method.name!r}: use "
-            + (quoted_choices(AUTOENCODER_NETS) if autoencoding else "unet (or mlp for latents)")
-        )
-    elif model.name == "mlp" and method.autoencoder is None:
-        yield (
-            "model.name: 'mlp' is not allowed without method.autoencoder: the FiLM MLP denoises an "
-            "autoencoder's latents; use unet for pixels, or name the autoencoder run"
-        )
+    if autoencoding and kind == "image":
+        nets, what = AUTOENCODER_NETS, f"method.name {method.name!r}"
+    elif method.autoencoder is not None and kind == "image":
+        # The latents' shape is known once the autoencoder's checkpoint is read: vectors or a grid.
+        nets, what = ("mlp", "unet", "dit"), "method.autoencoder"
+    else:
+        nets, what = KIND_NETS[kind], f"data.dataset {data.dataset!r}"
+    if model.name in AUTOENCODER_NETS and not autoencoding:
+        what = f"method.name {method.name!r}"  # an autoencoder's net, for a method that is not one
+    if model.name not in nets:
+        hint = " (mlp takes an autoencoder's latent vectors: set method.autoencoder)" if model.name == "mlp" else ""
+        yield f"model.name: {model.name!r} is not allowed with {what}: use {quoted_choices(nets)}{hint}"
     if autoencoding and model.class_conditional:
         yield "model.class_conditional: true is not allowed with method.name 'autoencoder': an autoencoder takes no class"
     if autoencoding and data.limit_per_class is not None:
@@ -457,13 +537,26 @@ def model_conflicts(config: RunConfig):
             f"method.autoencoder_model: {method.autoencoder_model} is not allowed without method.autoencoder: it "
             "overrides the settings of that autoencoder's checkpoint"
         )
+    if method.training_guidance_scale != 1:
+        if method.name != "meanflow":
+            yield (
+                f"method.training_guidance_scale: {method.training_guidance_scale} is not allowed with method.name "
+                f"{method.name!r}: it is MeanFlow's guidance in the training target; guide others with "
+                "sample.guidance_scale"
+            )
+        elif not model.class_conditional or method.label_dropout == 0:
+            yield (
+                f"method.training_guidance_scale: {method.training_guidance_scale} is not allowed without a "
+                "class-conditional model (model.class_conditional true) trained with method.label_dropout > 0: "
+                "guidance mixes in the unconditional velocity"
+            )
     if method.autoencoder is not None:
-        if method.name != "ddpm":
+        if method.name not in GAUSSIAN_METHODS:
             yield (
                 f"method.autoencoder: {method.autoencoder!r} is not allowed with method.name {method.name!r}: "
-                "latent diffusion is a ddpm on the autoencoder's latents"
+                f"latent models are {quoted_choices(GAUSSIAN_METHODS)} on the autoencoder's latents"
             )
-        elif method.clip_sample:
+        elif method.name == "ddpm" and method.clip_sample:
             yield (
                 "method.clip_sample: true is not allowed with method.autoencoder: latents are not in [-1, 1]; "
                 "set method.clip_sample false"
@@ -482,6 +575,19 @@ def model_conflicts(config: RunConfig):
             f"method.init_embeddings: {method.init_embeddings!r} is not allowed with method.name "
             f"{method.name!r}: only embedding diffusion starts from another run's embeddings"
         )
+    if kind == "points":
+        for key, value in (
+            ("data.only_digit", data.only_digit),
+            ("data.limit_per_class", data.limit_per_class),
+            ("data.npz", data.npz),
+            ("data.resolution", data.resolution),
+            ("train.val_every_steps", config.train.val_every_steps),
+            ("eval.scorer_checkpoint", config.eval.scorer_checkpoint),
+            ("method.autoencoder", method.autoencoder),
+        ):
+            if value is not None:
+                yield f"{key}: {value!r} is not allowed with data.dataset {data.dataset!r}: 2-D points take no such setting"
+        return
     if text:
         for key, value in (
             ("data.only_digit", data.only_digit),
@@ -519,7 +625,11 @@ def model_conflicts(config: RunConfig):
             yield f"data.npz: {data.npz!r} is not allowed with data.dataset {data.dataset!r}: it is for CIFAR-10"
         # A latent run's UNet sees the autoencoder's latent grid, checked once its checkpoint is read.
         if method.autoencoder is None:
-            yield from attention_conflicts(model, data.resolution or NATIVE_SIZE[data.dataset])
+            size = data.resolution or NATIVE_SIZE[data.dataset]
+            if model.name == "dit":
+                yield from patch_conflicts(model, size)
+            else:
+                yield from attention_conflicts(model, size)
         lowest = model.base_channels * model.channel_mults[-1]
         if model.attention and lowest % model.attention_heads:
             yield (
@@ -558,11 +668,21 @@ def autoencoder_conflicts(config: RunConfig, autoencoder: RunConfig):
             f"{'x'.join(map(str, image_shape(config.data)))}"
         )
     net = (config.method.autoencoder_model or {}).get("name", autoencoder.model.name)
-    wanted = "mlp" if net == "mlp_autoencoder" else "unet"
-    if model.name != wanted:
+    wanted = ("mlp",) if net == "mlp_autoencoder" else ("unet", "dit")
+    if model.name not in wanted:
         yield (
             f"model.name: {model.name!r} is not allowed with method.autoencoder {reference!r}: a {net} gives "
-            f"{'latent vectors' if wanted == 'mlp' else 'a latent grid'}; use {wanted}"
+            f"{'latent vectors' if wanted == ('mlp',) else 'a latent grid'}; use {quoted_choices(wanted)}"
+        )
+
+
+def patch_conflicts(model: ModelConfig, size: int):
+    """What a DiT with model.patch_size cannot do on size x size inputs (images or a latent grid)."""
+    if size % model.patch_size:
+        divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 32]
+        yield (
+            f"model.patch_size: {model.patch_size} is not allowed: it must divide the {size}x{size} inputs "
+            f"(use one of {', '.join(map(str, divisors))})"
         )
 
 
@@ -600,15 +720,13 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig", task: str = "s
             f"sample.top_k: {sample.top_k} is not allowed with method.name {method.name!r}: its sampler draws no "
             "tokens (top_k is for autoregressive, masked and guided sampling)"
         )
-    samplers = {"autoregressive": ("ancestral",), "masked": ("ancestral",)}.get(
-        method.name, ("ddpm", "ddim", "dpmsolver++")
-    )
+    samplers = METHOD_SAMPLERS.get(method.name, SCHEDULER_SAMPLERS)
     if sample.sampler not in samplers:
         yield (
             f"sample.sampler: {sample.sampler!r} is not allowed with method.name {method.name!r}: "
-            f"use {' or '.join(samplers)}"
+            f"use {quoted_choices(samplers)}"
         )
-    if sample.sampler != "ancestral" and sample.num_inference_steps > method.num_train_timesteps:
+    if sample.sampler in SCHEDULER_SAMPLERS and sample.num_inference_steps > method.num_train_timesteps:
         yield (
             f"sample.num_inference_steps: {sample.num_inference_steps} is not allowed: must be <= "
             f"method.num_train_timesteps ({method.num_train_timesteps})"
@@ -629,10 +747,10 @@ def sampling_conflicts(config: RunConfig, sample: "SampleConfig", task: str = "s
                 f"sample.class_label: {sample.class_label} is not allowed with model.class_conditional false: "
                 "an unconditional model takes no class"
             )
-        if sample.class_label is not None and sample.class_label >= NUM_CLASSES[data.dataset]:
+        if sample.class_label is not None and sample.class_label >= num_classes(data):
             yield (
                 f"sample.class_label: {sample.class_label} is not allowed: {data.dataset} has classes "
-                f"0 to {NUM_CLASSES[data.dataset] - 1}"
+                f"0 to {num_classes(data) - 1}"
             )
         if sample.guide_checkpoint is not None:
             yield (

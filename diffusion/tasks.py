@@ -38,15 +38,16 @@ def generate(
     num_samples: int,
     guide: TrainedModel | None = None,
     progress: Progress = no_progress,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """`num_samples` samples on the CPU, reproducible from `sample.seed`; with `guide` (an
     autoregressive run), decoded left to right with its logits mixed in at weight
-    1 - `sample.guidance_alpha`."""
+    1 - `sample.guidance_alpha`. `stats` gets the method's sampling cost (Method.sample)."""
     generator = torch.Generator().manual_seed(sample.seed)
     trained.model.eval()
     if guide is None:
         samples = trained.method.sample(
-            trained.model, num_samples, trained.data, sample, generator, trained.device, progress
+            trained.model, num_samples, trained.data, sample, generator, trained.device, progress, stats
         )
     else:
         samples = guided_sample(
@@ -93,18 +94,18 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
     if not run.in_place:
         run.create(config)  # after every reference was found: a bad one writes nothing
     validation = load_validation(trained.config.data)
-    started = time.monotonic()
-    samples = generate(trained, config.sample, config.sample.num_samples, guide, progress=track)
+    started, stats = time.monotonic(), {}
+    samples = generate(trained, config.sample, config.sample.num_samples, guide, progress=track, stats=stats)
     seconds = time.monotonic() - started
     name = trained.method.sample_name(config.sample)
     labels = trained.method.class_labels(len(samples), trained.data, config.sample)
     written = write_samples(trained.data, samples, run.samples, name, labels=labels)
-    path = written.get("grid") or written["samples"]
+    path = written.get("grid") or written.get("scatter") or written["samples"]
     scores = sample_scores(
         trained.method,
         trained.model,
         validation,
-        written,
+        {**written, "values": samples},
         trained.device,
         config.sample.seed,
         config.eval.val_blocks,
@@ -124,6 +125,7 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
             "step": trained.step,
             "num_samples": len(samples),
             "sample_seconds": round(seconds, 2),
+            "nfe": stats.get("nfe"),
             "guidance_alpha": config.sample.guidance_alpha if guide else None,
             "scores": scores,
             "samples": str(path),
@@ -185,8 +187,8 @@ def evaluate_checkpoint(
         test_images = test_images[test_labels == trained.config.data.only_digit]
     num_samples = min(config.eval.num_samples, len(train_images), len(test_images))
 
-    started = time.monotonic()
-    samples = generate(trained, config.sample, num_samples, progress=progress)
+    started, stats = time.monotonic(), {}
+    samples = generate(trained, config.sample, num_samples, progress=progress, stats=stats)
     sample_seconds = time.monotonic() - started
     scored = samples
     if samples.shape[-1] != train_images.shape[-1]:
@@ -198,10 +200,12 @@ def evaluate_checkpoint(
         "step": trained.step,
         "sampler": config.sample.sampler,
         "num_inference_steps": config.sample.num_inference_steps,
+        "nfe": stats.get("nfe"),  # network evaluations per batch: an adaptive solver's own count
         "eta": config.sample.eta,
         "guidance_scale": config.sample.guidance_scale if labels is not None else None,
         "num_samples": num_samples,
         "sample_seconds": round(sample_seconds, 2),
+        "seconds_per_sample": sample_seconds / num_samples,
         "scores": image_scores(classifier, scored, reference, config.eval.confidence, device=device, labels=labels),
         "real_floor": real_floor(classifier, train_images, test_images, num_samples, device=device),
     }

@@ -39,7 +39,7 @@ from diffusion.checkpoint import (
     step_files,
 )
 from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_stored_run
-from diffusion.data import DataSpec, load_dataset, load_validation, write_samples
+from diffusion.data import DataSpec, load_dataset, load_validation, write_flow, write_samples
 from diffusion.methods import Method, Parent, build_method
 from diffusion.progress import TrainProgress
 from diffusion.records import MetricsRecord, Summary
@@ -128,7 +128,9 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     ):
         loop_started, seconds_before = time.monotonic(), state.train_seconds
         while state.step < plan.total_steps:
-            loss, grad_norm = train_step(state, method, batches.at(state.step), plan.shard, tc, device, use_bf16)
+            loss, grad_norm = train_step_or_uncompiled(
+                state, method, batches.at(state.step), plan.shard, tc, device, use_bf16
+            )
             # Wall clock of the whole loop (grids and checkpoints included), summed over resumes.
             state.train_seconds = seconds_before + time.monotonic() - loop_started
             window.add(loss, state.step)
@@ -182,6 +184,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
             if checkpointed_step != state.step:
                 save(state, run, config, plan, data, ranks)
             final_samples = preview(state, method, data, config, run, "final", ranks, examples)
+            picture_flow(state, method, data, config, run, ranks)
 
     return finish(
         status,
@@ -239,6 +242,7 @@ class TrainState:
     trained_model: torch.nn.Module  # the model, or its DDP wrapper: what the loss is computed with
     optimizer: torch.optim.Optimizer
     parent: Parent | None = None  # the run the network builds on; its record goes into every checkpoint
+    compiling: bool = False  # the trained model is torch.compile'd and its first step is yet to run
     step: int = 0
     train_seconds: float = 0.0
 
@@ -263,9 +267,12 @@ class TrainState:
             trained_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if config.train.compile:
+            # Lazy: it compiles on the first step, where `train_step_or_uncompiled` catches a failure.
+            trained_model = torch.compile(trained_model)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]  # not a frozen parent
         optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
-        return cls(model, ema_model, trained_model, optimizer, parent)
+        return cls(model, ema_model, trained_model, optimizer, parent, compiling=config.train.compile)
 
 
 def resume(
@@ -317,6 +324,40 @@ class Batches:
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator)
+
+
+def train_step_or_uncompiled(
+    state: TrainState,
+    method: Method,
+    batch: dict,
+    shard: slice | None,
+    tc: TrainConfig,
+    device: torch.device,
+    use_bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_step`; the first step of a torch.compile'd model compiles it, and if compilation
+    fails (no C++ compiler, an operation dynamo cannot trace, forward-mode AD), the run says why in
+    one line and takes the same step uncompiled, from the same random state: a compiled run and
+    its fallback follow the uncompiled trajectory."""
+    if not state.compiling:
+        return train_step(state, method, batch, shard, tc, device, use_bf16)
+    state.compiling = False
+    rng = capture_rng_state()
+    try:
+        return train_step(state, method, batch, shard, tc, device, use_bf16)
+    # torch.compile raises many types (BackendCompilerFailed, Unsupported, InternalTorchDynamoError
+    # ...) and compiles only here, lazily; the same step is taken again uncompiled, so that a real
+    # fault in the model still surfaces from the uncompiled step.
+    except Exception as exc:  # noqa: BLE001
+        reason = " ".join(str(exc).split())[:300]
+        print(
+            f"train.compile: torch.compile failed ({type(exc).__name__}: {reason}); training uncompiled",
+            flush=True,
+        )
+        restore_rng_state(rng)
+        state.trained_model = state.trained_model._orig_mod  # the model (or its DDP wrapper) it compiled
+        state.optimizer.zero_grad(set_to_none=True)
+        return train_step(state, method, batch, shard, tc, device, use_bf16)
 
 
 def train_step(
@@ -478,6 +519,27 @@ def preview(
         data, samples, run.samples, stem, keep_arrays=False, labels=method.class_labels(count, data, sample)
     )
     return {**written, "values": samples}
+
+
+@torch.no_grad()
+def picture_flow(
+    state: TrainState, method: Method, data: DataSpec, config: RunConfig, run: RunDir, ranks: DataParallel
+) -> None:
+    """figures/flow.*: the way `data.flow_count` samples of the EMA model go from noise to data
+    (`Method.trajectory`, drawn by `write_flow`: an animation and a strip of frames); nothing for a
+    method that draws no such path."""
+    if not ranks.is_main or not data.flow_count:
+        return
+    count = data.flow_count
+    sample = config.sample.model_copy(update={"batch_size": count, "class_label": None})
+    generator = torch.Generator().manual_seed(config.sample.seed)
+    device = next(state.ema_model.parameters()).device
+    trajectory = method.trajectory(state.ema_model, count, data, sample, generator, device)
+    if trajectory is None:
+        return
+    labels = method.class_labels(count, data, sample)
+    written = write_flow(data, *trajectory, run.figures, "flow", labels=labels)
+    print(f"the flow from noise to data -> {', '.join(map(str, written))}", flush=True)
 
 
 def finish(

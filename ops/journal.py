@@ -376,10 +376,11 @@ def write_post(project: Project, run: Run) -> Path:
         ]
     else:
         lines += [f"_`{samples.relative_to(run_dir)}`_", ""] + text_block(samples.read_text()) + [""]
-    pictures = sorted((run_dir / FIGURES).glob("*.png"))
+    # PNGs and animations (a flow from noise to data) alike: mkdocs shows both as images.
+    pictures = sorted(path for pattern in ("*.png", "*.gif") for path in (run_dir / FIGURES).glob(pattern))
     if pictures:
         lines += ["### Figures", ""]
-        for figure in pictures:  # what the run drew of its model, e.g. an autoencoder's latent space
+        for figure in pictures:  # what the run drew of its model: an autoencoder's latent space, a flow
             copy_file(figure, assets / f"figure-{figure.name}")
             lines += [
                 f"![{figure.stem.replace('_', ' ')}]({run.ops_id}/figure-{figure.name})",

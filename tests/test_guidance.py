@@ -11,6 +11,7 @@ import torch
 
 from diffusion.config import ConfigError, validate_run
 from diffusion.methods import build_method
+from diffusion.methods.conditioning import guided_output
 from diffusion.methods.ddpm import DDPM
 from diffusion.nets.unet import UNet
 from diffusion.train import train
@@ -85,10 +86,10 @@ def test_guidance_scale_one_is_the_conditional_model_zero_the_unconditional_in_o
         conditional = net(x, t, class_labels=labels)
         unconditional = net(x, t, class_labels=None)  # the null class
         assert not torch.allclose(conditional, unconditional)
-        assert torch.equal(method.guided_output(net, x, t, labels, 1.0), conditional)
-        assert torch.equal(method.guided_output(net, x, t, labels, 0.0), unconditional)
+        assert torch.equal(guided_output(net, x, t, labels, 1.0, method.num_classes), conditional)
+        assert torch.equal(guided_output(net, x, t, labels, 0.0, method.num_classes), unconditional)
         recording = Recording(net)
-        guided = method.guided_output(recording, x, t, labels, 3.0)
+        guided = guided_output(recording, x, t, labels, 3.0, method.num_classes)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
     assert recording.batch_sizes == [8]  # both branches in one forward pass
     assert recording.labels[0].tolist() == [0, 3, 7, 9, 10, 10, 10, 10]

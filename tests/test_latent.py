@@ -252,7 +252,11 @@ def test_an_autoencoder_of_other_images_is_refused(autoencoders, mnist_root, tmp
             {"name": "ddpm"},
             "model.name: 'mlp_autoencoder' is not allowed with method.name",
         ),
-        ({"name": "mlp"}, {"name": "ddpm"}, "model.name: 'mlp' is not allowed without method.autoencoder"),
+        (
+            {"name": "mlp"},
+            {"name": "ddpm"},
+            "model.name: 'mlp' is not allowed with data.dataset 'mnist': use 'unet' or 'dit' (mlp takes an autoencoder's latent",
+        ),
         (
             {"name": "mlp"},
             {"name": "ddpm", "autoencoder": "runs/ae"},
@@ -266,7 +270,7 @@ def test_an_autoencoder_of_other_images_is_refused(autoencoders, mnist_root, tmp
         (
             {"name": "transformer"},
             {"name": "autoencoder"},
-            "model.name: 'transformer' is not allowed with data.dataset 'mnist': use 'mlp_autoencoder' or "
+            "model.name: 'transformer' is not allowed with method.name 'autoencoder': use 'mlp_autoencoder' or "
             "'conv_autoencoder'",
         ),
         (

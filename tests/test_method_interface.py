@@ -32,7 +32,7 @@ class OneParameterDenoiser(Method):
     and sampling is one step from pure noise."""
 
     name = "toy-scale"
-    data_kind = "image"
+    data_kinds = ("image",)
 
     def build_model(self, model_config, data, parent=None):
         return Scale()
@@ -46,7 +46,7 @@ class OneParameterDenoiser(Method):
         noisy = (1 - s).sqrt() * images + s.sqrt() * noise
         return (model(noisy) - images).pow(2).mean()
 
-    def sample(self, model, num_samples, data, sample, generator, device="cpu", progress=None):
+    def sample(self, model, num_samples, data, sample, generator, device="cpu", progress=None, stats=None):
         noise = torch.randn((num_samples, *data.shape), generator=generator).to(device)
         return model(noise).clamp(-1, 1)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion.nets.unet import ResBlock, UNet, timestep_embedding
+from diffusion.nets.layers import timestep_embedding
+from diffusion.nets.unet import ResBlock, UNet
 
 # Tiny nets: every test runs in well under a second on CPU.
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_heads=2, norm_groups=4)

@@ -26,9 +26,10 @@ def resolve_data_root(configured: str | None) -> Path:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """kind: "image" (examples are float (C, H, W) in [-1, 1], batches {"images", "labels"}) or
-    "text" (examples are (block_size,) token ids, batches {"tokens"}).
-    shape: one example's shape. num_classes: image labels (None: unlabelled). vocab_size,
+    """kind: "image" (examples are float (C, H, W) in [-1, 1], batches {"images", "labels"}), "text"
+    (examples are (block_size,) token ids, batches {"tokens"}) or "points" (2-D toys: examples are
+    float (2,), of order 1, batches {"points", "labels"}).
+    shape: one example's shape. num_classes: image and point labels (None: unlabelled). vocab_size,
     tokenizer (its JSON, to decode samples) and chars_per_token (bits per character = bits per
     token / chars_per_token): text only."""
 
@@ -46,13 +47,22 @@ class DataSpec:
 
     @property
     def preview_count(self) -> int:
-        """How many samples a training run draws at each sample point: a grid of digits, a few texts."""
-        return 64 if self.kind == "image" else 8
+        """How many samples a training run draws at each sample point: a grid of digits, a few texts,
+        a scatter of points (which needs many to show a density)."""
+        return {"image": 64, "points": 2000}.get(self.kind, 8)
+
+    @property
+    def flow_count(self) -> int:
+        """How many samples a picture of the flow from noise to data follows (write_flow): a few rows
+        of images, a cloud of points; none of text."""
+        return {"image": 8, "points": 1000}.get(self.kind, 0)
 
     def to_json(self) -> dict:
         """The checkpoint's "data" record (the layout checkpoints have always had)."""
         if self.kind == "image":
             return {"kind": "image", "image_shape": list(self.shape), "num_classes": self.num_classes}
+        if self.kind == "points":
+            return {"kind": "points", "shape": list(self.shape), "num_classes": self.num_classes}
         return {
             "kind": self.kind,
             "vocab_size": self.vocab_size,
@@ -65,6 +75,8 @@ class DataSpec:
     def from_json(cls, record: dict) -> "DataSpec":
         if record["kind"] == "image":
             return cls("image", tuple(record["image_shape"]), num_classes=record["num_classes"])
+        if record["kind"] == "points":
+            return cls("points", tuple(record["shape"]), num_classes=record["num_classes"])
         return cls(
             record["kind"],
             (record["block_size"],),

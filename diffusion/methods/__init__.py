@@ -2,7 +2,15 @@
 its config name. Importing this package registers them all."""
 
 from diffusion.config import MethodConfig, RunConfig
-from diffusion.methods import autoencoder, autoregressive, ddpm, embedding, masked  # noqa: F401 (registers them)
+from diffusion.methods import (  # noqa: F401 (registers them)
+    autoencoder,
+    autoregressive,
+    ddpm,
+    embedding,
+    flow_matching,
+    masked,
+    meanflow,
+)
 from diffusion.methods.base import METHODS, Method, Parent, Progress, no_progress, register
 from diffusion.methods.latent import Latent
 

@@ -27,7 +27,7 @@ class Autoencoder(Method):
     `model.decode(latents)` images in [0, 1] (an autoencoder from diffusion/nets)."""
 
     name = "autoencoder"
-    data_kind = "image"
+    data_kinds = ("image",)
     learns_latents = True
 
     def __init__(self, reconstruction_loss: str = "bce"):
@@ -48,7 +48,7 @@ class Autoencoder(Method):
             return F.binary_cross_entropy_with_logits(logits, target)
         return F.mse_loss(torch.sigmoid(logits), target)
 
-    def sample(self, model, num_samples, data, sample, generator, device="cpu", progress=None) -> Tensor:
+    def sample(self, model, num_samples, data, sample, generator, device="cpu", progress=None, stats=None) -> Tensor:
         # Validation refuses sample and eval tasks of an autoencoder (config.sampling_conflicts).
         raise NotImplementedError("an autoencoder draws no new images; it reconstructs (preview) and encodes")
 

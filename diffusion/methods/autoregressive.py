@@ -45,7 +45,7 @@ def sample_from_logits(
 @register
 class Autoregressive(Method):
     name = "autoregressive"
-    data_kind = "text"
+    data_kinds = ("text",)
     exact_likelihood = True
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
@@ -100,6 +100,7 @@ class Autoregressive(Method):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
         return self.generate(
             model,

@@ -28,7 +28,7 @@ def no_progress(steps: Iterable, description: str) -> Iterable:
 
 class Method(ABC):
     name: str  # method.name in the config
-    data_kind: str  # the DataSpec kind it models: "image" or "text"
+    data_kinds: tuple[str, ...]  # the DataSpec kinds it models: "image", "text", "points"
     # Its validation score is the exact negative log-likelihood (not a bound): such a run can score
     # other runs' text samples and guide their decoding (`next_token_logits`).
     exact_likelihood: bool = False
@@ -77,10 +77,13 @@ class Method(ABC):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
-        """`num_samples` new examples: images (N, C, H, W) in [-1, 1] or tokens (N, L), drawn from
-        `generator` on the CPU (the same samples on every device) with the `sample` settings this
-        method reads."""
+        """`num_samples` new examples: images (N, C, H, W) in [-1, 1], points (N, 2) or tokens (N, L),
+        drawn from `generator` on the CPU (the same samples on every device) with the `sample`
+        settings this method reads. `stats`, when given, gets what the sampling cost: "nfe", the
+        network evaluations per batch (a guided pass of the doubled batch counts once; the mean
+        over batches for an adaptive solver)."""
 
     def preview(
         self,
@@ -95,6 +98,20 @@ class Method(ABC):
         """What a training run shows of its model: `num_samples` samples (the default), or for a
         method that draws none, what it makes of `examples` (that many fixed training examples)."""
         return self.sample(model, num_samples, data, sample, generator, device)
+
+    def trajectory(
+        self,
+        model: nn.Module,
+        num_samples: int,
+        data: DataSpec,
+        sample: SampleConfig,
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The way `num_samples` samples go from noise to data: (times (K,), states (K, N, *shape)),
+        first noise, last the samples, for a picture of the flow; None for a method that draws no
+        such path (the default)."""
+        return None
 
     def encode(self, model: nn.Module, images: Tensor) -> Tensor:
         """(N, D) the representation that a method which `learns_latents` gives `images`."""
@@ -147,7 +164,7 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` the method of `method.name: cls.name` (and a name the config
     accepts, for the data kind it models)."""
     METHODS[cls.name] = cls
-    METHOD_KINDS[cls.name] = cls.data_kind
+    METHOD_KINDS[cls.name] = cls.data_kinds
     return cls
 
 

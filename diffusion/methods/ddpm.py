@@ -2,21 +2,17 @@
 DDPM ancestral, the DDIM (Song et al. 2021) or the DPM-Solver++ (Lu et al. 2022) scheduler of
 diffusion/schedulers.py.
 
-Classifier-free guidance (Ho & Salimans 2022): a class-conditional network is trained with a
-`label_dropout` share of its labels replaced by the null class (index num_classes), so that it is
-also the unconditional model; sampling mixes the two, eps_uncond + w (eps_cond - eps_uncond), in
-one batched pass. w = 1 is the conditional model alone, w = 0 the unconditional one.
+Classifier-free guidance (diffusion/methods/conditioning.py) mixes eps_uncond + w (eps_cond - eps_uncond).
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.config import NUM_CLASSES, ModelConfig, RunConfig, SampleConfig
+from diffusion.config import ModelConfig, RunConfig, SampleConfig, num_classes
 from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Method, Progress, no_progress, register
+from diffusion.methods.conditioning import asked_labels, drop_labels, guided_output
 from diffusion.nets import build_denoiser
 from diffusion.schedulers import PREDICTION_TYPES, NoiseSchedule, Scheduler, make_scheduler
 
@@ -28,7 +24,7 @@ class DDPM(Method):
     FiLM MLP from diffusion/nets)."""
 
     name = "ddpm"
-    data_kind = "image"
+    data_kinds = ("image",)
 
     def __init__(
         self,
@@ -65,7 +61,7 @@ class DDPM(Method):
         return cls(
             **config.method.model_dump(include=fields),
             class_conditional=conditional,
-            num_classes=NUM_CLASSES[config.data.dataset] if conditional else None,
+            num_classes=num_classes(config.data) if conditional else None,
             label_dropout=config.method.label_dropout if conditional else 0.0,
         )
 
@@ -80,10 +76,7 @@ class DDPM(Method):
         # From the global RNG (on images' device), which the trainer checkpoints for exact resumes.
         timesteps = torch.randint(0, self.num_train_timesteps, (images.shape[0],), device=images.device)
         noise = torch.randn_like(images)
-        class_labels = batch.get("class_labels")
-        if class_labels is not None and self.label_dropout > 0:
-            dropped = torch.rand(images.shape[0], device=images.device) < self.label_dropout
-            class_labels = torch.where(dropped, self.num_classes, class_labels)
+        class_labels = drop_labels(batch.get("class_labels"), self.label_dropout, self.num_classes)
         if shard is not None:
             images, timesteps, noise = images[shard], timesteps[shard], noise[shard]
             class_labels = class_labels[shard] if class_labels is not None else None
@@ -112,6 +105,7 @@ class DDPM(Method):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
         """In batches of `sample.batch_size` from one generator; a class-conditional model is given
         `class_labels(...)` and guided with `sample.guidance_scale`."""
@@ -135,17 +129,12 @@ class DDPM(Method):
                     guidance_scale=sample.guidance_scale,
                 )
             )
+        if stats is not None:
+            stats["nfe"] = sample.num_inference_steps  # one network pass per scheduler step
         return torch.cat(batches) if len(batches) > 1 else batches[0]
 
     def class_labels(self, num_samples: int, data: DataSpec, sample: SampleConfig) -> Tensor | None:
-        """`sample.class_label` for every image, else the classes in blocks (0, 0, ..., 1, 1, ...):
-        a class per row of the grid, and as many of each as can be. None for an unconditional model,
-        and at guidance scale 0, which samples the unconditional model (no class is asked for)."""
-        if not self.class_conditional or sample.guidance_scale == 0:
-            return None
-        if sample.class_label is not None:
-            return torch.full((num_samples,), sample.class_label)
-        return torch.arange(num_samples) // math.ceil(num_samples / data.num_classes)
+        return asked_labels(num_samples, self.num_classes if self.class_conditional else None, sample)
 
     def sample_name(self, sample: SampleConfig) -> str:
         eta = f"-eta{sample.eta:g}" if sample.sampler == "ddim" and sample.eta else ""
@@ -179,25 +168,8 @@ class DDPM(Method):
             class_labels = class_labels.to(device)
         for timestep in progress(scheduler.timesteps.tolist(), f"{sampler} sampling"):
             timesteps = torch.full((num_samples,), timestep, dtype=torch.long, device=device)
-            model_output = self.guided_output(model, sample, timesteps, class_labels, guidance_scale)
+            model_output = guided_output(model, sample, timesteps, class_labels, guidance_scale, self.num_classes)
             sample = scheduler.step(model_output, timestep, sample, generator=generator)
         # The last step (alpha_bar_prev = 1) returns the predicted x0 itself, so with clip_sample
         # the samples are in [-1, 1] already; without it they are left as the model made them.
         return sample
-
-    def guided_output(
-        self, model, sample: Tensor, timesteps: Tensor, class_labels: Tensor | None, guidance_scale: float
-    ) -> Tensor:
-        """The model's output, for classifier-free guidance uncond + w (cond - uncond) from one
-        forward pass over the batch twice (with the labels, then with the null class). w = 1 and
-        w = 0 take one pass of half the size: the conditional and the unconditional model."""
-        if class_labels is None or guidance_scale == 1:
-            return model(sample, timesteps, class_labels=class_labels)
-        null = torch.full_like(class_labels, self.num_classes)
-        if guidance_scale == 0:
-            return model(sample, timesteps, class_labels=null)
-        both = model(
-            torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), class_labels=torch.cat([class_labels, null])
-        )
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)

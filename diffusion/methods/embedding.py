@@ -112,7 +112,7 @@ class EmbeddingDiffusionModel(nn.Module):
 @register
 class EmbeddingDiffusion(Method):
     name = "embedding"
-    data_kind = "text"
+    data_kinds = ("text",)
 
     def __init__(
         self,
@@ -296,6 +296,7 @@ class EmbeddingDiffusion(Method):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
         return self.generate(
             model,

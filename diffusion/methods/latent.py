@@ -27,8 +27,10 @@ class LatentModel(nn.Module):
         self.autoencoder = autoencoder.requires_grad_(False)
         self.register_buffer("latent_std", torch.ones(()))
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        return self.denoiser(x, t, class_labels=class_labels)
+    def forward(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, second_time: Tensor | None = None
+    ) -> Tensor:
+        return self.denoiser(x, t, class_labels=class_labels, second_time=second_time)
 
     def train(self, mode: bool = True) -> "LatentModel":
         super().train(mode)
@@ -49,7 +51,7 @@ class LatentModel(nn.Module):
 class Latent(Method):
     """`inner` (a Gaussian-diffusion method) on the latents of the autoencoder run `reference`."""
 
-    data_kind = "image"
+    data_kinds = ("image",)
     parent_key = "method.autoencoder"
 
     def __init__(self, inner: Method, reference: str, autoencoder_model: dict | None = None):
@@ -140,9 +142,10 @@ class Latent(Method):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
         latents = self.inner.sample(
-            model, num_samples, self.latent_data(model.autoencoder, data), sample, generator, device, progress
+            model, num_samples, self.latent_data(model.autoencoder, data), sample, generator, device, progress, stats
         )
         return torch.cat([model.decode(chunk) for chunk in latents.split(sample.batch_size)])
 

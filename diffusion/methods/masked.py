@@ -43,7 +43,7 @@ def vocab_size_of(model) -> int:
 @register
 class MaskedDiffusion(Method):
     name = "masked"
-    data_kind = "text"
+    data_kinds = ("text",)
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
         return Transformer(
@@ -117,6 +117,7 @@ class MaskedDiffusion(Method):
         generator: torch.Generator | None,
         device: torch.device | str = "cpu",
         progress: Progress = no_progress,
+        stats: dict | None = None,
     ) -> Tensor:
         return self.generate(
             model,

@@ -1,16 +1,17 @@
-"""A residual MLP with FiLM conditioning, for vectors: an autoencoder's latents (and 2-D points).
+"""A residual MLP with FiLM conditioning, for vectors: 2-D points and an autoencoder's latents.
 
 Each block: LayerNorm, then FiLM (scale and shift from the time and class embedding, zero-initialised
 so that every block starts unconditioned), then Linear, SiLU, Linear, added back to the stream.
 Conditioning as in the UNet: a sinusoidal embedding of t through an MLP, plus an optional class
-embedding with a null class (index num_classes) for classifier-free guidance.
+embedding with a null class (index num_classes) for classifier-free guidance, plus (`two_times`)
+the embedding of a second time through its own MLP (MeanFlow's interval t - r).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.nets.unet import timestep_embedding
+from diffusion.nets.layers import TimeEmbedding, second_time_embedding, timestep_embedding
 
 
 class FiLMBlock(nn.Module):
@@ -31,13 +32,19 @@ class FiLMBlock(nn.Module):
 
 
 class FiLMMLP(nn.Module):
-    """(x (B, D), t (B,), class_labels (B,) long or None) -> (B, D).
+    """(x (B, D), t (B,), class_labels (B,) long or None, second_time (B,) or None) -> (B, D).
 
     dim: D, the vector size; hidden_dim: the width of the residual stream; num_layers: FiLM blocks;
-    num_classes: None for an unconditional net."""
+    num_classes: None for an unconditional net; two_times: it takes a second time."""
 
     def __init__(
-        self, dim: int, hidden_dim: int = 256, num_layers: int = 4, num_classes: int | None = None, dropout: float = 0.0
+        self,
+        dim: int,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        num_classes: int | None = None,
+        dropout: float = 0.0,
+        two_times: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -45,13 +52,19 @@ class FiLMMLP(nn.Module):
         self.time_dim = emb_dim // 4
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        self.second_time_embedding = TimeEmbedding(self.time_dim, emb_dim) if two_times else None
         self.proj_in = nn.Linear(dim, hidden_dim)
         self.blocks = nn.ModuleList(FiLMBlock(hidden_dim, emb_dim, dropout) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(hidden_dim)
         self.proj_out = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, second_time: Tensor | None = None
+    ) -> Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        emb = emb + second_time_embedding(self.second_time_embedding, second_time, x.shape[0])
         if self.class_embedding is not None:
             if class_labels is None:  # no label: the null class, as in the UNet
                 class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)

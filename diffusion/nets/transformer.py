@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.nets.unet import timestep_embedding
+from diffusion.nets.layers import timestep_embedding
 
 
 def rotary_tables(block_size: int, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:

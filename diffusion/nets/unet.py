@@ -10,23 +10,11 @@ Conditioning: a sinusoidal embedding of t through an MLP, plus an optional class
 every residual block by FiLM (scale and shift after the second GroupNorm).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """(B,) timesteps -> (B, dim) as in DDPM and diffusers' get_timestep_embedding (defaults):
-    [sin(t * f_i), cos(t * f_i)] with f_i = max_period ** (-i / (dim/2 - 1)), i = 0 .. dim/2 - 1."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1)
-    angles = t.float()[:, None] * torch.exp(exponent)[None, :]
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
+from diffusion.nets.layers import TimeEmbedding, second_time_embedding, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -88,8 +76,10 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         attention_resolutions: tuple[int, ...] | list[int] = (),
         image_size: int | None = None,
+        two_times: bool = False,
     ):
-        """attention_resolutions: sizes (of an `image_size` input) at which levels get attention."""
+        """attention_resolutions: sizes (of an `image_size` input) at which levels get attention;
+        two_times: the net takes a second time (MeanFlow's t - r), embedded by its own MLP and added."""
         super().__init__()
         self.base_channels = base_channels
         self.num_classes = num_classes
@@ -99,6 +89,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Index num_classes is the null class: "no label", for classifier-free guidance.
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        self.second_time_embedding = TimeEmbedding(base_channels, emb_dim) if two_times else None
 
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, norm_groups, dropout)
@@ -159,12 +150,16 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(norm_groups, channels)
         self.conv_out = nn.Conv2d(channels, in_channels if out_channels is None else out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, second_time: Tensor | None = None
+    ) -> Tensor:
         """x: (B, C, H, W); t: (B,) or scalar, float or int, in the method's units (e.g. 0..999);
-        class_labels: (B,) ints in [0, num_classes], None meaning the null class."""
+        class_labels: (B,) ints in [0, num_classes], None meaning the null class; second_time: like t,
+        for a net built with two_times, else None."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        emb = emb + second_time_embedding(self.second_time_embedding, second_time, x.shape[0])
         if self.class_embedding is None:
             if class_labels is not None:
                 raise ValueError("class_labels given, but the model is unconditional (num_classes=None)")

@@ -1,0 +1,51 @@
+"""Probability paths for flow matching and MeanFlow, and the one time convention every flow uses.
+
+Time convention (here only; every flow module, solver call and net input follows it):
+    t runs over [0, 1]; t = 0 is the data end, t = 1 the noise end. A point of the path is
+        x_t = (1 - t) x_0 + t eps,          x_0 ~ data, eps ~ N(0, I),
+    and its conditional velocity is the time derivative
+        v = d x_t / d t = eps - x_0.
+    Sampling integrates dx/dt = v(x, t) from t = 1 (pure noise) to t = 0 (data), so the solvers'
+    steps are negative. This is the convention of MeanFlow (Geng et al. 2025, eq. 1-2) and of
+    rectified flow read backwards; facebookresearch/flow_matching puts noise at t = 0, which is
+    this with t -> 1 - t.
+
+The linear path is the conditional optimal-transport path of Lipman et al. 2023 (sigma_min = 0),
+the "rectified flow" of Liu et al. 2023.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DATA_TIME, NOISE_TIME = 0.0, 1.0  # the two ends of every path: samplers go from NOISE_TIME to DATA_TIME
+
+
+def expand_like(t: Tensor, x: Tensor) -> Tensor:
+    """(B,) times -> (B, 1, ..., 1), broadcastable against x (B, ...)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class LinearPath:
+    """x_t = (1 - t) x_0 + t eps: alpha_t = 1 - t, sigma_t = t."""
+
+    def sample(self, x_0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t (B, ...) for data x_0 (B, ...), noise of the same shape and times t (B,)."""
+        t = expand_like(t, x_0)
+        return (1 - t) * x_0 + t * noise
+
+    def velocity(self, x_0: Tensor, noise: Tensor) -> Tensor:
+        """d x_t / d t = eps - x_0: the conditional velocity, the same at every t."""
+        return noise - x_0
+
+
+def sample_times(
+    num: int, distribution: str, mean: float = 0.0, std: float = 1.0, device: torch.device | str = "cpu"
+) -> Tensor:
+    """(num,) times in [0, 1] from the global RNG: uniform, or logit-normal (sigmoid of N(mean, std),
+    Esser et al. 2024 sec. 3.1: more weight in the middle of the path)."""
+    if distribution == "uniform":
+        return torch.rand(num, device=device)
+    return torch.sigmoid(mean + std * torch.randn(num, device=device))

@@ -1,0 +1,314 @@
+"""Flow matching and MeanFlow: the paths, the MeanFlow identity's time derivative, the losses, the
+samplers' step counts, training on a toy to its floor, and every new spec trained, resumed and sampled."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.__main__ import main
+from diffusion.config import ConfigError, ModelConfig, SampleConfig, load_run_config, validate_run
+from diffusion.data.spec import DataSpec
+from diffusion.methods.flow_matching import NET_TIME_SCALE, FlowMatching
+from diffusion.methods.meanflow import MeanFlow, average_and_time_derivative
+from diffusion.nets.mlp import FiLMMLP
+from diffusion.paths import LinearPath, sample_times
+from diffusion.train import train
+from tests.conftest import REPO, assert_resumes_bitwise, run_diffusion
+
+POINTS = DataSpec("points", (2,), num_classes=8)
+SPECS = REPO / "configs/jobs"
+
+
+def mlp(two_times: bool, num_classes: int | None = None, dtype=torch.float32) -> FiLMMLP:
+    torch.manual_seed(0)
+    net = FiLMMLP(2, hidden_dim=32, num_layers=2, num_classes=num_classes, two_times=two_times).to(dtype)
+    for parameter in net.parameters():  # the zero-initialised FiLM too: a net whose every input matters
+        parameter.data.normal_(0, 0.3)
+    return net
+
+
+def test_linear_path_runs_from_data_at_zero_to_noise_at_one_and_its_velocity_is_the_time_derivative():
+    path, x_0, noise = LinearPath(), torch.randn(5, 2), torch.randn(5, 2)
+    assert torch.equal(path.sample(x_0, noise, torch.zeros(5)), x_0)
+    assert torch.equal(path.sample(x_0, noise, torch.ones(5)), noise)
+    t, h = torch.rand(5, dtype=torch.float64), 1e-6
+    x_0, noise = x_0.double(), noise.double()
+    finite = (path.sample(x_0, noise, t + h) - path.sample(x_0, noise, t - h)) / (2 * h)
+    torch.testing.assert_close(finite, path.velocity(x_0, noise))
+
+
+def test_logit_normal_times_concentrate_in_the_middle_uniform_ones_do_not():
+    torch.manual_seed(0)
+    uniform, logit_normal = sample_times(20000, "uniform"), sample_times(20000, "logit_normal", 0.0, 1.0)
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()  # noqa: E731
+    assert abs(middle(uniform) - 0.5) < 0.02
+    assert middle(logit_normal) > 0.6  # P(|N(0,1)| < logit(0.75) = 1.0986) = 0.73
+    shifted = sample_times(20000, "logit_normal", -0.4, 1.0)
+    assert shifted.median() < 0.45  # sigmoid(-0.4) = 0.40
+
+
+def test_meanflow_time_derivative_is_the_total_derivative_along_the_path():
+    """jvp along (v, 0, 1) equals d/ds u(z + s v, r, t + s) by central differences (float64)."""
+    net = mlp(two_times=True, dtype=torch.float64)
+    method = MeanFlow(examples_key="points")
+    z, velocity = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64) * 0.5 + 0.5
+    r = t * torch.rand(6, dtype=torch.float64)
+
+    def u(z, r, t):
+        return method.average_velocity(net, z, r, t, None)
+
+    average, derivative = average_and_time_derivative(u, z, r, t, velocity)
+    # Small steps: the nets see t * 1000, so the third derivative that central differences leave is large.
+    h = 1e-7
+    finite = (u(z + h * velocity, r, t + h) - u(z - h * velocity, r, t - h)) / (2 * h)
+    torch.testing.assert_close(average, u(z, r, t))
+    torch.testing.assert_close(derivative, finite, rtol=1e-5, atol=1e-7)
+    # Not the partial derivative in t alone, nor along z alone: both parts count.
+    partial_t = (u(z, r, t + h) - u(z, r, t - h)) / (2 * h)
+    assert not torch.allclose(derivative, partial_t, rtol=1e-3)
+
+
+def test_meanflow_loss_at_r_equal_t_is_the_flow_matching_loss():
+    net = mlp(two_times=True)
+    x_0, noise, t = torch.randn(16, 2), torch.randn(16, 2), torch.rand(16)
+    flow_matching = FlowMatching(examples_key="points")
+    meanflow = MeanFlow(examples_key="points", adaptive_weight_power=0.0)
+
+    def as_one_time(x, t, class_labels=None):  # the MeanFlow net at r = t, as flow matching calls it
+        return net(x, t, class_labels=class_labels, second_time=torch.zeros_like(t))
+
+    expected = flow_matching.loss_at(as_one_time, x_0, noise, t, None)
+    torch.testing.assert_close(meanflow.loss_at(net, x_0, noise, t, t, None), expected)
+    # With r < t the target moves by (t - r) du/dt: another loss.
+    assert not torch.allclose(meanflow.loss_at(net, x_0, noise, t / 2, t, None), expected)
+    # The adaptive weight 1 / (error + c) makes each example's weighted error error / (error + c) < 1.
+    weighted = MeanFlow(examples_key="points", adaptive_weight_power=1.0).loss_at(net, x_0, noise, t, t, None)
+    assert 0 < weighted.item() < 1 < expected.item()
+
+
+def test_meanflow_draws_ordered_times_with_the_configured_share_equal():
+    method = MeanFlow(examples_key="points", r_equals_t_share=0.3, time_sampling="logit_normal")
+    torch.manual_seed(0)
+    r, t = method.draw_times(20000, "cpu")
+    assert (r <= t).all() and ((t >= 0) & (t <= 1)).all()
+    assert abs((r == t).float().mean().item() - 0.3) < 0.02
+
+
+def test_meanflow_training_guidance_mixes_in_the_unconditional_velocity_only_for_labelled_examples():
+    net = mlp(two_times=True, num_classes=8)
+    method = MeanFlow(examples_key="points", num_classes=8, label_dropout=0.1, training_guidance_scale=3.0)
+    z, t, velocity = torch.randn(4, 2), torch.rand(4), torch.randn(4, 2)
+    labels = torch.tensor([1, 8, 3, 8])  # 8: the null class (dropped)
+    guided = method.guided_velocity(net, z, t, velocity, labels)
+    unconditional = method.average_velocity(net, z, t, t, torch.full_like(labels, 8))
+    expected = 3.0 * velocity + (1 - 3.0) * unconditional
+    torch.testing.assert_close(guided[[0, 2]], expected[[0, 2]])
+    assert torch.equal(guided[[1, 3]], velocity[[1, 3]])
+
+
+@pytest.mark.parametrize(("sampler", "steps", "nfe"), [("euler", 7, 7), ("heun", 5, 10), ("rk4", 3, 12)])
+def test_flow_matching_samples_with_exactly_the_solver_evaluations_and_names_them(sampler, steps, nfe):
+    net = mlp(two_times=False)
+    calls = []
+
+    def counting(x, t, class_labels=None):
+        calls.append(t[0].item() / NET_TIME_SCALE)
+        return net(x, t, class_labels=class_labels)
+
+    sample = SampleConfig(sampler=sampler, num_inference_steps=steps, batch_size=10, num_samples=20)
+    stats = {}
+    method = FlowMatching(examples_key="points")
+    samples = method.sample(counting, 20, POINTS, sample, torch.Generator().manual_seed(0), stats=stats)
+    assert samples.shape == (20, 2) and stats["nfe"] == nfe and len(calls) == 2 * nfe  # two batches
+    assert max(calls) == pytest.approx(1.0) and min(calls) >= 0.0
+    assert method.sample_name(sample) == f"{sampler}{steps}-seed0"
+
+
+def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
+    net = mlp(two_times=True)
+    method = MeanFlow(examples_key="points")
+    sample = SampleConfig(sampler="meanflow", num_inference_steps=1)
+    stats = {}
+    samples = method.sample(net, 8, POINTS, sample, torch.Generator().manual_seed(3), stats=stats)
+    noise = torch.randn((8, 2), generator=torch.Generator().manual_seed(3))
+    expected = noise - method.average_velocity(net, noise, torch.zeros(8), torch.ones(8), None)
+    torch.testing.assert_close(samples, expected)
+    assert stats["nfe"] == 1
+    two = method.sample(net, 8, POINTS, sample.model_copy(update={"num_inference_steps": 2}), torch.Generator())
+    assert not torch.allclose(two, samples)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"method": {"name": "flow_matching"}},
+            "sample.sampler: 'ddim' is not allowed with method.name 'flow_matching'",
+        ),
+        (
+            {"method": {"name": "ddpm"}, "data": {"dataset": "moons"}, "model": {"name": "mlp"}},
+            "method.name: 'ddpm' is not allowed with data.dataset 'moons': use one of flow_matching, meanflow",
+        ),
+        (
+            {"method": {"name": "flow_matching"}, "data": {"dataset": "moons"}, "sample": {"sampler": "euler"}},
+            "model.name: 'unet' is not allowed with data.dataset 'moons': use 'mlp'",
+        ),
+        (
+            {
+                "method": {"name": "flow_matching"},
+                "model": {"name": "dit", "patch_size": 3},
+                "sample": {"sampler": "euler"},
+            },
+            "model.patch_size: 3 is not allowed: it must divide the 28x28 inputs",
+        ),
+        (
+            {"method": {"name": "flow_matching", "training_guidance_scale": 2.0}, "sample": {"sampler": "euler"}},
+            "method.training_guidance_scale: 2.0 is not allowed with method.name 'flow_matching'",
+        ),
+        (
+            {"method": {"name": "meanflow", "training_guidance_scale": 2.0}, "sample": {"sampler": "meanflow"}},
+            "method.training_guidance_scale: 2.0 is not allowed without a class-conditional model",
+        ),
+        (
+            {"method": {"name": "flow_matching"}, "sample": {"sampler": "meanflow"}},
+            "sample.sampler: 'meanflow' is not allowed with method.name 'flow_matching'",
+        ),
+        (
+            {
+                "method": {"name": "meanflow"},
+                "data": {"dataset": "spirals"},
+                "model": {"name": "mlp", "class_conditional": True},
+                "sample": {"sampler": "meanflow", "class_label": 2},
+            },
+            "sample.class_label: 2 is not allowed: spirals has classes 0 to 1",
+        ),
+    ],
+)
+def test_flow_settings_that_cannot_work_are_refused_in_one_line(settings, message):
+    with pytest.raises(ConfigError) as error:
+        validate_run(settings)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_few_hundred_steps_of_flow_matching_bring_eight_gaussians_near_the_floor(tmp_path):
+    overrides = ["train.max_minutes=null", "train.max_steps=300", "train.batch_size=256", "train.progress=lines"]
+    overrides += ["train.checkpoint_every_minutes=null", "train.sample_every_epochs=null", "device=cpu"]
+    assert train(load_run_config(SPECS / "flow-toy.yaml", overrides), tmp_path / "run") == 0
+    scores = json.loads((tmp_path / "run/summary.json").read_text())["scores"]
+    assert scores["num_samples"] == 2000
+    assert scores["energy_distance"] < 3 * scores["real_floor"]
+    # The Gaussian it starts from is far from the data: the score can tell the two apart.
+    from diffusion.data import load_validation
+    from diffusion.scores.points import point_scores
+
+    held_out = load_validation(load_run_config(SPECS / "flow-toy.yaml").data).points
+    noise = point_scores(torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)), held_out)
+    assert noise["energy_distance"] > 20 * scores["energy_distance"]
+    with Image.open(tmp_path / "run/figures/flow.gif") as animation:
+        assert animation.n_frames > 10  # the flow from noise to data, frame by frame
+    assert (tmp_path / "run/samples/final.png").is_file()
+
+
+def test_compile_failure_falls_back_in_one_line_to_the_uncompiled_trajectory(tmp_path):
+    """A C++ compiler that is not there makes inductor fail for real (in a fresh process: inductor
+    reads $CXX when it is imported); the run says so and takes the very steps an uncompiled run takes."""
+    overrides = ["train.max_minutes=null", "train.max_steps=3", "train.batch_size=64", "device=cpu"]
+    overrides += ["train.checkpoint_every_minutes=null", "train.sample_every_epochs=null", "sample.num_samples=16"]
+    overrides += ["model.hidden_dim=16", "model.num_layers=1", "data.num_points=256", "train.progress=lines"]
+    env = os.environ | {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    sets = [part for override in [*overrides, "train.compile=true"] for part in ("--set", override)]
+    result = run_diffusion("train", SPECS / "flow-toy.yaml", "--out", tmp_path / "a", *sets, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fallback = [line for line in result.stdout.splitlines() if line.startswith("train.compile:")]
+    assert (
+        len(fallback) == 1 and "torch.compile failed (" in fallback[0] and fallback[0].endswith("training uncompiled")
+    )
+    assert train(load_run_config(SPECS / "flow-toy.yaml", overrides), tmp_path / "b") == 0
+    a = torch.load(tmp_path / "a/checkpoints/latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+TOY_COMMON = [
+    "device=cpu",
+    "data.num_points=512",
+    "train.batch_size=64",
+    "train.max_minutes=null",
+    "train.progress=lines",
+    "train.sample_every_epochs=null",
+    "train.checkpoint_every_minutes=null",
+    "train.warmup_steps=0",
+    "model.hidden_dim=32",
+    "model.num_layers=2",
+    "sample.num_samples=200",
+]
+IMAGE_COMMON = [
+    "device=cpu",
+    "data.subset=64",
+    "data.download=false",
+    "train.batch_size=16",
+    "train.max_minutes=null",
+    "train.progress=lines",
+    "train.sample_every_epochs=null",
+    "train.checkpoint_every_minutes=null",
+    "train.warmup_steps=0",
+    "sample.num_samples=8",
+    "sample.num_inference_steps=2",
+    "eval.num_samples=50",
+]
+SMALL_UNET = ["model.base_channels=8", "model.norm_groups=4", "model.num_res_blocks=1", "model.attention_heads=2"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "overrides"),
+    [
+        ("flow-toy", TOY_COMMON),
+        ("meanflow-toy", TOY_COMMON),
+        ("flow-mnist", IMAGE_COMMON + SMALL_UNET),
+        ("meanflow-mnist", IMAGE_COMMON + SMALL_UNET),
+        ("dit-mnist", [*IMAGE_COMMON, "model.dit_size=tiny", "model.patch_size=4"]),
+    ],
+)
+def test_each_flow_spec_trains_checkpoints_resumes_bitwise_and_samples(spec, overrides, tmp_path, request):
+    if spec.endswith("mnist"):
+        request.getfixturevalue("mnist_root")  # skips without the MNIST files
+    whole = assert_resumes_bitwise(SPECS / f"{spec}.yaml", overrides, tmp_path)
+    assert (whole / "figures/flow.png").is_file()
+    sampler = "dopri5" if spec.startswith("flow") else "heun" if spec == "dit-mnist" else "meanflow"
+    assert main(["sample", str(whole), "--set", f"sample.sampler={sampler}", "--set", "sample.num_samples=8"]) == 0
+    arrays = next((whole / "samples").glob(f"{sampler}*.npz"))
+    values = np.load(arrays)["points" if "toy" in spec else "images"]
+    assert len(values) == 8 and np.isfinite(values.astype(float)).all()
+    if "toy" in spec:  # a toy's sample task scores the samples against the held-out split
+        record = json.loads(next((whole / "eval").glob(f"{sampler}*.json")).read_text())
+        assert record["scores"]["energy_distance"] > 0 and record["nfe"] >= 1
+
+
+def test_meanflow_cifar10_spec_builds_a_two_time_unet_with_guidance_in_training():
+    config = load_run_config(SPECS / "meanflow-cifar10.yaml")
+    from diffusion.methods import build_method
+
+    method = build_method(config)
+    assert isinstance(method, MeanFlow) and method.training_guidance_scale == 2.0 and method.num_classes == 10
+    with torch.device("meta"):
+        net = method.build_model(config.model, DataSpec("image", (3, 32, 32), num_classes=10))
+    assert net.second_time_embedding is not None
+    assert 30e6 < sum(p.numel() for p in net.parameters()) < 60e6
+
+
+def test_dit_serves_ddpm_and_flows_on_latent_grids_too():
+    model = ModelConfig(name="dit", dit_size="tiny", patch_size=1, class_conditional=True)
+    from diffusion.nets import build_denoiser
+
+    net = build_denoiser(model, (4, 7, 7), 10, two_times=True)
+    out = net(torch.randn(2, 4, 7, 7), torch.tensor([3.0, 500.0]), torch.tensor([1, 10]), second_time=torch.zeros(2))
+    assert out.shape == (2, 4, 7, 7)
+    with pytest.raises(ConfigError, match="model.patch_size: 2 is not allowed: it must divide the 7x7 inputs"):
+        build_denoiser(model.model_copy(update={"patch_size": 2}), (4, 7, 7), 10)
