@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from diffusion.data import DataSpec
@@ -50,7 +51,12 @@ def train_with_ranks(config_path, run_dir, world_size: int) -> None:
     assert all(process.returncode == 0 for process in processes), outputs
 
 
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_config, tmp_path):
+@pytest.mark.parametrize("method", ["ddpm", "meanflow"])
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(method, tiny_config, tmp_path):
+    """MeanFlow too: its forward-mode product (torch.func.jvp) goes through the DDP wrapper."""
+    if method == "meanflow":
+        tiny_config.method.name = "meanflow"
+        tiny_config.sample.sampler = "meanflow"
     tiny_config.train.max_steps = 6
     tiny_config.train.log_every = 2
     config_path = write_config(tiny_config, tmp_path / "config.yaml")

@@ -3,6 +3,7 @@ reconstructions and latent-space picture, a latent run that needs nothing but it
 and the one-line refusals of an autoencoder that will not do."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -441,3 +442,27 @@ def test_a_parent_file_that_holds_code_is_refused_without_running_it(mnist_root,
         train(latent_config(mnist_root, str(tmp_path / "foreign.pt")), tmp_path / "latent")
     assert "it holds objects besides weights, which could run code when loaded" in str(error.value)
     assert "this ran" not in capsys.readouterr().out and not (tmp_path / "latent").exists()
+
+
+@pytest.mark.parametrize(
+    ("autoencoder", "model", "method", "sampler"),
+    [
+        ("conv", {"name": "dit", "dit_size": "tiny", "patch_size": 1}, "meanflow", "meanflow"),
+        ("conv", {"name": "dit", "dit_size": "tiny", "patch_size": 7}, "ddpm", "ddim"),
+        ("mlp", {"name": "mlp", "hidden_dim": 32, "num_layers": 2}, "flow_matching", "heun"),
+    ],
+)
+def test_flows_and_the_dit_run_on_an_autoencoders_latents(autoencoder, model, method, sampler, autoencoders, tmp_path):
+    """Latent flow matching and MeanFlow, and a DiT on the conv autoencoder's 2x7x7 latent grid,
+    train and sample images through the decoder from their own checkpoint."""
+    settings = {"name": method, "autoencoder": str(autoencoders[autoencoder]), "clip_sample": False}
+    config = config_of(
+        os.environ["DIFFUSION_DATA_ROOT"],  # the autoencoders fixture skips without it
+        model | {"class_conditional": True},
+        settings,
+        sample={"sampler": sampler, "num_inference_steps": 2, "num_samples": 8},
+    )
+    assert train(config, tmp_path / "run") == 0
+    assert main(["sample", str(tmp_path / "run"), "--set", "sample.num_samples=8"]) == 0
+    images = np.load(next((tmp_path / "run/samples").glob(f"latent-{sampler}2*.npz")))["images"]
+    assert images.shape == (8, 1, 28, 28) and images.std() > 0

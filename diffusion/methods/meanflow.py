@@ -10,7 +10,7 @@ gives the MeanFlow identity (eq. 6), the training target
     u_tgt = v - (t - r) d/dt u(z_t, r, t),    d/dt u = v . du/dz + du/dt  (r held fixed),
 
 the total derivative taken along the tangent (v, 0, 1) of (z, r, t) by one forward-mode product
-(`torch.func.jvp`, eq. 8), with a stop-gradient on u_tgt (eq. 9). v = eps - x_0 is the conditional
+(a Jacobian-vector product, eq. 8), with a stop-gradient on u_tgt (eq. 9). v = eps - x_0 is the conditional
 velocity. At r = t the target is v and the loss is flow matching's.
 
 - Times (sec. 4.3): t and r are drawn from method.time_sampling (the paper: logit-normal(-0.4, 1)),
@@ -32,6 +32,7 @@ velocity u(z, t, t) like flow matching.
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from diffusion.config import ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
@@ -48,8 +49,20 @@ MAP_FRAMES = 21
 
 def average_and_time_derivative(u, z: Tensor, r: Tensor, t: Tensor, velocity: Tensor) -> tuple[Tensor, Tensor]:
     """(u(z, r, t), d/dt u(z_t, r, t)) in one forward-mode pass (eq. 8): the total derivative along
-    the path, whose tangent is dz/dt = velocity, dr/dt = 0, dt/dt = 1. `u(z, r, t)` any function."""
-    return torch.func.jvp(u, (z, r, t), (velocity, torch.zeros_like(r), torch.ones_like(t)))
+    the path, whose tangent is dz/dt = velocity, dr/dt = 0, dt/dt = 1. `u(z, r, t)` any function;
+    the first output keeps its graph for the loss's backward pass.
+
+    torch.autograd.forward_ad rather than torch.func.jvp: the same dual numbers, but the network's
+    parameters stay plain tensors, which DistributedDataParallel's forward needs (under
+    torch.func.jvp its bucket rebuild on the second step fails on the wrapped parameters)."""
+    with forward_ad.dual_level():
+        dual = u(
+            forward_ad.make_dual(z, velocity),
+            forward_ad.make_dual(r, torch.zeros_like(r)),
+            forward_ad.make_dual(t, torch.ones_like(t)),
+        )
+        average, derivative = forward_ad.unpack_dual(dual)
+    return average, derivative
 
 
 @register
