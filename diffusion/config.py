@@ -67,6 +67,44 @@ METHOD_SAMPLERS = {
 }
 
 
+# The settings that say what a run is, by method and by net: the journal's "Main settings" (the
+# whole config.yaml is shown beside them). A method or net not named here shows its name alone.
+METHOD_SETTINGS = {
+    "ddpm": ("method.num_train_timesteps", "method.beta_schedule", "method.prediction_type", "method.autoencoder"),
+    "flow_matching": ("method.time_sampling", "method.autoencoder"),
+    "meanflow": (
+        "method.time_sampling",
+        "method.logit_normal_mean",
+        "method.r_equals_t_share",
+        "method.adaptive_weight_power",
+        "method.training_guidance_scale",
+        "method.autoencoder",
+    ),
+    "autoencoder": ("method.reconstruction_loss",),
+    "embedding": ("method.num_train_timesteps", "method.beta_schedule", "method.embedding_dim"),
+}
+NET_SETTINGS = {
+    "unet": ("model.base_channels", "model.channel_mults"),
+    "dit": ("model.dit_size", "model.patch_size"),
+    "mlp": ("model.hidden_dim", "model.num_layers"),
+    "transformer": ("model.n_layer", "model.n_embd"),
+    "mlp_autoencoder": ("model.latent_dim", "model.hidden_dim"),
+    "conv_autoencoder": ("model.latent_channels", "model.channel_mults"),
+}
+
+
+def main_settings(method: str | None, net: str | None) -> tuple[str, ...]:
+    """The keys (section.key) that say what a run of `method` on `net` is, in reading order."""
+    return (
+        ("task", "device", "data.dataset", "data.subset", "data.only_digit", "model.name")
+        + NET_SETTINGS.get(net, ())
+        + ("model.class_conditional", "method.name")
+        + METHOD_SETTINGS.get(method, ())
+        + ("train.batch_size", "train.epochs", "train.max_steps", "train.max_minutes", "train.lr", "train.seed")
+        + ("sample.sampler", "sample.num_inference_steps", "sample.guidance_scale")
+    )
+
+
 def data_kind(dataset: str) -> str:
     """The kind of data a dataset holds: "image", "text" or "points" (the 2-D toys)."""
     return "text" if dataset in TEXT_DATASETS else "points" if dataset in TOY_DATASETS else "image"

@@ -123,8 +123,11 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
         record = {
             "checkpoint": str(trained.path),
             "step": trained.step,
+            "sampler": config.sample.sampler,
+            "num_inference_steps": config.sample.num_inference_steps,
             "num_samples": len(samples),
             "sample_seconds": round(seconds, 2),
+            "seconds_per_sample": seconds / len(samples),
             "nfe": stats.get("nfe"),
             "guidance_alpha": config.sample.guidance_alpha if guide else None,
             "scores": scores,
@@ -228,7 +231,7 @@ def print_record(record: dict) -> None:
     scores, floor = record["scores"], record["real_floor"]
     table = Table(
         title=f"{record['sampler']}-{record['num_inference_steps']}, {record['num_samples']} samples, "
-        f"step {record['step']}"
+        f"step {record['step']}" + (f", {record['nfe']:g} network evaluations" if record.get("nfe") else "")
     )
     for column in ("", "FID", "confident", "class entropy (bits)", "classes present", "class accuracy"):
         table.add_column(column, justify="right")

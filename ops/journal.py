@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion.config import main_settings
 from ops.engines.vertex import VERTEX_FILE
 from ops.errors import OpsError
 from ops.monitor import elapsed_seconds, format_seconds
@@ -53,30 +54,6 @@ LOSS_IMAGE, SAMPLES_IMAGE = "loss.png", "samples.png"
 
 # Sample grids are a few pixels per digit: shown large, and sharp rather than blurred.
 PIXELS = 'width="360" style="image-rendering: pixelated"'
-
-# The settings a reader looks for first; the full config follows them, folded.
-MAIN_KEYS = (
-    "task",
-    "device",
-    "data.dataset",
-    "data.subset",
-    "data.only_digit",
-    "model.name",
-    "model.base_channels",
-    "model.channel_mults",
-    "method.name",
-    "method.num_train_timesteps",
-    "method.beta_schedule",
-    "method.prediction_type",
-    "train.batch_size",
-    "train.epochs",
-    "train.max_steps",
-    "train.max_minutes",
-    "train.lr",
-    "train.seed",
-    "sample.sampler",
-    "sample.num_inference_steps",
-)
 
 
 def posts_dir(project: Project) -> Path:
@@ -396,7 +373,9 @@ def write_post(project: Project, run: Run) -> Path:
         lines += table(["key", "spec", "this run"], [[f"`{key}`", old, new] for key, old, new in changes]) + [""]
     else:
         lines += [f"The spec `{run.name}` as written, nothing changed.", ""]
-    main = [[f"`{key}`", config[key]] for key in MAIN_KEYS if config.get(key) is not None]
+    # The settings a reader looks for first, by method and net; the full config follows them, folded.
+    keys = main_settings(config.get("method.name"), config.get("model.name"))
+    main = [[f"`{key}`", config[key]] for key in keys if config.get(key) is not None]
     if main:
         lines += ["Main settings:", ""] + table(["setting", "value"], main) + [""]
     if config:

@@ -312,3 +312,15 @@ def test_dit_serves_ddpm_and_flows_on_latent_grids_too():
     assert out.shape == (2, 4, 7, 7)
     with pytest.raises(ConfigError, match="model.patch_size: 2 is not allowed: it must divide the 7x7 inputs"):
         build_denoiser(model.model_copy(update={"patch_size": 2}), (4, 7, 7), 10)
+
+
+def test_the_journal_shows_the_settings_of_the_runs_own_method_and_net():
+    from diffusion.config import main_settings
+
+    flow = main_settings("meanflow", "dit")
+    assert {"method.r_equals_t_share", "method.training_guidance_scale", "model.dit_size", "model.patch_size"} <= set(
+        flow
+    )
+    assert not {"method.beta_schedule", "method.num_train_timesteps", "model.base_channels"} & set(flow)
+    assert {"method.beta_schedule", "model.base_channels"} <= set(main_settings("ddpm", "unet"))
+    assert main_settings("a-method-from-a-test", None)[:3] == ("task", "device", "data.dataset")
