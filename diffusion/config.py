@@ -169,7 +169,9 @@ class DataConfig(Section):
         le=10_000_000,
         description="2-D toys: training points (the held-out split is drawn from another fixed seed).",
     )
-    num_components: int = Field(8, ge=1, le=1000, description="gaussian_mixture: its Gaussians (and classes).")
+    num_components: int = Field(
+        8, ge=1, le=1000, description="gaussian_mixture only: its Gaussians (and classes); the other toys ignore it."
+    )
     val_fraction: float = Field(
         0.1,
         gt=0.0,
@@ -415,8 +417,8 @@ class SampleConfig(Section):
         1.0,
         ge=0.0,
         le=100.0,
-        description="Classifier-free guidance w: eps_uncond + "
-        "w (eps_cond - eps_uncond); 1 the conditional model, 0 the unconditional one.",
+        description="Classifier-free guidance w: out_uncond + "
+        "w (out_cond - out_uncond) of the net's noise or velocity; 1 the conditional model, 0 the unconditional one.",
     )
 
 
@@ -575,6 +577,11 @@ def model_conflicts(config: RunConfig):
             f"method.autoencoder_model: {method.autoencoder_model} is not allowed without method.autoencoder: it "
             "overrides the settings of that autoencoder's checkpoint"
         )
+    if config.train.compile and method.name == "meanflow":
+        yield (
+            "train.compile: true is not allowed with method.name 'meanflow': torch.compile does not trace its "
+            "forward-mode derivative (dual tensors), so the run would train uncompiled; leave it false"
+        )
     if method.training_guidance_scale != 1:
         if method.name != "meanflow":
             yield (
@@ -619,6 +626,7 @@ def model_conflicts(config: RunConfig):
             ("data.limit_per_class", data.limit_per_class),
             ("data.npz", data.npz),
             ("data.resolution", data.resolution),
+            ("data.subset", data.subset),
             ("train.val_every_steps", config.train.val_every_steps),
             ("eval.scorer_checkpoint", config.eval.scorer_checkpoint),
             ("method.autoencoder", method.autoencoder),
@@ -669,7 +677,7 @@ def model_conflicts(config: RunConfig):
             else:
                 yield from attention_conflicts(model, size)
         lowest = model.base_channels * model.channel_mults[-1]
-        if model.attention and lowest % model.attention_heads:
+        if model.name == "unet" and model.attention and lowest % model.attention_heads:
             yield (
                 f"model.attention_heads: {model.attention_heads} is not allowed: must divide the lowest "
                 f"level's channels (base_channels * channel_mults[-1] = {lowest})"

@@ -336,9 +336,10 @@ def train_step_or_uncompiled(
     use_bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`train_step`; the first step of a torch.compile'd model compiles it, and if compilation
-    fails (no C++ compiler, an operation dynamo cannot trace, forward-mode AD), the run says why in
-    one line and takes the same step uncompiled, from the same random state: a compiled run and
-    its fallback follow the uncompiled trajectory."""
+    fails (no C++ compiler, an operation dynamo cannot trace), the run says why in one line and
+    takes the same step uncompiled, from the same random state: a compiled run and its fallback
+    follow the uncompiled trajectory. Only the first step falls back: a recompilation later (new
+    shapes) that fails stops the run with its error, as does any error of the uncompiled retry."""
     if not state.compiling:
         return train_step(state, method, batch, shard, tc, device, use_bf16)
     state.compiling = False

@@ -106,6 +106,16 @@ TINY_IMAGE_MODEL = [
                 "data.resolution=null",
             ],
         ),
+        (
+            "meanflow-cifar10",
+            TINY_IMAGE_MODEL
+            + [
+                "data.subset=64",
+                "data.npz=cifar10/test.npz",
+                "data.download=false",
+                "model.attention_resolutions=[16]",
+            ],
+        ),
     ],
 )
 def test_each_new_spec_trains_resumes_bitwise_and_samples(spec, overrides, cifar_root, mnist_root, tmp_path):

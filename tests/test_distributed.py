@@ -53,7 +53,7 @@ def train_with_ranks(config_path, run_dir, world_size: int) -> None:
 
 @pytest.mark.parametrize("method", ["ddpm", "meanflow"])
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(method, tiny_config, tmp_path):
-    """MeanFlow too: its forward-mode product (torch.func.jvp) goes through the DDP wrapper."""
+    """MeanFlow too: its forward-mode product goes through the DDP wrapper."""
     if method == "meanflow":
         tiny_config.method.name = "meanflow"
         tiny_config.sample.sampler = "meanflow"

@@ -86,9 +86,17 @@ def test_meanflow_loss_at_r_equal_t_is_the_flow_matching_loss():
     torch.testing.assert_close(meanflow.loss_at(net, x_0, noise, t, t, None), expected)
     # With r < t the target moves by (t - r) du/dt: another loss.
     assert not torch.allclose(meanflow.loss_at(net, x_0, noise, t / 2, t, None), expected)
-    # The adaptive weight 1 / (error + c) makes each example's weighted error error / (error + c) < 1.
+    # p = 1: the value is still the unweighted error (what is logged); the gradient is that of
+    # sg(1 / (error + c)) * error, which the weighting would pin near 1 as a value.
     weighted = MeanFlow(examples_key="points", adaptive_weight_power=1.0).loss_at(net, x_0, noise, t, t, None)
-    assert 0 < weighted.item() < 1 < expected.item()
+    torch.testing.assert_close(weighted, expected)
+    velocity = as_one_time(LinearPath().sample(x_0, noise, t), t * NET_TIME_SCALE)
+    error = (velocity - (noise - x_0)).pow(2).mean(1)
+    reference = (error / (error.detach() + 1e-3)).mean()
+    for got, want in zip(
+        torch.autograd.grad(weighted, list(net.parameters())), torch.autograd.grad(reference, list(net.parameters()))
+    ):
+        torch.testing.assert_close(got, want)
 
 
 def test_meanflow_draws_ordered_times_with_the_configured_share_equal():
@@ -179,6 +187,19 @@ def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
             "sample.sampler: 'meanflow' is not allowed with method.name 'flow_matching'",
         ),
         (
+            {"method": {"name": "meanflow"}, "train": {"compile": True}, "sample": {"sampler": "meanflow"}},
+            "train.compile: true is not allowed with method.name 'meanflow'",
+        ),
+        (
+            {
+                "method": {"name": "flow_matching"},
+                "data": {"dataset": "moons", "subset": 100},
+                "model": {"name": "mlp"},
+                "sample": {"sampler": "euler"},
+            },
+            "data.subset: 100 is not allowed with data.dataset 'moons'",
+        ),
+        (
             {
                 "method": {"name": "meanflow"},
                 "data": {"dataset": "spirals"},
@@ -193,6 +214,17 @@ def test_flow_settings_that_cannot_work_are_refused_in_one_line(settings, messag
     with pytest.raises(ConfigError) as error:
         validate_run(settings)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_unet_attention_limits_do_not_apply_to_the_dit():
+    config = validate_run(
+        {
+            "method": {"name": "flow_matching"},
+            "model": {"name": "dit", "attention_heads": 3},
+            "sample": {"sampler": "euler"},
+        }
+    )
+    assert config.model.name == "dit"
 
 
 def test_a_few_hundred_steps_of_flow_matching_bring_eight_gaussians_near_the_floor(tmp_path):

@@ -18,7 +18,8 @@ velocity. At r = t the target is v and the loss is flow matching's.
 - Loss: the squared error averaged over the example's dimensions, times the adaptive weight
   sg(1 / (error + c)^p) (sec. 4.3; p = adaptive_weight_power, c = adaptive_weight_eps; p = 0 is
   the plain squared error). The paper sums over dimensions; the mean keeps the loss in flow
-  matching's units (c is in those units too).
+  matching's units (c is in those units too). The gradient is the weighted loss's; the value
+  returned (and logged) is the unweighted error, which the weighting would pin near 1.
 - Guidance (sec. 4.2, eq. 13): with training_guidance_scale w != 1 the target's velocity is
   w v + (1 - w) u(z_t, t, t | null class), the unconditional velocity, so that one step samples the
   guided model; examples whose label was dropped keep v. Label dropout makes the null class.
@@ -33,6 +34,7 @@ velocity u(z, t, t) like flow matching.
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion.config import ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
@@ -54,8 +56,10 @@ def average_and_time_derivative(u, z: Tensor, r: Tensor, t: Tensor, velocity: Te
 
     torch.autograd.forward_ad rather than torch.func.jvp: the same dual numbers, but the network's
     parameters stay plain tensors, which DistributedDataParallel's forward needs (under
-    torch.func.jvp its bucket rebuild on the second step fails on the wrapped parameters)."""
-    with forward_ad.dual_level():
+    torch.func.jvp its bucket rebuild on the second step fails on the wrapped parameters).
+    Attention runs on the math kernel: the fused scaled_dot_product_attention kernels have no
+    forward-mode derivative."""
+    with forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
         dual = u(
             forward_ad.make_dual(z, velocity),
             forward_ad.make_dual(r, torch.zeros_like(r)),
@@ -130,7 +134,11 @@ class MeanFlow(FlowMatching):
         target = (velocity - expand_like(t - r, z) * derivative).detach()
         error = (average.float() - target.float()).pow(2).flatten(1).mean(1)
         weight = 1 / (error.detach() + self.adaptive_weight_eps) ** self.adaptive_weight_power
-        return (weight * error).mean()
+        weighted = (weight * error).mean()
+        # The value is the unweighted error (the weighted one is near 1 whatever the model: err / (err + c)),
+        # so that the logged loss tells how well it fits and reads like flow matching's; the gradient is
+        # the weighted loss's.
+        return weighted - weighted.detach() + error.mean().detach()
 
     @torch.no_grad()
     def guided_velocity(self, model, z: Tensor, t: Tensor, velocity: Tensor, class_labels: Tensor) -> Tensor:
@@ -167,7 +175,8 @@ class MeanFlow(FlowMatching):
         z, path = noise, [noise]
         for t, r in progress(list(zip(times[:-1].tolist(), times[1:].tolist())), "meanflow sampling"):
             z = z - (t - r) * self.guided_average(model, z, r, t, class_labels, sample.guidance_scale)
-            path.append(z)
+            if keep_path:
+                path.append(z)
         return Solution(z, sample.num_inference_steps, times, torch.stack(path) if keep_path else None)
 
     def guided_average(self, model, z: Tensor, r: float, t: float, class_labels, guidance_scale: float) -> Tensor:

@@ -21,18 +21,16 @@ and since the final layer's modulation and linear are zero-initialised too, the 
 exactly zero, whatever x, t and the label. The rest is initialised as DiT does (xavier-uniform
 linears and patch conv, zero biases, N(0, 0.02) time MLPs and class table).
 
-Attention is written out as softmax(q k^T / sqrt(d)) v rather than F.scaled_dot_product_attention:
-MeanFlow differentiates the net with forward-mode AD (torch.func.jvp), and the fused SDPA kernels
-have no forward-AD formula (torch 2.14, CPU: "_scaled_dot_product_flash_attention_for_cpu does not
-support it").
+Attention is F.scaled_dot_product_attention (fused kernels where the device has them). Its fused
+kernels have no forward-mode derivative, so a caller that differentiates the net forward (MeanFlow)
+selects the math kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)).
 
 Sizes (DIT_SIZES): "tiny" for CPU tests, "S" (DiT-S, 33M parameters at patch 2 on 32x32x4 latents)
 and "B" (DiT-B, 130M).
 """
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.nets.layers import TimeEmbedding
@@ -68,7 +66,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, by hand so that torch.func.jvp goes through it (see the module doc)."""
+    """Multi-head self-attention (see the module doc for forward-mode derivatives)."""
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
@@ -81,8 +79,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         # (B, N, 3D) -> q, k, v each (B, heads, N, D / heads)
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         return self.dropout(self.proj(out))
 
 

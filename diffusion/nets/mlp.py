@@ -63,7 +63,7 @@ class FiLMMLP(nn.Module):
     ) -> Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(self.time_mlp[0].weight.dtype))
         emb = emb + second_time_embedding(self.second_time_embedding, second_time, x.shape[0])
         if self.class_embedding is not None:
             if class_labels is None:  # no label: the null class, as in the UNet

@@ -158,7 +158,7 @@ class UNet(nn.Module):
         for a net built with two_times, else None."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(self.time_mlp[0].weight.dtype))
         emb = emb + second_time_embedding(self.second_time_embedding, second_time, x.shape[0])
         if self.class_embedding is None:
             if class_labels is not None:
