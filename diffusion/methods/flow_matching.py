@@ -55,15 +55,7 @@ class FlowMatching(Method):
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "FlowMatching":
-        conditional = config.model.class_conditional
-        return cls(
-            examples_key="points" if data_kind(config.data.dataset) == "points" else "images",
-            time_sampling=config.method.time_sampling,
-            logit_normal_mean=config.method.logit_normal_mean,
-            logit_normal_std=config.method.logit_normal_std,
-            num_classes=num_classes(config.data) if conditional else None,
-            label_dropout=config.method.label_dropout if conditional else 0.0,
-        )
+        return cls(**flow_matching_settings(config))
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
         return build_denoiser(model_config, data.shape, data.num_classes)
@@ -95,9 +87,13 @@ class FlowMatching(Method):
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             times = (t * NET_TIME_SCALE).expand(x.shape[0])
-            return guided_output(model, x, times, class_labels, guidance_scale, self.num_classes)
+            return guided_output(model, x, times, class_labels, guidance_scale, self.num_classes, **self.instant(times))
 
         return velocity
+
+    def instant(self, times: Tensor) -> dict[str, Tensor]:
+        """What else the net takes to give the instantaneous velocity at (B,) `times`: nothing here."""
+        return {}
 
     @torch.no_grad()
     def solve_batch(
@@ -160,6 +156,19 @@ class FlowMatching(Method):
 
     def sample_name(self, sample: SampleConfig) -> str:
         return solver_sample_name(sample)
+
+
+def flow_matching_settings(config: RunConfig) -> dict:
+    """FlowMatching's arguments as the run config sets them (MeanFlow's too)."""
+    conditional = config.model.class_conditional
+    return dict(
+        examples_key="points" if data_kind(config.data.dataset) == "points" else "images",
+        time_sampling=config.method.time_sampling,
+        logit_normal_mean=config.method.logit_normal_mean,
+        logit_normal_std=config.method.logit_normal_std,
+        num_classes=num_classes(config.data) if conditional else None,
+        label_dropout=config.method.label_dropout if conditional else 0.0,
+    )
 
 
 def frames(times: Tensor, path: Tensor) -> tuple[Tensor, Tensor]:

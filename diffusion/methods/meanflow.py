@@ -40,7 +40,7 @@ from diffusion.config import ModelConfig, RunConfig, SampleConfig
 from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Progress, no_progress, register
 from diffusion.methods.conditioning import drop_labels, guided_output
-from diffusion.methods.flow_matching import NET_TIME_SCALE, FlowMatching, frames
+from diffusion.methods.flow_matching import NET_TIME_SCALE, FlowMatching, flow_matching_settings, frames
 from diffusion.nets import build_denoiser
 from diffusion.paths import DATA_TIME, NOISE_TIME, expand_like, sample_times
 from diffusion.solvers import Solution, time_grid
@@ -91,9 +91,8 @@ class MeanFlow(FlowMatching):
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "MeanFlow":
-        flow_matching = FlowMatching.from_config(config)
         fields = {"r_equals_t_share", "adaptive_weight_power", "adaptive_weight_eps", "training_guidance_scale"}
-        return cls(**config.method.model_dump(include=fields), **vars(flow_matching))
+        return cls(**config.method.model_dump(include=fields), **flow_matching_settings(config))
 
     def build_model(self, model_config: ModelConfig, data: DataSpec, parent=None) -> nn.Module:
         return build_denoiser(model_config, data.shape, data.num_classes, two_times=True)
@@ -148,15 +147,9 @@ class MeanFlow(FlowMatching):
         guided = self.training_guidance_scale * velocity + (1 - self.training_guidance_scale) * unconditional
         return torch.where(expand_like(class_labels == null, z), velocity, guided)
 
-    def velocity_field(self, model, class_labels: Tensor | None, guidance_scale: float):
-        """The instantaneous velocity v(x, t) = u(x, t, t), for the ODE solvers."""
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            times = (t * NET_TIME_SCALE).expand(x.shape[0])
-            interval = torch.zeros_like(times)
-            return guided_output(model, x, times, class_labels, guidance_scale, self.num_classes, second_time=interval)
-
-        return velocity
+    def instant(self, times: Tensor) -> dict[str, Tensor]:
+        """The instantaneous velocity v(x, t) = u(x, t, t), for the ODE solvers: an interval of 0."""
+        return {"second_time": torch.zeros_like(times)}
 
     @torch.no_grad()
     def solve_batch(
