@@ -134,7 +134,7 @@ def test_flow_matching_samples_with_exactly_the_solver_evaluations_and_names_the
     samples = method.sample(counting, 20, POINTS, sample, torch.Generator().manual_seed(0), stats=stats)
     assert samples.shape == (20, 2) and stats["nfe"] == nfe and len(calls) == 2 * nfe  # two batches
     assert max(calls) == pytest.approx(1.0) and min(calls) >= 0.0
-    assert method.sample_name(sample) == f"{sampler}{steps}-seed0"
+    assert method.sample_name(sample) == {"euler": "euler7", "heun": "heun5", "rk4": "rk4-3"}[sampler] + "-seed0"
 
 
 def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
@@ -185,6 +185,38 @@ def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
         (
             {"method": {"name": "flow_matching"}, "sample": {"sampler": "meanflow"}},
             "sample.sampler: 'meanflow' is not allowed with method.name 'flow_matching'",
+        ),
+        (
+            {"method": {"name": "flow_matching", "r_equals_t_share": 0.5}, "sample": {"sampler": "euler"}},
+            "method.r_equals_t_share: 0.5 is not allowed here: only meanflow read it; leave it at 0.75",
+        ),
+        (
+            {"method": {"name": "flow_matching", "prediction_type": "v_prediction"}, "sample": {"sampler": "euler"}},
+            "method.prediction_type: 'v_prediction' is not allowed here: only ddpm (flows predict a velocity)",
+        ),
+        (
+            {"method": {"name": "ddpm", "time_sampling": "logit_normal"}},
+            "method.time_sampling: 'logit_normal' is not allowed here: only flow_matching and meanflow read it",
+        ),
+        (
+            {"data": {"num_points": 100}},
+            "data.num_points: 100 is not allowed here: only the 2-D toys read it; leave it at 20000",
+        ),
+        (
+            {"model": {"patch_size": 4}},
+            "model.patch_size: 4 is not allowed here: only model.name 'dit' read it",
+        ),
+        (
+            {"method": {"name": "flow_matching"}, "sample": {"sampler": "euler", "rtol": 1e-3}},
+            "sample.rtol: 0.001 is not allowed with sample.sampler 'euler': only sampler 'dopri5' read it",
+        ),
+        (
+            {"method": {"name": "flow_matching"}, "sample": {"sampler": "dopri5", "rtol": 1e-300}},
+            "sample.rtol: 1e-300 is not allowed: must be greater than or equal to 0.0000001",
+        ),
+        (
+            {"method": {"name": "meanflow"}, "sample": {"sampler": "meanflow", "eta": 0.5}},
+            "sample.eta: 0.5 is not allowed with sample.sampler 'meanflow': only the DDPM schedulers' samplers",
         ),
         (
             {"method": {"name": "meanflow"}, "train": {"compile": True}, "sample": {"sampler": "meanflow"}},

@@ -181,11 +181,11 @@ def frames(times: Tensor, path: Tensor) -> tuple[Tensor, Tensor]:
 
 def solver_sample_name(sample: SampleConfig) -> str:
     """The file stem of flow samples: solver and steps (dopri5: its tolerances), guidance, class
-    and seed, e.g. euler50-seed0, dopri5-rtol1e-05-atol1e-05-seed0."""
+    and seed, e.g. euler50-seed0, rk4-10-seed0, dopri5-rtol1e-05-atol1e-05-seed0."""
     if sample.sampler == "dopri5":
         steps = f"-rtol{sample.rtol:g}-atol{sample.atol:g}"
-    else:
-        steps = str(sample.num_inference_steps)
+    else:  # rk4-10, not rk410
+        steps = ("-" if sample.sampler[-1].isdigit() else "") + str(sample.num_inference_steps)
     guidance = f"-w{sample.guidance_scale:g}" if sample.guidance_scale != 1 else ""
     label = f"-class{sample.class_label}" if sample.class_label is not None else ""
     return f"{sample.sampler}{steps}{guidance}{label}-seed{sample.seed}"
