@@ -63,7 +63,7 @@ def test_meanflow_time_derivative_is_the_total_derivative_along_the_path():
         return method.average_velocity(net, z, r, t, None)
 
     average, derivative = average_and_time_derivative(u, z, r, t, velocity)
-    # Small steps: the nets see t * 1000, so the third derivative that central differences leave is large.
+    # Small steps: the third derivative that central differences leave grows with the net's weights.
     h = 1e-7
     finite = (u(z + h * velocity, r, t + h) - u(z - h * velocity, r, t - h)) / (2 * h)
     torch.testing.assert_close(average, u(z, r, t))

@@ -138,7 +138,7 @@ def test_submit_refuses_an_autoencoder_that_does_not_fit_in_one_line(ops_project
         "run trains on 1x28x28",
         "pixel": "run.method.autoencoder: 'pixel' is not allowed: it is a 'ddpm' run, not an autoencoder",
         "conv": "run.model.name: 'mlp' is not allowed with method.autoencoder 'conv': a conv_autoencoder gives a "
-        "latent grid; use unet",
+        "latent grid; use 'unet' or 'dit'",
     }
     for name, message in expected.items():
         for reference in (name, f"{name}/checkpoints/latest.pt"):

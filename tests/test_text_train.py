@@ -143,7 +143,7 @@ def test_text_specs_refuse_image_parts_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"method.name: 'ddpm' is not allowed with data.dataset 'shakespeare'"):
         load_run_config(spec)
     spec.write_text("run:\n  data: {dataset: shakespeare}\n  method: {name: masked}\n  sample: {sampler: ancestral}\n")
-    with pytest.raises(ConfigError, match=r"model.name: 'unet' is not allowed .* use transformer"):
+    with pytest.raises(ConfigError, match=r"model.name: 'unet' is not allowed .* use 'transformer'"):
         load_run_config(spec)
     spec.write_text("run:\n  data: {dataset: shakespeare}\n  model: {name: transformer}\n  method: {name: masked}\n")
     with pytest.raises(ConfigError, match=r"sample.sampler: 'ddim' is not allowed with method.name 'masked'"):

@@ -9,7 +9,10 @@ t = 1 to t = 0 with an ODE solver of diffusion/solvers.py (sample.sampler). Path
 are kept apart, as in facebookresearch/flow_matching. A class-conditional net is trained with label
 dropout and sampled with classifier-free guidance on the velocity (methods/conditioning.py).
 
-Nets see t * NET_TIME_SCALE: their sinusoidal time embeddings suit values of order 1..1000.
+Nets see t itself (NET_TIME_SCALE 1), not t * 1000 as DDPM's timesteps: MeanFlow's target holds
+du/dt, and the high frequencies of a sinusoidal embedding of t * 1000 make it large and noisy. On
+eight Gaussians, 400 MeanFlow steps reached 2.7x the real-vs-real energy floor at scale 1 against
+11x at 1000 (and 19x at 100); flow matching did not care (1.5x and 1.6x).
 """
 
 import torch
@@ -24,7 +27,7 @@ from diffusion.nets import build_denoiser
 from diffusion.paths import DATA_TIME, NOISE_TIME, LinearPath, sample_times
 from diffusion.solvers import Solution, solve
 
-NET_TIME_SCALE = 1000.0
+NET_TIME_SCALE = 1.0
 # Frames of the flow's picture at most: an animation of every Euler step would be as long as the sampling.
 MAX_FRAMES = 41
 

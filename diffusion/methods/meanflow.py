@@ -72,7 +72,7 @@ def average_and_time_derivative(u, z: Tensor, r: Tensor, t: Tensor, velocity: Te
 @register
 class MeanFlow(FlowMatching):
     """`model(z, t, class_labels=None, second_time=None)`: the average velocity u(z, r, t) of a net
-    built with two times, given t and t - r (both scaled)."""
+    built with two times, given t and t - r (times NET_TIME_SCALE)."""
 
     name = "meanflow"
 
