@@ -29,7 +29,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
+from common import budget, machine, print_machine, verdict
 
 from diffusion.config import load_run_config
 from diffusion.methods import build_method
@@ -49,28 +49,6 @@ JOBS = {
 MEANFLOW_TARGET = 2.0  # MeanFlow 1-step FID / DDIM-50's
 SPEC_RATIO = 1.5  # flow-mnist's and dit-mnist's expected lines
 SIMILAR_SIZE = 1.5  # parameter counts within this factor of each other count as similar
-
-
-def machine(note: str) -> dict:
-    """What the numbers ran on, and beside what."""
-    return {
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
-        "running_alongside": note,
-    }
-
-
-def print_machine(info: dict, root: Path) -> None:
-    load = " ".join(f"{value:.2f}" for value in info["load_average_at_start"])
-    print(
-        f"{info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads"
-        + (f", {info['cuda']}" if info["cuda"] else ", no GPU")
-        + f", load average {load} at start; run root {root}; running alongside: {info['running_alongside']}",
-        flush=True,
-    )
 
 
 def samplers(ddpm1000_samples: int, num_samples: int) -> list[tuple[str, str, dict, int]]:
@@ -93,18 +71,6 @@ def samplers(ddpm1000_samples: int, num_samples: int) -> list[tuple[str, str, di
         ("MeanFlow 2-step", "meanflow-mnist", {"sampler": "meanflow", "num_inference_steps": 2}, num_samples),
         ("DiT-tiny FM Euler-50", "dit-mnist", {"sampler": "euler", "num_inference_steps": 50}, num_samples),
     ]
-
-
-def budget(runs: dict) -> str:
-    """The training budget the runs were given (train.max_minutes), as the header says it."""
-    budgets = {run["budget_minutes"] for run in runs.values()}
-    if len(budgets) == 1 and None not in budgets:
-        return f"{budgets.pop():g} training minutes each"
-    return "training budgets " + ", ".join(f"{job} {run['budget_minutes']} min" for job, run in runs.items())
-
-
-def verdict(met: bool) -> str:
-    return "PASS" if met else "FAIL"
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
+from common import budget, machine, print_machine, verdict
 
 from diffusion.config import load_run_config
 from diffusion.data.toys import TOYS
@@ -42,28 +42,6 @@ SAMPLERS = (
 )
 FLOOR_TARGET = 2.0  # flow matching Euler-100: energy distance / real floor
 MEANFLOW_TARGET = 1.5  # MeanFlow 1-step: energy distance / flow matching Euler-100's
-
-
-def machine(note: str) -> dict:
-    """What the numbers ran on, and beside what."""
-    return {
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
-        "running_alongside": note,
-    }
-
-
-def print_machine(info: dict, root: Path) -> None:
-    load = " ".join(f"{value:.2f}" for value in info["load_average_at_start"])
-    print(
-        f"{info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads"
-        + (f", {info['cuda']}" if info["cuda"] else ", no GPU")
-        + f", load average {load} at start; run root {root}; running alongside: {info['running_alongside']}",
-        flush=True,
-    )
 
 
 def score(run_dir: Path, settings: dict, num_samples: int, seed: int) -> dict:
@@ -89,18 +67,6 @@ def warm_up(run_dir: Path, num_samples: int = 64) -> None:
     config = load_run_config(run_dir / CONFIG, [f"sample.num_samples={num_samples}"], stored=True)
     config.sample.checkpoint = str(run_dir)
     generate(load_trained(config, run_dir), config.sample, num_samples)
-
-
-def budget(runs: dict) -> str:
-    """The training budget the runs were given (train.max_minutes), as the header says it."""
-    budgets = {run["budget_minutes"] for run in runs.values()}
-    if len(budgets) == 1 and None not in budgets:
-        return f"{budgets.pop():g} training minutes each"
-    return "training budgets " + ", ".join(f"{job} {run['budget_minutes']} min" for job, run in runs.items())
-
-
-def verdict(met: bool) -> str:
-    return "PASS" if met else "FAIL"
 
 
 def main() -> None:
