@@ -57,6 +57,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(method, tin
     if method == "meanflow":
         tiny_config.method.name = "meanflow"
         tiny_config.sample.sampler = "meanflow"
+        tiny_config.method.num_train_timesteps = 1000  # flows refuse a changed discrete-timestep count
     tiny_config.train.max_steps = 6
     tiny_config.train.log_every = 2
     config_path = write_config(tiny_config, tmp_path / "config.yaml")
