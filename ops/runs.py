@@ -7,7 +7,6 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from ops.engines import Engine, EngineState, Launch, get_engine
 from ops.engines.vertex import VERTEX_FILE, gcs_fuse_path
 from ops.errors import OpsError
 from ops.followups import columns, do_followups, do_pending, due_again, record_done, recorded, refresh_records, skip_all
+from ops.ids import readable_id
 from ops.journal import comparison, write_comparison, write_post
 from ops.provenance import capture, restore
 from ops.registry import FINAL_STATES, Registry, RegistryDamaged, Run, move_aside
@@ -258,14 +258,15 @@ def submitter_alive(submitter: dict | None) -> bool | None:
         return False
 
 
-def claim_run_dir(project: Project, name: str) -> tuple[str, Path]:
-    """A fresh ops id and its run dir; mkdir is the atomic claim, so concurrent submits never share."""
+def claim_run_dir(project: Project, name: str, changes: list[tuple[str, Any, Any]]) -> tuple[str, Path]:
+    """A fresh readable ops id (ops/ids.py) and its run dir; mkdir is the atomic claim, so concurrent
+    submits never share."""
     project.runs_dir.mkdir(parents=True, exist_ok=True)
     ignore = project.runs_dir / ".gitignore"
     if not ignore.is_file():
         ignore.write_text("# run dirs are outputs: keep them out of git and out of diff.patch\n*\n")
     while True:
-        ops_id = f"{name}-{secrets.token_hex(3)}"
+        ops_id = readable_id(name, changes)
         run_dir = project.runs_dir / ops_id
         try:
             run_dir.mkdir()
@@ -281,7 +282,7 @@ def create(
     from diffusion.config import dump_yaml  # pydantic: only at submit
 
     spec = planned.spec
-    ops_id, run_dir = claim_run_dir(project, spec.name)
+    ops_id, run_dir = claim_run_dir(project, spec.name, planned.changes)
     try:
         provenance = provenance_into(run_dir)
     except BaseException:  # an error, or Ctrl-C while a rerun restores its code: no half-made run dir

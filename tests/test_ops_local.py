@@ -202,7 +202,8 @@ def test_twenty_concurrent_submits_get_distinct_ids_and_a_consistent_registry(op
         (process.returncode, err) for process, (_, err) in zip(processes, outputs)
     ]
     ids = [json.loads(out)["runs"][0]["ops_id"] for out, _ in outputs]
-    assert len(set(ids)) == 20
+    assert len(set(ids)) == 20  # the same values: the readable part is shared, the random tail tells them apart
+    assert all(re.fullmatch(r"tiny-steps1-[0-9a-f]{4}", ops_id) for ops_id in ids), ids
 
     rows = registry_rows(root)
     assert sorted(row["ops_id"] for row in rows) == sorted(ids)
