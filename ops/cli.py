@@ -139,7 +139,7 @@ def submit(
     if not name:
         raise OpsError("NAME: missing; give a job spec name (`ops config list`) or --resume JOB_ID")
     project = Project()
-    planned = runs.plan(project, name, engine, overrides, sweeps)  # raises before anything is written
+    planned = runs.plan(project, name, engine, overrides, sweeps, dry_run)  # raises before anything is written
     views.warn(list(dict.fromkeys(warning for item in planned for warning in item.warnings)))
     if dry_run:
         return views.print_dry_run(runs.dry_run(project, planned), as_json)

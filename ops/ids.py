@@ -4,7 +4,8 @@
 `mnist-training-lr1e-4-ep50-3f2a`: a reader of `ops list` sees what each run was without opening it.
 The id is a Vertex label value and a SLURM job name, so it keeps to lowercase letters, digits and
 dashes and to MAX_LENGTH characters; when the changes do not fit, the ones that fit are kept in
-order and the rest are left to job.json. The random tail keeps two runs of the same values apart
+order and the rest are left to job.json. Only the run's own settings (`run.*`) count: where it runs
+(engine, resources) is in `ops list`'s engine column. The random tail keeps two runs of the same values apart
 (the run dir's mkdir is what makes an id unique). A secret value never enters an id.
 """
 
@@ -33,8 +34,6 @@ SHORT_KEYS = {
     "weight_decay": "wd",
 }
 # Values that name themselves (a dataset, a sampler, an engine): the value alone says it.
-# The spec's prose and name are not values of the run.
-NOT_VALUES = {"name", "description", "hypothesis", "expected"}
 SELF_NAMING = {"dataset", "sampler", "name", "engine", "task", "device", "time_sampling", "beta_schedule"}
 
 
@@ -77,8 +76,8 @@ def readable_id(name: str, changes: list[tuple[str, object, object]], tail: str 
     room = MAX_LENGTH - len(name) - len(tail) - 2
     parts = []
     for key, _, value in changes:
-        if key in NOT_VALUES or secret_setting(key, value):
-            continue
+        if not key.startswith("run.") or secret_setting(key, value):
+            continue  # where it runs (engine, resources) and the spec's prose are not what it computes
         part = slug(describe(key, value))
         if part and len(part) + 1 <= room:
             parts.append(part)

@@ -77,8 +77,11 @@ def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
     ]
 
 
-def plan(project: Project, name: str, engine: str | None, overrides: list[str], sweeps: list[str]) -> list[Planned]:
-    """Resolve and validate every run a submit asks for; raises before anything is written."""
+def plan(
+    project: Project, name: str, engine: str | None, overrides: list[str], sweeps: list[str], dry_run: bool = False
+) -> list[Planned]:
+    """Resolve and validate every run a submit asks for; raises before anything is written. A dry
+    run does not ask the engine whether it could submit from here (dry_run() lists what it lacks)."""
     from ops.spec import expand_sweep, load_spec, spec_path  # pydantic: only the commands that read specs
 
     path = spec_path(project.jobs_dir, name)
@@ -101,7 +104,8 @@ def plan(project: Project, name: str, engine: str | None, overrides: list[str], 
                 ignored_resources(spec.engine, run_overrides),
             )
         )
-    preflight(project, planned)
+    if not dry_run:
+        preflight(project, planned)
     return planned
 
 
@@ -722,7 +726,7 @@ def dry_run(project: Project, planned: list[Planned]) -> list[dict]:
     rows = []
     for item in planned:
         engine = get_engine(item.spec.engine, project.settings)
-        placeholder = project.runs_dir / f"{item.spec.name}-<id>"
+        placeholder = project.runs_dir / readable_id(item.spec.name, item.changes, tail="xxxx")
         launch = Launch(
             run_dir=placeholder,
             project_root=project.root,
@@ -736,6 +740,7 @@ def dry_run(project: Project, planned: list[Planned]) -> list[dict]:
                 "changes": item.changes,
                 "warnings": item.warnings,
                 "would_start": engine.describe(launch),
+                "missing": engine.missing(launch.resources),
             }
         )
     return rows

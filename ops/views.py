@@ -62,6 +62,7 @@ def print_yaml(data) -> None:
 
     yaml = YAML()
     yaml.default_flow_style = None
+    yaml.width = 1 << 16  # output to a file or a pipe never wraps a line
     yaml.dump(data, sys.stdout)
 
 
@@ -90,7 +91,10 @@ def print_dry_run(rows: list[dict], as_json: bool) -> None:
         for key, old, new in row["changes"]:
             typer.echo(f"# changed from the spec: {key}: {old} -> {new}")
         print_yaml(row["spec"])
-        typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}\n")
+        typer.echo(f"# would start on {row['spec']['engine']} {row['would_start']}")
+        if row["missing"]:
+            typer.echo(f"# note: a real submit from here needs {'; '.join(row['missing'])}")
+        typer.echo("")
 
 
 def print_submitted(registry: Registry, started: list[Run], left_out: list[dict], as_json: bool) -> None:

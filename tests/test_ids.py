@@ -27,9 +27,10 @@ def test_the_issue_example_and_the_kinds_of_value():
         ("run.train.compile_fallback", True, False),
         ("run.model.channel_mults", [1, 2], [1, 2, 2]),
         ("run.sample.checkpoint", None, "runs/x"),
-        ("engine", "local", "slurm"),
+        ("engine", "local", "slurm"),  # where it runs: not in the id
+        ("resources.vertex.machine_type", "n1-standard-4", "n1-standard-8"),
     ]
-    # The last two no longer fit in 63 characters: left to job.json, the ones before them kept.
+    # The checkpoint no longer fits in 63 characters: left to job.json, the ones before it kept.
     assert readable_id("t", changes, tail="0000") == "t-two-moons-compile-nocompilefallback-channelmults1x2x2-0000"
 
 

@@ -335,6 +335,46 @@ def test_dry_run_and_sweep(ops_project):
     assert "`run.train.max_steps`: null → 2" in (root / "EXPERIMENT_LOG.md").read_text()
 
 
+def test_dry_runs_show_the_whole_job_on_a_machine_without_the_engine(git_project, tmp_path):
+    """No sbatch on PATH and no GCP settings: the sbatch script and the CustomJob in full, each with
+    one note of what a real submit lacks; nothing written."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OPS_")} | {"PATH": str(bare)}
+
+    def dry_run(engine: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "ops", "submit", "tiny", "--engine", engine, "--dry-run", *args]
+        return subprocess.run(command, cwd=git_project, env=env, capture_output=True, text=True, timeout=120)
+
+    slurm = dry_run("slurm", "--set", "run.train.lr=2e-4", "--set", "resources.slurm.time_minutes=30")
+    assert slurm.returncode == 0, slurm.stderr
+    for line in ("#!/bin/bash", "#SBATCH --job-name=tiny-lr2e-4-xxxx", "#SBATCH --time=30", "submitit.core._submit"):
+        assert line in slurm.stdout, line
+    notes = [line for line in slurm.stdout.splitlines() if line.startswith("# note:")]
+    assert notes == ["# note: a real submit from here needs sbatch on PATH (run ops on a SLURM login node)"]
+
+    gpu = ["--set", "resources.vertex.accelerator_count=1"]
+    vertex = dry_run("vertex", "--json", "--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_T4", *gpu)
+    assert vertex.returncode == 0, vertex.stderr
+    row = json.loads(vertex.stdout)["runs"][0]
+    assert row["missing"] == [
+        "ops.yaml: gcp_project (or OPS_GCP_PROJECT)",
+        "ops.yaml: gcs_bucket (or OPS_GCS_BUCKET)",
+        "ops.yaml: image_repository (or OPS_IMAGE_REPOSITORY)",
+    ]
+    header, job = row["would_start"].split("\n", 1)
+    assert header == "as a Vertex AI CustomJob in projects/<gcp_project>/locations/us-central1:"
+    job = json.loads(job)
+    (pool,) = job["job_spec"]["worker_pool_specs"]
+    assert pool["machine_spec"]["accelerator_type"] == "NVIDIA_TESLA_T4"
+    assert pool["container_spec"]["image_uri"] == "<image_repository>@sha256:<built at submit>"
+    assert job["job_spec"]["base_output_directory"]["output_uri_prefix"].startswith("<gcs_bucket>/tiny-xxxx")
+    # A misspelt accelerator is still refused in a dry run: only the missing settings are forgiven.
+    refused = dry_run("vertex", "--set", "resources.vertex.accelerator_type=NVIDIA_TESLA_T5", *gpu)
+    assert refused.returncode == 2 and "did you mean 'NVIDIA_TESLA_T4'?" in refused.stderr
+    assert not (git_project / "runs").exists()
+
+
 def test_rerun_restores_the_dirty_tree_and_refuses_a_missing_commit(ops_project):
     root = ops_project
     (root / "notes.md").write_text("# notes\nan uncommitted idea\n")

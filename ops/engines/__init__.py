@@ -38,6 +38,10 @@ class Engine(Protocol):
     snapshots_code: bool  # runs start later, elsewhere: they get RUN_DIR/code, made at submit
     needs_image: bool  # runs in a container: ops builds (or finds) the image of the run's code
 
+    def missing(self, resources: dict) -> list[str]:
+        """What a real submit of these resources from here lacks (a setting, a tool), each a short
+        phrase with the fix; empty when nothing is. A dry run shows these instead of failing."""
+
     def preflight(self, resources: dict) -> None:
         """Raise OpsError (one line, with the fix) when this engine cannot run these resources from here."""
 

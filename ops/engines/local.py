@@ -70,6 +70,9 @@ class LocalEngine:
     needs_image = False
     snapshots_code = False  # it starts now, from the working tree that provenance just recorded
 
+    def missing(self, resources: dict) -> list[str]:
+        return []
+
     def preflight(self, resources: dict) -> None:
         pass
 

@@ -8,8 +8,10 @@ States come from sacct (with accounting; SLURM's own states mapped onto ours bel
 was requeued after a preemption or a time limit shows PREEMPTED until it runs again.
 """
 
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,11 +85,12 @@ def executor(folder: Path, resources: dict, job_name: str):
 
 def sbatch_script(launch: Launch, job_name: str) -> str:
     """The script submitit would hand to sbatch, for --dry-run and for review."""
-    import submitit  # heavy, as in executor()
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import _make_sbatch_string  # heavy, as in executor()
 
     folder = launch.run_dir / SUBMITIT_FOLDER
-    command = " ".join(submitit.SlurmExecutor(folder=folder)._submitit_command_str.split())
+    # SlurmExecutor._submitit_command_str's command, built here: the executor's constructor needs
+    # srun, and a dry run shows the script on machines without SLURM too.
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, **parameters(launch.resources, job_name))
 
 
@@ -120,8 +123,11 @@ class SlurmEngine:
     needs_image = False
     snapshots_code = True
 
+    def missing(self, resources: dict) -> list[str]:
+        return [] if shutil.which("sbatch") else ["sbatch on PATH (run ops on a SLURM login node)"]
+
     def preflight(self, resources: dict) -> None:
-        if not shutil.which("sbatch"):
+        if self.missing(resources):
             raise OpsError("--engine slurm: sbatch is not on PATH; run ops on a SLURM login node")
 
     def describe(self, launch: Launch) -> str:

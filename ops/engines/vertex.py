@@ -151,6 +151,10 @@ def job_client(settings):
     )
 
 
+# What a real submit needs in ops.yaml (or OPS_*); a dry run shows <name> in their place.
+REQUIRED_SETTINGS = ("gcp_project", "gcs_bucket", "image_repository")
+
+
 class VertexEngine:
     name = "vertex"
     requeues_itself = True  # Vertex restarts workers itself (restart_job_on_worker_restart)
@@ -160,19 +164,29 @@ class VertexEngine:
     def __init__(self, settings):
         self.settings = settings
 
-    def require(self, *keys: str) -> None:
-        for key in keys:
-            if not getattr(self.settings, key):
-                raise OpsError(f"ops.yaml: {key}: missing; the Vertex engine needs it (or set OPS_{key.upper()})")
+    def setting(self, key: str) -> str:
+        """A project setting, or `<key>` where it is unset (what a dry run shows in its place)."""
+        return getattr(self.settings, key) or f"<{key}>"
 
     def parent(self) -> str:
-        return f"projects/{self.settings.gcp_project}/locations/{self.settings.gcp_region}"
+        return f"projects/{self.setting('gcp_project')}/locations/{self.setting('gcp_region')}"
+
+    def missing(self, resources: dict) -> list[str]:
+        return [
+            f"ops.yaml: {key} (or OPS_{key.upper()})" for key in REQUIRED_SETTINGS if not getattr(self.settings, key)
+        ]
 
     def preflight(self, resources: dict) -> None:
+        for key in REQUIRED_SETTINGS:
+            if not getattr(self.settings, key):
+                raise OpsError(f"ops.yaml: {key}: missing; the Vertex engine needs it (or set OPS_{key.upper()})")
+        self.check(resources)
+
+    def check(self, resources: dict) -> None:
+        """The settings and resources that are given, checked: OpsError, one line."""
         from google.cloud import aiplatform_v1  # heavy, as in explain()
 
-        self.require("gcp_project", "gcs_bucket", "image_repository")
-        if not self.settings.gcs_bucket.startswith("gs://"):
+        if self.settings.gcs_bucket and not self.settings.gcs_bucket.startswith("gs://"):
             raise OpsError(
                 f"ops.yaml: gcs_bucket: {self.settings.gcs_bucket!r} is not allowed: must be gs://BUCKET/PREFIX"
             )
@@ -184,12 +198,12 @@ class VertexEngine:
             raise OpsError(f"resources.vertex.accelerator_type: {accelerator!r} is not allowed: {hint}")
 
     def describe(self, launch: Launch) -> str:
-        self.preflight(launch.resources)
+        self.check(launch.resources)
         job = custom_job(
             launch,
             launch.run_dir.name,
-            f"{self.settings.image_repository}@sha256:<built at submit>",
-            remote_run_dir(self.settings.gcs_bucket, launch.run_dir.name),
+            f"{self.setting('image_repository')}@sha256:<built at submit>",
+            remote_run_dir(self.setting("gcs_bucket"), launch.run_dir.name),
             {"ops-id": launch.run_dir.name},
         )
         return f"as a Vertex AI CustomJob in {self.parent()}:\n" + json.dumps(job, indent=2)
