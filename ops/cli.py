@@ -5,7 +5,8 @@ Every command takes `--json` for agents. Stable fields:
   state (QUEUED RUNNING SUCCEEDED FAILED CANCELLED PREEMPTED UNKNOWN), run_dir, git_commit,
   created_at, started_at, finished_at (unix seconds or null), exit_code, requeues, sweep, overrides,
   github_issue (the issue's URL), journal_post (the post's path), detail (why it is in its state,
-  in the engine's words).
+  in the engine's words), removed_at and removed_kept (`ops rm`: when the run dir went, and what
+  it kept).
 - `submit` and `monitor` add outbox: [{kind, error, attempts, failed_at}], the follow-ups (GitHub
   issue or comment, journal post, experiment log) that failed and wait for the next `ops sync`.
 - `journal`: ops_id, state, post (path), url (in the built site), images.
@@ -282,6 +283,59 @@ def sync(
     retries follow-ups (experiment log ...) that failed before."""
     added, reconciled, problems = runs.sync(Project(), retry)
     views.print_synced(added, reconciled, problems, as_json)
+
+
+@app.command()
+@one_line_errors
+def du(
+    job_ids: list[str] = typer.Argument(None, help="Runs (ops ids, engine job ids, latest); default: every run."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Disk used by each run dir and in all, as `du` counts it (allocated bytes).
+
+    JSON: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}], total_bytes."""
+    from ops import cleanup  # only this command and rm
+
+    _, registry = runs.open_project()
+    shown = [runs.find(registry, job_id) for job_id in job_ids] if job_ids else registry.select()
+    views.print_usage(cleanup.usage(shown), as_json)
+
+
+@app.command()
+@one_line_errors
+def rm(
+    job_ids: list[str] = typer.Argument(..., help="Runs to remove: ops ids, engine job ids, or latest."),
+    keep_checkpoints: str = typer.Option(
+        "none",
+        "--keep-checkpoints",
+        help="best (lowest logged loss) | latest | none: the checkpoint the run dir keeps.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go and what it frees; remove nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove finished runs' dirs; never a run that is not over or whose dir a process holds.
+
+    The registry row stays (removed_at, removed_kept), and the experiment log and the journal post
+    say the run dir was removed. With --keep-checkpoints best or latest the run dir keeps that
+    checkpoint and its small records (config, provenance, job, summary, metrics). JSON: removed
+    (or would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes}]."""
+    from ops import cleanup  # as in du
+
+    if keep_checkpoints not in cleanup.KEEP_CHOICES:
+        raise OpsError(f"--keep-checkpoints {keep_checkpoints!r}: not allowed; use {', '.join(cleanup.KEEP_CHOICES)}")
+    project, registry = runs.open_project()
+    targets = [runs.reconcile(project, registry, runs.find(registry, job_id))[0] for job_id in dict.fromkeys(job_ids)]
+    plans = [cleanup.plan_removal(run, keep_checkpoints) for run in targets]  # every refusal before any removal
+    if not dry_run and not yes:
+        if not sys.stdin.isatty():
+            raise OpsError("ops rm: no terminal to confirm on; add --yes (or look first with --dry-run)")
+        views.print_removal(plans, True, False)
+        typer.confirm(f"remove {len(plans)} run dir(s)?", abort=True)
+    if not dry_run:
+        for run, plan in zip(targets, plans):
+            cleanup.remove(project, registry, run, plan)
+    views.print_removal(plans, dry_run, as_json)
 
 
 # ---------------------------------------------------------------------------------------------

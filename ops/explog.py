@@ -77,6 +77,21 @@ def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
     return True
 
 
+def note_removal(path: Path, ops_id: str, line: str, lock: Path) -> bool:
+    """Add `line` (in italics) below the run's results block, once; False when the log has no
+    section for it."""
+    end = _markers(ops_id)[1]
+    with _locked(lock):
+        text = path.read_text() if path.is_file() else ""
+        if end not in text:
+            return False
+        head, tail = text.split(end, 1)
+        note = f"\n\n_{line}_"
+        if not tail.startswith(note):
+            atomic_write(path, f"{head}{end}{note}{tail}".encode())
+    return True
+
+
 def results_text(state: str, summary: Summary, duration_seconds: float | None) -> str:
     """The block filled in when a run ends: state, duration and the run's own final figures."""
     lines = [f"**Result: {state}**" + (f" after {duration_seconds / 60:.1f} min" if duration_seconds else "")]

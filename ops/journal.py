@@ -241,6 +241,20 @@ def seconds_text(seconds: float | None) -> str:
 # The post of one run
 
 
+def mark_removed(path: Path, ops_id: str, title: str, line: str) -> bool:
+    """Put a warning box `title` with `line` under the post's heading, once; False when there is no post."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    box = f'!!! warning "{title}"\n\n    {line}\n'
+    if box in text:
+        return True
+    heading = text.find(f"\n# {ops_id}:")
+    at = text.find("\n", heading + 1) + 1 if heading >= 0 else len(text)
+    atomic_write(path, (text[:at] + "\n" + box + text[at:]).encode())
+    return True
+
+
 def write_post(project: Project, run: Run) -> Path:
     """Write (or rewrite) the run's post and its images; returns the post's path."""
     run_dir = Path(run.run_dir)

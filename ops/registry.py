@@ -69,6 +69,9 @@ MIGRATIONS = [
     # The ops process that is handing the run to its engine (host, pid, start time): while it lives,
     # a run without an engine job is being started; once it is gone, the run is an orphan.
     "ALTER TABLE runs ADD COLUMN submitter TEXT NOT NULL DEFAULT 'null'",
+    # `ops rm`: when the run dir was removed, and what it kept (paths inside it), JSON.
+    "ALTER TABLE runs ADD COLUMN removed_at REAL",
+    "ALTER TABLE runs ADD COLUMN removed_kept TEXT NOT NULL DEFAULT 'null'",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -93,6 +96,8 @@ class Run:
     journal_post: str | None = None
     detail: str | None = None
     submitter: dict | None = None
+    removed_at: float | None = None  # `ops rm` removed the run dir (all but removed_kept)
+    removed_kept: list | None = None
 
     @property
     def finished(self) -> bool:
@@ -103,7 +108,7 @@ class Run:
 
 
 COLUMNS = [f.name for f in fields(Run)]
-JSON_COLUMNS = ("sweep", "overrides", "submitter")
+JSON_COLUMNS = ("sweep", "overrides", "submitter", "removed_kept")
 
 
 def _from_row(row: sqlite3.Row) -> Run:

@@ -798,6 +798,10 @@ def cancel(project: Project, registry: Registry, run: Run, grace_seconds: float 
 
 def rewrite_post(project: Project, registry: Registry, run: Run) -> Path:
     """`ops journal`: the run's post written again from its run dir (keeping its Observations)."""
+    if run.removed_at is not None:
+        raise OpsError(
+            f"{run.ops_id}: its run dir was removed (`ops rm`); its post {run.journal_post or '(none)'} keeps what it showed"
+        )
     path = write_post(project, run)
     registry.update(run.ops_id, journal_post=str(path))
     return path

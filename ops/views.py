@@ -255,7 +255,7 @@ def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
     rows = [
         (
             run.ops_id,
-            run.state,
+            run.state + (" (dir removed)" if run.removed_at else ""),
             run.engine,
             run.engine_job_id or "-",
             when(run.created_at),
@@ -271,8 +271,40 @@ def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         if color:
-            cells[1] = typer.style(cells[1], fg=STATE_STYLE.get(row[1], "white").replace("dim", "white"))
+            cells[1] = typer.style(cells[1], fg=STATE_STYLE.get(row[1].split()[0], "white").replace("dim", "white"))
         typer.echo("  ".join(cells).rstrip())
+
+
+def size_text(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+def print_usage(rows: list[dict], as_json: bool) -> None:
+    """`ops du`: bytes per run dir, biggest first, and the total."""
+    total = sum(row["bytes"] for row in rows)
+    if as_json:
+        return echo_json({"runs": rows, "total_bytes": total})
+    for row in sorted(rows, key=lambda row: -row["bytes"]):
+        note = "  (run dir removed)" if row["removed_at"] and not row["bytes"] else ""
+        note = note or ("  (removed; kept a checkpoint)" if row["removed_at"] else "")
+        typer.echo(
+            f"{size_text(row['bytes']):>10}  {size_text(row['checkpoint_bytes']):>10} in checkpoints  "
+            f"{row['ops_id']}  {row['state']}{note}"
+        )
+    typer.echo(f"{size_text(total):>10}  total of {len(rows)} run(s)")
+
+
+def print_removal(plans: list[dict], dry_run: bool, as_json: bool) -> None:
+    if as_json:
+        return echo_json({"would_remove" if dry_run else "removed": plans})
+    for plan in plans:
+        kept = f", keeping {', '.join(plan['kept'])}" if plan["kept"] else ""
+        verb = "would free" if dry_run else "freed"
+        typer.echo(f"{plan['ops_id']}: {verb} {size_text(plan['freed_bytes'])} in {plan['run_dir']}{kept}")
 
 
 def print_state(run: Run, as_json: bool) -> None:

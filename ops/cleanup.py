@@ -1,0 +1,177 @@
+"""Disk per run (`ops du`) and removing finished runs (`ops rm`).
+
+Sizes are what `du` reports: allocated blocks, each file counted once however many links it has.
+Removal never touches a run that is not over (its registry state) or whose run dir a process holds
+(RUN_DIR/.lock, the lock every writer of a run dir takes, sample tasks run in place included): the
+lock is held while files go. What stays consistent afterwards:
+- the registry keeps the row, with removed_at and what was kept (`ops list` and `ops monitor` say so);
+- EXPERIMENT_LOG.md's section and the journal post gain one line saying the run dir was removed
+  (the post keeps its copied images, so it still shows what the run made);
+- with --keep-checkpoints best or latest, the run dir keeps that checkpoint and the small records
+  that make it usable (config, provenance, job, summary, metrics), so `run:ID` still resolves to it.
+"""
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ops.errors import OpsError
+from ops.explog import note_removal
+from ops.followups import experiment_log_lock
+from ops.journal import mark_removed, post_path
+from ops.registry import Registry, Run
+from ops.rundir import (
+    CHECKPOINTS,
+    CONFIG,
+    DIFF,
+    JOB,
+    LATEST,
+    METRICS,
+    PROVENANCE,
+    STEP_FILES,
+    SUMMARY,
+    read_jsonl,
+    step_of,
+)
+from ops.settings import Project
+
+KEEP_CHOICES = ("none", "best", "latest")
+# What a run dir keeps besides a kept checkpoint: small, and what reading the checkpoint needs.
+RECORDS = (CONFIG, PROVENANCE, JOB, SUMMARY, METRICS, DIFF)
+LOCK = ".lock"
+REMOVED_NOTE = "Run dir removed"
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under `path` (as `du -s -B1`: blocks of 512 bytes, each inode once); 0 when gone."""
+    if not path.exists():
+        return 0
+    seen, total = set(), 0
+    entries = [path] + [Path(folder) / name for folder, folders, files in os.walk(path) for name in folders + files]
+    for entry in entries:  # os.walk follows no symlink, as du
+        stat = entry.lstat()
+        if (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            total += stat.st_blocks * 512
+    return total
+
+
+def usage(runs: list[Run]) -> list[dict]:
+    """[{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}] of each run."""
+    return [
+        {
+            "ops_id": run.ops_id,
+            "name": run.name,
+            "state": run.state,
+            "run_dir": run.run_dir,
+            "bytes": disk_usage(Path(run.run_dir)),
+            "checkpoint_bytes": disk_usage(Path(run.run_dir) / CHECKPOINTS),
+            "removed_at": run.removed_at,
+        }
+        for run in runs
+    ]
+
+
+def best_step_checkpoint(run_dir: Path, metric: str = "loss") -> Path | None:
+    """The step checkpoint with the lowest `metric` logged at or before its step (as `ops ckpt best`)."""
+    logged = [line for line in read_jsonl(run_dir / METRICS) if isinstance(line.get(metric), int | float)]
+    scored = []
+    for path in sorted((run_dir / CHECKPOINTS).glob(STEP_FILES)):
+        before = [
+            line[metric] for line in logged if isinstance(line.get("step"), int) and line["step"] <= step_of(path)
+        ]
+        if before:
+            scored.append((before[-1], path))
+    return min(scored)[1] if scored else None
+
+
+def kept_checkpoint(run_dir: Path, keep: str) -> Path | None:
+    """The checkpoint that --keep-checkpoints `keep` keeps; OpsError when the run has none such."""
+    if keep == "none":
+        return None
+    path = (run_dir / CHECKPOINTS / LATEST) if keep == "latest" else best_step_checkpoint(run_dir)
+    if path is None or not path.is_file():
+        what = "latest.pt" if keep == "latest" else "step checkpoint with a logged loss"
+        raise OpsError(f"--keep-checkpoints {keep}: {run_dir} has no {what}; use --keep-checkpoints none")
+    return path
+
+
+def refuse_unless_removable(run: Run) -> None:
+    if not run.finished:
+        raise OpsError(
+            f"{run.ops_id}: {run.state}, not over; ops rm never touches a run that may still write "
+            f"(`ops cancel {run.ops_id}` first)"
+        )
+    if run.removed_at is not None:
+        raise OpsError(f"{run.ops_id}: its run dir was already removed on {stamp(run.removed_at)}")
+
+
+def stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def plan_removal(run: Run, keep: str) -> dict:
+    """What `ops rm` would do to one run: {ops_id, run_dir, kept (paths), freed_bytes}. Writes nothing."""
+    refuse_unless_removable(run)
+    run_dir = Path(run.run_dir)
+    checkpoint = kept_checkpoint(run_dir, keep) if run_dir.is_dir() else None
+    kept = (
+        [] if checkpoint is None else [checkpoint, *(run_dir / name for name in RECORDS if (run_dir / name).is_file())]
+    )
+    kept_bytes = sum(path.lstat().st_blocks * 512 for path in kept)
+    return {
+        "ops_id": run.ops_id,
+        "run_dir": str(run_dir),
+        "keep_checkpoints": keep,
+        "kept": [str(path.relative_to(run_dir)) for path in kept],
+        "freed_bytes": disk_usage(run_dir) - kept_bytes,
+    }
+
+
+def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
+    """Carry out plan_removal's plan, holding the run dir's lock (OpsError, nothing removed, when a
+    process holds it); then the registry, the experiment log and the journal post say so."""
+    run_dir = Path(plan["run_dir"])
+    if run_dir.is_dir():
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                raise OpsError(f"{run.ops_id}: {run_dir} is being written by {holder}; nothing removed") from None
+            kept = {run_dir / name for name in plan["kept"]}
+            if not kept:
+                shutil.rmtree(run_dir)
+            else:
+                holding = {parent for path in kept for parent in path.parents}
+                # Bottom up, symlinks not followed: a link is removed, never what it points to.
+                for folder, folders, files in os.walk(run_dir, topdown=False):
+                    for name in files:
+                        path = Path(folder) / name
+                        if path not in kept and path != run_dir / LOCK:
+                            path.unlink()
+                    for name in folders:
+                        path = Path(folder) / name
+                        if path.is_symlink():
+                            path.unlink()
+                        elif path not in holding:
+                            path.rmdir()
+        finally:
+            os.close(fd)
+    registry.update(run.ops_id, removed_at=time.time(), removed_kept=plan["kept"] or None)
+    removed = registry.get(run.ops_id)
+    line = removal_line(removed)
+    note_removal(project.experiment_log, run.ops_id, line, experiment_log_lock(project))
+    mark_removed(
+        Path(run.journal_post) if run.journal_post else post_path(project, run), run.ops_id, REMOVED_NOTE, line
+    )
+    return removed
+
+
+def removal_line(run: Run) -> str:
+    """The line the experiment log and the journal post gain."""
+    kept = ", ".join(f"`{path}`" for path in run.removed_kept or [])
+    return f"{REMOVED_NOTE} on {stamp(run.removed_at)} by `ops rm`" + (f"; kept {kept}." if kept else "; nothing kept.")
