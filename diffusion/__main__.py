@@ -1,6 +1,7 @@
 """python -m diffusion train|sample|eval CONFIG_OR_RUN_DIR [--set KEY=VALUE ...] [--out RUN_DIR] [--device D]
 python -m diffusion RUN_DIR          run the task in RUN_DIR/config.yaml, in place (what every engine calls)
 python -m diffusion inspect CHECKPOINT_OR_RUN_DIR   what a checkpoint holds, as JSON (`ops ckpt inspect`)
+python -m diffusion estimate CONFIG [--set ...]      seconds per training step here and the total steps, as JSON
 
 A CONFIG is a run config or a job spec (configs/jobs/NAME.yaml, whose `run:` section is used).
 A RUN_DIR given to `train` resumes it; given to `sample` or `eval`, samples from its checkpoint and
@@ -77,14 +78,33 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path, bool]:
 
 def run_task(config: RunConfig, run: RunDir) -> int:
     # torch loads only here, once the config is valid: bad input is answered at once.
-    from diffusion.tasks import eval_task, sample_task
+    from diffusion.runtime import DataParallel
+    from diffusion.tasks import eval_task, evaluate_after_training, sample_task
     from diffusion.train import train
 
     if config.task == "train":
-        return train(config, run.path)
+        code = train(config, run.path)
+        if code == 0 and config.eval.after_train and DataParallel().is_main:
+            code = evaluate_after_training(config, run)
+        return code
     if config.task == "sample":
         return sample_task(config, run)
     return eval_task(config, run)
+
+
+def estimate(argv: list[str]) -> int:
+    """`python -m diffusion estimate CONFIG [--set KEY=VALUE ...]`: one JSON line, train.time_steps'."""
+    args = parse_args(argv)
+    try:
+        config, _, _ = resolve(args)
+        # torch loads only here, as for the tasks.
+        from diffusion.train import time_steps
+
+        print(json.dumps(time_steps(config)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def inspect(target: str) -> int:
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: python -m diffusion inspect CHECKPOINT_OR_RUN_DIR", file=sys.stderr)
             return 2
         return inspect(argv[1])
+    if argv[:1] == ["estimate"]:
+        return estimate(argv[1:])
     args = parse_args(argv)
     run = None
     try:

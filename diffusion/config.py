@@ -16,11 +16,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
 
+from diffusion.expectations import problems as expectation_problems
 from diffusion.records import atomic_write
 from diffusion.yamlfile import ConfigError, parse_yaml  # noqa: F401 (ConfigError is every caller's error type)
 
 # Top-level keys of a job spec that are not ours: ops validates them.
-JOB_SPEC_KEYS = {"name", "description", "hypothesis", "expected", "engine", "resources", "run"}
+JOB_SPEC_KEYS = {"name", "description", "hypothesis", "expected", "expect", "cpu_variant", "engine", "resources", "run"}
 
 
 class Section(BaseModel):
@@ -370,6 +371,11 @@ class TrainConfig(Section):
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
     keep_checkpoints: int = Field(3, ge=1, description="Step-numbered checkpoints kept besides latest.pt.")
     progress: Literal["auto", "bar", "lines"] = Field("auto", description="auto: a bar on a terminal.")
+    trackers: list[Literal["tensorboard", "trackio"]] = Field(
+        default_factory=list,
+        description="Mirror metrics and sample grids to TensorBoard (RUN_DIR/tensorboard) and/or trackio; "
+        "each needs its extra (pip install -e '.[tensorboard]'). Off by default.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the network for training; if compilation fails the run says why and "
@@ -377,13 +383,14 @@ class TrainConfig(Section):
     )
 
 
+SAMPLERS = Literal["ddpm", "ddim", "dpmsolver++", "euler", "midpoint", "heun", "rk4", "dopri5", "meanflow", "ancestral"]
+
+
 class SampleConfig(Section):
     checkpoint: str | None = Field(
         None, pattern=NO_NUL, description="Run dir or .pt file to sample from (task sample/eval)."
     )
-    sampler: Literal[
-        "ddpm", "ddim", "dpmsolver++", "euler", "midpoint", "heun", "rk4", "dopri5", "meanflow", "ancestral"
-    ] = Field(
+    sampler: SAMPLERS = Field(
         "ddim",
         description="ddpm, ddim, dpmsolver++ (DPM-Solver++ 2M: 10-25 steps) for ddpm and embedding; ODE solvers "
         "euler, midpoint, heun, rk4 (fixed steps) and dopri5 (adaptive) for flow_matching and meanflow; meanflow "
@@ -424,6 +431,19 @@ class SampleConfig(Section):
 
 
 class EvalConfig(Section):
+    after_train: bool = Field(
+        False,
+        description="When training completes, score the trained model in the same run (images: FID with its "
+        "floor, confident share, classes; text and 2-D points are scored at the end of training anyway) into "
+        "summary.json.",
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="after_train: its own budget; fewer samples are scored (and said so) to keep it."
+    )
+    sampler: SAMPLERS | None = Field(None, description="after_train: the sampler (default: sample.sampler).")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=100_000, description="after_train: its steps (default: sample.num_inference_steps)."
+    )
     num_samples: int = Field(1000, ge=2, le=1_000_000)
     confidence: float = Field(0.9, gt=0.0, le=1.0, description="Softmax threshold for a confident sample.")
     classifier_epochs: int = Field(2, ge=1)
@@ -436,6 +456,11 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     task: Literal["train", "sample", "eval"] = "train"
+    expect: list[str] = Field(
+        default_factory=list,
+        description="Checks of the result, each METRIC OP VALUE (scores.confident_share >= 0.7): met, missed or "
+        "not measured when the run ends (diffusion/expectations.py). In a job spec: top-level, beside expected.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -538,8 +563,23 @@ def conflicts(config: RunConfig):
     the checkpoint's config once that is known (`sampling_conflicts`: by ops at submit for a run
     dir it can read, by the task when it loads the checkpoint)."""
     yield from model_conflicts(config)
+    yield from expectation_problems(config.expect, data_kind(config.data.dataset))
     if config.task == "train" or config.sample.checkpoint is None:
         yield from sampling_conflicts(config, config.sample, config.task)
+    if config.task == "train" and config.eval.after_train and config.method.name != "autoencoder":
+        for problem in sampling_conflicts(config, eval_sample(config), "eval"):
+            key = problem.split(":", 1)[0]  # a value that eval's own settings gave: named as theirs
+            renamed = {"sample.sampler": "eval.sampler", "sample.num_inference_steps": "eval.num_inference_steps"}
+            if key in renamed and getattr(config.eval, key.split(".")[1]) is not None:
+                problem = renamed[key] + problem[len(key) :]
+            yield problem
+
+
+def eval_sample(config: RunConfig) -> "SampleConfig":
+    """The sample settings of the evaluation after training: sample's, with eval.sampler and
+    eval.num_inference_steps where set."""
+    chosen = {"sampler": config.eval.sampler, "num_inference_steps": config.eval.num_inference_steps}
+    return config.sample.model_copy(update={key: value for key, value in chosen.items() if value is not None})
 
 
 FLOWS = ("flow_matching", "meanflow")
@@ -567,6 +607,9 @@ def unread_settings(config: RunConfig):
         ("method.beta_start", not flow, "the methods of a noise schedule (not flows)"),
         ("method.beta_end", not flow, "the methods of a noise schedule (not flows)"),
         ("method.prediction_type", not flow, "ddpm (flows predict a velocity)"),
+        ("eval.max_minutes", config.eval.after_train, "eval.after_train true"),
+        ("eval.sampler", config.eval.after_train, "eval.after_train true"),
+        ("eval.num_inference_steps", config.eval.after_train, "eval.after_train true"),
     ):
         section, name = key.split(".")
         part = getattr(config, section)
@@ -950,8 +993,19 @@ def run_section(raw: Any, source: str) -> dict:
             close = difflib.get_close_matches(key, sorted(JOB_SPEC_KEYS), n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(JOB_SPEC_KEYS))}"
             raise ConfigError(f"{source}: {key}: unknown key; {hint}")
-        return raw["run"] or {}
+        return spec_run(raw, source)
     return raw
+
+
+def spec_run(spec: dict, source: str) -> dict:
+    """A job spec's run section, with the spec's top-level `expect:` lines in it (they live beside
+    the prose, and travel with the run's config)."""
+    run = dict(spec["run"] or {})
+    if spec.get("expect"):
+        if run.get("expect") and run["expect"] != spec["expect"]:
+            raise ConfigError(f"{source}: run.expect: give the checks once, at the top level beside expected")
+        run["expect"] = spec["expect"]
+    return run
 
 
 def parse_assignment(text: str, yaml: YAML | None = None) -> tuple[list[str], Any]:

@@ -204,6 +204,9 @@ class Summary(Record):
     scores: dict[str, Any] | None = None  # a text run's end scores, an eval's or a sample task's
     collapsed: bool | None = None  # text: the samples degenerated (scores["collapsed"] says why)
     result: dict[str, Any] | None = None  # a sample or eval task: what it made (checkpoint, samples ...)
+    evaluation: dict[str, Any] | None = None  # eval.after_train: the record of the evaluation after training
+    expectations: list[dict[str, Any]] | None = None  # the config's `expect:` lines, each judged (expectations.judge)
+    verdict: str | None = None  # met | missed | not measured: all of them together
     error: str | None = None  # an exception that ended it
     traceback: list[str] | None = None
     written_at: str | None = None

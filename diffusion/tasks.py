@@ -5,7 +5,9 @@ write into `run` (a RunDir): the trained run's own samples/ and eval/ when run i
 new run dir, created only once every reference (checkpoint, guide, scorer) was found.
 """
 
+import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -13,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from diffusion.config import ConfigError, RunConfig, SampleConfig
+from diffusion.config import ConfigError, RunConfig, SampleConfig, eval_sample
 from diffusion.data import has_validation, load_images, load_validation, write_samples
+from diffusion.expectations import judge
 from diffusion.methods import Progress, no_progress
 from diffusion.methods.guided import guided_sample
 from diffusion.progress import console, track
-from diffusion.records import Summary, checkpoint_file, write_json
+from diffusion.records import Summary, atomic_write, checkpoint_file, read_json, write_json
 from diffusion.runtime import pick_device
 from diffusion.scores import sample_scores
 from diffusion.scores.images import (
@@ -112,12 +115,10 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
         scorer,
     )
     if scores is None:
-        run.write_record(
-            Summary(
-                status="completed",
-                step=trained.step,
-                result={"checkpoint": str(trained.path), "num_samples": len(samples), "grid": str(path)},
-            )
+        summary = Summary(
+            status="completed",
+            step=trained.step,
+            result={"checkpoint": str(trained.path), "num_samples": len(samples), "grid": str(path)},
         )
     else:
         record = {
@@ -136,12 +137,12 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
         run.eval.mkdir(exist_ok=True)
         write_json(run.eval / f"{name}.json", record)
         result = {key: value for key, value in record.items() if key not in ("step", "scores")}
-        run.write_record(
-            Summary(
-                status="completed", step=trained.step, scores=scores, collapsed=bool(scores["collapsed"]), result=result
-            )
+        summary = Summary(
+            status="completed", step=trained.step, scores=scores, collapsed=bool(scores["collapsed"]), result=result
         )
         print(json.dumps(scores, indent=2))
+    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
+    run.write_record(summary)
     print(f"{len(samples)} samples from {trained.path} (step {trained.step}) -> {path}", flush=True)
     return 0
 
@@ -159,17 +160,24 @@ def eval_task(config: RunConfig, run) -> int:
     record = evaluate_checkpoint(config, run.path, progress=track, trained=trained)
     print_record(record)
     result = {key: value for key, value in record.items() if key not in ("step", "scores")}
-    run.write_record(Summary(status="completed", step=record["step"], scores=record["scores"], result=result))
+    summary = Summary(status="completed", step=record["step"], scores=headline_scores(record), result=result)
+    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
+    run.write_record(summary)
     return 0
 
 
 def evaluate_checkpoint(
-    config: RunConfig, run_dir: Path, progress: Progress = no_progress, trained: TrainedModel | None = None
+    config: RunConfig,
+    run_dir: Path,
+    progress: Progress = no_progress,
+    trained: TrainedModel | None = None,
+    drawn: tuple[torch.Tensor, torch.Tensor | None, float, float | None] | None = None,
 ) -> dict:
     """Sample `eval.num_samples` images from the run's checkpoint (or `trained`, from load_trained)
     with the `sample` settings, score them with a LeNet trained on the run's dataset (and cached),
     against real images of that dataset, and write the record to RUN_DIR/eval/NAME.json (with a
-    grid beside it). Samples of an upscaled run are scored at the dataset's own size."""
+    grid beside it). Samples of an upscaled run are scored at the dataset's own size. `drawn`:
+    (samples, their class labels, seconds, nfe) drawn already (evaluate_after_training's chunks)."""
     trained = trained or load_trained(config, run_dir)
     device = trained.device
     # The trained run's data, found where this task's settings say.
@@ -190,14 +198,19 @@ def evaluate_checkpoint(
         test_images = test_images[test_labels == trained.config.data.only_digit]
     num_samples = min(config.eval.num_samples, len(train_images), len(test_images))
 
-    started, stats = time.monotonic(), {}
-    samples = generate(trained, config.sample, num_samples, progress=progress, stats=stats)
-    sample_seconds = time.monotonic() - started
+    if drawn is None:
+        started, stats = time.monotonic(), {}
+        samples = generate(trained, config.sample, num_samples, progress=progress, stats=stats)
+        sample_seconds = time.monotonic() - started
+        labels = trained.method.class_labels(num_samples, trained.data, config.sample)
+    else:
+        samples, labels, sample_seconds, nfe = drawn
+        samples, labels, stats = samples[:num_samples], None if labels is None else labels[:num_samples], {"nfe": nfe}
+        num_samples = len(samples)
     scored = samples
     if samples.shape[-1] != train_images.shape[-1]:
         scored = F.interpolate(samples, size=train_images.shape[-2:], mode="area")
     reference = reference_features(classifier, train_images, num_samples, device=device)
-    labels = trained.method.class_labels(num_samples, trained.data, config.sample)
     record = {
         "checkpoint": str(trained.path),
         "step": trained.step,
@@ -225,6 +238,106 @@ def evaluate_checkpoint(
     write_samples(trained.data, samples, eval_dir, name, labels=labels)
     write_json(eval_dir / f"{name}.json", record)
     return record
+
+
+PARTIAL = "partial"  # RUN_DIR/eval/partial/NAME/: the chunks of an evaluation after training not finished yet
+
+
+def evaluate_after_training(config: RunConfig, run) -> int:
+    """eval.after_train: score the completed training run in `run` (a RunDir) as the eval task
+    would, with eval_sample(config)'s sampler, and put the record into summary.json (`evaluation`)
+    and its headline figures into its `scores`, where the journal, the GitHub comment and the
+    experiment log read them. Images only: text and 2-D points are scored when training ends
+    (train.finish), an autoencoder by its latent space. Idempotent: a summary that holds this
+    step's evaluation is left alone, and the samples are drawn in chunks kept on disk
+    (draw_in_chunks), so a stopped evaluation continues. The exit code."""
+    run.lock()  # one writer of the run dir, as while training (`ops rm` waits for it too)
+    summary = Summary.from_json(read_json(run.summary))
+    if summary.status != "completed" or (summary.evaluation or {}).get("step") == summary.step:
+        return 0
+    evaluated = config.model_copy(update={"sample": eval_sample(config), "task": "eval"})
+    trained = load_trained(evaluated, run.path)
+    if has_validation(trained.config.data) or trained.method.learns_latents:
+        return 0
+    name = trained.method.sample_name(evaluated.sample)
+    folder = run.eval / PARTIAL / name
+    drawn, budget = draw_in_chunks(trained, evaluated, folder)
+    record = evaluate_checkpoint(evaluated, run.path, progress=track, trained=trained, drawn=drawn) | budget
+    print_record(record)
+    summary.evaluation = record
+    summary.scores = (summary.scores or {}) | headline_scores(record)
+    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
+    run.write_record(summary)
+    shutil.rmtree(folder)
+    return 0
+
+
+def draw_in_chunks(trained: TrainedModel, config: RunConfig, folder: Path) -> tuple[tuple, dict]:
+    """eval.num_samples samples in chunks of sample.batch_size, chunk i from seed sample.seed + i,
+    each saved to `folder` as soon as it is drawn: a stopped evaluation continues from the chunks
+    on disk and ends with the same samples. eval.max_minutes bounds the sampling (summed over
+    restarts): once the next chunk would not fit, fewer samples are scored, and said so.
+    ((samples, class labels or None, seconds, mean nfe), the budget's record)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted, size = config.eval.num_samples, config.sample.batch_size
+    sizes = [min(size, wanted - start) for start in range(0, wanted, size)]
+    budget = config.eval.max_minutes * 60 if config.eval.max_minutes else None
+    print(
+        f"evaluation after training: {wanted} samples, {config.sample.sampler}-{config.sample.num_inference_steps}"
+        + (f", sampling within eval.max_minutes {config.eval.max_minutes:g}" if budget else ""),
+        flush=True,
+    )
+    chunks, seconds, timed = [], 0.0, 0
+    for index, count in enumerate(sizes):
+        path = folder / f"chunk_{index:05d}.pt"
+        if path.is_file():
+            chunks.append(torch.load(path, weights_only=True))
+            seconds, timed = seconds + chunks[-1]["seconds"], timed + 1
+            continue
+        if budget is not None and timed and seconds + seconds / timed > budget:
+            print(
+                f"eval.max_minutes {config.eval.max_minutes:g}: scoring {sum(len(c['samples']) for c in chunks)} "
+                f"of {wanted} samples (the next batch would not fit)",
+                flush=True,
+            )
+            break
+        sample = config.sample.model_copy(update={"seed": config.sample.seed + index})
+        started, stats = time.monotonic(), {}
+        samples = generate(trained, sample, count, stats=stats)
+        chunk = {
+            "samples": samples,
+            "labels": trained.method.class_labels(count, trained.data, sample),
+            "seconds": time.monotonic() - started,
+            "nfe": stats.get("nfe"),
+        }
+        buffer = io.BytesIO()
+        torch.save(chunk, buffer)
+        atomic_write(path, buffer.getvalue())
+        chunks.append(chunk)
+        seconds, timed = seconds + chunk["seconds"], timed + 1
+        print(f"evaluation samples: {sum(len(c['samples']) for c in chunks)}/{wanted}", flush=True)
+    samples = torch.cat([chunk["samples"] for chunk in chunks])
+    labels = None if chunks[0]["labels"] is None else torch.cat([chunk["labels"] for chunk in chunks])
+    nfes = [chunk["nfe"] for chunk in chunks if chunk["nfe"] is not None]
+    drawn = (samples, labels, seconds, sum(nfes) / len(nfes) if nfes else None)
+    return drawn, {"planned_samples": wanted, "budget_minutes": config.eval.max_minutes, "cut": len(samples) < wanted}
+
+
+def headline_scores(record: dict) -> dict:
+    """An image evaluation's figures for summary.json's scores (and `expect:` checks)."""
+    scores, floor = record["scores"], record["real_floor"]
+    headline = {
+        "fid": scores["fid"],
+        "real_floor_fid": floor["fid"],
+        "fid_over_floor": scores["fid"] / floor["fid"] if floor["fid"] > 0 else None,
+        "confident_share": scores["confident_share"],
+        "class_entropy_bits": scores["class_entropy_bits"],
+        "classes_present": sum(count > 0 for count in scores["class_counts"]),
+        "class_accuracy": scores.get("class_accuracy"),
+        "inception_fid": record.get("inception_fid"),
+        "eval_num_samples": record["num_samples"],
+    }
+    return {key: value for key, value in headline.items() if value is not None}
 
 
 def print_record(record: dict) -> None:

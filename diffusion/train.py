@@ -22,6 +22,7 @@ import copy
 import errno
 import math
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from diffusion.checkpoint import (
 )
 from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_stored_run
 from diffusion.data import DataSpec, load_dataset, load_validation, write_flow, write_samples
+from diffusion.expectations import judge
 from diffusion.methods import Method, Parent, build_method
 from diffusion.progress import TrainProgress
 from diffusion.records import MetricsRecord, Summary
@@ -57,6 +59,7 @@ from diffusion.runtime import (
 from diffusion.scores import sample_scores, validation_bits_per_char
 from diffusion.scores.images import overfit_report
 from diffusion.scores.latents import LATENT_SPACE, format_score, latent_space_report
+from diffusion.trackers import Trackers, check_installed
 from diffusion.trained import build_network, load_parent, load_scorer
 
 # fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
@@ -95,6 +98,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     parent = load_parent(method, latest[1].get("parent") if latest else None)
     num_params = check_memory(config, method, data, parent, device)  # before writing anything, like the dataset
     scorer = load_scorer(config.eval.scorer_checkpoint, device)  # text: the final samples' perplexity under it
+    check_installed(tc.trackers)  # like the dataset: a missing package stops the run before it writes
     if ranks.is_main:
         run.create(config)
         remove_partial_writes(run.checkpoints)
@@ -116,6 +120,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
         flush=True,
     )
 
+    trackers = Trackers(tc.trackers if ranks.is_main else [], run.path, to_dict(config), state.step)
     status, stop_reason, final_samples = "completed", "finished all steps", None
     checkpointed_step, last_checkpoint_time = state.step, time.monotonic()
     window = LossWindow(device)
@@ -155,12 +160,14 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
                     )
                 if ranks.is_main:
                     run.log_metrics(record)
+                    trackers.scalars(record)
                 bar.log(record)
             bar.advance(step)
 
             epoch = step // plan.steps_per_epoch
             if end_of_epoch and tc.sample_every_epochs and epoch % tc.sample_every_epochs == 0:
-                preview(state, method, data, config, run, f"epoch_{epoch:04d}", ranks, examples)
+                written = preview(state, method, data, config, run, f"epoch_{epoch:04d}", ranks, examples)
+                trackers.picture("samples", written or {}, step)
                 state.model.train()
 
             due, preempted, out_of_time = checkpoint_due(
@@ -184,7 +191,9 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
             if checkpointed_step != state.step:
                 save(state, run, config, plan, data, ranks)
             final_samples = preview(state, method, data, config, run, "final", ranks, examples)
+            trackers.picture("samples", final_samples or {}, state.step)
             picture_flow(state, method, data, config, run, ranks)
+    trackers.close()
 
     return finish(
         status,
@@ -607,23 +616,23 @@ def finish(
                     f"{'yes' if overfit['reproduced'] else 'no'})",
                     flush=True,
                 )
-        run.write_record(
-            Summary(
-                status=status,
-                reason=stop_reason,
-                signal=signal.Signals(signum).name if status == "preempted" else None,
-                exit_code=exit_code,
-                step=state.step,
-                total_steps=plan.total_steps,
-                epoch=round(state.step / plan.steps_per_epoch, 4),
-                train_seconds=round(state.train_seconds, 3),
-                num_parameters=num_params,
-                device=str(device),
-                final_metrics=logged[-1].to_json() if logged else {},
-                scores=scores or None,
-                collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
-            )
+        summary = Summary(
+            status=status,
+            reason=stop_reason,
+            signal=signal.Signals(signum).name if status == "preempted" else None,
+            exit_code=exit_code,
+            step=state.step,
+            total_steps=plan.total_steps,
+            epoch=round(state.step / plan.steps_per_epoch, 4),
+            train_seconds=round(state.train_seconds, 3),
+            num_parameters=num_params,
+            device=str(device),
+            final_metrics=logged[-1].to_json() if logged else {},
+            scores=scores or None,
+            collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
         )
+        summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
+        run.write_record(summary)
         return exit_code
 
 
@@ -646,6 +655,39 @@ def picture_latents(method: Method, model: torch.nn.Module, config: RunConfig, r
         flush=True,
     )
     return scores
+
+
+def time_steps(config: RunConfig, steps: int = 2, device: torch.device | None = None) -> dict:
+    """What a run of `config` costs on this machine: the seconds per training step (the median of
+    `steps` steps after an untimed first one, which pays for warm-up), its total steps, its time
+    budget and parameter count. Trains a throwaway copy; writes nothing. `ops submit` estimates a
+    GPU-sized run's duration on a machine without a GPU from it."""
+    device = device or pick_device(config.device)
+    ranks = DataParallel()
+    dataset = load_dataset(config.data, "train")
+    data = dataset.spec()
+    plan = Plan.of(len(dataset), config.train, ranks)
+    method = build_method(config)
+    parent = load_parent(method, None)
+    seed_everything(config.train.seed)
+    examples = dataset.batch(torch.arange(min(len(dataset), EXAMPLES)), device)
+    state = TrainState.build(config, method, data, parent, device, ranks, examples)
+    batches = Batches(dataset, plan, config.train.seed, config.model.class_conditional, device)
+    use_bf16 = device.type == "cuda" and config.train.precision in ("auto", "bf16")
+    seconds = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        loss, _ = train_step(state, method, batches.at(step), plan.shard, config.train, device, use_bf16)
+        loss.item()  # waits for the device
+        seconds.append(time.perf_counter() - started)
+    return {
+        "seconds_per_step": statistics.median(seconds[1:]),
+        "timed_steps": steps,
+        "total_steps": plan.total_steps,
+        "max_minutes": config.train.max_minutes,
+        "num_parameters": sum(p.numel() for p in state.model.parameters()),
+        "device": str(device),
+    }
 
 
 def check_memory(config: RunConfig, method: Method, data: DataSpec, parent: Parent | None, device: torch.device) -> int:

@@ -13,8 +13,13 @@ Every command takes `--json` for agents. Stable fields:
 - `compare`: runs, states, config {key: [value per run]} (differing keys only), metrics {name:
   [value per run]}, post (path, with --post).
 - `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
-  it_per_s, eta_seconds, percent}, log_tail (with --logs), and with --full: config, provenance,
-  job, paths.
+  it_per_s, eta_seconds, percent}, expectations {verdict (met, missed, not measured, pending or
+  null), checks [{expect, metric, comparison, value, measured, verdict}]}, estimate (a GPU-sized
+  run on this CPU: {why, timing, seconds, warning}, or null), log_tail (with --logs), and with
+  --full: config, provenance, job, paths.
+- `list` adds verdict (of the run's `expect:` checks, as in monitor).
+- `du`: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}], total_bytes;
+  `rm`: removed (would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes}].
 Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written); `ops wait` exits by the
 final state: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (resumable), 4 UNKNOWN.
 The commands parse their arguments, call ops.runs (what happens to runs) and ops.views (what is

@@ -92,9 +92,17 @@ def note_removal(path: Path, ops_id: str, line: str, lock: Path) -> bool:
     return True
 
 
-def results_text(state: str, summary: Summary, duration_seconds: float | None) -> str:
-    """The block filled in when a run ends: state, duration and the run's own final figures."""
+def results_text(state: str, summary: Summary, duration_seconds: float | None, expected: dict | None = None) -> str:
+    """The block filled in when a run ends: state, duration, the verdict of its `expect:` checks
+    (`expected`: monitor.expectations') and the run's own final figures."""
     lines = [f"**Result: {state}**" + (f" after {duration_seconds / 60:.1f} min" if duration_seconds else "")]
+    if expected and expected["verdict"]:
+        checks = "; ".join(
+            f"`{check['expect']}`: {'-' if check['measured'] is None else format_value(check['measured'])} "
+            f"{check['verdict']}"
+            for check in expected["checks"]
+        )
+        lines.append(f"- expected: **{expected['verdict']}** ({checks})")
     final = summary.final_metrics or {}
     if summary.step is not None:
         lines.append(

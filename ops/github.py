@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ops.errors import OpsError, PermanentError
 from ops.journal import SAMPLES_IMAGE
-from ops.monitor import elapsed_seconds
+from ops.monitor import elapsed_seconds, expectations
 from ops.registry import Run
 from ops.rundir import CONFIG, FINAL_SAMPLES, PROVENANCE, SAMPLES, Summary, git_of, read_job, read_json, read_summary
 from ops.settings import Project
@@ -37,7 +37,10 @@ LABEL_COLORS = {
     "succeeded": "0e8a16",
     "failed": "d73a4a",
     "cancelled": "cccccc",
+    "expected-met": "0e8a16",
+    "expected-missed": "d73a4a",
 }
+EXPECTED_LABELS = ("expected-met", "expected-missed")  # the verdict of a run's `expect:` checks
 # Answers that the same request will get again, and what to fix; anything else (5xx, timeouts,
 # rate limits) is retried by the next sync.
 PERMANENT_STATUS = {
@@ -168,15 +171,17 @@ class GitHub:
             )
         return issue
 
-    def comment_result(self, run: Run, issue_number: int, body: str, attempt: int):
+    def comment_result(self, run: Run, issue_number: int, body: str, attempt: int, verdict: str | None = None):
         issue = self.call(lambda: self.repo.get_issue(issue_number))
         marker = result_marker(run.ops_id, attempt)
         comments = self.call(lambda: list(issue.get_comments()))
         comment = next((c for c in comments if marker in (c.body or "")), None)
         if comment is None:
             comment = self.call(lambda: issue.create_comment(scrub(body, self.secret)))
-        labels = self.ensure_labels(run_labels(run))
-        kept = [label.name for label in issue.labels if not label.name.lower().startswith(("state: ", "engine: "))]
+        wanted = run_labels(run) + ([f"expected-{verdict}"] if f"expected-{verdict}" in EXPECTED_LABELS else [])
+        labels = self.ensure_labels(wanted)
+        replaced = ("state: ", "engine: ", *EXPECTED_LABELS)  # this ending's, not an earlier one's
+        kept = [label.name for label in issue.labels if not label.name.lower().startswith(replaced)]
         self.call(lambda: issue.set_labels(*dict.fromkeys([*kept, *labels])))
         return comment
 
@@ -256,12 +261,26 @@ def format_number(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
 
 
-def result_body(project: Project, run: Run, summary: Summary, attempt: int) -> str:
+def result_body(project: Project, run: Run, summary: Summary, attempt: int, expected: dict | None = None) -> str:
+    """`expected`: monitor.expectations' verdict and checks."""
     duration = elapsed_seconds(run) if run.finished_at else None
     lines = [
         result_marker(run.ops_id, attempt),
         f"### {run.state}" + (f" after {duration / 60:.1f} min" if duration else ""),
     ]
+    if expected and expected["verdict"]:
+        lines += [
+            "",
+            f"**Expected: {expected['verdict']}**",
+            "",
+            "| check | measured | verdict |",
+            "|---|---|---|",
+            *(
+                f"| `{check['expect']}` | {format_number(check['measured']) if check['measured'] is not None else '-'} "
+                f"| {check['verdict']} |"
+                for check in expected["checks"]
+            ),
+        ]
     if run.detail:
         lines.append(f"> {run.detail}")
     final = summary.final_metrics or {}
@@ -341,5 +360,6 @@ def comment_run_result(project: Project, run: Run) -> str | None:
     github = GitHub(project, repo_name)
     summary = read_summary(Path(run.run_dir)) or Summary()
     number = int(run.github_issue.rstrip("/").rsplit("/", 1)[1])
-    body = result_body(project, run, summary, run.requeues)
-    return github.comment_result(run, number, body, run.requeues).html_url
+    expected = expectations(run, read_job(Path(run.run_dir))["spec"])
+    body = result_body(project, run, summary, run.requeues, expected)
+    return github.comment_result(run, number, body, run.requeues, expected["verdict"]).html_url

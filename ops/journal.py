@@ -24,7 +24,7 @@ from typing import Any
 from diffusion.config import main_settings
 from ops.engines.vertex import VERTEX_FILE
 from ops.errors import OpsError
-from ops.monitor import elapsed_seconds, format_seconds
+from ops.monitor import elapsed_seconds, expectations, format_seconds
 from ops.registry import Run
 from ops.rundir import (
     CONFIG,
@@ -255,6 +255,11 @@ def mark_removed(path: Path, ops_id: str, title: str, line: str) -> bool:
     return True
 
 
+def measured_text(check: dict) -> str:
+    measured = "not measured" if check["measured"] is None else format_value(check["measured"])
+    return f"{measured}, **{check['verdict']}**" if check["measured"] is not None else f"**{check['verdict']}**"
+
+
 def write_post(project: Project, run: Run) -> Path:
     """Write (or rewrite) the run's post and its images; returns the post's path."""
     run_dir = Path(run.run_dir)
@@ -273,8 +278,12 @@ def write_post(project: Project, run: Run) -> Path:
     expected = " ".join((spec.get("expected") or "").split())
     created = time.localtime(run.created_at)
     duration = elapsed_seconds(run)
-    lead = f"**{run.state}** on `{run.engine}`" + (
-        f" after {seconds_text(duration)}" if run.finished and duration else ""
+    verdict = expectations(run, spec)["verdict"]
+    lead = (
+        f"**{run.state}**"
+        + (f" (expected: **{verdict}**)" if verdict else "")
+        + f" on `{run.engine}`"
+        + (f" after {seconds_text(duration)}" if run.finished and duration else "")
     )
     if "loss" in found:
         lead += f", final loss {format_value(found['loss'])}"
@@ -302,6 +311,12 @@ def write_post(project: Project, run: Run) -> Path:
     ]
     if expected:
         lines += [f"**Expected:** {expected}", ""]
+    checked = expectations(run, spec)
+    if checked["verdict"]:
+        kind = {"met": "success", "missed": "failure", "pending": "info"}.get(checked["verdict"], "question")
+        lines += [f'!!! {kind} "Expected: {checked["verdict"]}"', ""]
+        lines += [f"    - `{check['expect']}`: {measured_text(check)}" for check in checked["checks"]]
+        lines.append("")
 
     commit = "no git (submitted with --allow-no-git)"
     if git.get("commit"):

@@ -4,9 +4,11 @@ Only json and the file system here, so `ops monitor` stays fast.
 """
 
 import time
+from pathlib import Path
 
+from diffusion.expectations import judge
 from ops.registry import Run
-from ops.rundir import MetricsRecord, last_metrics, read_summary
+from ops.rundir import SUMMARY, MetricsRecord, last_metrics, read_json, read_summary
 
 TRACEBACK = "Traceback (most recent call last):"
 MAX_TRACEBACK_LINES = 400
@@ -63,6 +65,19 @@ def progress(run: Run, spec: dict) -> dict:
                 eta = min(eta, max(train["max_minutes"] * 60 - record.train_seconds, 0.0))
             fields["eta_seconds"] = round(eta, 1)
     return fields
+
+
+def expectations(run: Run, spec: dict) -> dict:
+    """The spec's `expect:` lines judged on the run's summary.json (diffusion/expectations.py):
+    {verdict: met | missed | not measured | pending (not over yet) | None (no lines), checks:
+    [{expect, metric, comparison, value, measured, verdict}]}. Judged here as well as by the run, so
+    that a run killed before writing its summary still reads `not measured`."""
+    run_section = spec.get("run") if isinstance(spec.get("run"), dict) else {}
+    lines = [line for line in run_section.get("expect") or [] if isinstance(line, str)]
+    if not lines:
+        return {"verdict": None, "checks": []}
+    checks, verdict = judge(lines, read_json(Path(run.run_dir) / SUMMARY) or {})
+    return {"verdict": verdict if run.finished else "pending", "checks": checks}
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -5,6 +5,7 @@ Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine,
 overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops import fit
 from ops.build import build_image
 from ops.engines import Engine, EngineState, Launch, get_engine
 from ops.engines.vertex import VERTEX_FILE, gcs_fuse_path
@@ -67,6 +69,8 @@ class Planned:
     sweep: dict[str, str] = field(default_factory=dict)
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)  # the checkpoints it reads (check_references)
+    estimate: dict | None = None  # a GPU-sized run on this CPU: its duration here (ops/fit.py)
 
 
 def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
@@ -94,7 +98,7 @@ def plan(
         local_device = spec.resources.local.device
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
-        check_references(project, spec, str(path))
+        references = check_references(project, spec, str(path))
         planned.append(
             Planned(
                 spec,
@@ -102,18 +106,27 @@ def plan(
                 combination,
                 spec_changes(base, spec.model_dump(mode="json")),
                 ignored_resources(spec.engine, run_overrides),
+                references,
             )
         )
+    if project.settings.trackers:  # the project's trackers, for runs whose spec names none
+        for item in planned:
+            item.spec.run.train.trackers = item.spec.run.train.trackers or project.settings.trackers.split(",")
     if not dry_run:
         preflight(project, planned)
+    if planned and (fitted := fit.estimate(planned[0].spec, project.root)):  # the first run stands for a sweep
+        for item in planned:
+            item.estimate = fitted
+            item.warnings.append(fitted["warning"])
     return planned
 
 
-def check_references(project: Project, spec, source: str) -> None:
+def check_references(project: Project, spec, source: str) -> list[dict]:
     """The runs a spec reads (a run dir, a .pt, `run:SPEC` or an ops id), resolved to where the
     engine reads them and recorded so in the spec: checked here where this machine sees them
     (local and SLURM: each is there, and a sample or eval task's settings suit its checkpoint's own
-    method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line."""
+    method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line.
+    Returns what provenance.json records of each: [{key, reference, run_id, checkpoint, sha256}]."""
     from diffusion.config import (  # pydantic: only at submit
         ConfigError,
         autoencoder_conflicts,
@@ -135,6 +148,7 @@ def check_references(project: Project, spec, source: str) -> None:
         "method.autoencoder": None if sampling else run.method.autoencoder,
     }
     registry = open_registry(project)
+    read = []
     for key, reference in references.items():
         if reference is None:
             continue
@@ -142,8 +156,12 @@ def check_references(project: Project, spec, source: str) -> None:
         if spec.engine == "vertex":
             resolved = vertex_reference(registry, reference, f"{source}: run.{key}")
             setattr(getattr(run, section), field_name, resolved)
+            named = named_run(registry, reference) if not reference.startswith("gs://") else None
+            read.append(reference_record(key, reference, resolved, named))
             continue
-        if checkpoint_file(project.root / Path(reference).expanduser()) is None:  # relative: the project's
+        path = project.root / Path(reference).expanduser()  # relative: the project's
+        named = None
+        if checkpoint_file(path) is None:
             named = named_run(registry, reference, lambda run: checkpoint_file(run.run_dir) is not None)
             if named is None:
                 raise ConfigError(
@@ -152,7 +170,13 @@ def check_references(project: Project, spec, source: str) -> None:
                     "run:SPEC for the newest succeeded run of a spec)"
                 )
             # Absolute: a SLURM job starts in the directory ops was called from, not the project's.
+            path = Path(named.run_dir)
             setattr(getattr(run, section), field_name, named.run_dir)
+        checkpoint = checkpoint_file(path)
+        named = named or next(
+            (row for row in registry.select() if Path(row.run_dir) == checkpoint_run_dir(checkpoint)), None
+        )
+        read.append(reference_record(key, reference, str(checkpoint), named, sha256_of(checkpoint)))
     if run.method.autoencoder is not None and not sampling:  # its run's config says what it encodes
         folder = project.root / Path(run.method.autoencoder).expanduser()
         run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
@@ -166,6 +190,32 @@ def check_references(project: Project, spec, source: str) -> None:
         problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
+    return read
+
+
+def checkpoint_run_dir(checkpoint: Path) -> Path:
+    """The run dir a checkpoint file lies in (RUN_DIR/checkpoints/NAME.pt), or its folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reference_record(key: str, reference: str, checkpoint: str, run: Run | None, sha256: str | None = None) -> dict:
+    """One checkpoint a run reads, as provenance.json keeps it. `sha256`: None where ops cannot read
+    the file (a Vertex run's, in Cloud Storage)."""
+    return {
+        "key": f"run.{key}",
+        "reference": reference,
+        "run_id": run.ops_id if run else None,
+        "checkpoint": checkpoint,
+        "sha256": sha256,
+    }
 
 
 def vertex_reference(registry: Registry, reference: str, key: str) -> str:
@@ -292,6 +342,8 @@ def create(
     except BaseException:  # an error, or Ctrl-C while a rerun restores its code: no half-made run dir
         shutil.rmtree(run_dir)
         raise
+    if planned.references:
+        provenance["references"] = planned.references
     write_json(run_dir / PROVENANCE, provenance)
     dump_yaml(spec.run.model_dump(mode="json"), run_dir / CONFIG)
     # What is recorded and shown (registry, job.json's record of the submit, issues, logs) hides
@@ -321,6 +373,7 @@ def create(
         "changes": changes,
         "spec": spec.model_dump(mode="json"),
         "submitter": run.submitter,
+        "estimate": planned.estimate,
     }
     write_json(run_dir / JOB, job)
     if not registry.insert(run):
@@ -528,6 +581,14 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     if not git_of(old_provenance):
         raise OpsError(f"{run.ops_id}: was recorded without git (--allow-no-git); its code cannot be restored")
     spec = validate_spec(job["spec"], f"{old_dir / JOB}")
+    for read in old_provenance.get("references") or []:  # the checkpoints it read, unchanged
+        checkpoint = Path(read["checkpoint"])
+        if read.get("sha256") and (not checkpoint.is_file() or sha256_of(checkpoint) != read["sha256"]):
+            state = "is gone" if not checkpoint.is_file() else "has changed since (sha256 differs)"
+            raise OpsError(
+                f"{run.ops_id}: {read['key']}: the checkpoint it read, {checkpoint} "
+                f"(of {read['run_id'] or read['reference']}), {state}; a rerun would not read the same weights"
+            )
 
     def restored_provenance(run_dir: Path) -> dict:
         restore(old_provenance, old_dir / DIFF, project.root, run_dir / CODE)

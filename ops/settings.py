@@ -14,6 +14,9 @@ from ops.errors import OpsError
 SETTINGS_FILE = "ops.yaml"
 
 
+TRACKERS = ("tensorboard", "trackio")  # diffusion/trackers.py
+
+
 # A dataclass, not pydantic: every `ops` command reads these, and importing pydantic would cost
 # a third of the 0.3 s that `ops list` may take. A dozen flat keys are checked by hand below.
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Settings:
     github_api_url: str = "https://api.github.com"  # GitHub Enterprise: https://HOST/api/v3
     github_timeout_seconds: float = 15.0  # per request; a slower GitHub leaves the action in the outbox
     journal_url: str | None = None  # where the built journal is published (links from issue comments)
+    trackers: str | None = None  # tensorboard, trackio or both (comma-separated): for runs whose spec names none
 
 
 def check_settings(raw: dict, source: str) -> Settings:
@@ -61,6 +65,12 @@ def check_settings(raw: dict, source: str) -> Settings:
                 raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be a number of seconds") from None
             if not 0 <= value <= 86400:  # also refuses nan and inf
                 raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be between 0 and 86400 seconds")
+        elif key == "trackers":
+            names = value if isinstance(value, list) else str(value or "").split(",")
+            names = [str(name).strip() for name in names if str(name).strip()]
+            if unknown := [name for name in names if name not in TRACKERS]:
+                raise OpsError(f"{source}: {key}: {unknown[0]!r} is not allowed: {' or '.join(TRACKERS)}")
+            value = ",".join(names) or None
         elif value is not None and not isinstance(value, str):
             raise OpsError(f"{source}: {key}: {value!r} is not allowed: must be a string")
         elif key == "vertex_logs" and value not in ("run-dir", "cloud-logging"):

@@ -21,6 +21,7 @@ from diffusion.config import (
     parse_assignment,
     parse_yaml,
     read_yaml,
+    spec_run,
     validate_run,
 )
 
@@ -207,6 +208,16 @@ class JobSpec(Section):
     description: str = Field("", description="What the job is, in a sentence.")
     hypothesis: str = Field("", description="What the run is meant to show, and why.")
     expected: str = Field("", description="The outcome that would confirm the hypothesis (figures, if any).")
+    expect: list[str] = Field(
+        default_factory=list,
+        description="The expected outcome as checks, METRIC OP VALUE each (scores.confident_share >= 0.7): met, "
+        "missed or not measured when the run ends.",
+    )
+    cpu_variant: str | None = Field(
+        None,
+        description="For a GPU-sized spec: what to run on a CPU instead, a spec name or --set overrides "
+        "(ops submit says so on a machine without a GPU).",
+    )
     engine: Literal["local", "slurm", "vertex"] = "local"
     resources: Resources = Field(default_factory=Resources)
     run: RunConfig
@@ -241,11 +252,18 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
         raise ConfigError(f"{source}: run: required section is missing (what to compute: task, data, model ...)")
     if not isinstance(raw["run"], dict):
         raise ConfigError(f"{source}: run: {raw['run']!r} is not allowed: must be a mapping (task, data, model ...)")
-    validate_run(raw["run"], source, prefix="run")
+    try:
+        validate_run(spec_run(raw, source), source, prefix="run")
+    except ConfigError as exc:
+        if "expect" not in raw:
+            raise
+        # The spec's checks are written at its top level: named where they were written.
+        raise ConfigError(str(exc).replace(f"{source}: run.expect[", f"{source}: expect[", 1)) from None
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc.errors()[0], JobSpec)}") from None
+    spec.run.expect = spec.expect or spec.run.expect  # the checks travel with the run's config.yaml
     slurm = spec.resources.slurm
     if spec.engine == "slurm" and slurm.gpus_per_node and slurm.tasks_per_node > slurm.gpus_per_node:
         raise ConfigError(

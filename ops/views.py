@@ -148,7 +148,12 @@ def run_view(project: Project, run: Run, engine_logs: bool, lines: int, full: bo
     run_dir = Path(run.run_dir)
     job = rundir.read_json(run_dir / rundir.JOB) or {}
     spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}  # a damaged job.json shows less
-    view = run.to_json() | {"elapsed_seconds": monitor.elapsed_seconds(run), "progress": monitor.progress(run, spec)}
+    view = run.to_json() | {
+        "elapsed_seconds": monitor.elapsed_seconds(run),
+        "progress": monitor.progress(run, spec),
+        "expectations": monitor.expectations(run, spec),
+        "estimate": job.get("estimate"),  # a GPU-sized run on a CPU: its duration here, from timed steps
+    }
     if engine_logs:
         text, _ = get_engine(run.engine, project.settings).logs(run)
         view["log_tail"] = monitor.tail(text, lines)
@@ -193,7 +198,14 @@ def print_view(project: Project, view: dict) -> None:
         )
     else:
         out.print("  no metrics yet")
+        if view["estimate"]:
+            out.print(f"  {view['estimate']['warning']}", markup=False)
     out.print(f"  run dir {view['run_dir']}")
+    expectations = view["expectations"]
+    if expectations["verdict"]:
+        out.print(f"  expected: {expectations['verdict']}", markup=False)
+        for check in expectations["checks"]:
+            out.print(f"    {check_text(check)}", markup=False)
     if view["detail"]:
         out.print(f"  {view['detail']}", markup=False)
     if view["state"] == "PREEMPTED":
@@ -245,17 +257,31 @@ def print_event(event: str, value, as_json: bool) -> None:
         )
 
 
+def check_text(check: dict) -> str:
+    """One judged `expect:` line: `scores.confident_share >= 0.7: 0.812, met`."""
+    measured = "-" if check["measured"] is None else format_value(check["measured"])
+    return f"{check['expect']}: {measured}, {check['verdict']}"
+
+
+def verdict_of(run: Run) -> str | None:
+    """The run's expectations verdict (monitor.expectations), from its job.json's spec."""
+    job = rundir.read_json(Path(run.run_dir) / rundir.JOB) or {}
+    return monitor.expectations(run, job.get("spec") if isinstance(job.get("spec"), dict) else {})["verdict"]
+
+
 def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
+    verdicts = {run.ops_id: verdict_of(run) for run in shown}
     if as_json:
-        return echo_json([run.to_json() for run in shown])
+        return echo_json([run.to_json() | {"verdict": verdicts[run.ops_id]} for run in shown])
     if not shown:
         return typer.echo("no runs" + (" match" if filtered else " yet; `ops submit NAME` starts one"))
     # Plain aligned columns: a rich table costs a fifth of a second for 50 rows.
-    header = ("ops id", "state", "engine", "job", "created", "elapsed", "commit", "sweep")
+    header = ("ops id", "state", "expected", "engine", "job", "created", "elapsed", "commit", "sweep")
     rows = [
         (
             run.ops_id,
             run.state + (" (dir removed)" if run.removed_at else ""),
+            verdicts[run.ops_id] or "-",
             run.engine,
             run.engine_job_id or "-",
             when(run.created_at),

@@ -287,3 +287,58 @@ def test_an_existing_label_in_another_case_is_used_and_a_permanent_error_is_not_
     assert "stopped github_issue until fixed, then `ops sync --retry`" in shown.stdout
     assert ops(root, "sync", "--retry").returncode == 0
     assert len(github.issues) == 2 and ops_json(root, "monitor", ops_id)["outbox"] == []
+
+
+def test_a_met_and_a_missed_expectation_are_reported_everywhere_with_their_values(ops_project, github):
+    """summary.json, `ops monitor --json`, `ops list`, the journal post, the experiment log, and the
+    GitHub comment with an expected-missed label: each says which check held and what was measured."""
+    root = ops_project
+    spec = root / "configs/jobs/tiny.yaml"
+    spec.write_text(
+        spec.read_text().replace(
+            "engine: local\n", "expect:\n  - final_metrics.loss < 100\n  - step >= 1000\nengine: local\n"
+        )
+    )
+    git(root, "commit", "-qam", "tiny: two checks")
+    run = ops_json(root, "submit", "tiny")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    assert ops(root, "sync").returncode == 0
+
+    summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+    loss, step = summary["final_metrics"]["loss"], summary["step"]
+    assert summary["verdict"] == "missed"
+    assert [(check["expect"], check["measured"], check["verdict"]) for check in summary["expectations"]] == [
+        ("final_metrics.loss < 100", loss, "met"),
+        ("step >= 1000", step, "missed"),
+    ]
+    view = ops_json(root, "monitor", run["ops_id"])
+    assert view["expectations"]["verdict"] == "missed"
+    assert [check["verdict"] for check in view["expectations"]["checks"]] == ["met", "missed"]
+    assert [row["verdict"] for row in ops_json(root, "list")] == ["missed"]
+    listed = ops(root, "list").stdout.splitlines()
+    assert listed[0].split()[:3] == ["ops", "id", "state"] and "expected" in listed[0]
+    assert "SUCCEEDED  missed" in listed[1]
+
+    post = Path(view["journal_post"]).read_text()
+    assert '!!! failure "Expected: missed"' in post
+    assert f"- `step >= 1000`: {step}, **missed**" in post and "- `final_metrics.loss < 100`:" in post
+    log = (root / "EXPERIMENT_LOG.md").read_text()
+    assert f"- expected: **missed** (`final_metrics.loss < 100`: {loss} met; `step >= 1000`: {step} missed)" in log
+    [issue] = github.issues.values()
+    [comment] = github.comments[issue["number"]]
+    assert "**Expected: missed**" in comment["body"]
+    assert f"| `step >= 1000` | {step} | missed |" in comment["body"]
+    assert "expected-missed" in issue["labels"] and "expected-met" not in issue["labels"]
+
+
+def test_an_unknown_metric_is_refused_naming_the_nearest_and_nothing_is_written(git_project):
+    spec = git_project / "configs/jobs/tiny.yaml"
+    spec.write_text(
+        spec.read_text().replace("engine: local\n", "expect:\n  - scores.confident_shar >= 0.7\nengine: local\n")
+    )
+    line = "configs/jobs/tiny.yaml: expect[0]: 'scores.confident_shar' is not a metric; did you mean 'scores.confident_share'?"
+    submitted = ops(git_project, "submit", "tiny")
+    assert submitted.returncode == 2 and submitted.stderr.strip() == f"error: {line}", submitted.stderr
+    validated = ops(git_project, "config", "validate", "tiny")
+    assert validated.returncode == 1 and validated.stdout.strip() == f"error {line}", validated.stdout
+    assert not (git_project / "runs").exists() and not (git_project / "EXPERIMENT_LOG.md").exists()

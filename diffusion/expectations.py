@@ -1,0 +1,161 @@
+"""Machine-checked expectations: a spec's `expect:` lines, each a metric of summary.json, a
+comparison and a value, checked when the run ends.
+
+    expect:
+      - scores.confident_share >= 0.7
+      - scores.classes_present == 10
+      - scores.fid_over_floor < 3
+      - final_metrics.loss < 0.05
+
+A metric is a dotted path into summary.json: `scores.NAME` (what the run scored: images after
+eval.after_train, text and 2-D points when training ends), `final_metrics.NAME` (the last logged
+metrics), or a summary field (`step`, `train_seconds` ...). Which names exist depends on the data
+(METRICS); an unknown one is refused when the config is validated, naming the nearest. When the
+run ends each line is `met`, `missed` or `not measured` (the run never wrote that metric: it
+failed, or stopped early), with the value measured; the verdict is `missed` if any line is, else
+`not measured` if any line is, else `met`.
+"""
+
+import difflib
+import operator
+import re
+from dataclasses import dataclass
+
+COMPARISONS = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+LINE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*$")
+
+SUMMARY_FIELDS = ("step", "epoch", "train_seconds", "num_parameters", "collapsed")
+FINAL_METRICS = ("loss", "lr", "grad_norm", "it_per_s", "examples_per_s", "val_bits_per_char")
+# scores.NAME by data kind (diffusion/scores and tasks.headline_scores write them).
+SCORES = {
+    "image": (
+        "fid",
+        "real_floor_fid",
+        "fid_over_floor",
+        "confident_share",
+        "class_entropy_bits",
+        "classes_present",
+        "class_accuracy",
+        "inception_fid",
+        "eval_num_samples",
+        "latent_space.silhouette",  # an autoencoder's
+        "latent_space.calinski_harabasz",
+        "latent_space.pca_explained_variance",
+        "overfit.final_loss",  # overfit mode (data.limit_per_class)
+        "overfit.loss_near_zero",
+        "overfit.reproduced",
+    ),
+    "points": ("energy_distance", "real_floor", "ratio_to_floor", "num_samples", "nonfinite"),
+    "text": (
+        "val_bits_per_char",
+        "distinct_1",
+        "distinct_2",
+        "distinct_3",
+        "longest_repeat_share",
+        "top_token_share",
+        "punctuation_share",
+        "mean_word_length",
+        "ar_perplexity",
+    ),
+}
+VERDICTS = ("met", "missed", "not measured")
+
+
+def metrics(kind: str) -> list[str]:
+    """Every metric path an `expect:` line may name for data of `kind` (image, points, text)."""
+    return [
+        *SUMMARY_FIELDS,
+        *(f"final_metrics.{name}" for name in FINAL_METRICS),
+        *(f"scores.{name}" for name in SCORES[kind]),
+    ]
+
+
+@dataclass(frozen=True)
+class Expectation:
+    metric: str
+    comparison: str
+    value: float | bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Expectation":
+        """`METRIC OP VALUE`; ValueError, saying the form, when `text` is not one."""
+        match = LINE.match(text)
+        value = match and match.group(3).lower()
+        if not match or not (value in ("true", "false") or is_number(value)):
+            raise ValueError(
+                f"{text!r} is not allowed: must be METRIC OP VALUE, OP one of {' '.join(COMPARISONS)} and VALUE a "
+                "number, true or false (e.g. scores.confident_share >= 0.7)"
+            )
+        parsed = value == "true" if value in ("true", "false") else float(value)
+        return cls(match.group(1), match.group(2), parsed, " ".join(text.split()))
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def problems(lines: list[str], kind: str):
+    """Why each of `lines` cannot be checked on data of `kind`: `expect[i]: ...`, one line each."""
+    known = metrics(kind)
+    for index, line in enumerate(lines):
+        try:
+            expectation = Expectation.parse(line)
+        except ValueError as exc:
+            yield f"expect[{index}]: {exc}"
+            continue
+        if expectation.metric not in known:
+            other = [
+                name for name in (set(metrics("image")) | set(metrics("points")) | set(metrics("text"))) - set(known)
+            ]
+            close = difflib.get_close_matches(expectation.metric, known, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+            measured_elsewhere = " (not measured for this data)" if expectation.metric in other else ""
+            yield f"expect[{index}]: {expectation.metric!r} is not a metric{measured_elsewhere}; {hint}"
+
+
+def measured(summary: dict, metric: str):
+    """The value at `metric`'s dotted path in summary.json, or None when it is not there."""
+    value = summary
+    for part in metric.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, int | float | bool) else None
+
+
+def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
+    """([{expect, metric, comparison, value, measured, verdict}], overall verdict or None without lines)."""
+    results = []
+    for line in lines:
+        expectation = Expectation.parse(line)
+        value = measured(summary, expectation.metric)
+        if value is None:
+            verdict = "not measured"
+        else:
+            verdict = "met" if COMPARISONS[expectation.comparison](value, expectation.value) else "missed"
+        results.append(
+            {
+                "expect": expectation.text,
+                "metric": expectation.metric,
+                "comparison": expectation.comparison,
+                "value": expectation.value,
+                "measured": value,
+                "verdict": verdict,
+            }
+        )
+    if not results:
+        return [], None
+    verdicts = {result["verdict"] for result in results}
+    return results, "missed" if "missed" in verdicts else "not measured" if "not measured" in verdicts else "met"

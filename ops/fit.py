@@ -1,0 +1,98 @@
+"""Fit to the machine: a GPU-sized spec submitted to the local engine of a machine without a GPU
+says so at submit, with its duration here estimated from a few timed steps, and the CPU-sized
+variant to run instead; `ops monitor` shows the estimate until the first metrics arrive.
+
+A spec is GPU-sized when its own resources ask for a GPU elsewhere (resources.slurm.gpus_per_node,
+resources.vertex.accelerator_type) or its run asks for CUDA (run.device: cuda). The timing is
+`python -m diffusion estimate` on the run's resolved config: ops itself never imports torch.
+"""
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ESTIMATE_TIMEOUT_SECONDS = 180
+
+
+def has_gpu() -> bool:
+    """An NVIDIA GPU the driver lists, or Apple silicon (MPS); without importing torch."""
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    if nvidia.is_dir() and any(nvidia.iterdir()):
+        return True
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def gpu_sized(spec) -> str | None:
+    """Why the spec is sized for a GPU (the setting that says so), or None."""
+    if spec.resources.vertex.accelerator_type:
+        return f"resources.vertex.accelerator_type {spec.resources.vertex.accelerator_type}"
+    if spec.resources.slurm.gpus_per_node:
+        return f"resources.slurm.gpus_per_node {spec.resources.slurm.gpus_per_node}"
+    if spec.run.device == "cuda":
+        return "run.device cuda"
+    return None
+
+
+def time_here(spec, cwd: Path) -> dict:
+    """`python -m diffusion estimate` on the spec's resolved run config: {seconds_per_step,
+    total_steps, max_minutes, ...}, or {"error": why} when it could not time it."""
+    from diffusion.config import dump_yaml  # pydantic: only at submit
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "config.yaml"
+        dump_yaml(spec.run.model_dump(mode="json") | {"device": "cpu"}, config)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "diffusion", "estimate", str(config)],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=ESTIMATE_TIMEOUT_SECONDS,
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timing a few steps took over {ESTIMATE_TIMEOUT_SECONDS} s"}
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate(spec, cwd: Path) -> dict | None:
+    """For a GPU-sized spec going to the local engine on a machine without a GPU: {why, timing,
+    seconds (the estimated duration here, the time budget included), warning}; else None."""
+    why = gpu_sized(spec)
+    if spec.engine != "local" or spec.run.task != "train" or why is None or has_gpu():
+        return None
+    timing = time_here(spec, cwd)
+    warning = f"{spec.name} is sized for a GPU ({why}) and this machine has none"
+    seconds = None
+    if "error" in timing:
+        warning += f"; its duration here is unknown ({timing['error']})"
+    else:
+        seconds = timing["seconds_per_step"] * timing["total_steps"]
+        warning += (
+            f": on this CPU a step takes {timing['seconds_per_step']:.2f} s ({timing['timed_steps']} timed), "
+            f"so its {timing['total_steps']:,} steps would take about {duration_text(seconds)}"
+        )
+        budget = timing["max_minutes"] * 60 if timing["max_minutes"] else None
+        if budget is not None and seconds > budget:
+            steps = int(budget / timing["seconds_per_step"])
+            warning += (
+                f"; train.max_minutes {timing['max_minutes']:g} stops it after about {steps:,} steps "
+                f"({steps / timing['total_steps']:.1%} of them)"
+            )
+            seconds = budget
+    if spec.cpu_variant:
+        warning += f"; for a CPU use {spec.cpu_variant}"
+    return {"why": why, "timing": timing, "seconds": seconds, "warning": warning}

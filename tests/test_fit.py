@@ -1,0 +1,61 @@
+"""Fit to the machine: a GPU-sized spec submitted to a CPU says so, with its duration here from a
+few timed steps and the CPU-sized variant; the estimate stays in job.json and `ops monitor`."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ops.fit import gpu_sized, has_gpu
+from ops.spec import load_spec
+from tests.conftest import REPO
+from tests.ops_project import ops
+
+pytestmark = pytest.mark.skipif(has_gpu(), reason="this machine has a GPU: nothing to warn about")
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("shakespeare-training", "resources.vertex.accelerator_type NVIDIA_L4"),
+        ("mnist-training", "resources.vertex.accelerator_type NVIDIA_L4"),
+        ("mnist-quick", None),
+        ("shakespeare-quick", None),
+    ],
+)
+def test_the_gpu_sized_specs_say_so(name, why):
+    spec = load_spec(REPO / f"configs/jobs/{name}.yaml")
+    assert gpu_sized(spec) == why
+    assert (spec.cpu_variant is not None) == (why is not None)
+
+
+def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_project):
+    root = ops_project
+    spec = root / "configs/jobs/tiny.yaml"
+    spec.write_text(
+        spec.read_text()
+        .replace("engine: local\n", "cpu_variant: tiny-cpu\nengine: local\n")
+        .replace("  local:\n", "  slurm: {gpus_per_node: 1}\n  local:\n")
+    )
+    submitted = ops(root, "submit", "tiny", "--set", "train.max_steps=4", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    [warning] = [line for line in submitted.stderr.splitlines() if "sized for a GPU" in line]
+    assert warning.startswith(
+        "warning: tiny is sized for a GPU (resources.slurm.gpus_per_node 1) and this machine has none: on this "
+        "CPU a step takes "
+    )
+    assert "s (2 timed), so its 4 steps would take about " in warning and warning.endswith("; for a CPU use tiny-cpu")
+    run = json.loads(submitted.stdout)["runs"][0]
+    estimate = json.loads((Path(run["run_dir"]) / "job.json").read_text())["estimate"]
+    assert estimate["timing"]["total_steps"] == 4 and estimate["timing"]["seconds_per_step"] > 0
+    assert estimate["seconds"] == pytest.approx(4 * estimate["timing"]["seconds_per_step"])
+    view = json.loads(ops(root, "monitor", run["ops_id"], "--json").stdout)
+    assert view["estimate"]["warning"] == warning.removeprefix("warning: ")
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+
+    # A CPU-sized spec submits without a word of it.
+    plain = ops(
+        root, "submit", "tiny", "--set", "resources.slurm.gpus_per_node=0", "--set", "train.max_steps=1", "--json"
+    )
+    assert plain.returncode == 0 and "sized for a GPU" not in plain.stderr
+    assert ops(root, "wait", json.loads(plain.stdout)["runs"][0]["ops_id"], "--interval", "0.3").returncode == 0

@@ -1,0 +1,69 @@
+"""Runs that build on runs: `run:SPEC` resolves at submit to the newest succeeded run of the spec,
+provenance records which run and the checkpoint's sha256, and a rerun reads that same checkpoint."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from tests.ops_project import git, ops, ops_json, registry_rows
+
+SAMPLING = """\
+name: tiny-sampling
+description: Samples of the newest tiny run.
+engine: local
+resources:
+  local: {threads: 1}
+run:
+  task: sample
+  device: cpu
+  data: {download: false}
+  sample: {checkpoint: "run:tiny", num_samples: 4, num_inference_steps: 5}
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finished(root: Path, *args: str) -> dict:
+    run = ops_json(root, "submit", *args)["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    return run
+
+
+def test_run_spec_resolves_is_recorded_and_a_rerun_reads_the_recorded_checkpoint(ops_project):
+    root = ops_project
+    (root / "configs/jobs/tiny-sampling.yaml").write_text(SAMPLING)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "a sampling spec")
+
+    refused = ops(root, "submit", "tiny-sampling")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+    assert "run.sample.checkpoint: 'run:tiny' is not allowed: no checkpoint there" in refused.stderr
+    assert not (root / "runs/registry.sqlite").is_file() or registry_rows(root) == []
+
+    first = finished(root, "tiny", "--set", "train.max_steps=2")
+    sampled = finished(root, "tiny-sampling")
+    checkpoint = Path(first["run_dir"]) / "checkpoints/latest.pt"
+    [read] = json.loads((Path(sampled["run_dir"]) / "provenance.json").read_text())["references"]
+    assert read == {
+        "key": "run.sample.checkpoint",
+        "reference": "run:tiny",
+        "run_id": first["ops_id"],
+        "checkpoint": str(checkpoint),
+        "sha256": sha256(checkpoint),
+    }
+
+    second = finished(root, "tiny", "--set", "train.max_steps=3")  # newer: what run:tiny names from now on
+    newer = ops_json(root, "submit", "tiny-sampling", "--dry-run")["runs"][0]
+    assert newer["spec"]["run"]["sample"]["checkpoint"] == second["run_dir"]
+
+    again = ops_json(root, "rerun", sampled["ops_id"])
+    assert ops(root, "wait", again["ops_id"], "--interval", "0.3").returncode == 0
+    assert json.loads((Path(again["run_dir"]) / "provenance.json").read_text())["references"] == [read]
+    result = json.loads((Path(again["run_dir"]) / "summary.json").read_text())["result"]
+    assert result["checkpoint"] == str(checkpoint)  # the first run's, not the newer one's
+
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # the recorded weights changed since
+    changed = ops(root, "rerun", sampled["ops_id"])
+    assert changed.returncode == 2 and "has changed since (sha256 differs)" in changed.stderr

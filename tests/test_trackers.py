@@ -1,0 +1,55 @@
+"""Trackers: TensorBoard event files hold what metrics.jsonl holds (read back with TensorBoard's
+own event reader), switched on by a spec or by ops.yaml; a tracker whose package is missing is one
+line before anything is written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from diffusion.config import ConfigError
+from diffusion.train import train
+from tests.ops_project import ops, ops_json
+
+
+def events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_the_sample_grid(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 3
+    tiny_config.train.trackers = ["tensorboard"]
+    assert train(tiny_config, tmp_path / "run") == 0
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    accumulator = events(tmp_path / "run/tensorboard")
+    for name in ("loss", "lr", "grad_norm"):
+        scalars = accumulator.Scalars(name)
+        assert [event.step for event in scalars] == [line["step"] for line in logged] == [1, 2, 3]
+        assert [event.value for event in scalars] == pytest.approx([line[name] for line in logged], rel=1e-6)
+    [grid] = accumulator.Images("samples")
+    assert grid.step == 3 and grid.width > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio is installed here")
+def test_a_tracker_without_its_package_is_one_line_before_anything_is_written(tiny_config, tmp_path):
+    tiny_config.train.trackers = ["trackio"]
+    with pytest.raises(ConfigError, match=r"train.trackers: 'trackio' needs the trackio package: pip install"):
+        train(tiny_config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ops_yaml_switches_trackers_on_for_a_project(ops_project):
+    root = ops_project
+    (root / "ops.yaml").write_text("trackers: tensorboard\n")
+    run = ops_json(root, "submit", "tiny", "--set", "train.max_steps=2")["runs"][0]
+    assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
+    assert "trackers:\n  - tensorboard" in (Path(run["run_dir"]) / "config.yaml").read_text()
+    assert [event.step for event in events(Path(run["run_dir"]) / "tensorboard").Scalars("loss")] == [1, 2]
+    (root / "ops.yaml").write_text("trackers: wandb\n")
+    refused = ops(root, "submit", "tiny")
+    assert refused.returncode == 2 and "trackers: 'wandb' is not allowed: tensorboard or trackio" in refused.stderr
