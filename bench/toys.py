@@ -98,6 +98,10 @@ def main() -> None:
         overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}"]
         config = load_run_config(REPO / f"configs/jobs/{job}.yaml", overrides)
         config.train.progress = "lines"
+        if (root / job).exists():  # trained again from scratch; the earlier run kept beside it
+            aside = root / f"{job}.before-{time.strftime('%Y%m%d-%H%M%S')}"
+            (root / job).rename(aside)
+            print(f"{root / job}: an earlier run, moved to {aside}", flush=True)
         if train(config, root / job):
             print(f"warning: training {job} did not complete; scoring its last checkpoint", flush=True)
 

@@ -460,10 +460,10 @@ def test_unknown_job_id_is_one_clear_line(git_project):
 
 
 def test_resources_of_another_engine_are_named_in_a_warning(git_project):
-    result = ops(git_project, "submit", "tiny", "--dry-run", "--json", "--set", "resources.slurm.gpus_per_node=2")
+    result = ops(git_project, "submit", "tiny", "--dry-run", "--json", "--set", "resources.slurm.cpus_per_task=4")
     assert result.returncode == 0, result.stderr
     warning = (
-        "warning: --set resources.slurm.gpus_per_node=2: the run goes to the local engine, which ignores "
+        "warning: --set resources.slurm.cpus_per_task=4: the run goes to the local engine, which ignores "
         "resources.slurm; add --engine slurm to use it"
     )
     assert result.stderr.strip().splitlines() == [warning]
