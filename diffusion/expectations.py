@@ -31,7 +31,8 @@ COMPARISONS = {
 }
 LINE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*$")
 
-SUMMARY_FIELDS = ("step", "epoch", "train_seconds", "num_parameters", "collapsed")
+SUMMARY_FIELDS = ("step", "epoch", "train_seconds", "num_parameters")
+COLLAPSE_KINDS = ("points", "text")  # summary.json's `collapsed`: the samples degenerated (non-finite, repetitive)
 FINAL_METRICS = ("loss", "lr", "grad_norm", "it_per_s", "examples_per_s", "val_bits_per_char")
 # scores.NAME by data kind (diffusion/scores and tasks.headline_scores write them).
 SCORES = {
@@ -72,6 +73,7 @@ def metrics(kind: str) -> list[str]:
     """Every metric path an `expect:` line may name for data of `kind` (image, points, text)."""
     return [
         *SUMMARY_FIELDS,
+        *(["collapsed"] if kind in COLLAPSE_KINDS else []),
         *(f"final_metrics.{name}" for name in FINAL_METRICS),
         *(f"scores.{name}" for name in SCORES[kind]),
     ]
