@@ -85,7 +85,7 @@ def run_task(config: RunConfig, run: RunDir) -> int:
     if config.task == "train":
         code = train(config, run.path)
         if code == 0 and config.eval.after_train and DataParallel().is_main:
-            code = evaluate_after_training(config, run)
+            evaluate_after_training(config, run)
         return code
     if config.task == "sample":
         return sample_task(config, run)

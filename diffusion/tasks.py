@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -253,16 +254,27 @@ def evaluate_after_training(config: RunConfig, run) -> int:
     (draw_in_chunks), so a stopped evaluation continues. The exit code."""
     run.lock()  # one writer of the run dir, as while training (`ops rm` waits for it too)
     summary = Summary.from_json(read_json(run.summary))
-    if summary.status != "completed" or (summary.evaluation or {}).get("step") == summary.step:
-        return 0
+    done = summary.evaluation or {}
+    if summary.status != "completed" or (done.get("step") == summary.step and "error" not in done):
+        return 0  # nothing to score, or scored already (a failed evaluation is tried again)
     evaluated = config.model_copy(update={"sample": eval_sample(config), "task": "eval"})
-    trained = load_trained(evaluated, run.path)
-    if has_validation(trained.config.data) or trained.method.learns_latents:
+    try:
+        trained = load_trained(evaluated, run.path)
+        if has_validation(trained.config.data) or trained.method.learns_latents:
+            return 0
+        name = trained.method.sample_name(evaluated.sample)
+        # Named by what it draws: chunks of another size or count are not reused.
+        folder = run.eval / PARTIAL / f"{name}-n{config.eval.num_samples}-b{evaluated.sample.batch_size}"
+        drawn, budget = draw_in_chunks(trained, evaluated, folder)
+        record = evaluate_checkpoint(evaluated, run.path, progress=track, trained=trained, drawn=drawn) | budget
+    # The training's result stands whatever the evaluation meets (a missing test split, no memory):
+    # the error goes into the summary beside it, the checks read `not measured`, and the run ends completed.
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        summary.evaluation = {"step": summary.step, "error": repr(exc)}
+        summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
+        run.write_record(summary)
         return 0
-    name = trained.method.sample_name(evaluated.sample)
-    folder = run.eval / PARTIAL / name
-    drawn, budget = draw_in_chunks(trained, evaluated, folder)
-    record = evaluate_checkpoint(evaluated, run.path, progress=track, trained=trained, drawn=drawn) | budget
     print_record(record)
     summary.evaluation = record
     summary.scores = (summary.scores or {}) | headline_scores(record)

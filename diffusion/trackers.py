@@ -64,6 +64,8 @@ class Trackers:
 
     def picture(self, tag: str, written: dict, step: int) -> None:
         """A sample grid or scatter (`write_samples`' record: grid, scatter or texts) at `step`."""
+        if self.tensorboard is None and self.trackio is None:
+            return
         image = written.get("grid") or written.get("scatter")
         if image is not None:
             pixels = np.asarray(Image.open(image).convert("RGB"))

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ops.engines.vertex import VERTEX_FILE
 from ops.errors import OpsError
 from ops.explog import note_removal
 from ops.followups import experiment_log_lock
@@ -26,20 +27,24 @@ from ops.rundir import (
     CHECKPOINTS,
     CONFIG,
     DIFF,
+    FOLLOWUPS_FILE,
     JOB,
     LATEST,
     METRICS,
     PROVENANCE,
     STEP_FILES,
     SUMMARY,
+    read_json,
     read_jsonl,
     step_of,
+    write_json,
 )
 from ops.settings import Project
 
 KEEP_CHOICES = ("none", "best", "latest")
-# What a run dir keeps besides a kept checkpoint: small, and what reading the checkpoint needs.
-RECORDS = (CONFIG, PROVENANCE, JOB, SUMMARY, METRICS, DIFF)
+# What a run dir keeps besides a kept checkpoint: small, what reading the checkpoint needs, and
+# what a rebuilt registry needs (the follow-ups done, where a Vertex run's files are).
+RECORDS = (CONFIG, PROVENANCE, JOB, SUMMARY, METRICS, DIFF, FOLLOWUPS_FILE, VERTEX_FILE)
 LOCK = ".lock"
 REMOVED_NOTE = "Run dir removed"
 
@@ -51,7 +56,10 @@ def disk_usage(path: Path) -> int:
     seen, total = set(), 0
     entries = [path] + [Path(folder) / name for folder, folders, files in os.walk(path) for name in folders + files]
     for entry in entries:  # os.walk follows no symlink, as du
-        stat = entry.lstat()
+        try:
+            stat = entry.lstat()
+        except FileNotFoundError:  # a running run replaced it since: it is not there to count
+            continue
         if (stat.st_dev, stat.st_ino) not in seen:
             seen.add((stat.st_dev, stat.st_ino))
             total += stat.st_blocks * 512
@@ -120,7 +128,9 @@ def plan_removal(run: Run, keep: str) -> dict:
     kept = (
         [] if checkpoint is None else [checkpoint, *(run_dir / name for name in RECORDS if (run_dir / name).is_file())]
     )
-    kept_bytes = sum(path.lstat().st_blocks * 512 for path in kept)
+    if keep == "best" and checkpoint is not None:
+        kept.append(run_dir / CHECKPOINTS / LATEST)  # made the best step's: what run:ID and a run dir read
+    kept_bytes = sum(path.lstat().st_blocks * 512 for path in kept if path.name != LATEST or keep == "latest")
     return {
         "ops_id": run.ops_id,
         "run_dir": str(run_dir),
@@ -142,7 +152,18 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 raise OpsError(f"{run.ops_id}: {run_dir} is being written by {holder}; nothing removed") from None
+            # Under the lock, the row again: a resume or another rm since the plan was made wins.
+            refuse_unless_removable(registry.get(run.ops_id) or run)
             kept = {run_dir / name for name in plan["kept"]}
+            if plan["keep_checkpoints"] == "best" and kept:
+                best = next(path for path in kept if path.parent.name == CHECKPOINTS and path.name != LATEST)
+                link = run_dir / CHECKPOINTS / f".{LATEST}.best"
+                link.unlink(missing_ok=True)
+                os.link(best, link)  # the same file twice: no copy
+                os.replace(link, run_dir / CHECKPOINTS / LATEST)
+            job = read_json(run_dir / JOB)
+            if kept and job is not None:  # a rebuilt registry learns it from the run dir
+                write_json(run_dir / JOB, job | {"removed_at": time.time(), "removed_kept": plan["kept"]})
             if not kept:
                 shutil.rmtree(run_dir)
             else:

@@ -330,7 +330,8 @@ def rm(
     if keep_checkpoints not in cleanup.KEEP_CHOICES:
         raise OpsError(f"--keep-checkpoints {keep_checkpoints!r}: not allowed; use {', '.join(cleanup.KEEP_CHOICES)}")
     project, registry = runs.open_project()
-    targets = [runs.reconcile(project, registry, runs.find(registry, job_id))[0] for job_id in dict.fromkeys(job_ids)]
+    found = {run.ops_id: run for run in (runs.find(registry, job_id) for job_id in job_ids)}  # latest and its id: once
+    targets = [runs.reconcile(project, registry, run)[0] for run in found.values()]
     plans = [cleanup.plan_removal(run, keep_checkpoints) for run in targets]  # every refusal before any removal
     if not dry_run and not yes:
         if not sys.stdin.isatty():

@@ -57,7 +57,10 @@ def time_here(spec, cwd: Path) -> dict:
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"error": f"its timing printed no JSON ({lines[-1][:200]!r})"}
 
 
 def duration_text(seconds: float) -> str:
@@ -94,5 +97,7 @@ def estimate(spec, cwd: Path) -> dict | None:
             )
             seconds = budget
     if spec.cpu_variant:
-        warning += f"; for a CPU use {spec.cpu_variant}"
+        variant = spec.cpu_variant if spec.cpu_variant.startswith("--") else None
+        command = f"ops submit {spec.name} {variant}" if variant else f"ops submit {spec.cpu_variant}"
+        warning += f"; for a CPU: {command}"
     return {"why": why, "timing": timing, "seconds": seconds, "warning": warning}

@@ -23,7 +23,18 @@ from ops.errors import OpsError, PermanentError
 from ops.journal import SAMPLES_IMAGE
 from ops.monitor import elapsed_seconds, expectations
 from ops.registry import Run
-from ops.rundir import CONFIG, FINAL_SAMPLES, PROVENANCE, SAMPLES, Summary, git_of, read_job, read_json, read_summary
+from ops.rundir import (
+    CONFIG,
+    FINAL_SAMPLES,
+    JOB,
+    PROVENANCE,
+    SAMPLES,
+    Summary,
+    git_of,
+    read_job,
+    read_json,
+    read_summary,
+)
 from ops.settings import Project
 
 EXPERIMENT_LABEL = "experiment"
@@ -360,6 +371,6 @@ def comment_run_result(project: Project, run: Run) -> str | None:
     github = GitHub(project, repo_name)
     summary = read_summary(Path(run.run_dir)) or Summary()
     number = int(run.github_issue.rstrip("/").rsplit("/", 1)[1])
-    expected = expectations(run, read_job(Path(run.run_dir))["spec"])
+    expected = expectations(run, (read_json(Path(run.run_dir) / JOB) or {}).get("spec") or {})
     body = result_body(project, run, summary, run.requeues, expected)
     return github.comment_result(run, number, body, run.requeues, expected["verdict"]).html_url

@@ -250,7 +250,11 @@ def mark_removed(path: Path, ops_id: str, title: str, line: str) -> bool:
     if box in text:
         return True
     heading = text.find(f"\n# {ops_id}:")
-    at = text.find("\n", heading + 1) + 1 if heading >= 0 else len(text)
+    end_of_heading = text.find("\n", heading + 1) if heading >= 0 else -1
+    at = end_of_heading + 1 if end_of_heading >= 0 else len(text)
+    if at == len(text) and not text.endswith("\n"):
+        text += "\n"
+        at += 1
     atomic_write(path, (text[:at] + "\n" + box + text[at:]).encode())
     return True
 

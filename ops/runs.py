@@ -111,7 +111,14 @@ def plan(
         )
     if project.settings.trackers:  # the project's trackers, for runs whose spec names none
         for item in planned:
-            item.spec.run.train.trackers = item.spec.run.train.trackers or project.settings.trackers.split(",")
+            if not get_engine(item.spec.engine, project.settings).needs_image:
+                item.spec.run.train.trackers = item.spec.run.train.trackers or project.settings.trackers.split(",")
+    for item in planned:
+        if item.spec.run.train.trackers and get_engine(item.spec.engine, project.settings).needs_image:
+            raise OpsError(
+                f"run.train.trackers: {item.spec.run.train.trackers} is not allowed on {item.spec.engine}: its image "
+                "installs the base dependencies only (the run's metrics.jsonl and samples/ come back with `ops pull`)"
+            )
     if not dry_run:
         preflight(project, planned)
     if planned and (fitted := fit.estimate(planned[0].spec, project.root)):  # the first run stands for a sweep
@@ -536,6 +543,7 @@ def attach_image(project: Project, registry: Registry, runs: list[Run], image: s
 def resume(project: Project, registry: Registry, run: Run) -> Run:
     """Continue a stopped run in its own run dir (the trainer resumes from latest.pt)."""
     run = reconcile(project, registry, run)[0]
+    refuse_removed(run, "resume")
     engine = get_engine(run.engine, project.settings)
     if run.state == "PREEMPTED" and engine.requeues_itself:
         raise OpsError(
@@ -571,10 +579,19 @@ def resume(project: Project, registry: Registry, run: Run) -> Run:
         return start(project, registry, run, code_dir)
 
 
+def refuse_removed(run: Run, command: str) -> None:
+    if run.removed_at is not None:
+        raise OpsError(
+            f"{run.ops_id}: its run dir was removed by `ops rm` (kept: {', '.join(run.removed_kept or []) or 'nothing'}); "
+            f"ops {command} needs the whole run dir"
+        )
+
+
 def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     """A new run with the recorded spec, on the recorded commit plus its diff.patch."""
     from ops.spec import validate_spec  # pydantic: only the commands that read specs
 
+    refuse_removed(run, "rerun")
     old_dir = Path(run.run_dir)
     job = read_job(old_dir)
     old_provenance = read_required(old_dir / PROVENANCE)
@@ -698,6 +715,8 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
             sweep=job["sweep"],
             overrides=job["overrides"],
             submitter=job.get("submitter"),
+            removed_at=job.get("removed_at"),  # `ops rm` kept a checkpoint here
+            removed_kept=job.get("removed_kept"),
             **columns(done),
         )
         registry.insert(run)

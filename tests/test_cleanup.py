@@ -57,15 +57,26 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
 
     removed = ops_json(root, "rm", first["ops_id"], "--keep-checkpoints", "latest", "--yes")["removed"][0]
     left = sorted(str(path.relative_to(first["run_dir"])) for path in Path(first["run_dir"]).rglob("*"))
-    assert left == sorted(
-        [".lock", "checkpoints", "checkpoints/latest.pt", "config.yaml", "job.json", "metrics.jsonl", "provenance.json",
-         "summary.json", "diff.patch"]
-    )  # fmt: skip
+    records = ["config.yaml", "job.json", "metrics.jsonl", "provenance.json", "summary.json", "diff.patch",
+               "followups.json"]  # fmt: skip
+    assert left == sorted([".lock", "checkpoints", "checkpoints/latest.pt", *records])
+    assert json.loads((Path(first["run_dir"]) / "job.json").read_text())["removed_kept"][0] == "checkpoints/latest.pt"
     assert removed["freed_bytes"] == planned["freed_bytes"]
     best = ops_json(root, "rm", second["ops_id"], "--keep-checkpoints", "best", "--dry-run")["would_remove"][0]
     losses = {line["step"]: line["loss"] for line in map(json.loads, open(Path(second["run_dir"]) / "metrics.jsonl"))}
     lowest = min((2, 4), key=lambda step: losses[step])  # the step checkpoints, one logged loss at each
-    assert [path for path in best["kept"] if path.startswith("checkpoints/")] == [f"checkpoints/step_{lowest:08d}.pt"]
+    assert [path for path in best["kept"] if path.startswith("checkpoints/")] == [
+        f"checkpoints/step_{lowest:08d}.pt",
+        "checkpoints/latest.pt",  # made the best step's
+    ]
+    third = ops_json(root, "submit", "tiny", *steps)["runs"][0]
+    assert ops(root, "wait", third["ops_id"], "--interval", "0.3").returncode == 0
+    losses = {line["step"]: line["loss"] for line in map(json.loads, open(Path(third["run_dir"]) / "metrics.jsonl"))}
+    lowest = Path(third["run_dir"]) / f"checkpoints/step_{min((2, 4), key=lambda step: losses[step]):08d}.pt"
+    weights = lowest.read_bytes()
+    ops_json(root, "rm", third["ops_id"], "--keep-checkpoints", "best", "--yes")
+    # latest.pt is now the best step's weights: what a run dir, run:ID or run:SPEC reads.
+    assert (Path(third["run_dir"]) / "checkpoints/latest.pt").read_bytes() == weights == lowest.read_bytes()
     ops_json(root, "rm", second["ops_id"], "--yes")
     assert not Path(second["run_dir"]).exists()
 

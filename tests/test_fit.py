@@ -44,7 +44,9 @@ def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_pr
         "warning: tiny is sized for a GPU (resources.slurm.gpus_per_node 1) and this machine has none: on this "
         "CPU a step takes "
     )
-    assert "s (2 timed), so its 4 steps would take about " in warning and warning.endswith("; for a CPU use tiny-cpu")
+    assert "s (2 timed), so its 4 steps would take about " in warning and warning.endswith(
+        "; for a CPU: ops submit tiny-cpu"
+    )
     run = json.loads(submitted.stdout)["runs"][0]
     estimate = json.loads((Path(run["run_dir"]) / "job.json").read_text())["estimate"]
     assert estimate["timing"]["total_steps"] == 4 and estimate["timing"]["seconds_per_step"] > 0
