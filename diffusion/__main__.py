@@ -85,7 +85,7 @@ def run_task(config: RunConfig, run: RunDir) -> int:
     if config.task == "train":
         code = train(config, run.path)
         if code == 0 and config.eval.after_train and DataParallel().is_main:
-            evaluate_after_training(config, run)
+            code = evaluate_after_training(config, run)  # 0, or EXIT_PREEMPTED: resumable
         return code
     if config.task == "sample":
         return sample_task(config, run)

@@ -8,6 +8,7 @@ new run dir, created only once every reference (checkpoint, guide, scorer) was f
 import io
 import json
 import shutil
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -23,7 +24,7 @@ from diffusion.methods import Progress, no_progress
 from diffusion.methods.guided import guided_sample
 from diffusion.progress import console, track
 from diffusion.records import Summary, atomic_write, checkpoint_file, read_json, write_json
-from diffusion.runtime import pick_device
+from diffusion.runtime import EXIT_PREEMPTED, PreemptionFlag, pick_device
 from diffusion.scores import sample_scores
 from diffusion.scores.images import (
     inception_fid,
@@ -265,7 +266,14 @@ def evaluate_after_training(config: RunConfig, run) -> int:
         name = trained.method.sample_name(evaluated.sample)
         # Named by what it draws: chunks of another size or count are not reused.
         folder = run.eval / PARTIAL / f"{name}-n{config.eval.num_samples}-b{evaluated.sample.batch_size}"
-        drawn, budget = draw_in_chunks(trained, evaluated, folder)
+        with PreemptionFlag() as preemption:
+            drawn, budget = draw_in_chunks(trained, evaluated, folder, stop=lambda: preemption.signal is not None)
+        if drawn is None:  # a preemption (or a cancel) between chunks: resumed, training is done and this continues
+            summary.status, summary.exit_code = "preempted", EXIT_PREEMPTED
+            summary.signal = signal.Signals(preemption.signal).name
+            summary.reason = f"{summary.signal} during the evaluation after training; its samples so far are kept"
+            run.write_record(summary)
+            return EXIT_PREEMPTED
         record = evaluate_checkpoint(evaluated, run.path, progress=track, trained=trained, drawn=drawn) | budget
     # The training's result stands whatever the evaluation meets (a missing test split, no memory):
     # the error goes into the summary beside it, the checks read `not measured`, and the run ends completed.
@@ -284,12 +292,15 @@ def evaluate_after_training(config: RunConfig, run) -> int:
     return 0
 
 
-def draw_in_chunks(trained: TrainedModel, config: RunConfig, folder: Path) -> tuple[tuple, dict]:
+def draw_in_chunks(
+    trained: TrainedModel, config: RunConfig, folder: Path, stop=lambda: False
+) -> tuple[tuple | None, dict]:
     """eval.num_samples samples in chunks of sample.batch_size, chunk i from seed sample.seed + i,
     each saved to `folder` as soon as it is drawn: a stopped evaluation continues from the chunks
     on disk and ends with the same samples. eval.max_minutes bounds the sampling (summed over
     restarts): once the next chunk would not fit, fewer samples are scored, and said so.
-    ((samples, class labels or None, seconds, mean nfe), the budget's record)."""
+    ((samples, class labels or None, seconds, mean nfe), the budget's record); (None, {}) when
+    `stop()` said so before a chunk (a preemption signal)."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted, size = config.eval.num_samples, config.sample.batch_size
     sizes = [min(size, wanted - start) for start in range(0, wanted, size)]
@@ -306,6 +317,8 @@ def draw_in_chunks(trained: TrainedModel, config: RunConfig, folder: Path) -> tu
             chunks.append(torch.load(path, weights_only=True))
             seconds, timed = seconds + chunks[-1]["seconds"], timed + 1
             continue
+        if stop():
+            return None, {}
         if budget is not None and timed and seconds + seconds / timed > budget:
             print(
                 f"eval.max_minutes {config.eval.max_minutes:g}: scoring {sum(len(c['samples']) for c in chunks)} "

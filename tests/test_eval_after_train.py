@@ -131,3 +131,42 @@ def test_an_evaluation_that_fails_leaves_the_training_result_standing(evaluated_
     assert summary["evaluation"] == {"step": 3, "error": "FileNotFoundError('t10k-images-idx3-ubyte')"}
     assert [check["verdict"] for check in summary["expectations"]] == ["not measured", "met"]
     assert summary["verdict"] == "not measured"
+
+
+def test_a_preemption_during_the_evaluation_is_resumable_like_training(evaluated_config, tmp_path, monkeypatch):
+    """SIGUSR1 while drawing: the chunk in hand is finished and kept, the summary says preempted
+    (exit 75, so that engines requeue it); resumed, training is done and the evaluation continues."""
+    import os
+    import signal
+
+    from diffusion.rundir import RunDir
+    from diffusion.runtime import EXIT_PREEMPTED
+    from diffusion.train import train
+
+    def evaluate() -> int:
+        run = RunDir(tmp_path / "run")
+        try:
+            return diffusion.tasks.evaluate_after_training(evaluated_config, run)
+        finally:
+            run.unlock()
+
+    assert train(evaluated_config, tmp_path / "run") == 0
+    real_generate, calls = diffusion.tasks.generate, []
+
+    def signalled_generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the scheduler's notice, mid-chunk
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion.tasks, "generate", signalled_generate)
+    assert evaluate() == EXIT_PREEMPTED
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["signal"] == "SIGUSR1" and summary["exit_code"] == 75
+    assert len(list((tmp_path / "run/eval/partial").rglob("chunk_*.pt"))) == 2
+
+    monkeypatch.setattr(diffusion.tasks, "generate", real_generate)
+    assert train(evaluated_config, tmp_path / "run") == 0  # the resume: all steps were done
+    assert evaluate() == 0
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "completed" and summary["evaluation"]["num_samples"] == 24
