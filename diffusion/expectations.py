@@ -17,6 +17,7 @@ failed, or stopped early), with the value measured; the verdict is `missed` if a
 """
 
 import difflib
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ SCORES = {
     ),
 }
 VERDICTS = ("met", "missed", "not measured")
+BOOLEAN_METRICS = {"collapsed", "scores.overfit.loss_near_zero", "scores.overfit.reproduced"}
 
 
 def metrics(kind: str) -> list[str]:
@@ -97,6 +99,8 @@ class Expectation:
                 "number, true or false (e.g. scores.confident_share >= 0.7)"
             )
         parsed = value == "true" if value in ("true", "false") else float(value)
+        if not isinstance(parsed, bool) and not math.isfinite(parsed):
+            raise ValueError(f"{text!r} is not allowed: VALUE must be a finite number, true or false")
         return cls(match.group(1), match.group(2), parsed, " ".join(text.split()))
 
 
@@ -116,6 +120,11 @@ def problems(lines: list[str], kind: str):
             expectation = Expectation.parse(line)
         except ValueError as exc:
             yield f"expect[{index}]: {exc}"
+            continue
+        flag = expectation.metric in BOOLEAN_METRICS
+        if expectation.metric in known and flag != isinstance(expectation.value, bool):
+            wanted = "true or false" if flag else "a number"
+            yield f"expect[{index}]: {expectation.text!r} is not allowed: {expectation.metric} is compared with {wanted}"
             continue
         if expectation.metric not in known:
             other = [

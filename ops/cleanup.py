@@ -163,7 +163,10 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                 os.replace(link, run_dir / CHECKPOINTS / LATEST)
             job = read_json(run_dir / JOB)
             if kept and job is not None:  # a rebuilt registry learns it from the run dir
-                write_json(run_dir / JOB, job | {"removed_at": time.time(), "removed_kept": plan["kept"]})
+                current = registry.get(run.ops_id) or run
+                removed = {"removed_at": time.time(), "removed_kept": plan["kept"], "removed_state": current.state}
+                removed |= {"finished_at": current.finished_at, "exit_code": current.exit_code}
+                write_json(run_dir / JOB, job | removed)
             if not kept:
                 shutil.rmtree(run_dir)
             else:

@@ -56,6 +56,8 @@ def slug(text: str) -> str:
 def describe(key: str, value) -> str:
     """One change as an id part: `lr1e-4`, `ep50`, `moons`, `nocompile`, `mults1x2x2`."""
     short = SHORT_KEYS.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1].replace("_", ""))
+    if key.startswith("run.eval."):  # eval.num_samples is not sample.num_samples
+        short = f"eval{short}"
     if isinstance(value, bool):
         return short if value else f"no{short}"
     if isinstance(value, int | float):
@@ -70,14 +72,21 @@ def describe(key: str, value) -> str:
     return text if key.rsplit(".", 1)[-1] in SELF_NAMING else f"{short}-{text}"
 
 
+SECTION_ORDER = {"task": 0, "data": 1, "model": 2, "method": 3, "train": 4, "sample": 5, "eval": 6}
+
+
 def readable_id(name: str, changes: list[tuple[str, object, object]], tail: str | None = None) -> str:
     """`name-part-part-tail` for changes (key, spec value, run value); at most MAX_LENGTH characters."""
     tail = tail or secrets.token_hex(TAIL_HEX // 2)
     room = MAX_LENGTH - len(name) - len(tail) - 2
     parts = []
-    for key, _, value in changes:
-        if not key.startswith("run.") or secret_setting(key, value):
-            continue  # where it runs (engine, resources) and the spec's prose are not what it computes
+    # What is trained before how it is sampled and scored: the first to go when room runs out are the last.
+    ordered = sorted(
+        changes, key=lambda change: SECTION_ORDER.get(change[0].split(".")[1:2][0] if "." in change[0] else "", 9)
+    )
+    for key, _, value in ordered:
+        if not key.startswith("run.") or key == "run.expect" or secret_setting(key, value):
+            continue  # where it runs (engine, resources), the spec's prose and checks are not what it computes
         part = slug(describe(key, value))
         if part and len(part) + 1 <= room:
             parts.append(part)

@@ -6,6 +6,7 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -114,6 +115,12 @@ def plan(
             if not get_engine(item.spec.engine, project.settings).needs_image:
                 item.spec.run.train.trackers = item.spec.run.train.trackers or project.settings.trackers.split(",")
     for item in planned:
+        missing = [name for name in item.spec.run.train.trackers if importlib.util.find_spec(name) is None]
+        if missing and not get_engine(item.spec.engine, project.settings).needs_image:
+            raise OpsError(
+                f"run.train.trackers: {missing[0]!r} needs the {missing[0]} package: pip install -e '.[{missing[0]}]' "
+                "(or leave it out: metrics.jsonl and samples/ hold everything)"
+            )
         if item.spec.run.train.trackers and get_engine(item.spec.engine, project.settings).needs_image:
             raise OpsError(
                 f"run.train.trackers: {item.spec.run.train.trackers} is not allowed on {item.spec.engine}: its image "
@@ -701,12 +708,15 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
                 f"{run_dir / PROVENANCE}: missing or damaged; {job['ops_id']} is indexed without its commit"
             )
         done = recorded(run_dir)
+        removed_state = job.get("removed_state") if job.get("removed_state") in FINAL_STATES else None
         run = Run(
             ops_id=job["ops_id"],
             name=job["name"],
             engine=job["engine"],
             run_dir=str(run_dir),
-            state="UNKNOWN",
+            state=removed_state or "UNKNOWN",  # `ops rm` left no engine record to ask: its row said
+            finished_at=job.get("finished_at") if removed_state else None,
+            exit_code=job.get("exit_code") if removed_state else None,
             engine_job_id=job["engine_job_id"],
             created_at=job["created_at"],
             started_at=job.get("started_at"),

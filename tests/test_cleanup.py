@@ -97,3 +97,12 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
     assert again.returncode == 2 and "already removed" in again.stderr
     rewrite = ops(root, "journal", second["ops_id"])
     assert rewrite.returncode == 2 and "removed" in rewrite.stderr
+
+    # The registry lost and rebuilt from the run dirs: a removed run that kept a checkpoint is what it was.
+    (root / "runs/registry.sqlite").rename(root / "runs/registry.lost")
+    for suffix in ("-wal", "-shm"):
+        (root / f"runs/registry.sqlite{suffix}").unlink(missing_ok=True)
+    assert ops(root, "sync").returncode == 0
+    rebuilt = {run["ops_id"]: run for run in ops_json(root, "list")}
+    assert rebuilt[first["ops_id"]]["state"] == "SUCCEEDED" and rebuilt[first["ops_id"]]["removed_at"]
+    assert rebuilt[third["ops_id"]]["state"] == "SUCCEEDED" and second["ops_id"] not in rebuilt

@@ -30,6 +30,10 @@ def test_judged_met_missed_and_not_measured_with_the_measured_values():
         ("collapsed == false", "image", "'collapsed' is not a metric (not measured for this data)"),
         ("scores.fid lt 3", "image", "'scores.fid lt 3' is not allowed: must be METRIC OP VALUE"),
         ("scores.fid < three", "image", "'scores.fid < three' is not allowed"),
+        ("scores.fid < nan", "image", "'scores.fid < nan' is not allowed: VALUE must be a finite number"),
+        ("scores.fid < 1e400", "image", "VALUE must be a finite number"),
+        ("scores.classes_present == true", "image", "scores.classes_present is compared with a number"),
+        ("collapsed == 1", "text", "collapsed is compared with true or false"),
     ],
 )  # fmt: skip
 def test_a_line_that_cannot_be_checked_is_one_line_naming_it(line, kind, problem):

@@ -31,7 +31,22 @@ def test_the_issue_example_and_the_kinds_of_value():
         ("resources.vertex.machine_type", "n1-standard-4", "n1-standard-8"),
     ]
     # The checkpoint no longer fits in 63 characters: left to job.json, the ones before it kept.
-    assert readable_id("t", changes, tail="0000") == "t-two-moons-compile-nocompilefallback-channelmults1x2x2-0000"
+    assert readable_id("t", changes, tail="0000") == "t-two-moons-channelmults1x2x2-compile-nocompilefallback-0000"
+
+
+def test_what_is_trained_goes_first_and_eval_settings_say_so():
+    changes = [  # sorted by key, as job.json has them
+        ("run.eval.num_samples", 1000, 2),
+        ("run.eval.val_blocks", 64, 2),
+        ("run.expect", [], ["step > 1"]),
+        ("run.sample.num_inference_steps", 256, 8),
+        ("run.sample.num_samples", 16, 2),
+        ("run.train.log_every", 100, 1),
+        ("run.train.max_steps", None, 5),
+    ]
+    assert readable_id("shakespeare-training", changes, tail="79fe") == (
+        "shakespeare-training-logevery1-steps5-nfe8-n2-evaln2-79fe"
+    )
 
 
 def test_ids_are_capped_label_values_and_never_hold_a_secret():

@@ -53,3 +53,11 @@ def test_ops_yaml_switches_trackers_on_for_a_project(ops_project):
     (root / "ops.yaml").write_text("trackers: wandb\n")
     refused = ops(root, "submit", "tiny")
     assert refused.returncode == 2 and "trackers: 'wandb' is not allowed: tensorboard or trackio" in refused.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio is installed here")
+def test_ops_refuses_a_tracker_without_its_package_at_submit(git_project):
+    refused = ops(git_project, "submit", "tiny", "--set", "run.train.trackers=[trackio]")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+    assert "run.train.trackers: 'trackio' needs the trackio package" in refused.stderr
+    assert not (git_project / "runs").exists() and not (git_project / "EXPERIMENT_LOG.md").exists()
