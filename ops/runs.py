@@ -5,6 +5,7 @@ Every run dir holds `job.json` (what ops knows of the run: ops id, spec, engine,
 overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops sync`).
 """
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -179,9 +180,10 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
             named = named_run(registry, reference, lambda run: checkpoint_file(run.run_dir) is not None)
             if named is None:
                 raise ConfigError(
-                    f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there (a run dir "
-                    f"holding {CHECKPOINTS}/{LATEST}, a .pt file, the ops id of a run that wrote one, or "
-                    "run:SPEC for the newest succeeded run of a spec)"
+                    f"{source}: run.{key}: {reference!r} is not allowed: no checkpoint there"
+                    + (spec_reference_hint(project, reference[4:]) if reference.startswith("run:") else "")
+                    + f" (a run dir holding {CHECKPOINTS}/{LATEST}, a .pt file, the ops id of a run that wrote "
+                    "one, or run:SPEC for the newest succeeded run of a spec)"
                 )
             # Absolute: a SLURM job starts in the directory ops was called from, not the project's.
             path = Path(named.run_dir)
@@ -205,6 +207,15 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
     return read
+
+
+def spec_reference_hint(project: Project, name: str) -> str:
+    """Why run:NAME names no run: the spec has no succeeded run yet, or there is no such spec."""
+    known = sorted(path.stem for path in project.jobs_dir.glob("*.yaml"))
+    if name in known:
+        return f": no succeeded {name} run yet (`ops submit {name}`, `ops list --name {name}`)"
+    close = difflib.get_close_matches(name, known, n=1)
+    return f": there is no spec {name!r}" + (f"; did you mean 'run:{close[0]}'?" if close else "")
 
 
 def checkpoint_run_dir(checkpoint: Path) -> Path:

@@ -39,7 +39,11 @@ def test_run_spec_resolves_is_recorded_and_a_rerun_reads_the_recorded_checkpoint
 
     refused = ops(root, "submit", "tiny-sampling")
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
-    assert "run.sample.checkpoint: 'run:tiny' is not allowed: no checkpoint there" in refused.stderr
+    assert "run.sample.checkpoint: 'run:tiny' is not allowed: no checkpoint there: no succeeded tiny run yet" in (
+        refused.stderr
+    )
+    misspelt = ops(root, "submit", "tiny-sampling", "--set", "run.sample.checkpoint=run:tinny")
+    assert misspelt.returncode == 2 and "there is no spec 'tinny'; did you mean 'run:tiny'?" in misspelt.stderr
     assert not (root / "runs/registry.sqlite").is_file() or registry_rows(root) == []
 
     first = finished(root, "tiny", "--set", "train.max_steps=2")
