@@ -8,6 +8,7 @@ Every error is one line: where, the key path, the bad value and what is allowed.
 """
 
 import difflib
+import importlib.util
 import io
 import math
 from pathlib import Path
@@ -381,6 +382,24 @@ class TrainConfig(Section):
         description="torch.compile the network for training; if compilation fails the run says why and "
         "trains uncompiled.",
     )
+
+
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "trackio": "trackio",
+}  # train.trackers: the package (and extra) each needs
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """ConfigError, one line, for a tracker whose package is missing here: checked before a run
+    writes anything (the trainer) and before one is submitted (ops), not when a config is
+    validated (a stored config is read on machines without them)."""
+    for name in names:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(
+                f"train.trackers: {name!r} needs the {TRACKER_PACKAGES[name]} package: pip install -e '.[{name}]' "
+                "(or leave it out: metrics.jsonl and samples/ hold everything)"
+            )
 
 
 SAMPLERS = Literal["ddpm", "ddim", "dpmsolver++", "euler", "midpoint", "heun", "rk4", "dopri5", "meanflow", "ancestral"]

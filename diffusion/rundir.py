@@ -10,6 +10,7 @@ from pathlib import Path
 
 from diffusion import records
 from diffusion.config import ConfigError, RunConfig, dump_yaml, load_run_config, to_dict
+from diffusion.expectations import judge
 
 
 class RunDir:
@@ -87,8 +88,11 @@ class RunDir:
         ]
         records.atomic_write(self.metrics, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
-    def write_record(self, summary: records.Summary) -> None:
-        """This task's record: summary.json, or tasks/TASK-TIME.json for a task run in place."""
+    def write_record(self, summary: records.Summary, expect: list[str] = ()) -> None:
+        """This task's record: summary.json, or tasks/TASK-TIME.json for a task run in place; with
+        `expect` (the config's `expect:` lines), judged on this summary first (expectations, verdict)."""
+        if expect:
+            summary.expectations, summary.verdict = judge(list(expect), summary.to_json())
         summary.written_at, summary.pid = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getpid()
         self.record.parent.mkdir(parents=True, exist_ok=True)
         records.write_json(self.record, summary.to_json())

@@ -19,7 +19,6 @@ from rich.table import Table
 
 from diffusion.config import ConfigError, RunConfig, SampleConfig, eval_sample
 from diffusion.data import has_validation, load_images, load_validation, write_samples
-from diffusion.expectations import judge
 from diffusion.methods import Progress, no_progress
 from diffusion.methods.guided import guided_sample
 from diffusion.progress import console, track
@@ -143,8 +142,7 @@ def sample_task(config: RunConfig, run, trained: TrainedModel | None = None) -> 
             status="completed", step=trained.step, scores=scores, collapsed=bool(scores["collapsed"]), result=result
         )
         print(json.dumps(scores, indent=2))
-    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
-    run.write_record(summary)
+    run.write_record(summary, config.expect)
     print(f"{len(samples)} samples from {trained.path} (step {trained.step}) -> {path}", flush=True)
     return 0
 
@@ -163,8 +161,7 @@ def eval_task(config: RunConfig, run) -> int:
     print_record(record)
     result = {key: value for key, value in record.items() if key not in ("step", "scores")}
     summary = Summary(status="completed", step=record["step"], scores=headline_scores(record), result=result)
-    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
-    run.write_record(summary)
+    run.write_record(summary, config.expect)
     return 0
 
 
@@ -280,14 +277,12 @@ def evaluate_after_training(config: RunConfig, run) -> int:
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         summary.evaluation = {"step": summary.step, "error": repr(exc)}
-        summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
-        run.write_record(summary)
+        run.write_record(summary, config.expect)
         return 0
     print_record(record)
     summary.evaluation = record
     summary.scores = (summary.scores or {}) | headline_scores(record)
-    summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
-    run.write_record(summary)
+    run.write_record(summary, config.expect)
     shutil.rmtree(folder)
     return 0
 

@@ -9,28 +9,15 @@ each logged metrics line (scalars) and each sample grid (images) or text preview
     trackio show --project diffusion                    # every run that logged to trackio
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from diffusion.config import ConfigError
 from diffusion.records import MetricsRecord
 
 TENSORBOARD_DIR = "tensorboard"
 TRACKIO_PROJECT = "diffusion"
-PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio"}  # tracker -> the package (and extra) it needs
-
-
-def check_installed(names: list[str]) -> None:
-    """ConfigError, one line, for a tracker whose package is missing: before the run writes anything."""
-    for name in names:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(
-                f"train.trackers: {name!r} needs the {PACKAGES[name]} package: pip install -e '.[{name}]' "
-                "(or leave it out: metrics.jsonl and samples/ hold everything)"
-            )
 
 
 class Trackers:

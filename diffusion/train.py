@@ -39,9 +39,8 @@ from diffusion.checkpoint import (
     save_checkpoint,
     step_files,
 )
-from diffusion.config import ConfigError, RunConfig, TrainConfig, to_dict, validate_stored_run
+from diffusion.config import ConfigError, RunConfig, TrainConfig, check_trackers_installed, to_dict, validate_stored_run
 from diffusion.data import DataSpec, load_dataset, load_validation, write_flow, write_samples
-from diffusion.expectations import judge
 from diffusion.methods import Method, Parent, build_method
 from diffusion.progress import TrainProgress
 from diffusion.records import MetricsRecord, Summary
@@ -59,7 +58,7 @@ from diffusion.runtime import (
 from diffusion.scores import sample_scores, validation_bits_per_char
 from diffusion.scores.images import overfit_report
 from diffusion.scores.latents import LATENT_SPACE, format_score, latent_space_report
-from diffusion.trackers import Trackers, check_installed
+from diffusion.trackers import Trackers
 from diffusion.trained import build_network, load_parent, load_scorer
 
 # fp32 weights and gradients, AdamW's two moments and the EMA copy: 5 x 4 bytes. Activations come
@@ -98,7 +97,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
     parent = load_parent(method, latest[1].get("parent") if latest else None)
     num_params = check_memory(config, method, data, parent, device)  # before writing anything, like the dataset
     scorer = load_scorer(config.eval.scorer_checkpoint, device)  # text: the final samples' perplexity under it
-    check_installed(tc.trackers)  # like the dataset: a missing package stops the run before it writes
+    check_trackers_installed(tc.trackers)  # like the dataset: a missing package stops the run before it writes
     if ranks.is_main:
         run.create(config)
         remove_partial_writes(run.checkpoints)
@@ -631,8 +630,7 @@ def finish(
             scores=scores or None,
             collapsed=bool(scores["collapsed"]) if scores and "collapsed" in scores else None,
         )
-        summary.expectations, summary.verdict = judge(config.expect, summary.to_json())
-        run.write_record(summary)
+        run.write_record(summary, config.expect)
         return exit_code
 
 

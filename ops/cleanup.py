@@ -32,11 +32,9 @@ from ops.rundir import (
     LATEST,
     METRICS,
     PROVENANCE,
-    STEP_FILES,
     SUMMARY,
+    checkpoint_candidates,
     read_json,
-    read_jsonl,
-    step_of,
     write_json,
 )
 from ops.settings import Project
@@ -84,15 +82,8 @@ def usage(runs: list[Run]) -> list[dict]:
 
 def best_step_checkpoint(run_dir: Path, metric: str = "loss") -> Path | None:
     """The step checkpoint with the lowest `metric` logged at or before its step (as `ops ckpt best`)."""
-    logged = [line for line in read_jsonl(run_dir / METRICS) if isinstance(line.get(metric), int | float)]
-    scored = []
-    for path in sorted((run_dir / CHECKPOINTS).glob(STEP_FILES)):
-        before = [
-            line[metric] for line in logged if isinstance(line.get("step"), int) and line["step"] <= step_of(path)
-        ]
-        if before:
-            scored.append((before[-1], path))
-    return min(scored)[1] if scored else None
+    scored = [candidate for candidate in checkpoint_candidates(run_dir, metric) if candidate["value"] is not None]
+    return Path(min(scored, key=lambda candidate: candidate["value"])["checkpoint"]) if scored else None
 
 
 def kept_checkpoint(run_dir: Path, keep: str) -> Path | None:
@@ -143,7 +134,7 @@ def plan_removal(run: Run, keep: str) -> dict:
 def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
     """Carry out plan_removal's plan, holding the run dir's lock (OpsError, nothing removed, when a
     process holds it); then the registry, the experiment log and the journal post say so."""
-    run_dir = Path(plan["run_dir"])
+    run_dir, removed_at = Path(plan["run_dir"]), time.time()
     if run_dir.is_dir():
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -153,7 +144,8 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 raise OpsError(f"{run.ops_id}: {run_dir} is being written by {holder}; nothing removed") from None
             # Under the lock, the row again: a resume or another rm since the plan was made wins.
-            refuse_unless_removable(registry.get(run.ops_id) or run)
+            current = registry.get(run.ops_id) or run
+            refuse_unless_removable(current)
             kept = {run_dir / name for name in plan["kept"]}
             if plan["keep_checkpoints"] == "best" and kept:
                 best = next(path for path in kept if path.parent.name == CHECKPOINTS and path.name != LATEST)
@@ -163,8 +155,7 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                 os.replace(link, run_dir / CHECKPOINTS / LATEST)
             job = read_json(run_dir / JOB)
             if kept and job is not None:  # a rebuilt registry learns it from the run dir
-                current = registry.get(run.ops_id) or run
-                removed = {"removed_at": time.time(), "removed_kept": plan["kept"], "removed_state": current.state}
+                removed = {"removed_at": removed_at, "removed_kept": plan["kept"], "removed_state": current.state}
                 removed |= {"finished_at": current.finished_at, "exit_code": current.exit_code}
                 write_json(run_dir / JOB, job | removed)
             if not kept:
@@ -185,7 +176,7 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                             path.rmdir()
         finally:
             os.close(fd)
-    registry.update(run.ops_id, removed_at=time.time(), removed_kept=plan["kept"] or None)
+    registry.update(run.ops_id, removed_at=removed_at, removed_kept=plan["kept"] or None)
     removed = registry.get(run.ops_id)
     line = removal_line(removed)
     note_removal(project.experiment_log, run.ops_id, line, experiment_log_lock(project))

@@ -16,11 +16,10 @@ from ops.errors import OpsError, PermanentError
 from ops.explog import append_section, fill_results, results_text
 from ops.github import comment_run_result, open_run_issue
 from ops.journal import write_post
-from ops.monitor import elapsed_seconds, expectations
+from ops.monitor import elapsed_seconds, run_expectations
 from ops.registry import Registry, Run
 from ops.rundir import (
     FOLLOWUPS_FILE,
-    JOB,
     PROVENANCE,
     Summary,
     git_of,
@@ -66,8 +65,7 @@ def experiment_log_submit(project: Project, run: Run) -> str:
 def experiment_log_result(project: Project, run: Run) -> str:
     summary = read_summary(run.run_dir) or Summary()
     duration = elapsed_seconds(run) if run.finished_at else None
-    job = read_json(Path(run.run_dir) / JOB) or {}  # a damaged job.json: the results without the checks
-    results = results_text(run.state, summary, duration, expectations(run, job.get("spec") or {}))
+    results = results_text(run.state, summary, duration, run_expectations(run))
     if not fill_results(project.experiment_log, run.ops_id, results, experiment_log_lock(project)):
         raise OpsError(f"{project.experiment_log}: no section for {run.ops_id} to fill in")
     return str(project.experiment_log)

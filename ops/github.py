@@ -21,12 +21,11 @@ from pathlib import Path
 
 from ops.errors import OpsError, PermanentError
 from ops.journal import SAMPLES_IMAGE
-from ops.monitor import elapsed_seconds, expectations
+from ops.monitor import elapsed_seconds, run_expectations
 from ops.registry import Run
 from ops.rundir import (
     CONFIG,
     FINAL_SAMPLES,
-    JOB,
     PROVENANCE,
     SAMPLES,
     Summary,
@@ -371,6 +370,6 @@ def comment_run_result(project: Project, run: Run) -> str | None:
     github = GitHub(project, repo_name)
     summary = read_summary(Path(run.run_dir)) or Summary()
     number = int(run.github_issue.rstrip("/").rsplit("/", 1)[1])
-    expected = expectations(run, (read_json(Path(run.run_dir) / JOB) or {}).get("spec") or {})
+    expected = run_expectations(run)
     body = result_body(project, run, summary, run.requeues, expected)
     return github.comment_result(run, number, body, run.requeues, expected["verdict"]).html_url

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffusion.config import main_settings
 from ops.engines.vertex import VERTEX_FILE
 from ops.errors import OpsError
 from ops.monitor import elapsed_seconds, expectations, format_seconds
@@ -282,7 +281,8 @@ def write_post(project: Project, run: Run) -> Path:
     expected = " ".join((spec.get("expected") or "").split())
     created = time.localtime(run.created_at)
     duration = elapsed_seconds(run)
-    verdict = expectations(run, spec)["verdict"]
+    checked = expectations(run, spec)
+    verdict = checked["verdict"]
     lead = (
         f"**{run.state}**"
         + (f" (expected: **{verdict}**)" if verdict else "")
@@ -315,10 +315,9 @@ def write_post(project: Project, run: Run) -> Path:
     ]
     if expected:
         lines += [f"**Expected:** {expected}", ""]
-    checked = expectations(run, spec)
-    if checked["verdict"]:
-        kind = {"met": "success", "missed": "failure", "pending": "info"}.get(checked["verdict"], "question")
-        lines += [f'!!! {kind} "Expected: {checked["verdict"]}"', ""]
+    if verdict:
+        kind = {"met": "success", "missed": "failure", "pending": "info"}.get(verdict, "question")
+        lines += [f'!!! {kind} "Expected: {verdict}"', ""]
         lines += [f"    - `{check['expect']}`: {measured_text(check)}" for check in checked["checks"]]
         lines.append("")
 
@@ -407,6 +406,8 @@ def write_post(project: Project, run: Run) -> Path:
     else:
         lines += [f"The spec `{run.name}` as written, nothing changed.", ""]
     # The settings a reader looks for first, by method and net; the full config follows them, folded.
+    from diffusion.config import main_settings  # pydantic: only where a post is written, not for `ops --help`
+
     keys = main_settings(config.get("method.name"), config.get("model.name"))
     main = [[f"`{key}`", config[key]] for key in keys if config.get(key) is not None]
     if main:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffusion.expectations import judge
 from ops.registry import Run
-from ops.rundir import SUMMARY, MetricsRecord, last_metrics, read_json, read_summary
+from ops.rundir import JOB, SUMMARY, MetricsRecord, last_metrics, read_json, read_summary
 
 TRACEBACK = "Traceback (most recent call last):"
 MAX_TRACEBACK_LINES = 400
@@ -78,6 +78,12 @@ def expectations(run: Run, spec: dict) -> dict:
         return {"verdict": None, "checks": []}
     checks, verdict = judge(lines, read_json(Path(run.run_dir) / SUMMARY) or {})
     return {"verdict": verdict if run.finished else "pending", "checks": checks}
+
+
+def run_expectations(run: Run) -> dict:
+    """`expectations` of a run, its spec read from its job.json (a damaged one: no checks)."""
+    job = read_json(Path(run.run_dir) / JOB) or {}
+    return expectations(run, job.get("spec") if isinstance(job.get("spec"), dict) else {})
 
 
 def format_seconds(seconds: float | None) -> str:

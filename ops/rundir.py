@@ -108,3 +108,16 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             items |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
         return items
     return {prefix: data}
+
+
+def checkpoint_candidates(run_dir: Path, metric: str) -> list[dict]:
+    """Each step checkpoint of a run dir with its metric: the value logged at its step, or the last
+    one logged before it (None when the run never logged the metric by then)."""
+    logged = [line for line in read_jsonl(run_dir / METRICS) if isinstance(line.get(metric), (int, float))]
+    candidates = []
+    for path in sorted((run_dir / CHECKPOINTS).glob(STEP_FILES)):
+        step = step_of(path)
+        before = [line for line in logged if isinstance(line.get("step"), int) and line["step"] <= step]
+        value = before[-1][metric] if before else None
+        candidates.append({"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "value": value})
+    return candidates

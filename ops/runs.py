@@ -6,8 +6,8 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 """
 
 import difflib
+import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -43,8 +43,8 @@ from ops.rundir import (
     METRICS,
     OPS_RECORDS,
     PROVENANCE,
-    STEP_FILES,
     atomic_write,
+    checkpoint_candidates,
     checkpoint_file,
     complete_job,
     flatten,
@@ -54,7 +54,6 @@ from ops.rundir import (
     read_jsonl,
     read_required,
     read_summary,
-    step_of,
     write_json,
 )
 from ops.secrets import redact_value, redact_words
@@ -111,22 +110,16 @@ def plan(
                 references,
             )
         )
-    if project.settings.trackers:  # the project's trackers, for runs whose spec names none
-        for item in planned:
-            if not get_engine(item.spec.engine, project.settings).needs_image:
-                item.spec.run.train.trackers = item.spec.run.train.trackers or project.settings.trackers.split(",")
     for item in planned:
-        missing = [name for name in item.spec.run.train.trackers if importlib.util.find_spec(name) is None]
-        if missing and not get_engine(item.spec.engine, project.settings).needs_image:
+        train, in_image = item.spec.run.train, get_engine(item.spec.engine, project.settings).needs_image
+        if project.settings.trackers and not in_image and not train.trackers:  # the project's, if the spec names none
+            train.trackers = project.settings.trackers.split(",")
+        if train.trackers and in_image:
             raise OpsError(
-                f"run.train.trackers: {missing[0]!r} needs the {missing[0]} package: pip install -e '.[{missing[0]}]' "
-                "(or leave it out: metrics.jsonl and samples/ hold everything)"
+                f"run.train.trackers: {train.trackers} is not allowed on {item.spec.engine}: its image installs the "
+                "base dependencies only (the run's metrics.jsonl and samples/ come back with `ops pull`)"
             )
-        if item.spec.run.train.trackers and get_engine(item.spec.engine, project.settings).needs_image:
-            raise OpsError(
-                f"run.train.trackers: {item.spec.run.train.trackers} is not allowed on {item.spec.engine}: its image "
-                "installs the base dependencies only (the run's metrics.jsonl and samples/ come back with `ops pull`)"
-            )
+        check_trackers(train.trackers)
     if not dry_run:
         preflight(project, planned)
     if planned and (fitted := fit.estimate(planned[0].spec, project.root)):  # the first run stands for a sweep
@@ -134,6 +127,16 @@ def plan(
             item.estimate = fitted
             item.warnings.append(fitted["warning"])
     return planned
+
+
+def check_trackers(names: list[str]) -> None:
+    """The trainer's own check that each tracker's package is here, at submit: OpsError, one line."""
+    from diffusion.config import ConfigError, check_trackers_installed  # pydantic: only at submit
+
+    try:
+        check_trackers_installed(names)
+    except ConfigError as exc:
+        raise OpsError(f"run.{exc}") from None
 
 
 def check_references(project: Project, spec, source: str) -> list[dict]:
@@ -224,6 +227,14 @@ def checkpoint_run_dir(checkpoint: Path) -> Path:
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, hashed once per process for one version of it (a sweep's runs read the
+    same checkpoint)."""
+    stat = Path(path).stat()
+    return file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def file_sha256(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -963,19 +974,6 @@ def inspect_checkpoint(project: Project, reference: Path) -> dict:
             f"{' '.join(result.stderr.strip().splitlines()[-1:])}"
         )
     return json.loads(result.stdout)
-
-
-def checkpoint_candidates(run_dir: Path, metric: str) -> list[dict]:
-    """Each step checkpoint of a run dir with its metric: the value logged at its step, or the last
-    one logged before it (None when the run never logged the metric by then)."""
-    logged = [line for line in read_jsonl(run_dir / METRICS) if isinstance(line.get(metric), (int, float))]
-    candidates = []
-    for path in sorted((run_dir / CHECKPOINTS).glob(STEP_FILES)):
-        step = step_of(path)
-        before = [line for line in logged if isinstance(line.get("step"), int) and line["step"] <= step]
-        value = before[-1][metric] if before else None
-        candidates.append({"run_dir": str(run_dir), "checkpoint": str(path), "step": step, "value": value})
-    return candidates
 
 
 def best_checkpoint(

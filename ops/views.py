@@ -263,14 +263,8 @@ def check_text(check: dict) -> str:
     return f"{check['expect']}: {measured}, {check['verdict']}"
 
 
-def verdict_of(run: Run) -> str | None:
-    """The run's expectations verdict (monitor.expectations), from its job.json's spec."""
-    job = rundir.read_json(Path(run.run_dir) / rundir.JOB) or {}
-    return monitor.expectations(run, job.get("spec") if isinstance(job.get("spec"), dict) else {})["verdict"]
-
-
 def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
-    verdicts = {run.ops_id: verdict_of(run) for run in shown}
+    verdicts = {run.ops_id: monitor.run_expectations(run)["verdict"] for run in shown}
     if as_json:
         return echo_json([run.to_json() | {"verdict": verdicts[run.ops_id]} for run in shown])
     if not shown:
