@@ -14,6 +14,10 @@ metrics), or a summary field (`step`, `train_seconds` ...). Which names exist de
 run ends each line is `met`, `missed` or `not measured` (the run never wrote that metric: it
 failed, or stopped early), with the value measured; the verdict is `missed` if any line is, else
 `not measured` if any line is, else `met`.
+
+An evaluation that eval.max_minutes cut to fewer samples than planned measures FID at that smaller
+N, where the sample's FID and the real floor's both grow and their ratio drifts towards 1: a
+check on the FID family (SAMPLE_SIZE_METRICS) is then `not measured`, its value shown with why.
 """
 
 import difflib
@@ -68,6 +72,8 @@ SCORES = {
     ),
 }
 VERDICTS = ("met", "missed", "not measured")
+# Biased by the sample count: judged only on an evaluation of the planned count.
+SAMPLE_SIZE_METRICS = {"scores.fid", "scores.real_floor_fid", "scores.fid_over_floor", "scores.inception_fid"}
 BOOLEAN_METRICS = {"collapsed", "scores.overfit.loss_near_zero", "scores.overfit.reproduced"}
 
 
@@ -147,8 +153,10 @@ def measured(summary: dict, metric: str):
 
 
 def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
-    """([{expect, metric, comparison, value, measured, verdict}], overall verdict or None without lines)."""
+    """([{expect, metric, comparison, value, measured, verdict[, why]}], overall verdict or None
+    without lines). `why` says why a measured value was not judged (a cut evaluation)."""
     results = []
+    cut = cut_evaluation(summary)
     for line in lines:
         try:
             expectation = Expectation.parse(line)
@@ -159,7 +167,8 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
             )
             continue
         value = measured(summary, expectation.metric)
-        if value is None:
+        unjudged = cut if value is not None and expectation.metric in SAMPLE_SIZE_METRICS else None
+        if value is None or unjudged:
             verdict = "not measured"
         else:
             verdict = "met" if COMPARISONS[expectation.comparison](value, expectation.value) else "missed"
@@ -172,8 +181,21 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
                 "measured": value,
                 "verdict": verdict,
             }
+            | ({"why": unjudged} if unjudged else {})
         )
     if not results:
         return [], None
     verdicts = {result["verdict"] for result in results}
     return results, "missed" if "missed" in verdicts else "not measured" if "not measured" in verdicts else "met"
+
+
+def cut_evaluation(summary: dict) -> str | None:
+    """Why the FID family of `summary`'s evaluation is not judged (eval.max_minutes scored fewer
+    samples than planned), or None."""
+    evaluation = summary.get("evaluation")
+    if not isinstance(evaluation, dict) or evaluation.get("cut") is not True:
+        return None
+    return (
+        f"the evaluation was cut to {evaluation.get('num_samples')} of {evaluation.get('planned_samples')} samples "
+        "by eval.max_minutes, and FID at fewer samples is not comparable"
+    )

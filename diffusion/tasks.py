@@ -287,37 +287,45 @@ def evaluate_after_training(config: RunConfig, run) -> int:
     return 0
 
 
+# The evaluation's first chunk: it times the sampler before a whole batch is risked on eval.max_minutes.
+PROBE_SAMPLES = 16
+
+
 def draw_in_chunks(
     trained: TrainedModel, config: RunConfig, folder: Path, stop=lambda: False
 ) -> tuple[tuple | None, dict]:
     """eval.num_samples samples in chunks of sample.batch_size, chunk i from seed sample.seed + i,
     each saved to `folder` as soon as it is drawn: a stopped evaluation continues from the chunks
     on disk and ends with the same samples. eval.max_minutes bounds the sampling (summed over
-    restarts): once the next chunk would not fit, fewer samples are scored, and said so.
+    restarts): once the next chunk would not fit at the seconds per sample so far, fewer samples
+    are scored, and said so. The first chunk is small (PROBE_SAMPLES), so that even one batch
+    that would not fit is not drawn.
     ((samples, class labels or None, seconds, mean nfe), the budget's record); (None, {}) when
     `stop()` said so before a chunk (a preemption signal)."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted, size = config.eval.num_samples, config.sample.batch_size
-    sizes = [min(size, wanted - start) for start in range(0, wanted, size)]
+    first = min(size, wanted, PROBE_SAMPLES)
+    sizes = [first] + [min(size, wanted - start) for start in range(first, wanted, size)]
     budget = config.eval.max_minutes * 60 if config.eval.max_minutes else None
     print(
         f"evaluation after training: {wanted} samples, {config.sample.sampler}-{config.sample.num_inference_steps}"
         + (f", sampling within eval.max_minutes {config.eval.max_minutes:g}" if budget else ""),
         flush=True,
     )
-    chunks, seconds, timed = [], 0.0, 0
+    chunks, seconds, drawn = [], 0.0, 0
     for index, count in enumerate(sizes):
         path = folder / f"chunk_{index:05d}.pt"
         if path.is_file():
             chunks.append(torch.load(path, weights_only=True))
-            seconds, timed = seconds + chunks[-1]["seconds"], timed + 1
+            seconds, drawn = seconds + chunks[-1]["seconds"], drawn + len(chunks[-1]["samples"])
             continue
         if stop():
             return None, {}
-        if budget is not None and timed and seconds + seconds / timed > budget:
+        if budget is not None and drawn and seconds + count * seconds / drawn > budget:
             print(
-                f"eval.max_minutes {config.eval.max_minutes:g}: scoring {sum(len(c['samples']) for c in chunks)} "
-                f"of {wanted} samples (the next batch would not fit)",
+                f"eval.max_minutes {config.eval.max_minutes:g}: scoring {drawn} of {wanted} samples "
+                f"(the next batch of {count} would take about {count * seconds / drawn:.0f} s more, "
+                f"{seconds:.0f} s spent)",
                 flush=True,
             )
             break
@@ -334,8 +342,8 @@ def draw_in_chunks(
         torch.save(chunk, buffer)
         atomic_write(path, buffer.getvalue())
         chunks.append(chunk)
-        seconds, timed = seconds + chunk["seconds"], timed + 1
-        print(f"evaluation samples: {sum(len(c['samples']) for c in chunks)}/{wanted}", flush=True)
+        seconds, drawn = seconds + chunk["seconds"], drawn + count
+        print(f"evaluation samples: {drawn}/{wanted}", flush=True)
     samples = torch.cat([chunk["samples"] for chunk in chunks])
     labels = None if chunks[0]["labels"] is None else torch.cat([chunk["labels"] for chunk in chunks])
     nfes = [chunk["nfe"] for chunk in chunks if chunk["nfe"] is not None]

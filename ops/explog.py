@@ -99,7 +99,7 @@ def results_text(state: str, summary: Summary, duration_seconds: float | None, e
     if expected and expected["verdict"]:
         checks = "; ".join(
             f"`{check['expect']}`: {'-' if check['measured'] is None else format_value(check['measured'])} "
-            f"{check['verdict']}"
+            f"{check['verdict']}" + (f" ({check['why']})" if check.get("why") else "")
             for check in expected["checks"]
         )
         lines.append(f"- expected: **{expected['verdict']}** ({checks})")

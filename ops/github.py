@@ -287,7 +287,7 @@ def result_body(project: Project, run: Run, summary: Summary, attempt: int, expe
             "|---|---|---|",
             *(
                 f"| `{check['expect']}` | {format_number(check['measured']) if check['measured'] is not None else '-'} "
-                f"| {check['verdict']} |"
+                f"| {check['verdict']}" + (f": {check['why']}" if check.get("why") else "") + " |"
                 for check in expected["checks"]
             ),
         ]

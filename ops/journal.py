@@ -241,12 +241,17 @@ def seconds_text(seconds: float | None) -> str:
 
 
 def mark_removed(path: Path, ops_id: str, title: str, line: str) -> bool:
-    """Put a warning box `title` with `line` under the post's heading, once; False when there is no post."""
+    """Put a warning box `title` with `line` under the post's heading, once (a box of that title
+    already there gets the new line: a kept checkpoint removed later); False when there is no post."""
     if not path.is_file():
         return False
     text = path.read_text()
     box = f'!!! warning "{title}"\n\n    {line}\n'
     if box in text:
+        return True
+    earlier = re.search(rf'^!!! warning "{re.escape(title)}"\n\n    .*\n', text, flags=re.MULTILINE)
+    if earlier:
+        atomic_write(path, (text[: earlier.start()] + box + text[earlier.end() :]).encode())
         return True
     heading = text.find(f"\n# {ops_id}:")
     end_of_heading = text.find("\n", heading + 1) if heading >= 0 else -1
@@ -259,8 +264,10 @@ def mark_removed(path: Path, ops_id: str, title: str, line: str) -> bool:
 
 
 def measured_text(check: dict) -> str:
-    measured = "not measured" if check["measured"] is None else format_value(check["measured"])
-    return f"{measured}, **{check['verdict']}**" if check["measured"] is not None else f"**{check['verdict']}**"
+    why = f" ({check['why']})" if check.get("why") else ""
+    if check["measured"] is None:
+        return f"**{check['verdict']}**{why}"
+    return f"{format_value(check['measured'])}, **{check['verdict']}**{why}"
 
 
 def write_post(project: Project, run: Run) -> Path:

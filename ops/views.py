@@ -231,7 +231,9 @@ def print_view(project: Project, view: dict) -> None:
         from ruamel.yaml import YAML  # as in print_yaml, with ruamel's default block style
 
         rule(out, "full record")
-        YAML().dump({key: view[key] for key in ("paths", "provenance", "job")}, sys.stdout)
+        yaml = YAML()
+        yaml.width = 1 << 16  # as in print_yaml: never a wrapped line
+        yaml.dump({key: view[key] for key in ("paths", "provenance", "job")}, sys.stdout)
 
 
 def print_event(event: str, value, as_json: bool) -> None:
@@ -260,7 +262,7 @@ def print_event(event: str, value, as_json: bool) -> None:
 def check_text(check: dict) -> str:
     """One judged `expect:` line: `scores.confident_share >= 0.7: 0.812, met`."""
     measured = "-" if check["measured"] is None else format_value(check["measured"])
-    return f"{check['expect']}: {measured}, {check['verdict']}"
+    return f"{check['expect']}: {measured}, {check['verdict']}" + (f" ({check['why']})" if check.get("why") else "")
 
 
 def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
@@ -325,6 +327,9 @@ def print_removal(plans: list[dict], dry_run: bool, as_json: bool) -> None:
         kept = f", keeping {', '.join(plan['kept'])}" if plan["kept"] else ""
         verb = "would free" if dry_run else "freed"
         typer.echo(f"{plan['ops_id']}: {verb} {size_text(plan['freed_bytes'])} in {plan['run_dir']}{kept}")
+        if remote := plan["remote"]:
+            kept = f", keeping {', '.join(remote['kept'])}" if remote["kept"] else ""
+            typer.echo(f"{plan['ops_id']}: {verb} {size_text(remote['freed_bytes'])} in {remote['gcs_run_dir']}{kept}")
 
 
 def print_state(run: Run, as_json: bool) -> None:

@@ -80,16 +80,25 @@ def test_a_stopped_evaluation_continues_to_the_same_samples(evaluated_config, tm
     assert (tmp_path / "stopped/summary.json").read_bytes() == before
 
 
-def test_its_own_budget_scores_fewer_samples_and_says_so(evaluated_config, tmp_path, capsys):
+def test_its_own_budget_scores_fewer_samples_and_says_so(evaluated_config, tmp_path, capsys, monkeypatch):
+    """The first chunk is a small probe: a budget too short for one whole batch draws no batch."""
     from diffusion.rundir import RunDir
     from diffusion.train import train
 
-    evaluated_config.eval.max_minutes = 1e-6  # the first chunk always; no time for a second
+    monkeypatch.setattr(diffusion.tasks, "PROBE_SAMPLES", 4)
+    evaluated_config.sample.batch_size = 24  # chunks of 4 (the probe) and 20
+    evaluated_config.eval.max_minutes = 1e-6  # the probe always; no time for the batch after it
+    evaluated_config.expect = ["scores.fid_over_floor < 1000", "scores.eval_num_samples >= 1"]
     assert train(evaluated_config, tmp_path / "run") == 0
     assert diffusion.tasks.evaluate_after_training(evaluated_config, RunDir(tmp_path / "run")) == 0
-    evaluation = json.loads((tmp_path / "run/summary.json").read_text())["evaluation"]
-    assert evaluation["cut"] and evaluation["num_samples"] == 10 and evaluation["planned_samples"] == 24
-    assert "eval.max_minutes 1e-06: scoring 10 of 24 samples" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    evaluation = summary["evaluation"]
+    assert evaluation["cut"] and evaluation["num_samples"] == 4 and evaluation["planned_samples"] == 24
+    # FID at 4 samples is no measurement of what 24 would say: not judged, and said why.
+    fid, count = summary["expectations"]
+    assert fid["verdict"] == "not measured" and fid["measured"] > 0 and "cut to 4 of 24 samples" in fid["why"]
+    assert count["verdict"] == "met" and summary["verdict"] == "not measured"
+    assert "eval.max_minutes 1e-06: scoring 4 of 24 samples (the next batch of 20 would take" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

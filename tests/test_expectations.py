@@ -1,8 +1,12 @@
 """`expect:` lines: parsed, checked against the metrics a run of that data writes, judged."""
 
+from pathlib import Path
+
 import pytest
 
 from diffusion.expectations import Expectation, judge, metrics, problems
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_judged_met_missed_and_not_measured_with_the_measured_values():
@@ -20,6 +24,40 @@ def test_judged_met_missed_and_not_measured_with_the_measured_values():
     assert judge(["scores.confident_share >= 0.7"], {"scores": {"confident_share": "0.9"}})[0][0]["verdict"] == (
         "not measured"  # a damaged value is no measurement
     )
+
+
+def test_a_cut_evaluation_leaves_the_fid_family_unjudged_with_why():
+    """eval.max_minutes scored 10 of 24 samples: FID and its floor both grow at small N and their
+    ratio drifts towards 1, so an `fid_over_floor < 3` check would pass on noise."""
+    scores = {"fid": 40.0, "real_floor_fid": 30.0, "fid_over_floor": 1.33, "confident_share": 0.9}
+    lines = ["scores.fid_over_floor < 3", "scores.fid < 50", "scores.confident_share >= 0.7"]
+    cut = {"scores": scores, "evaluation": {"cut": True, "num_samples": 10, "planned_samples": 24}}
+    checks, verdict = judge(lines, cut)
+    assert [(check["measured"], check["verdict"]) for check in checks] == [
+        (1.33, "not measured"), (40.0, "not measured"), (0.9, "met")
+    ]  # fmt: skip
+    assert checks[0]["why"].startswith("the evaluation was cut to 10 of 24 samples by eval.max_minutes")
+    assert "why" not in checks[2] and verdict == "not measured"
+    whole = {"scores": scores, "evaluation": {"cut": False, "num_samples": 24, "planned_samples": 24}}
+    assert judge(lines, whole)[1] == "met" and all("why" not in check for check in judge(lines, whole)[0])
+
+
+def test_top_level_checks_are_named_where_they_were_written():
+    """`ops config set NAME expect=...` and a spec's own lines: errors say expect / expect[i], never run.expect."""
+    from ruamel.yaml import YAML
+
+    from diffusion.config import ConfigError
+    from ops.spec import validate_spec
+
+    raw = YAML(typ="safe").load((REPO / "configs/jobs/mnist-quick.yaml").read_text())
+    for value, line in [
+        ("scores.fid_over_floor < 3", "spec.yaml: expect: 'scores.fid_over_floor < 3' is not allowed: must be a valid list"),
+        ([1], "spec.yaml: expect[0]: 1 is not allowed: must be a valid string"),
+        (["step > 1", "scores.fid_ovr < 3"], "spec.yaml: expect[1]: 'scores.fid_ovr' is not a metric; did you mean"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as error:
+            validate_spec(raw | {"expect": value}, "spec.yaml")
+        assert str(error.value).startswith(line), str(error.value)
 
 
 @pytest.mark.parametrize(
