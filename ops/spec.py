@@ -8,6 +8,7 @@ Every problem is one line: file, key path, bad value, what is allowed, nearest v
 import copy
 import difflib
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,13 +253,20 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
         raise ConfigError(f"{source}: run: required section is missing (what to compute: task, data, model ...)")
     if not isinstance(raw["run"], dict):
         raise ConfigError(f"{source}: run: {raw['run']!r} is not allowed: must be a mapping (task, data, model ...)")
+    run = spec_run(raw, source)
     try:
-        validate_run(spec_run(raw, source), source, prefix="run")
+        validate_run(run, source, prefix="run")
     except ConfigError as exc:
         if "expect" not in raw:
             raise
-        # The spec's checks are written at its top level: named where they were written.
-        raise ConfigError(str(exc).replace(f"{source}: run.expect[", f"{source}: expect[", 1)) from None
+        # The spec's checks are written at its top level: named where they were written (a line: expect[i]).
+        where = re.compile(rf"^{re.escape(source)}: run\.expect(?:\[(\d+)\]|\.(\d+))?:")
+        message = where.sub(
+            lambda match: f"{source}: expect" + (f"[{match[1] or match[2]}]" if match[1] or match[2] else "") + ":",
+            str(exc),
+            count=1,
+        )
+        raise ConfigError(message) from None
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
