@@ -219,6 +219,15 @@ class ModelConfig(Section):
         "convolution per channel_mults entry smaller (MNIST with [1, 2]: 4 x 7 x 7).",
     )
     hidden_dim: int = Field(512, ge=8, le=16384, description="mlp, mlp_autoencoder: width of the hidden layers.")
+    time_embedding_dim: int | None = Field(
+        None,
+        ge=8,
+        multiple_of=8,
+        le=16384,
+        description="mlp: width of the time (and class) embedding that every FiLM block reads; none: "
+        "4 x min(hidden_dim, 128). Its FiLM projections cost emb x 2 x hidden_dim per block, more than "
+        "the block itself when it is wider than hidden_dim / 2.",
+    )
     num_layers: int = Field(
         3, ge=1, le=64, description="mlp: FiLM residual blocks; mlp_autoencoder: hidden layers on each side."
     )
@@ -293,6 +302,12 @@ class MethodConfig(Section):
         description="meanflow: p of the adaptive loss weight 1 / (error + adaptive_weight_eps)^p; 0 is plain MSE.",
     )
     adaptive_weight_eps: float = Field(1e-3, gt=0.0, le=1.0, description="meanflow: c of the adaptive loss weight.")
+    jvp_tangent: Literal["conditional", "model"] = Field(
+        "conditional",
+        description="meanflow: the velocity along which du/dt is taken: conditional, v = eps - x_0 (the "
+        "paper, eq. 8); model, the net's own instantaneous velocity u(z_t, t, t) without gradient (improved "
+        "MeanFlow, iMF: the same expectation, far less variance).",
+    )
     training_guidance_scale: float = Field(
         1.0,
         ge=1.0,
@@ -372,10 +387,11 @@ class TrainConfig(Section):
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
     keep_checkpoints: int = Field(3, ge=1, description="Step-numbered checkpoints kept besides latest.pt.")
     progress: Literal["auto", "bar", "lines"] = Field("auto", description="auto: a bar on a terminal.")
-    trackers: list[Literal["tensorboard", "trackio"]] = Field(
-        default_factory=list,
+    trackers: list[Literal["tensorboard", "trackio"]] | None = Field(
+        None,
         description="Mirror metrics and sample grids to TensorBoard (RUN_DIR/tensorboard) and/or trackio; "
-        "each needs its extra (pip install -e '.[tensorboard]'). Off by default.",
+        "each needs its extra (pip install -e '.[tensorboard]'). None: the project's (ops.yaml `trackers`, "
+        "else off); [] switches the project's off for this run.",
     )
     compile: bool = Field(
         False,
@@ -390,11 +406,11 @@ TRACKER_PACKAGES = {
 }  # train.trackers: the package (and extra) each needs
 
 
-def check_trackers_installed(names: list[str]) -> None:
+def check_trackers_installed(names: list[str] | None) -> None:
     """ConfigError, one line, for a tracker whose package is missing here: checked before a run
     writes anything (the trainer) and before one is submitted (ops), not when a config is
     validated (a stored config is read on machines without them)."""
-    for name in names:
+    for name in names or []:
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
             raise ConfigError(
                 f"train.trackers: {name!r} needs the {TRACKER_PACKAGES[name]} package: pip install -e '.[{name}]' "
@@ -621,6 +637,7 @@ def unread_settings(config: RunConfig):
         ("method.r_equals_t_share", method.name == "meanflow", "meanflow"),
         ("method.adaptive_weight_power", method.name == "meanflow", "meanflow"),
         ("method.adaptive_weight_eps", method.name == "meanflow", "meanflow"),
+        ("method.jvp_tangent", method.name == "meanflow", "meanflow"),
         ("method.num_train_timesteps", not flow, "the methods of discrete timesteps (not flows)"),
         ("method.beta_schedule", not flow, "the methods of a noise schedule (not flows)"),
         ("method.beta_start", not flow, "the methods of a noise schedule (not flows)"),
@@ -1076,6 +1093,7 @@ def dump_yaml(data: dict, path: Path) -> None:
     """`data` as block-style YAML, replacing `path` atomically."""
     yaml = YAML()
     yaml.default_flow_style = False
+    yaml.width = 1 << 20  # a long path stays on one line: grep and a reader find it whole
     text = io.StringIO()
     yaml.dump(data, text)
     atomic_write(path, text.getvalue().encode())

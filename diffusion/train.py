@@ -119,7 +119,7 @@ def train_loop(config: RunConfig, run: RunDir, device: torch.device, ranks: Data
         flush=True,
     )
 
-    trackers = Trackers(tc.trackers if ranks.is_main else [], run.path, to_dict(config), state.step)
+    trackers = Trackers((tc.trackers or []) if ranks.is_main else [], run.path, to_dict(config), state.step)
     status, stop_reason, final_samples = "completed", "finished all steps", None
     checkpointed_step, last_checkpoint_time = state.step, time.monotonic()
     window = LossWindow(device)

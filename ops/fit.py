@@ -4,17 +4,27 @@ variant to run instead; `ops monitor` shows the estimate until the first metrics
 
 A spec is GPU-sized when its own resources ask for a GPU elsewhere (resources.slurm.gpus_per_node,
 resources.vertex.accelerator_type) or its run asks for CUDA (run.device: cuda). The timing is
-`python -m diffusion estimate` on the run's resolved config: ops itself never imports torch.
+`python -m diffusion estimate` on the run's resolved config: ops itself never imports torch. A
+timing is kept for a week in a cache file (the runs folder's `.fit-estimates.json`), keyed by the
+resolved config and this machine, so that a second submit or dry run of the same run costs nothing.
 """
 
+import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 
+from ops.rundir import atomic_write, read_json
+
 ESTIMATE_TIMEOUT_SECONDS = 180
+CACHE_SECONDS = 7 * 24 * 3600
+CACHE_FILE = ".fit-estimates.json"
 
 
 def has_gpu() -> bool:
@@ -36,14 +46,38 @@ def gpu_sized(spec) -> str | None:
     return None
 
 
-def time_here(spec, cwd: Path) -> dict:
-    """`python -m diffusion estimate` on the spec's resolved run config: {seconds_per_step,
+def machine_key(run: dict) -> str:
+    """What a timing depends on: the resolved run config and this machine (its name, cores, Python
+    and torch)."""
+    machine = [platform.node(), platform.machine(), os.cpu_count(), sys.version, metadata.version("torch")]
+    return hashlib.sha256(json.dumps([run, machine], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_time_here(spec, cwd: Path, cache: Path | None) -> dict:
+    """time_here, read from `cache` when this run was timed on this machine within CACHE_SECONDS
+    (`cached_at` then says when); a timing that failed is not kept."""
+    run = spec.run.model_dump(mode="json") | {"device": "cpu"}
+    key, now = machine_key(run), time.time()
+    entries = (read_json(cache) or {}) if cache is not None else {}
+    entry = entries.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("timing"), dict) and now - entry.get("at", 0) < CACHE_SECONDS:
+        return entry["timing"] | {"cached_at": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["at"]))}
+    timing = time_here(run, cwd)
+    if cache is not None and "error" not in timing:
+        fresh = {k: v for k, v in entries.items() if isinstance(v, dict) and now - v.get("at", 0) < CACHE_SECONDS}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(fresh | {key: {"at": now, "timing": timing}}, indent=1).encode())
+    return timing
+
+
+def time_here(run: dict, cwd: Path) -> dict:
+    """`python -m diffusion estimate` on a resolved run config (a dict): {seconds_per_step,
     total_steps, max_minutes, ...}, or {"error": why} when it could not time it."""
     from diffusion.config import dump_yaml  # pydantic: only at submit
 
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "config.yaml"
-        dump_yaml(spec.run.model_dump(mode="json") | {"device": "cpu"}, config)
+        dump_yaml(run, config)
         try:
             result = subprocess.run(
                 [sys.executable, "-m", "diffusion", "estimate", str(config)],
@@ -71,13 +105,14 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate(spec, cwd: Path) -> dict | None:
+def estimate(spec, cwd: Path, cache: Path | None = None) -> dict | None:
     """For a GPU-sized spec going to the local engine on a machine without a GPU: {why, timing,
-    seconds (the estimated duration here, the time budget included), warning}; else None."""
+    seconds (the estimated duration here, the time budget included), warning}; else None. The
+    timing is read from `cache` when it holds one of this run on this machine (cached_time_here)."""
     why = gpu_sized(spec)
     if spec.engine != "local" or spec.run.task != "train" or why is None or has_gpu():
         return None
-    timing = time_here(spec, cwd)
+    timing = cached_time_here(spec, cwd, cache)
     warning = f"{spec.name} is sized for a GPU ({why}) and this machine has none"
     seconds = None
     if "error" in timing:
@@ -87,6 +122,7 @@ def estimate(spec, cwd: Path) -> dict | None:
         warning += (
             f": on this CPU a step takes {timing['seconds_per_step']:.2f} s ({timing['timed_steps']} timed), "
             f"so its {timing['total_steps']:,} steps would take about {duration_text(seconds)}"
+            + (f" (timed {timing['cached_at']})" if "cached_at" in timing else "")
         )
         budget = timing["max_minutes"] * 60 if timing["max_minutes"] else None
         if budget is not None and seconds > budget:

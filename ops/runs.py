@@ -6,6 +6,7 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 """
 
 import difflib
+import errno
 import functools
 import hashlib
 import json
@@ -99,7 +100,7 @@ def plan(
         local_device = spec.resources.local.device
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
-        references = check_references(project, spec, str(path))
+        references = check_references(project, spec, str(path), pin=not dry_run)
         planned.append(
             Planned(
                 spec,
@@ -112,7 +113,7 @@ def plan(
         )
     for item in planned:
         train, in_image = item.spec.run.train, get_engine(item.spec.engine, project.settings).needs_image
-        if project.settings.trackers and not in_image and not train.trackers:  # the project's, if the spec names none
+        if project.settings.trackers and not in_image and train.trackers is None:  # the project's; [] says none
             train.trackers = project.settings.trackers.split(",")
         if train.trackers and in_image:
             raise OpsError(
@@ -122,14 +123,19 @@ def plan(
         check_trackers(train.trackers)
     if not dry_run:
         preflight(project, planned)
-    if planned and (fitted := fit.estimate(planned[0].spec, project.root)):  # the first run stands for a sweep
+    if planned and (
+        fitted := fit.estimate(planned[0].spec, project.root, project.runs_dir / fit.CACHE_FILE)
+    ):  # the first run stands for a sweep
         for item in planned:
             item.estimate = fitted
             item.warnings.append(fitted["warning"])
     return planned
 
 
-def check_trackers(names: list[str]) -> None:
+PINNED = ".pinned"  # under the runs folder: checkpoints of running runs that a submitted run reads
+
+
+def check_trackers(names: list[str] | None) -> None:
     """The trainer's own check that each tracker's package is here, at submit: OpsError, one line."""
     from diffusion.config import ConfigError, check_trackers_installed  # pydantic: only at submit
 
@@ -139,12 +145,15 @@ def check_trackers(names: list[str]) -> None:
         raise OpsError(f"run.{exc}") from None
 
 
-def check_references(project: Project, spec, source: str) -> list[dict]:
+def check_references(project: Project, spec, source: str, pin: bool = True) -> list[dict]:
     """The runs a spec reads (a run dir, a .pt, `run:SPEC` or an ops id), resolved to where the
     engine reads them and recorded so in the spec: checked here where this machine sees them
     (local and SLURM: each is there, and a sample or eval task's settings suit its checkpoint's own
     method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line.
-    Returns what provenance.json records of each: [{key, reference, run_id, checkpoint, sha256}]."""
+    The checkpoint of a run that is not over yet is read from a frozen copy (pinned; not when `pin`
+    is false: a dry run writes nothing), so that a job that starts later (queued on SLURM) reads the
+    weights whose sha256 is recorded, not a later latest.pt.
+    Returns what provenance.json records of each: [{key, reference, run_id, checkpoint, sha256[, pinned_from]}]."""
     from diffusion.config import (  # pydantic: only at submit
         ConfigError,
         autoencoder_conflicts,
@@ -166,7 +175,7 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
         "method.autoencoder": None if sampling else run.method.autoencoder,
     }
     registry = open_registry(project)
-    read = []
+    read, pins = [], []
     for key, reference in references.items():
         if reference is None:
             continue
@@ -195,6 +204,12 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
         named = named or next(
             (row for row in registry.select() if Path(row.run_dir) == checkpoint_run_dir(checkpoint)), None
         )
+        if named is not None and not named.finished and pin:
+            frozen = pinned(project, checkpoint)
+            pins.append((section, field_name, str(frozen)))
+            read.append(reference_record(key, reference, str(frozen), named, sha256_of(frozen)))
+            read[-1]["pinned_from"] = str(checkpoint)
+            continue
         read.append(reference_record(key, reference, str(checkpoint), named, sha256_of(checkpoint)))
     if run.method.autoencoder is not None and not sampling:  # its run's config says what it encodes
         folder = project.root / Path(run.method.autoencoder).expanduser()
@@ -209,7 +224,28 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
         problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
+    for section, field_name, frozen in pins:  # after the checks above, which read the run dir's config
+        setattr(getattr(run, section), field_name, frozen)
     return read
+
+
+def pinned(project: Project, checkpoint: Path) -> Path:
+    """`checkpoint` as it is now, under the runs folder's .pinned/ named by its sha256: a hard link
+    (a copy across filesystems), which the trainer's next latest.pt (written aside, then renamed
+    over it) leaves as it is. The link is made before the hash, so the name is the content's."""
+    folder = project.runs_dir / PINNED
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{os.getpid()}-{checkpoint.name}"
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, staging)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copy2(checkpoint, staging)
+    frozen = folder / f"{sha256_of(staging)}.pt"
+    os.replace(staging, frozen)
+    return frozen
 
 
 def spec_reference_hint(project: Project, name: str) -> str:

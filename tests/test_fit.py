@@ -55,6 +55,18 @@ def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_pr
     assert view["estimate"]["warning"] == warning.removeprefix("warning: ")
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
 
+    # The same run again: its timing comes from the cache (no steps timed), and says when it was taken.
+    cache = root / "runs/.fit-estimates.json"
+    [entry] = json.loads(cache.read_text()).values()
+    entry["timing"]["seconds_per_step"] = 123.0  # what the cache holds is what the warning reads
+    cache.write_text(json.dumps({key: entry for key in json.loads(cache.read_text())}))
+    again = ops(root, "submit", "tiny", "--set", "train.max_steps=4", "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert "a step takes 123.00 s (2 timed), so its 4 steps would take about 8 min (timed 20" in again.stderr
+    other = ops(root, "submit", "tiny", "--set", "train.max_steps=5", "--dry-run")  # another run: timed anew
+    assert "a step takes 123.00" not in other.stderr and "so its 5 steps would take" in other.stderr
+    assert len(json.loads(cache.read_text())) == 2
+
     # A CPU-sized spec submits without a word of it.
     plain = ops(
         root, "submit", "tiny", "--set", "resources.slurm.gpus_per_node=0", "--set", "train.max_steps=1", "--json"

@@ -99,6 +99,31 @@ def test_meanflow_loss_at_r_equal_t_is_the_flow_matching_loss():
         torch.testing.assert_close(got, want)
 
 
+def test_meanflow_model_tangent_takes_du_dt_along_the_nets_own_velocity():
+    """jvp_tangent model (iMF): the target is v - (t - r) d/dt u along (u(z, t, t), 0, 1), computed
+    here by hand with torch.func.jvp; the conditional tangent gives another loss, and at r = t both
+    are flow matching's."""
+    net = mlp(two_times=True, dtype=torch.float64)
+    x_0, noise = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    t = torch.rand(16, dtype=torch.float64) * 0.5 + 0.5
+    r = t * torch.rand(16, dtype=torch.float64)
+    method = MeanFlow(examples_key="points", adaptive_weight_power=0.0, jvp_tangent="model")
+    z, velocity = LinearPath().sample(x_0, noise, t), noise - x_0
+
+    def u(z, r, t):
+        return method.average_velocity(net, z, r, t, None)
+
+    own = u(z, t, t).detach()
+    average, derivative = torch.func.jvp(u, (z, r, t), (own, torch.zeros_like(r), torch.ones_like(t)))
+    expected = (average - (velocity - (t - r)[:, None] * derivative)).pow(2).mean().float()  # the loss is float32
+    torch.testing.assert_close(method.loss_at(net, x_0, noise, r, t, None), expected)
+    conditional = MeanFlow(examples_key="points", adaptive_weight_power=0.0)
+    assert not torch.allclose(conditional.loss_at(net, x_0, noise, r, t, None), expected)
+    torch.testing.assert_close(
+        method.loss_at(net, x_0, noise, t, t, None), conditional.loss_at(net, x_0, noise, t, t, None)
+    )
+
+
 def test_meanflow_draws_ordered_times_with_the_configured_share_equal():
     method = MeanFlow(examples_key="points", r_equals_t_share=0.3, time_sampling="logit_normal")
     torch.manual_seed(0)

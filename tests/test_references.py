@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tests.ops_project import git, ops, ops_json, registry_rows
+from tests.ops_project import git, ops, ops_json, registry_rows, wait_for
 
 SAMPLING = """\
 name: tiny-sampling
@@ -71,3 +71,31 @@ def test_run_spec_resolves_is_recorded_and_a_rerun_reads_the_recorded_checkpoint
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # the recorded weights changed since
     changed = ops(root, "rerun", sampled["ops_id"])
     assert changed.returncode == 2 and "has changed since (sha256 differs)" in changed.stderr
+
+
+def test_a_running_runs_checkpoint_is_pinned_so_a_later_start_reads_the_recorded_weights(ops_project):
+    """A queued job that starts after the run it reads has written a newer latest.pt would read
+    other weights than the recorded sha256: the checkpoint of a run not over is read from a frozen
+    hard link named by its hash."""
+    root = ops_project
+    (root / "configs/jobs/tiny-sampling.yaml").write_text(SAMPLING)
+    live = ops_json(root, "submit", "tiny", "--set", "train.epochs=1000", "--set", "train.checkpoint_every_steps=2")
+    live = live["runs"][0]
+    latest = Path(live["run_dir"]) / "checkpoints/latest.pt"
+    wait_for(latest.is_file, timeout=120)
+    reading = ["tiny-sampling", "--set", f"run.sample.checkpoint={live['ops_id']}"]
+    dry = ops_json(root, "submit", *reading, "--dry-run")["runs"][0]  # a dry run writes nothing
+    assert dry["spec"]["run"]["sample"]["checkpoint"] == live["run_dir"] and not (root / "runs/.pinned").exists()
+
+    planned = ops_json(root, "submit", *reading)["runs"][0]
+    [read] = json.loads((Path(planned["run_dir"]) / "provenance.json").read_text())["references"]
+    frozen = Path(read["checkpoint"])
+    assert frozen.parent == root / "runs/.pinned" and frozen.name == f"{read['sha256']}.pt"
+    assert read["pinned_from"] == str(latest) and read["run_id"] == live["ops_id"]
+    assert f"checkpoint: {frozen}\n" in (Path(planned["run_dir"]) / "config.yaml").read_text()
+    wait_for(lambda: sha256(latest) != read["sha256"], timeout=120)  # the run went on writing latest.pt
+    assert sha256(frozen) == read["sha256"]
+    assert ops(root, "wait", planned["ops_id"], "--interval", "0.3").returncode == 0
+    result = json.loads((Path(planned["run_dir"]) / "summary.json").read_text())["result"]
+    assert result["checkpoint"] == str(frozen)
+    assert ops(root, "cancel", live["ops_id"]).returncode == 0

@@ -60,6 +60,7 @@ def build_denoiser(
             shape[0],
             hidden_dim=config.hidden_dim,
             num_layers=config.num_layers,
+            time_embedding_dim=config.time_embedding_dim,
             num_classes=classes,
             dropout=config.dropout,
             two_times=two_times,

@@ -35,20 +35,21 @@ class FiLMMLP(nn.Module):
     """(x (B, D), t (B,), class_labels (B,) long or None, second_time (B,) or None) -> (B, D).
 
     dim: D, the vector size; hidden_dim: the width of the residual stream; num_layers: FiLM blocks;
-    num_classes: None for an unconditional net; two_times: it takes a second time."""
+    time_embedding_dim: the conditioning embedding's width (None: 4 x min(hidden_dim, 128)); num_classes: None for an unconditional net; two_times: it takes a second time."""
 
     def __init__(
         self,
         dim: int,
         hidden_dim: int = 256,
         num_layers: int = 4,
+        time_embedding_dim: int | None = None,
         num_classes: int | None = None,
         dropout: float = 0.0,
         two_times: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
-        emb_dim = 4 * min(hidden_dim, 128)
+        emb_dim = time_embedding_dim or 4 * min(hidden_dim, 128)
         self.time_dim = emb_dim // 4
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
