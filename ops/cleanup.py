@@ -9,6 +9,8 @@ lock is held while files go. What stays consistent afterwards:
   (the post keeps its copied images, so it still shows what the run made);
 - with --keep-checkpoints best or latest, the run dir keeps that checkpoint and the small records
   that make it usable (config, provenance, job, summary, metrics), so `run:ID` still resolves to it.
+A Vertex run's copy in Cloud Storage (vertex.json's gcs_run_dir) goes too, keeping what the local
+run dir keeps where the bucket has it; it goes first, so a refusal there leaves the local dir whole.
 """
 
 import fcntl
@@ -38,6 +40,7 @@ from ops.rundir import (
     write_json,
 )
 from ops.settings import Project
+from ops.storage import remote_files, remove_remote
 
 KEEP_CHOICES = ("none", "best", "latest")
 # What a run dir keeps besides a kept checkpoint: small, what reading the checkpoint needs, and
@@ -93,18 +96,26 @@ def kept_checkpoint(run_dir: Path, keep: str) -> Path | None:
     path = (run_dir / CHECKPOINTS / LATEST) if keep == "latest" else best_step_checkpoint(run_dir)
     if path is None or not path.is_file():
         what = "latest.pt" if keep == "latest" else "step checkpoint with a logged loss"
-        raise OpsError(f"--keep-checkpoints {keep}: {run_dir} has no {what}; use --keep-checkpoints none")
+        pull = " (a Vertex run's: `ops pull ID --what checkpoints` first)" if (run_dir / VERTEX_FILE).is_file() else ""
+        raise OpsError(f"--keep-checkpoints {keep}: {run_dir} has no {what}{pull}; use --keep-checkpoints none")
     return path
 
 
-def refuse_unless_removable(run: Run) -> None:
+def refuse_unless_removable(run: Run, keep: str) -> None:
+    """OpsError unless `ops rm --keep-checkpoints KEEP` may remove the run's dir: the run is over,
+    and not removed already (a run removed with a kept checkpoint: only `none`, which frees it)."""
     if not run.finished:
         raise OpsError(
             f"{run.ops_id}: {run.state}, not over; ops rm never touches a run that may still write "
             f"(`ops cancel {run.ops_id}` first)"
         )
-    if run.removed_at is not None:
+    if run.removed_at is not None and not run.removed_kept:
         raise OpsError(f"{run.ops_id}: its run dir was already removed on {stamp(run.removed_at)}")
+    if run.removed_at is not None and keep != "none":
+        raise OpsError(
+            f"{run.ops_id}: its run dir was already removed on {stamp(run.removed_at)}, keeping "
+            f"{', '.join(run.removed_kept)}; `ops rm {run.ops_id} --keep-checkpoints none` removes those too"
+        )
 
 
 def stamp(seconds: float) -> str:
@@ -112,8 +123,9 @@ def stamp(seconds: float) -> str:
 
 
 def plan_removal(run: Run, keep: str) -> dict:
-    """What `ops rm` would do to one run: {ops_id, run_dir, kept (paths), freed_bytes}. Writes nothing."""
-    refuse_unless_removable(run)
+    """What `ops rm` would do to one run: {ops_id, run_dir, kept (paths), freed_bytes, remote (a Vertex
+    run's bucket copy: remote_plan)}. Writes nothing but asks Cloud Storage what it holds."""
+    refuse_unless_removable(run, keep)
     run_dir = Path(run.run_dir)
     checkpoint = kept_checkpoint(run_dir, keep) if run_dir.is_dir() else None
     kept = (
@@ -122,13 +134,32 @@ def plan_removal(run: Run, keep: str) -> dict:
     if keep == "best" and checkpoint is not None:
         kept.append(run_dir / CHECKPOINTS / LATEST)  # made the best step's: what run:ID and a run dir read
     kept_bytes = sum(path.lstat().st_blocks * 512 for path in kept if path.name != LATEST or keep == "latest")
+    relative = [str(path.relative_to(run_dir)) for path in kept]
+    gcs_run_dir = (read_json(run_dir / VERTEX_FILE) or {}).get("gcs_run_dir")
     return {
         "ops_id": run.ops_id,
         "run_dir": str(run_dir),
         "keep_checkpoints": keep,
-        "kept": [str(path.relative_to(run_dir)) for path in kept],
+        "kept": relative,
         "freed_bytes": disk_usage(run_dir) - kept_bytes,
+        "remote": remote_plan(gcs_run_dir, relative, keep) if gcs_run_dir else None,
     }
+
+
+def remote_plan(gcs_run_dir: str, kept: list[str], keep: str) -> dict:
+    """What goes from a Vertex run's copy in Cloud Storage: {gcs_run_dir, kept, latest_from, freed_bytes}.
+    The bucket keeps the locally kept paths it has; with `best`, its latest.pt becomes the best
+    step's (as the local one), or goes when the bucket lacks that step."""
+    files = remote_files(gcs_run_dir)
+    best = next((path for path in kept if path.startswith(f"{CHECKPOINTS}/") and Path(path).name != LATEST), None)
+    latest_from = best if keep == "best" and best in files else None
+    remote_kept = [
+        path
+        for path in kept
+        if path in files and not (keep == "best" and Path(path).name == LATEST and not latest_from)
+    ]
+    freed = sum(size for path, size in files.items() if path not in remote_kept)
+    return {"gcs_run_dir": gcs_run_dir, "kept": remote_kept, "latest_from": latest_from, "freed_bytes": freed}
 
 
 def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
@@ -145,7 +176,10 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                 raise OpsError(f"{run.ops_id}: {run_dir} is being written by {holder}; nothing removed") from None
             # Under the lock, the row again: a resume or another rm since the plan was made wins.
             current = registry.get(run.ops_id) or run
-            refuse_unless_removable(current)
+            refuse_unless_removable(current, plan["keep_checkpoints"])
+            if plan["remote"]:  # first: a refusal there leaves this copy whole
+                remote = plan["remote"]
+                remove_remote(remote["gcs_run_dir"], set(remote["kept"]), remote["latest_from"])
             kept = {run_dir / name for name in plan["kept"]}
             if plan["keep_checkpoints"] == "best" and kept:
                 best = next(path for path in kept if path.parent.name == CHECKPOINTS and path.name != LATEST)

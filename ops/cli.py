@@ -19,7 +19,8 @@ Every command takes `--json` for agents. Stable fields:
   --full: config, provenance, job, paths.
 - `list` adds verdict (of the run's `expect:` checks, as in monitor).
 - `du`: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}], total_bytes;
-  `rm`: removed (would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes}].
+  `rm`: removed (would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes, remote
+  (a Vertex run's bucket copy: {gcs_run_dir, kept, latest_from, freed_bytes}, else null)}].
 Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written); `ops wait` exits by the
 final state: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (resumable), 4 UNKNOWN.
 The commands parse their arguments, call ops.runs (what happens to runs) and ops.views (what is
@@ -324,7 +325,8 @@ def rm(
     The registry row stays (removed_at, removed_kept), and the experiment log and the journal post
     say the run dir was removed. With --keep-checkpoints best or latest the run dir keeps that
     checkpoint and its small records (config, provenance, job, summary, metrics). JSON: removed
-    (or would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes}]."""
+    (or would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes, remote}];
+    a Vertex run's copy in Cloud Storage goes too (remote: {gcs_run_dir, kept, latest_from, freed_bytes})."""
     from ops import cleanup  # as in du
 
     if keep_checkpoints not in cleanup.KEEP_CHOICES:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ops.errors import OpsError
-from ops.rundir import CHECKPOINTS, EVAL, FIGURES, SAMPLES
+from ops.rundir import CHECKPOINTS, EVAL, FIGURES, LATEST, SAMPLES
 
 WHAT = {"checkpoints": (f"{CHECKPOINTS}/",), "samples": (f"{SAMPLES}/", f"{EVAL}/", f"{FIGURES}/"), "all": ("",)}
 
@@ -126,3 +126,37 @@ def pull_blobs(gcs_run_dir: str, local_dir: Path, what: str, progress, keep: fro
         if progress:
             progress(relative)
     return result
+
+
+def remote_files(gcs_run_dir: str) -> dict[str, int]:
+    """{path relative to the run dir: bytes} of every object under `gcs_run_dir` (folder
+    placeholders included, under their own name ending in /)."""
+    bucket_name, prefix = split_uri(gcs_run_dir)
+    return {
+        blob.name.removeprefix(prefix + "/"): blob.size or 0
+        for blob in client().bucket(bucket_name).list_blobs(prefix=prefix + "/")
+    }
+
+
+def remove_remote(gcs_run_dir: str, kept: set[str], latest_from: str | None = None) -> int:
+    """Delete every object under `gcs_run_dir` but the `kept` relative paths, after copying
+    `latest_from` (a kept step checkpoint) over checkpoints/latest.pt when given; bytes deleted.
+    OpsError, one line, when Cloud Storage refuses (run `ops rm` again: it deletes what is left)."""
+    from google.api_core.exceptions import GoogleAPICallError  # heavy, as in client()
+
+    bucket_name, prefix = split_uri(gcs_run_dir)
+    bucket = client().bucket(bucket_name)
+    try:
+        if latest_from is not None:
+            bucket.copy_blob(bucket.blob(f"{prefix}/{latest_from}"), bucket, f"{prefix}/{CHECKPOINTS}/{LATEST}")
+        freed = 0
+        for blob in bucket.list_blobs(prefix=prefix + "/"):
+            if blob.name.removeprefix(prefix + "/") not in kept:
+                blob.delete()
+                freed += blob.size or 0
+    except GoogleAPICallError as exc:
+        raise OpsError(
+            f"{gcs_run_dir}: Cloud Storage refused a deletion ({' '.join(str(exc).split())}); `ops rm` again "
+            "removes what is left"
+        ) from None
+    return freed

@@ -106,3 +106,17 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
     rebuilt = {run["ops_id"]: run for run in ops_json(root, "list")}
     assert rebuilt[first["ops_id"]]["state"] == "SUCCEEDED" and rebuilt[first["ops_id"]]["removed_at"]
     assert rebuilt[third["ops_id"]]["state"] == "SUCCEEDED" and second["ops_id"] not in rebuilt
+
+    # What a removal kept goes later with --keep-checkpoints none; keeping again is refused, saying how.
+    kept_again = ops(root, "rm", first["ops_id"], "--keep-checkpoints", "best", "--yes")
+    assert kept_again.returncode == 2 and len(kept_again.stderr.splitlines()) == 1
+    assert (
+        "keeping checkpoints/latest.pt" in kept_again.stderr and "--keep-checkpoints none` removes" in kept_again.stderr
+    )
+    freed = ops_json(root, "rm", first["ops_id"], "--keep-checkpoints", "none", "--yes")["removed"][0]
+    assert freed["kept"] == [] and freed["freed_bytes"] > 0 and not Path(first["run_dir"]).exists()
+    row = {run["ops_id"]: run for run in ops_json(root, "list")}[first["ops_id"]]
+    assert row["removed_kept"] is None and row["state"] == "SUCCEEDED"
+    post = Path(listed[first["ops_id"]]["journal_post"]).read_text()
+    assert post.count('!!! warning "Run dir removed"') == 1 and "nothing kept." in post
+    assert "already removed" in ops(root, "rm", first["ops_id"], "--keep-checkpoints", "none", "--yes").stderr

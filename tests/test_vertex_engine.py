@@ -397,3 +397,36 @@ def test_pull_skips_folder_placeholders_and_refreshes_the_records(vertex):
     assert "final loss 0.2500" in (root / "EXPERIMENT_LOG.md").read_text()
     post = next(root.glob(f"docs/blog/posts/*-{run['ops_id']}.md")).read_text()
     assert "| loss | 0.25 |" in post
+
+
+def test_rm_removes_the_buckets_copy_too_keeping_what_the_run_dir_keeps(vertex):
+    root, standin, bucket = vertex
+    run = ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)["runs"][0]
+    standin.set_state(run["engine_job_id"], "JOB_STATE_SUCCEEDED")
+    assert ops_json(root, "monitor", run["ops_id"])["state"] == "SUCCEEDED"
+    prefix = f"runs/{run['ops_id']}"
+    for name, data in [
+        ("checkpoints/latest.pt", b"L" * 5000),
+        ("checkpoints/step_00000004.pt", b"S" * 4000),
+        ("samples/epoch_0001.png", b"\x89PNG fake"),
+        ("summary.json", b'{"status": "completed", "step": 4}\n'),
+        ("metrics.jsonl", b'{"step": 4, "loss": 0.5}\n'),
+        ("checkpoints/", b""),  # a folder placeholder
+    ]:
+        bucket.blob(f"{prefix}/{name}").upload_from_string(data)
+    refused = ops(root, "rm", run["ops_id"], "--keep-checkpoints", "latest", "--yes")  # nothing pulled yet
+    assert refused.returncode == 2 and "`ops pull ID --what checkpoints` first" in refused.stderr
+    assert ops(root, "pull", run["ops_id"]).returncode == 0
+
+    planned = ops_json(root, "rm", run["ops_id"], "--keep-checkpoints", "latest", "--dry-run")["would_remove"][0]
+    remote = planned["remote"]
+    assert remote["gcs_run_dir"] == f"gs://{BUCKET}/{prefix}" and "checkpoints/latest.pt" in remote["kept"]
+    assert remote["freed_bytes"] == 4000 + len(b"\x89PNG fake")  # the step checkpoint and the sample
+    assert len(list(bucket.list_blobs(prefix=prefix + "/"))) >= 6  # a dry run deletes nothing
+    ops_json(root, "rm", run["ops_id"], "--keep-checkpoints", "latest", "--yes")
+    left = sorted(blob.name.removeprefix(prefix + "/") for blob in bucket.list_blobs(prefix=prefix + "/"))
+    assert left == sorted(remote["kept"]) and "checkpoints/latest.pt" in left and "samples/epoch_0001.png" not in left
+    assert bucket.blob(f"{prefix}/checkpoints/latest.pt").download_as_bytes() == b"L" * 5000
+
+    ops_json(root, "rm", run["ops_id"], "--keep-checkpoints", "none", "--yes")  # what was kept goes later
+    assert list(bucket.list_blobs(prefix=prefix + "/")) == [] and not Path(run["run_dir"]).exists()
