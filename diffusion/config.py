@@ -221,12 +221,12 @@ class ModelConfig(Section):
     hidden_dim: int = Field(512, ge=8, le=16384, description="mlp, mlp_autoencoder: width of the hidden layers.")
     time_embedding_dim: int | None = Field(
         None,
-        ge=8,
+        ge=16,
         multiple_of=8,
         le=16384,
         description="mlp: width of the time (and class) embedding that every FiLM block reads; none: "
-        "4 x min(hidden_dim, 128). Its FiLM projections cost emb x 2 x hidden_dim per block, more than "
-        "the block itself when it is wider than hidden_dim / 2.",
+        "4 x min(hidden_dim, 128). A block's FiLM projection costs 2 x emb x hidden_dim, its two layers "
+        "2 x hidden_dim^2: a wider embedding than hidden_dim costs more than the block.",
     )
     num_layers: int = Field(
         3, ge=1, le=64, description="mlp: FiLM residual blocks; mlp_autoencoder: hidden layers on each side."
@@ -631,6 +631,7 @@ def unread_settings(config: RunConfig):
         ("data.num_components", data.dataset == "gaussian_mixture", "data.dataset 'gaussian_mixture'"),
         ("model.dit_size", model.name == "dit", "model.name 'dit'"),
         ("model.patch_size", model.name == "dit", "model.name 'dit'"),
+        ("model.time_embedding_dim", model.name == "mlp", "model.name 'mlp'"),
         ("method.time_sampling", flow, "flow_matching and meanflow"),
         ("method.logit_normal_mean", flow, "flow_matching and meanflow"),
         ("method.logit_normal_std", flow, "flow_matching and meanflow"),

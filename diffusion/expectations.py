@@ -15,9 +15,11 @@ run ends each line is `met`, `missed` or `not measured` (the run never wrote tha
 failed, or stopped early), with the value measured; the verdict is `missed` if any line is, else
 `not measured` if any line is, else `met`.
 
-An evaluation that eval.max_minutes cut to fewer samples than planned measures FID at that smaller
-N, where the sample's FID and the real floor's both grow and their ratio drifts towards 1: a
-check on the FID family (SAMPLE_SIZE_METRICS) is then `not measured`, its value shown with why.
+An evaluation that eval.max_minutes cut to fewer samples than planned is not the evaluation the
+checks were written for: FID at a smaller N grows for the samples and the real floor alike (their
+ratio drifts towards 1), and classes present, class entropy and accuracy depend on which classes
+the drawn chunks asked for. A check on its figures (EVALUATION_METRICS) is then `not measured`,
+its value shown with why.
 """
 
 import difflib
@@ -72,8 +74,12 @@ SCORES = {
     ),
 }
 VERDICTS = ("met", "missed", "not measured")
-# Biased by the sample count: judged only on an evaluation of the planned count.
-SAMPLE_SIZE_METRICS = {"scores.fid", "scores.real_floor_fid", "scores.fid_over_floor", "scores.inception_fid"}
+# An image evaluation's figures: judged only on an evaluation of the planned sample count.
+EVALUATION_METRICS = {
+    f"scores.{name}"
+    for name in ("fid", "real_floor_fid", "fid_over_floor", "inception_fid", "confident_share", "class_entropy_bits",
+                 "classes_present", "class_accuracy")
+}  # fmt: skip
 BOOLEAN_METRICS = {"collapsed", "scores.overfit.loss_near_zero", "scores.overfit.reproduced"}
 
 
@@ -167,7 +173,7 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
             )
             continue
         value = measured(summary, expectation.metric)
-        unjudged = cut if value is not None and expectation.metric in SAMPLE_SIZE_METRICS else None
+        unjudged = cut if value is not None and expectation.metric in EVALUATION_METRICS else None
         if value is None or unjudged:
             verdict = "not measured"
         else:
@@ -190,12 +196,12 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
 
 
 def cut_evaluation(summary: dict) -> str | None:
-    """Why the FID family of `summary`'s evaluation is not judged (eval.max_minutes scored fewer
+    """Why the figures of `summary`'s evaluation are not judged (eval.max_minutes scored fewer
     samples than planned), or None."""
     evaluation = summary.get("evaluation")
     if not isinstance(evaluation, dict) or evaluation.get("cut") is not True:
         return None
     return (
         f"the evaluation was cut to {evaluation.get('num_samples')} of {evaluation.get('planned_samples')} samples "
-        "by eval.max_minutes, and FID at fewer samples is not comparable"
+        "by eval.max_minutes; its figures are not the planned evaluation's"
     )

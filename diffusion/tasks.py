@@ -261,8 +261,9 @@ def evaluate_after_training(config: RunConfig, run) -> int:
         if has_validation(trained.config.data) or trained.method.learns_latents:
             return 0
         name = trained.method.sample_name(evaluated.sample)
-        # Named by what it draws: chunks of another size or count are not reused.
-        folder = run.eval / PARTIAL / f"{name}-n{config.eval.num_samples}-b{evaluated.sample.batch_size}"
+        # Named by what it draws: chunks of another size, count or first chunk are not reused.
+        layout = f"n{config.eval.num_samples}-b{evaluated.sample.batch_size}-p{PROBE_SAMPLES}"
+        folder = run.eval / PARTIAL / f"{name}-{layout}"
         with PreemptionFlag() as preemption:
             drawn, budget = draw_in_chunks(trained, evaluated, folder, stop=lambda: preemption.signal is not None)
         if drawn is None:  # a preemption (or a cancel) between chunks: resumed, training is done and this continues

@@ -122,9 +122,10 @@ def stamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
-def plan_removal(run: Run, keep: str) -> dict:
+def plan_removal(run: Run, keep: str, local_only: bool = False) -> dict:
     """What `ops rm` would do to one run: {ops_id, run_dir, kept (paths), freed_bytes, remote (a Vertex
-    run's bucket copy: remote_plan)}. Writes nothing but asks Cloud Storage what it holds."""
+    run's bucket copy: remote_plan; None with `local_only`)}. Writes nothing but asks Cloud Storage
+    what it holds."""
     refuse_unless_removable(run, keep)
     run_dir = Path(run.run_dir)
     checkpoint = kept_checkpoint(run_dir, keep) if run_dir.is_dir() else None
@@ -142,7 +143,7 @@ def plan_removal(run: Run, keep: str) -> dict:
         "keep_checkpoints": keep,
         "kept": relative,
         "freed_bytes": disk_usage(run_dir) - kept_bytes,
-        "remote": remote_plan(gcs_run_dir, relative, keep) if gcs_run_dir else None,
+        "remote": remote_plan(gcs_run_dir, relative, keep) if gcs_run_dir and not local_only else None,
     }
 
 

@@ -14,7 +14,8 @@ Every command takes `--json` for agents. Stable fields:
   [value per run]}, post (path, with --post).
 - `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
   it_per_s, eta_seconds, percent}, expectations {verdict (met, missed, not measured, pending or
-  null), checks [{expect, metric, comparison, value, measured, verdict}]}, estimate (a GPU-sized
+  null), checks [{expect, metric, comparison, value, measured, verdict, why (only where a measured
+  value was not judged: a cut evaluation)}]}, estimate (a GPU-sized
   run on this CPU: {why, timing, seconds, warning}, or null), log_tail (with --logs), and with
   --full: config, provenance, job, paths.
 - `list` adds verdict (of the run's `expect:` checks, as in monitor).
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import typer
 
-from ops import runs, views
+from ops import rundir, runs, views
 from ops.build import build_image
 from ops.errors import OpsError
 from ops.registry import STATES, Registry
@@ -299,12 +300,14 @@ def du(
 ) -> None:
     """Disk used by each run dir and in all, as `du` counts it (allocated bytes).
 
-    JSON: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}], total_bytes."""
+    The runs folder's .pinned/ (frozen checkpoints of running runs that submitted runs read) is
+    counted apart. JSON: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}],
+    total_bytes, pinned_bytes."""
     from ops import cleanup  # only this command and rm
 
-    _, registry = runs.open_project()
+    project, registry = runs.open_project()
     shown = [runs.find(registry, job_id) for job_id in job_ids] if job_ids else registry.select()
-    views.print_usage(cleanup.usage(shown), as_json)
+    views.print_usage(cleanup.usage(shown), cleanup.disk_usage(project.runs_dir / rundir.PINNED), as_json)
 
 
 @app.command()
@@ -318,6 +321,9 @@ def rm(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go and what it frees; remove nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+    local_only: bool = typer.Option(
+        False, "--local-only", help="A Vertex run: leave its copy in Cloud Storage as it is (no credentials here)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Remove finished runs' dirs; never a run that is not over or whose dir a process holds.
@@ -334,7 +340,7 @@ def rm(
     project, registry = runs.open_project()
     found = {run.ops_id: run for run in (runs.find(registry, job_id) for job_id in job_ids)}  # latest and its id: once
     targets = [runs.reconcile(project, registry, run)[0] for run in found.values()]
-    plans = [cleanup.plan_removal(run, keep_checkpoints) for run in targets]  # every refusal before any removal
+    plans = [cleanup.plan_removal(run, keep_checkpoints, local_only) for run in targets]  # every refusal first
     if not dry_run and not yes:
         if not sys.stdin.isatty():
             raise OpsError("ops rm: no terminal to confirm on; add --yes (or look first with --dry-run)")

@@ -6,6 +6,7 @@ concurrent CLIs from interleaving.
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def fill_results(path: Path, ops_id: str, results: str, lock: Path) -> bool:
 
 
 def note_removal(path: Path, ops_id: str, line: str, lock: Path) -> bool:
-    """Add `line` (in italics) below the run's results block, once; False when the log has no
+    """Put `line` (in italics) below the run's results block, once; an earlier note of the same
+    kind (its words before " on ") is replaced, as the post's box is. False when the log has no
     section for it."""
     end = _markers(ops_id)[1]
     with _locked(lock):
@@ -87,8 +89,9 @@ def note_removal(path: Path, ops_id: str, line: str, lock: Path) -> bool:
             return False
         head, tail = text.split(end, 1)
         note = f"\n\n_{line}_"
+        earlier = re.match(rf"\n\n_{re.escape(line.split(' on ')[0])} on [^\n]*_", tail)
         if not tail.startswith(note):
-            atomic_write(path, f"{head}{end}{note}{tail}".encode())
+            atomic_write(path, f"{head}{end}{note}{tail[earlier.end() if earlier else 0 :]}".encode())
     return True
 
 

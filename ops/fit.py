@@ -5,11 +5,14 @@ variant to run instead; `ops monitor` shows the estimate until the first metrics
 A spec is GPU-sized when its own resources ask for a GPU elsewhere (resources.slurm.gpus_per_node,
 resources.vertex.accelerator_type) or its run asks for CUDA (run.device: cuda). The timing is
 `python -m diffusion estimate` on the run's resolved config: ops itself never imports torch. A
-timing is kept for a week in a cache file (the runs folder's `.fit-estimates.json`), keyed by the
-resolved config and this machine, so that a second submit or dry run of the same run costs nothing.
+timing is kept for a week in this machine's cache (DIFFUSION_CACHE_DIR, else ~/.cache/diffusion:
+fit-estimates.json, outside the project, so a dry run writes nothing there), keyed by the resolved
+config, the code of diffusion/ and this machine, so that a second submit or dry run of the same run
+costs nothing.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -24,7 +27,12 @@ from ops.rundir import atomic_write, read_json
 
 ESTIMATE_TIMEOUT_SECONDS = 180
 CACHE_SECONDS = 7 * 24 * 3600
-CACHE_FILE = ".fit-estimates.json"
+TIMING_FIELDS = ("seconds_per_step", "total_steps", "timed_steps", "max_minutes")  # what estimate() reads
+
+
+def cache_file() -> Path:
+    """This machine's cache of timings (the cache folder diffusion's scorers use)."""
+    return Path(os.environ.get("DIFFUSION_CACHE_DIR", Path.home() / ".cache" / "diffusion")) / "fit-estimates.json"
 
 
 def has_gpu() -> bool:
@@ -46,27 +54,49 @@ def gpu_sized(spec) -> str | None:
     return None
 
 
-def machine_key(run: dict) -> str:
-    """What a timing depends on: the resolved run config and this machine (its name, cores, Python
-    and torch)."""
-    machine = [platform.node(), platform.machine(), os.cpu_count(), sys.version, metadata.version("torch")]
-    return hashlib.sha256(json.dumps([run, machine], sort_keys=True, default=str).encode()).hexdigest()
+def code_dir(cwd: Path) -> Path:
+    """The diffusion package `python -m diffusion` runs from `cwd`: the project's own, else the
+    installed one (found, not imported)."""
+    if (cwd / "diffusion" / "__init__.py").is_file():
+        return cwd / "diffusion"
+    return Path(importlib.util.find_spec("diffusion").origin).parent
 
 
-def cached_time_here(spec, cwd: Path, cache: Path | None) -> dict:
+def timing_key(run: dict, code: Path) -> str:
+    """What a timing depends on: the resolved run config, the code that trains it (the sources
+    under `code`) and this machine (its name, the cores this process may use, Python and torch)."""
+    sources = hashlib.sha256()
+    for path in sorted(code.rglob("*.py")):
+        sources.update(path.relative_to(code).as_posix().encode() + b"\0" + path.read_bytes())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine = [platform.node(), platform.machine(), cores, sys.version, metadata.version("torch")]
+    return hashlib.sha256(json.dumps([run, sources.hexdigest(), machine], sort_keys=True).encode()).hexdigest()
+
+
+def usable(entry, now: float) -> bool:
+    """A cache entry this version can read, younger than CACHE_SECONDS (a damaged one is not)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("at"), int | float) or now - entry["at"] > CACHE_SECONDS:
+        return False
+    timing = entry.get("timing")
+    if not isinstance(timing, dict) or not all(name in timing for name in TIMING_FIELDS):
+        return False
+    return all(isinstance(timing[name], int | float) for name in TIMING_FIELDS if name != "max_minutes")
+
+
+def cached_time_here(spec, cwd: Path, cache: Path) -> dict:
     """time_here, read from `cache` when this run was timed on this machine within CACHE_SECONDS
     (`cached_at` then says when); a timing that failed is not kept."""
     run = spec.run.model_dump(mode="json") | {"device": "cpu"}
-    key, now = machine_key(run), time.time()
-    entries = (read_json(cache) or {}) if cache is not None else {}
-    entry = entries.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("timing"), dict) and now - entry.get("at", 0) < CACHE_SECONDS:
-        return entry["timing"] | {"cached_at": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["at"]))}
+    key, now = timing_key(run, code_dir(cwd)), time.time()
+    entries = {k: v for k, v in (read_json(cache) or {}).items() if usable(v, now)}
+    if key in entries:
+        return entries[key]["timing"] | {
+            "cached_at": time.strftime("%Y-%m-%d %H:%M", time.localtime(entries[key]["at"]))
+        }
     timing = time_here(run, cwd)
-    if cache is not None and "error" not in timing:
-        fresh = {k: v for k, v in entries.items() if isinstance(v, dict) and now - v.get("at", 0) < CACHE_SECONDS}
+    if "error" not in timing:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, json.dumps(fresh | {key: {"at": now, "timing": timing}}, indent=1).encode())
+        atomic_write(cache, json.dumps(entries | {key: {"at": now, "timing": timing}}, indent=1).encode())
     return timing
 
 
@@ -105,14 +135,14 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate(spec, cwd: Path, cache: Path | None = None) -> dict | None:
+def estimate(spec, cwd: Path) -> dict | None:
     """For a GPU-sized spec going to the local engine on a machine without a GPU: {why, timing,
     seconds (the estimated duration here, the time budget included), warning}; else None. The
-    timing is read from `cache` when it holds one of this run on this machine (cached_time_here)."""
+    timing is read from this machine's cache when it holds one of this run (cached_time_here)."""
     why = gpu_sized(spec)
     if spec.engine != "local" or spec.run.task != "train" or why is None or has_gpu():
         return None
-    timing = cached_time_here(spec, cwd, cache)
+    timing = cached_time_here(spec, cwd, cache_file())
     warning = f"{spec.name} is sized for a GPU ({why}) and this machine has none"
     seconds = None
     if "error" in timing:

@@ -271,6 +271,13 @@ def format_number(value) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
 
 
+def check_row(check: dict) -> str:
+    """One judged `expect:` line as a row of the result comment's table."""
+    measured = format_number(check["measured"]) if check["measured"] is not None else "-"
+    why = f": {check['why']}" if check.get("why") else ""
+    return f"| `{check['expect']}` | {measured} | {check['verdict']}{why} |"
+
+
 def result_body(project: Project, run: Run, summary: Summary, attempt: int, expected: dict | None = None) -> str:
     """`expected`: monitor.expectations' verdict and checks."""
     duration = elapsed_seconds(run) if run.finished_at else None
@@ -285,11 +292,7 @@ def result_body(project: Project, run: Run, summary: Summary, attempt: int, expe
             "",
             "| check | measured | verdict |",
             "|---|---|---|",
-            *(
-                f"| `{check['expect']}` | {format_number(check['measured']) if check['measured'] is not None else '-'} "
-                f"| {check['verdict']}" + (f": {check['why']}" if check.get("why") else "") + " |"
-                for check in expected["checks"]
-            ),
+            *(check_row(check) for check in expected["checks"]),
         ]
     if run.detail:
         lines.append(f"> {run.detail}")

@@ -70,7 +70,7 @@ def progress(run: Run, spec: dict) -> dict:
 def expectations(run: Run, spec: dict) -> dict:
     """The spec's `expect:` lines judged on the run's summary.json (diffusion/expectations.py):
     {verdict: met | missed | not measured | pending (not over yet) | None (no lines), checks:
-    [{expect, metric, comparison, value, measured, verdict}]}. Judged here as well as by the run, so
+    [{expect, metric, comparison, value, measured, verdict[, why]}]}. Judged here as well as by the run, so
     that a run killed before writing its summary still reads `not measured`."""
     run_section = spec.get("run") if isinstance(spec.get("run"), dict) else {}
     lines = [line for line in run_section.get("expect") or [] if isinstance(line, str)]

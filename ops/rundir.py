@@ -31,6 +31,8 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
 )
 from ops.errors import OpsError
 
+PINNED = ".pinned"  # under the runs folder: frozen checkpoints of running runs that submitted runs read
+
 JOB = "job.json"  # what ops knows of the run: ops id, spec, engine, engine job id, overrides
 PROVENANCE = "provenance.json"  # commit, dirty flag, diff stat, image, versions, host
 DIFF = "diff.patch"  # uncommitted changes at submit

@@ -6,7 +6,6 @@ overrides, sweep), so the registry can always be rebuilt from the run dirs (`ops
 """
 
 import difflib
-import errno
 import functools
 import hashlib
 import json
@@ -43,6 +42,7 @@ from ops.rundir import (
     LATEST,
     METRICS,
     OPS_RECORDS,
+    PINNED,
     PROVENANCE,
     atomic_write,
     checkpoint_candidates,
@@ -100,7 +100,7 @@ def plan(
         local_device = spec.resources.local.device
         if spec.engine == "local" and local_device:
             spec.run.device = local_device
-        references = check_references(project, spec, str(path), pin=not dry_run)
+        references = check_references(project, spec, str(path))
         planned.append(
             Planned(
                 spec,
@@ -123,16 +123,12 @@ def plan(
         check_trackers(train.trackers)
     if not dry_run:
         preflight(project, planned)
-    if planned and (
-        fitted := fit.estimate(planned[0].spec, project.root, project.runs_dir / fit.CACHE_FILE)
-    ):  # the first run stands for a sweep
+        pin_references(project, planned)  # the first thing written, once nothing can refuse the submit
+    if planned and (fitted := fit.estimate(planned[0].spec, project.root)):  # the first run stands for a sweep
         for item in planned:
             item.estimate = fitted
             item.warnings.append(fitted["warning"])
     return planned
-
-
-PINNED = ".pinned"  # under the runs folder: checkpoints of running runs that a submitted run reads
 
 
 def check_trackers(names: list[str] | None) -> None:
@@ -145,14 +141,14 @@ def check_trackers(names: list[str] | None) -> None:
         raise OpsError(f"run.{exc}") from None
 
 
-def check_references(project: Project, spec, source: str, pin: bool = True) -> list[dict]:
+def check_references(project: Project, spec, source: str) -> list[dict]:
     """The runs a spec reads (a run dir, a .pt, `run:SPEC` or an ops id), resolved to where the
     engine reads them and recorded so in the spec: checked here where this machine sees them
     (local and SLURM: each is there, and a sample or eval task's settings suit its checkpoint's own
     method, network and data), as /gcs/ paths for Vertex (vertex_reference). ConfigError, one line.
-    The checkpoint of a run that is not over yet is read from a frozen copy (pinned; not when `pin`
-    is false: a dry run writes nothing), so that a job that starts later (queued on SLURM) reads the
-    weights whose sha256 is recorded, not a later latest.pt.
+    The checkpoint of a run that is not over yet is marked `pinned_from`: pin_references reads it
+    from a frozen copy, so that a job that starts later (queued on SLURM) reads the weights whose
+    sha256 is recorded, not a later latest.pt.
     Returns what provenance.json records of each: [{key, reference, run_id, checkpoint, sha256[, pinned_from]}]."""
     from diffusion.config import (  # pydantic: only at submit
         ConfigError,
@@ -175,7 +171,7 @@ def check_references(project: Project, spec, source: str, pin: bool = True) -> l
         "method.autoencoder": None if sampling else run.method.autoencoder,
     }
     registry = open_registry(project)
-    read, pins = [], []
+    read = []
     for key, reference in references.items():
         if reference is None:
             continue
@@ -204,13 +200,9 @@ def check_references(project: Project, spec, source: str, pin: bool = True) -> l
         named = named or next(
             (row for row in registry.select() if Path(row.run_dir) == checkpoint_run_dir(checkpoint)), None
         )
-        if named is not None and not named.finished and pin:
-            frozen = pinned(project, checkpoint)
-            pins.append((section, field_name, str(frozen)))
-            read.append(reference_record(key, reference, str(frozen), named, sha256_of(frozen)))
-            read[-1]["pinned_from"] = str(checkpoint)
-            continue
         read.append(reference_record(key, reference, str(checkpoint), named, sha256_of(checkpoint)))
+        if named is not None and not named.finished:  # pinned once every check has passed (pin_references)
+            read[-1]["pinned_from"] = str(checkpoint)
     if run.method.autoencoder is not None and not sampling:  # its run's config says what it encodes
         folder = project.root / Path(run.method.autoencoder).expanduser()
         run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
@@ -224,25 +216,45 @@ def check_references(project: Project, spec, source: str, pin: bool = True) -> l
         problem = sampling_conflict(load_run_config(trained, stored=True), run.sample, run.task)
         if problem:
             raise ConfigError(f"{source}: run.{problem} (with the checkpoint's own config, {trained})")
-    for section, field_name, frozen in pins:  # after the checks above, which read the run dir's config
-        setattr(getattr(run, section), field_name, frozen)
     return read
 
 
+def pin_references(project: Project, planned: list["Planned"]) -> None:
+    """Read every checkpoint of a run that is not over (check_references marked it pinned_from)
+    from a frozen copy: the spec and the provenance record name it, with its sha256. One copy per
+    checkpoint for all the runs of a sweep, made after every check passed."""
+    frozen = {}
+    for item in planned:
+        for read in item.references:
+            if "pinned_from" not in read:
+                continue
+            if read["pinned_from"] not in frozen:
+                frozen[read["pinned_from"]] = pinned(project, Path(read["pinned_from"]))
+            read["checkpoint"] = str(frozen[read["pinned_from"]])
+            read["sha256"] = sha256_of(frozen[read["pinned_from"]])
+            section, field_name = read["key"].removeprefix("run.").split(".")
+            setattr(getattr(item.spec.run, section), field_name, read["checkpoint"])
+
+
 def pinned(project: Project, checkpoint: Path) -> Path:
-    """`checkpoint` as it is now, under the runs folder's .pinned/ named by its sha256: a hard link
-    (a copy across filesystems), which the trainer's next latest.pt (written aside, then renamed
-    over it) leaves as it is. The link is made before the hash, so the name is the content's."""
+    """`checkpoint` as it is now, under the runs folder's .pinned/ named by its sha256: a hard link,
+    which the trainer's next latest.pt (written aside, then renamed over it) leaves as it is, or a
+    copy where the file system refuses the link (another device, protected links, FUSE). The link
+    is made before the hash, so the name is the content's. OpsError, one line, when neither works."""
     folder = project.runs_dir / PINNED
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{os.getpid()}-{checkpoint.name}"
     staging.unlink(missing_ok=True)
     try:
-        os.link(checkpoint, staging)
+        try:
+            os.link(checkpoint, staging)
+        except OSError:
+            shutil.copy2(checkpoint, staging)
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        shutil.copy2(checkpoint, staging)
+        staging.unlink(missing_ok=True)
+        raise OpsError(
+            f"{checkpoint}: could not keep a copy of this running run's checkpoint in {folder}: {exc}"
+        ) from None
     frozen = folder / f"{sha256_of(staging)}.pt"
     os.replace(staging, frozen)
     return frozen

@@ -257,7 +257,7 @@ def validate_spec(raw: Any, source: str) -> JobSpec:
     try:
         validate_run(run, source, prefix="run")
     except ConfigError as exc:
-        if "expect" not in raw:
+        if not raw.get("expect"):  # as spec_run: only lines given at the top level are named there
             raise
         # The spec's checks are written at its top level: named where they were written (a line: expect[i]).
         where = re.compile(rf"^{re.escape(source)}: run\.expect(?:\[(\d+)\]|\.(\d+))?:")

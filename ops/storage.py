@@ -130,12 +130,21 @@ def pull_blobs(gcs_run_dir: str, local_dir: Path, what: str, progress, keep: fro
 
 def remote_files(gcs_run_dir: str) -> dict[str, int]:
     """{path relative to the run dir: bytes} of every object under `gcs_run_dir` (folder
-    placeholders included, under their own name ending in /)."""
+    placeholders included, under their own name ending in /). OpsError, one line, when Cloud
+    Storage refuses."""
+    from google.api_core.exceptions import GoogleAPICallError  # heavy, as in client()
+
     bucket_name, prefix = split_uri(gcs_run_dir)
-    return {
-        blob.name.removeprefix(prefix + "/"): blob.size or 0
-        for blob in client().bucket(bucket_name).list_blobs(prefix=prefix + "/")
-    }
+    try:
+        return {
+            blob.name.removeprefix(prefix + "/"): blob.size or 0
+            for blob in client().bucket(bucket_name).list_blobs(prefix=prefix + "/")
+        }
+    except GoogleAPICallError as exc:
+        raise OpsError(
+            f"{gcs_run_dir}: Cloud Storage refused the listing ({' '.join(str(exc).split())}); "
+            "--local-only leaves the bucket's copy as it is"
+        ) from None
 
 
 def remove_remote(gcs_run_dir: str, kept: set[str], latest_from: str | None = None) -> int:

@@ -305,11 +305,11 @@ def size_text(size: int) -> str:
     return ""
 
 
-def print_usage(rows: list[dict], as_json: bool) -> None:
-    """`ops du`: bytes per run dir, biggest first, and the total."""
+def print_usage(rows: list[dict], pinned_bytes: int, as_json: bool) -> None:
+    """`ops du`: bytes per run dir, biggest first, the total, and the pinned checkpoints'."""
     total = sum(row["bytes"] for row in rows)
     if as_json:
-        return echo_json({"runs": rows, "total_bytes": total})
+        return echo_json({"runs": rows, "total_bytes": total, "pinned_bytes": pinned_bytes})
     for row in sorted(rows, key=lambda row: -row["bytes"]):
         note = "  (run dir removed)" if row["removed_at"] and not row["bytes"] else ""
         note = note or ("  (removed; kept a checkpoint)" if row["removed_at"] else "")
@@ -318,6 +318,11 @@ def print_usage(rows: list[dict], as_json: bool) -> None:
             f"{row['ops_id']}  {row['state']}{note}"
         )
     typer.echo(f"{size_text(total):>10}  total of {len(rows)} run(s)")
+    if pinned_bytes:
+        typer.echo(
+            f"{size_text(pinned_bytes):>10}  in {rundir.PINNED}/: checkpoints of running runs that submitted runs read "
+            "(hard links while the run keeps the file; delete one once no queued run reads it)"
+        )
 
 
 def print_removal(plans: list[dict], dry_run: bool, as_json: bool) -> None:

@@ -119,4 +119,6 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
     assert row["removed_kept"] is None and row["state"] == "SUCCEEDED"
     post = Path(listed[first["ops_id"]]["journal_post"]).read_text()
     assert post.count('!!! warning "Run dir removed"') == 1 and "nothing kept." in post
+    section = (root / "EXPERIMENT_LOG.md").read_text().split(f"## {first['ops_id']}")[1].split("## ")[0]
+    assert section.count("_Run dir removed on") == 1 and "; nothing kept._" in section  # the note replaced too
     assert "already removed" in ops(root, "rm", first["ops_id"], "--keep-checkpoints", "none", "--yes").stderr

@@ -26,20 +26,43 @@ def test_judged_met_missed_and_not_measured_with_the_measured_values():
     )
 
 
-def test_a_cut_evaluation_leaves_the_fid_family_unjudged_with_why():
+def test_a_cut_evaluation_leaves_its_figures_unjudged_with_why():
     """eval.max_minutes scored 10 of 24 samples: FID and its floor both grow at small N and their
-    ratio drifts towards 1, so an `fid_over_floor < 3` check would pass on noise."""
+    ratio drifts towards 1, so an `fid_over_floor < 3` check would pass on noise; the class figures
+    depend on the chunks drawn. What training measured is judged as ever."""
     scores = {"fid": 40.0, "real_floor_fid": 30.0, "fid_over_floor": 1.33, "confident_share": 0.9}
-    lines = ["scores.fid_over_floor < 3", "scores.fid < 50", "scores.confident_share >= 0.7"]
-    cut = {"scores": scores, "evaluation": {"cut": True, "num_samples": 10, "planned_samples": 24}}
+    lines = ["scores.fid_over_floor < 3", "scores.fid < 50", "scores.confident_share >= 0.7", "step >= 10"]
+    cut = {"step": 40, "scores": scores, "evaluation": {"cut": True, "num_samples": 10, "planned_samples": 24}}
     checks, verdict = judge(lines, cut)
     assert [(check["measured"], check["verdict"]) for check in checks] == [
-        (1.33, "not measured"), (40.0, "not measured"), (0.9, "met")
+        (1.33, "not measured"), (40.0, "not measured"), (0.9, "not measured"), (40, "met")
     ]  # fmt: skip
     assert checks[0]["why"].startswith("the evaluation was cut to 10 of 24 samples by eval.max_minutes")
-    assert "why" not in checks[2] and verdict == "not measured"
-    whole = {"scores": scores, "evaluation": {"cut": False, "num_samples": 24, "planned_samples": 24}}
+    assert "why" not in checks[3] and verdict == "not measured"
+    whole = {"step": 40, "scores": scores, "evaluation": {"cut": False, "num_samples": 24, "planned_samples": 24}}
     assert judge(lines, whole)[1] == "met" and all("why" not in check for check in judge(lines, whole)[0])
+
+
+def test_every_report_of_a_check_says_why_it_was_not_judged():
+    from ops.explog import results_text
+    from ops.github import check_row
+    from ops.journal import measured_text
+    from ops.rundir import Summary
+    from ops.views import check_text
+
+    summary = {
+        "scores": {"fid_over_floor": 1.33},
+        "evaluation": {"cut": True, "num_samples": 10, "planned_samples": 24},
+    }
+    checks, verdict = judge(["scores.fid_over_floor < 3"], summary)
+    why = "the evaluation was cut to 10 of 24 samples by eval.max_minutes"
+    for text in (
+        check_text(checks[0]),  # ops monitor, ops list
+        measured_text(checks[0]),  # the journal post
+        check_row(checks[0]),  # the GitHub result comment
+        results_text("SUCCEEDED", Summary(), None, {"verdict": verdict, "checks": checks}),  # EXPERIMENT_LOG.md
+    ):
+        assert "1.33" in text and "not measured" in text and why in text, text
 
 
 def test_top_level_checks_are_named_where_they_were_written():

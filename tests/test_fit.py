@@ -29,8 +29,9 @@ def test_the_gpu_sized_specs_say_so(name, why):
     assert (spec.cpu_variant is not None) == (why is not None)
 
 
-def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_project):
+def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_project, tmp_path, monkeypatch):
     root = ops_project
+    monkeypatch.setenv("DIFFUSION_CACHE_DIR", str(tmp_path / "cache"))  # the machine's cache of timings
     spec = root / "configs/jobs/tiny.yaml"
     spec.write_text(
         spec.read_text()
@@ -56,7 +57,7 @@ def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_pr
     assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
 
     # The same run again: its timing comes from the cache (no steps timed), and says when it was taken.
-    cache = root / "runs/.fit-estimates.json"
+    cache = tmp_path / "cache/fit-estimates.json"
     [entry] = json.loads(cache.read_text()).values()
     entry["timing"]["seconds_per_step"] = 123.0  # what the cache holds is what the warning reads
     cache.write_text(json.dumps({key: entry for key in json.loads(cache.read_text())}))
@@ -73,3 +74,24 @@ def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_pr
     )
     assert plain.returncode == 0 and "sized for a GPU" not in plain.stderr
     assert ops(root, "wait", json.loads(plain.stdout)["runs"][0]["ops_id"], "--interval", "0.3").returncode == 0
+
+
+def test_a_timing_is_keyed_by_the_code_that_trains_and_a_damaged_cache_entry_is_not_read(tmp_path):
+    from ops.fit import code_dir, timing_key, usable
+
+    code = tmp_path / "diffusion"
+    code.mkdir()
+    (code / "__init__.py").write_text("")
+    (code / "train.py").write_text("STEPS = 1\n")
+    assert code_dir(tmp_path) == code and code_dir(tmp_path / "elsewhere") == REPO / "diffusion"
+    run = {"train": {"max_steps": 4}}
+    before = timing_key(run, code)
+    assert timing_key(run, code) == before != timing_key({"train": {"max_steps": 5}}, code)
+    (code / "train.py").write_text("STEPS = 2\n")  # another version of the trainer: timed anew
+    assert timing_key(run, code) != before
+    timing = {"seconds_per_step": 0.5, "total_steps": 4, "timed_steps": 2, "max_minutes": None}
+    assert usable({"at": 100.0, "timing": timing}, now=200.0)
+    assert not usable({"at": 100.0, "timing": timing}, now=100.0 + 8 * 24 * 3600)  # older than a week
+    assert not usable({"at": "yesterday", "timing": timing}, now=200.0)
+    assert not usable({"at": 100.0, "timing": timing | {"seconds_per_step": "fast"}}, now=200.0)
+    assert not usable({"at": 100.0, "timing": {"seconds_per_step": 0.5}}, now=200.0)  # fields missing

@@ -144,6 +144,25 @@ def test_meanflow_training_guidance_mixes_in_the_unconditional_velocity_only_for
     assert torch.equal(guided[[1, 3]], velocity[[1, 3]])
 
 
+def test_meanflow_model_tangent_under_training_guidance_is_the_nets_own_velocity_not_guided_again(monkeypatch):
+    """The r = t pairs train u(z, t, t | c) towards the guided velocity already: the tangent is u(z, t, t | c)."""
+    net = mlp(two_times=True, num_classes=8)
+    method = MeanFlow(examples_key="points", num_classes=8, training_guidance_scale=2.0, jvp_tangent="model")
+    x_0, noise, t = torch.randn(4, 2), torch.randn(4, 2), torch.rand(4) * 0.5 + 0.5
+    r, labels = t / 2, torch.tensor([1, 8, 3, 5])
+    tangents = []
+    real = average_and_time_derivative
+
+    def recording(u, z, r, t, tangent):
+        tangents.append(tangent)
+        return real(u, z, r, t, tangent)
+
+    monkeypatch.setattr("diffusion.methods.meanflow.average_and_time_derivative", recording)
+    method.loss_at(net, x_0, noise, r, t, labels)
+    z = LinearPath().sample(x_0, noise, t)
+    torch.testing.assert_close(tangents[0], method.average_velocity(net, z, t, t, labels))
+
+
 @pytest.mark.parametrize(("sampler", "steps", "nfe"), [("euler", 7, 7), ("heun", 5, 10), ("rk4", 3, 12)])
 def test_flow_matching_samples_with_exactly_the_solver_evaluations_and_names_them(sampler, steps, nfe):
     net = mlp(two_times=False)

@@ -430,3 +430,12 @@ def test_rm_removes_the_buckets_copy_too_keeping_what_the_run_dir_keeps(vertex):
 
     ops_json(root, "rm", run["ops_id"], "--keep-checkpoints", "none", "--yes")  # what was kept goes later
     assert list(bucket.list_blobs(prefix=prefix + "/")) == [] and not Path(run["run_dir"]).exists()
+
+    # --local-only: the bucket's copy stays (no credentials here, or kept on purpose).
+    other = ops_json(root, "submit", "tiny", "--engine", "vertex", "--image", IMAGE)["runs"][0]
+    standin.set_state(other["engine_job_id"], "JOB_STATE_SUCCEEDED")
+    assert ops_json(root, "monitor", other["ops_id"])["state"] == "SUCCEEDED"
+    before = sorted(blob.name for blob in bucket.list_blobs(prefix=f"runs/{other['ops_id']}/"))
+    local = ops_json(root, "rm", other["ops_id"], "--local-only", "--yes")["removed"][0]
+    assert local["remote"] is None and not Path(other["run_dir"]).exists()
+    assert sorted(blob.name for blob in bucket.list_blobs(prefix=f"runs/{other['ops_id']}/")) == before != []

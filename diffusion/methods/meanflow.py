@@ -23,8 +23,9 @@ velocity. At r = t the target is v and the loss is flow matching's.
 - Tangent (method.jvp_tangent): the paper takes d/dt u along the conditional velocity v; `model`
   takes it along the net's own instantaneous velocity u(z_t, t, t), no gradient (the improved
   MeanFlow, iMF). d/dt u is linear in the tangent and E[v | z_t] is the marginal velocity that
-  u(z_t, t, t) learns (the r = t pairs), so both aim at the same target, the second without v's
-  variance; it costs one more forward pass. The target keeps v.
+  u(z_t, t, t) learns (the r = t pairs; with training guidance, the guided one, as the tangent v
+  then is), so both aim at the same target, the second without v's variance; it costs one more
+  forward pass. The target keeps v.
 - Guidance (sec. 4.2, eq. 13): with training_guidance_scale w != 1 the target's velocity is
   w v + (1 - w) u(z_t, t, t | null class), the unconditional velocity, so that one step samples the
   guided model; examples whose label was dropped keep v. Label dropout makes the null class.
@@ -154,11 +155,9 @@ class MeanFlow(FlowMatching):
 
     @torch.no_grad()
     def model_velocity(self, model, z: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        """The net's instantaneous velocity u(z, t, t) (B, *shape), guided as the target is."""
-        velocity = self.average_velocity(model, z, t, t, class_labels)
-        if self.training_guidance_scale != 1 and class_labels is not None:
-            velocity = self.guided_velocity(model, z, t, velocity, class_labels)
-        return velocity
+        """The net's instantaneous velocity u(z, t, t) (B, *shape). With training guidance the r = t
+        pairs train it towards the guided velocity already: it is not guided again."""
+        return self.average_velocity(model, z, t, t, class_labels)
 
     @torch.no_grad()
     def guided_velocity(self, model, z: Tensor, t: Tensor, velocity: Tensor, class_labels: Tensor) -> Tensor:

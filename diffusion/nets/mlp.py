@@ -35,7 +35,8 @@ class FiLMMLP(nn.Module):
     """(x (B, D), t (B,), class_labels (B,) long or None, second_time (B,) or None) -> (B, D).
 
     dim: D, the vector size; hidden_dim: the width of the residual stream; num_layers: FiLM blocks;
-    time_embedding_dim: the conditioning embedding's width (None: 4 x min(hidden_dim, 128)); num_classes: None for an unconditional net; two_times: it takes a second time."""
+    time_embedding_dim: the conditioning embedding's width (None: 4 x min(hidden_dim, 128));
+    num_classes: None for an unconditional net; two_times: it takes a second time."""
 
     def __init__(
         self,
