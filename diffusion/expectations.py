@@ -11,9 +11,10 @@ A metric is a dotted path into summary.json: `scores.NAME` (what the run scored:
 eval.after_train, text and 2-D points when training ends), `final_metrics.NAME` (the last logged
 metrics), or a summary field (`step`, `train_seconds` ...). Which names exist depends on the data
 (METRICS); an unknown one is refused when the config is validated, naming the nearest. When the
-run ends each line is `met`, `missed` or `not measured` (the run never wrote that metric: it
-failed, or stopped early), with the value measured; the verdict is `missed` if any line is, else
-`not measured` if any line is, else `met`.
+run ends each line is `met`, `missed` or `not measured` (the run never wrote that metric, or it
+did not complete: failed, preempted or cancelled, whose partial figures are not the run's), with
+the value measured and, when not measured, why; the verdict is `missed` if any line is, else `not
+measured` if any line is, else `met`.
 
 An evaluation that eval.max_minutes cut to fewer samples than planned is not the evaluation the
 checks were written for: FID at a smaller N grows for the samples and the real floor alike (their
@@ -160,9 +161,10 @@ def measured(summary: dict, metric: str):
 
 def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
     """([{expect, metric, comparison, value, measured, verdict[, why]}], overall verdict or None
-    without lines). `why` says why a measured value was not judged (a cut evaluation)."""
+    without lines). `why` says why a line is not measured: no such value, a run that did not
+    complete, a cut evaluation."""
     results = []
-    cut = cut_evaluation(summary)
+    cut, ended = cut_evaluation(summary), unfinished(summary)
     for line in lines:
         try:
             expectation = Expectation.parse(line)
@@ -173,8 +175,13 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
             )
             continue
         value = measured(summary, expectation.metric)
-        unjudged = cut if value is not None and expectation.metric in EVALUATION_METRICS else None
-        if value is None or unjudged:
+        if ended:  # a partial loss or step count says nothing of what the finished run would
+            unjudged = ended
+        elif value is None:
+            unjudged = f"summary.json has no {expectation.metric}" if summary else "the run wrote no summary.json"
+        else:
+            unjudged = cut if expectation.metric in EVALUATION_METRICS else None
+        if unjudged:
             verdict = "not measured"
         else:
             verdict = "met" if COMPARISONS[expectation.comparison](value, expectation.value) else "missed"
@@ -193,6 +200,15 @@ def judge(lines: list[str], summary: dict) -> tuple[list[dict], str | None]:
         return [], None
     verdicts = {result["verdict"] for result in results}
     return results, "missed" if "missed" in verdicts else "not measured" if "not measured" in verdicts else "met"
+
+
+def unfinished(summary: dict) -> str | None:
+    """Why a run's checks are not judged at all: it ended without completing (failed, or preempted
+    or cancelled at a checkpoint), or None."""
+    status = summary.get("status")
+    if status in ("failed", "preempted"):
+        return f"the run ended {status} at step {summary.get('step')}" if summary.get("step") else f"the run {status}"
+    return None
 
 
 def cut_evaluation(summary: dict) -> str | None:

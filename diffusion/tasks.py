@@ -292,6 +292,22 @@ def evaluate_after_training(config: RunConfig, run) -> int:
 PROBE_SAMPLES = 16
 
 
+class SamplingStopped(Exception):
+    """`stop()` said so between two steps of a sampler."""
+
+
+def stopping(stop) -> Progress:
+    """A sampler's progress that raises SamplingStopped before the next step once `stop()` is true."""
+
+    def steps(items, description: str):
+        for item in items:
+            if stop():
+                raise SamplingStopped
+            yield item
+
+    return steps
+
+
 def draw_in_chunks(
     trained: TrainedModel, config: RunConfig, folder: Path, stop=lambda: False
 ) -> tuple[tuple | None, dict]:
@@ -302,7 +318,8 @@ def draw_in_chunks(
     are scored, and said so. The first chunk is small (PROBE_SAMPLES), so that even one batch
     that would not fit is not drawn.
     ((samples, class labels or None, seconds, mean nfe), the budget's record); (None, {}) when
-    `stop()` said so before a chunk (a preemption signal)."""
+    `stop()` said so (a preemption signal) before a chunk or between two sampler steps: the chunk
+    in hand is dropped, and drawn again, the same, when the evaluation continues."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted, size = config.eval.num_samples, config.sample.batch_size
     first = min(size, wanted, PROBE_SAMPLES)
@@ -332,7 +349,10 @@ def draw_in_chunks(
             break
         sample = config.sample.model_copy(update={"seed": config.sample.seed + index})
         started, stats = time.monotonic(), {}
-        samples = generate(trained, sample, count, stats=stats)
+        try:
+            samples = generate(trained, sample, count, progress=stopping(stop), stats=stats)
+        except SamplingStopped:  # mid-chunk: a chunk can outlast a scheduler's grace period; redrawn the same
+            return None, {}
         chunk = {
             "samples": samples,
             "labels": trained.method.class_labels(count, trained.data, sample),

@@ -24,6 +24,7 @@ from ops.errors import OpsError
 from ops.explog import note_removal
 from ops.followups import experiment_log_lock
 from ops.journal import mark_removed, post_path
+from ops.monitor import run_expectations
 from ops.registry import Registry, Run
 from ops.rundir import (
     CHECKPOINTS,
@@ -33,6 +34,7 @@ from ops.rundir import (
     JOB,
     LATEST,
     METRICS,
+    PINNED,
     PROVENANCE,
     SUMMARY,
     checkpoint_candidates,
@@ -167,6 +169,7 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
     """Carry out plan_removal's plan, holding the run dir's lock (OpsError, nothing removed, when a
     process holds it); then the registry, the experiment log and the journal post say so."""
     run_dir, removed_at = Path(plan["run_dir"]), time.time()
+    verdict = run_expectations(run)["verdict"]  # read before its job.json and summary go
     if run_dir.is_dir():
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -191,6 +194,7 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
             job = read_json(run_dir / JOB)
             if kept and job is not None:  # a rebuilt registry learns it from the run dir
                 removed = {"removed_at": removed_at, "removed_kept": plan["kept"], "removed_state": current.state}
+                removed["removed_verdict"] = verdict
                 removed |= {"finished_at": current.finished_at, "exit_code": current.exit_code}
                 write_json(run_dir / JOB, job | removed)
             if not kept:
@@ -211,7 +215,7 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                             path.rmdir()
         finally:
             os.close(fd)
-    registry.update(run.ops_id, removed_at=removed_at, removed_kept=plan["kept"] or None)
+    registry.update(run.ops_id, removed_at=removed_at, removed_kept=plan["kept"] or None, removed_verdict=verdict)
     removed = registry.get(run.ops_id)
     line = removal_line(removed)
     note_removal(project.experiment_log, run.ops_id, line, experiment_log_lock(project))
@@ -225,3 +229,28 @@ def removal_line(run: Run) -> str:
     """The line the experiment log and the journal post gain."""
     kept = ", ".join(f"`{path}`" for path in run.removed_kept or [])
     return f"{REMOVED_NOTE} on {stamp(run.removed_at)} by `ops rm`" + (f"; kept {kept}." if kept else "; nothing kept.")
+
+
+def unread_pins(project: Project, registry: Registry) -> list[Path]:
+    """The runs folder's pinned checkpoints (.pinned/SHA256.pt) that no run's provenance.json still
+    names: each run that read one was removed (or never recorded it)."""
+    folder = project.runs_dir / PINNED
+    if not folder.is_dir():
+        return []
+    read = {
+        reference.get("checkpoint")
+        for run in registry.select()
+        for reference in (read_json(Path(run.run_dir) / PROVENANCE) or {}).get("references") or []
+        if isinstance(reference, dict)
+    }
+    return [path for path in sorted(folder.glob("*.pt")) if str(path) not in read]
+
+
+def remove_pins(paths: list[Path]) -> int:
+    """Delete pinned checkpoints; the bytes freed (a link whose run still holds the file frees none)."""
+    freed = 0
+    for path in paths:
+        stat = path.stat()
+        freed += stat.st_blocks * 512 if stat.st_nlink == 1 else 0
+        path.unlink()
+    return freed

@@ -21,7 +21,8 @@ Every command takes `--json` for agents. Stable fields:
 - `list` adds verdict (of the run's `expect:` checks, as in monitor).
 - `du`: runs [{ops_id, name, state, run_dir, bytes, checkpoint_bytes, removed_at}], total_bytes;
   `rm`: removed (would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes, remote
-  (a Vertex run's bucket copy: {gcs_run_dir, kept, latest_from, freed_bytes}, else null)}].
+  (a Vertex run's bucket copy: {gcs_run_dir, kept, latest_from, freed_bytes}, else null)}], pinned_removed
+  [paths], pinned_freed_bytes.
 Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written); `ops wait` exits by the
 final state: 0 SUCCEEDED, 1 FAILED, 3 CANCELLED, 75 PREEMPTED (resumable), 4 UNKNOWN.
 The commands parse their arguments, call ops.runs (what happens to runs) and ops.views (what is
@@ -332,7 +333,8 @@ def rm(
     say the run dir was removed. With --keep-checkpoints best or latest the run dir keeps that
     checkpoint and its small records (config, provenance, job, summary, metrics). JSON: removed
     (or would_remove with --dry-run) [{ops_id, run_dir, keep_checkpoints, kept, freed_bytes, remote}];
-    a Vertex run's copy in Cloud Storage goes too (remote: {gcs_run_dir, kept, latest_from, freed_bytes})."""
+    a Vertex run's copy in Cloud Storage goes too (remote: {gcs_run_dir, kept, latest_from, freed_bytes}).
+    Pinned checkpoints (runs/.pinned) that no remaining run read go too: pinned_removed, pinned_freed_bytes."""
     from ops import cleanup  # as in du
 
     if keep_checkpoints not in cleanup.KEEP_CHOICES:
@@ -346,10 +348,13 @@ def rm(
             raise OpsError("ops rm: no terminal to confirm on; add --yes (or look first with --dry-run)")
         views.print_removal(plans, True, False)
         typer.confirm(f"remove {len(plans)} run dir(s)?", abort=True)
+    pins, pinned_bytes = [], 0
     if not dry_run:
         for run, plan in zip(targets, plans):
             cleanup.remove(project, registry, run, plan)
-    views.print_removal(plans, dry_run, as_json)
+        pins = cleanup.unread_pins(project, registry)  # the runs that read them are gone now
+        pinned_bytes = cleanup.remove_pins(pins)
+    views.print_removal(plans, dry_run, as_json, [str(path) for path in pins], pinned_bytes)
 
 
 # ---------------------------------------------------------------------------------------------

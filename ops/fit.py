@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from ops.rundir import atomic_write, read_json
 
 ESTIMATE_TIMEOUT_SECONDS = 180
 CACHE_SECONDS = 7 * 24 * 3600
+UNTIMED = ("sample", "eval", "expect")  # the run config's sections that do not change a training step's time
 TIMING_FIELDS = ("seconds_per_step", "total_steps", "timed_steps", "max_minutes")  # what estimate() reads
 
 
@@ -87,7 +89,8 @@ def cached_time_here(spec, cwd: Path, cache: Path) -> dict:
     """time_here, read from `cache` when this run was timed on this machine within CACHE_SECONDS
     (`cached_at` then says when); a timing that failed is not kept."""
     run = spec.run.model_dump(mode="json") | {"device": "cpu"}
-    key, now = timing_key(run, code_dir(cwd)), time.time()
+    trains = {section: value for section, value in run.items() if section not in UNTIMED}
+    key, now = timing_key(trains, code_dir(cwd)), time.time()
     entries = {k: v for k, v in (read_json(cache) or {}).items() if usable(v, now)}
     if key in entries:
         return entries[key]["timing"] | {
@@ -108,6 +111,9 @@ def time_here(run: dict, cwd: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "config.yaml"
         dump_yaml(run, config)
+        # SIGTERM to ops (a kill, a closed terminal) ends the timing too: subprocess.run kills its
+        # child on the exception, where the default action would leave it running, orphaned.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
             result = subprocess.run(
                 [sys.executable, "-m", "diffusion", "estimate", str(config)],
@@ -118,6 +124,8 @@ def time_here(run: dict, cwd: Path) -> dict:
             )
         except subprocess.TimeoutExpired:
             return {"error": f"timing a few steps took over {ESTIMATE_TIMEOUT_SECONDS} s"}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -72,6 +72,8 @@ def describe(key: str, value) -> str:
     return text if key.rsplit(".", 1)[-1] in SELF_NAMING else f"{short}-{text}"
 
 
+# Run settings that change how a run reports, not what it computes.
+NOT_COMPUTED = {"run.expect", "run.train.trackers", "run.train.progress", "run.train.log_every"}
 SECTION_ORDER = {"task": 0, "data": 1, "model": 2, "method": 3, "train": 4, "sample": 5, "eval": 6}
 
 
@@ -85,7 +87,7 @@ def readable_id(name: str, changes: list[tuple[str, object, object]], tail: str 
         changes, key=lambda change: SECTION_ORDER.get(change[0].split(".")[1:2][0] if "." in change[0] else "", 9)
     )
     for key, _, value in ordered:
-        if not key.startswith("run.") or key == "run.expect" or secret_setting(key, value):
+        if not key.startswith("run.") or key in NOT_COMPUTED or secret_setting(key, value):
             continue  # where it runs (engine, resources), the spec's prose and checks are not what it computes
         part = slug(describe(key, value))
         if part and len(part) + 1 <= room:

@@ -81,8 +81,12 @@ def expectations(run: Run, spec: dict) -> dict:
 
 
 def run_expectations(run: Run) -> dict:
-    """`expectations` of a run, its spec read from its job.json (a damaged one: no checks)."""
-    job = read_json(Path(run.run_dir) / JOB) or {}
+    """`expectations` of a run, its spec read from its job.json (a damaged one: no checks); a run
+    whose dir `ops rm` removed: the verdict it had then, without the checks."""
+    job = read_json(Path(run.run_dir) / JOB)
+    if job is None and run.removed_at is not None:
+        return {"verdict": run.removed_verdict, "checks": []}
+    job = job or {}
     return expectations(run, job.get("spec") if isinstance(job.get("spec"), dict) else {})
 
 

@@ -72,6 +72,8 @@ MIGRATIONS = [
     # `ops rm`: when the run dir was removed, and what it kept (paths inside it), JSON.
     "ALTER TABLE runs ADD COLUMN removed_at REAL",
     "ALTER TABLE runs ADD COLUMN removed_kept TEXT NOT NULL DEFAULT 'null'",
+    # The verdict of its `expect:` checks when its run dir was removed (they read the run dir).
+    "ALTER TABLE runs ADD COLUMN removed_verdict TEXT",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -98,6 +100,7 @@ class Run:
     submitter: dict | None = None
     removed_at: float | None = None  # `ops rm` removed the run dir (all but removed_kept)
     removed_kept: list | None = None
+    removed_verdict: str | None = None  # the verdict of its expect: checks when the dir went
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,10 +77,14 @@ class Planned:
 
 
 def spec_changes(base: dict, resolved: dict) -> list[tuple[str, Any, Any]]:
-    """(key, spec value, run value) for every leaf that the overrides changed."""
+    """(key, spec value, run value) for every leaf that the overrides changed; the top-level
+    `expect` once (run.expect is its copy, travelling with the run's config)."""
     old, new = flatten(base), flatten(resolved)
+    copies = {"run.expect"} if new.get("expect") == new.get("run.expect") else set()
     return [
-        (key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+        (key, old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys() - copies)
+        if old.get(key) != new.get(key)
     ]
 
 
@@ -197,6 +202,11 @@ def check_references(project: Project, spec, source: str) -> list[dict]:
             path = Path(named.run_dir)
             setattr(getattr(run, section), field_name, named.run_dir)
         checkpoint = checkpoint_file(path)
+        if not zipfile.is_zipfile(checkpoint):  # torch.save writes a zip archive; a text file is none
+            raise ConfigError(
+                f"{source}: run.{key}: {reference!r} is not allowed: {checkpoint} is not a checkpoint (a .pt file "
+                "torch.save wrote, as a run's checkpoints/latest.pt)"
+            )
         named = named or next(
             (row for row in registry.select() if Path(row.run_dir) == checkpoint_run_dir(checkpoint)), None
         )
@@ -234,6 +244,10 @@ def pin_references(project: Project, planned: list["Planned"]) -> None:
             read["sha256"] = sha256_of(frozen[read["pinned_from"]])
             section, field_name = read["key"].removeprefix("run.").split(".")
             setattr(getattr(item.spec.run, section), field_name, read["checkpoint"])
+            item.warnings.append(
+                f"{read['key']}: {read['run_id']} is still running; this run reads its checkpoint as it is now, "
+                f"kept as {read['checkpoint']}"
+            )
 
 
 def pinned(project: Project, checkpoint: Path) -> Path:
@@ -668,7 +682,8 @@ def rerun(project: Project, registry: Registry, run: Run, command: str) -> Run:
     """A new run with the recorded spec, on the recorded commit plus its diff.patch."""
     from ops.spec import validate_spec  # pydantic: only the commands that read specs
 
-    refuse_removed(run, "rerun")
+    if run.removed_at is not None and not {JOB, PROVENANCE, DIFF} <= set(run.removed_kept or []):
+        refuse_removed(run, "rerun")  # a rerun needs the records only, which a kept checkpoint keeps
     old_dir = Path(run.run_dir)
     job = read_job(old_dir)
     old_provenance = read_required(old_dir / PROVENANCE)
@@ -797,6 +812,7 @@ def rebuild_missing(project: Project, registry: Registry) -> tuple[list[str], li
             submitter=job.get("submitter"),
             removed_at=job.get("removed_at"),  # `ops rm` kept a checkpoint here
             removed_kept=job.get("removed_kept"),
+            removed_verdict=job.get("removed_verdict"),
             **columns(done),
         )
         registry.insert(run)

@@ -151,7 +151,7 @@ def run_view(project: Project, run: Run, engine_logs: bool, lines: int, full: bo
     view = run.to_json() | {
         "elapsed_seconds": monitor.elapsed_seconds(run),
         "progress": monitor.progress(run, spec),
-        "expectations": monitor.expectations(run, spec),
+        "expectations": monitor.run_expectations(run) if run.removed_at else monitor.expectations(run, spec),
         "estimate": job.get("estimate"),  # a GPU-sized run on a CPU: its duration here, from timed steps
     }
     if engine_logs:
@@ -196,11 +196,16 @@ def print_view(project: Project, view: dict) -> None:
             f"epoch {shown(p['epoch'], '.2f')}/{shown(p['total_epochs'], '')}  loss {shown(p['loss'], '.4f')}  "
             f"{shown(p['it_per_s'], '.1f')} it/s  eta {monitor.format_seconds(p['eta_seconds'])}"
         )
-    else:
+    elif not view["removed_at"]:
         out.print("  no metrics yet")
         if view["estimate"]:
             out.print(f"  {view['estimate']['warning']}", markup=False)
-    out.print(f"  run dir {view['run_dir']}")
+    if view["removed_at"]:
+        kept = ", ".join(view["removed_kept"] or []) or "nothing"
+        removed = time.strftime("%Y-%m-%d %H:%M", time.localtime(view["removed_at"]))
+        out.print(f"  run dir {view['run_dir']} removed by ops rm on {removed} (kept: {kept})", markup=False)
+    else:
+        out.print(f"  run dir {view['run_dir']}")
     expectations = view["expectations"]
     if expectations["verdict"]:
         out.print(f"  expected: {expectations['verdict']}", markup=False)
@@ -276,7 +281,8 @@ def print_runs(shown: list[Run], filtered: bool, as_json: bool) -> None:
     rows = [
         (
             run.ops_id,
-            run.state + (" (dir removed)" if run.removed_at else ""),
+            run.state
+            + ((" (dir removed, checkpoint kept)" if run.removed_kept else " (dir removed)") if run.removed_at else ""),
             verdicts[run.ops_id] or "-",
             run.engine,
             run.engine_job_id or "-",
@@ -325,9 +331,12 @@ def print_usage(rows: list[dict], pinned_bytes: int, as_json: bool) -> None:
         )
 
 
-def print_removal(plans: list[dict], dry_run: bool, as_json: bool) -> None:
+def print_removal(
+    plans: list[dict], dry_run: bool, as_json: bool, pinned: list[str] = (), pinned_bytes: int = 0
+) -> None:
     if as_json:
-        return echo_json({"would_remove" if dry_run else "removed": plans})
+        pins = {} if dry_run else {"pinned_removed": list(pinned), "pinned_freed_bytes": pinned_bytes}
+        return echo_json({"would_remove" if dry_run else "removed": plans} | pins)
     for plan in plans:
         kept = f", keeping {', '.join(plan['kept'])}" if plan["kept"] else ""
         verb = "would free" if dry_run else "freed"
@@ -335,6 +344,8 @@ def print_removal(plans: list[dict], dry_run: bool, as_json: bool) -> None:
         if remote := plan["remote"]:
             kept = f", keeping {', '.join(remote['kept'])}" if remote["kept"] else ""
             typer.echo(f"{plan['ops_id']}: {verb} {size_text(remote['freed_bytes'])} in {remote['gcs_run_dir']}{kept}")
+    if pinned:
+        typer.echo(f"freed {size_text(pinned_bytes)}: {len(pinned)} pinned checkpoint(s) that no remaining run reads")
 
 
 def print_state(run: Run, as_json: bool) -> None:

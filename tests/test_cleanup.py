@@ -18,7 +18,7 @@ def du_bytes(path: Path) -> int:
 
 def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_project):
     root = ops_project
-    steps = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every_steps=2"]
+    steps = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every_steps=2", "--set", "expect=[step >= 1]"]
     first, second = (ops_json(root, "submit", "tiny", *steps)["runs"][0] for _ in range(2))
     for run in (first, second):
         assert ops(root, "wait", run["ops_id"], "--interval", "0.3").returncode == 0
@@ -107,6 +107,10 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
     assert rebuilt[first["ops_id"]]["state"] == "SUCCEEDED" and rebuilt[first["ops_id"]]["removed_at"]
     assert rebuilt[third["ops_id"]]["state"] == "SUCCEEDED" and second["ops_id"] not in rebuilt
 
+    # The records a kept checkpoint keeps are all a rerun needs.
+    again = ops_json(root, "rerun", first["ops_id"])
+    assert ops(root, "wait", again["ops_id"], "--interval", "0.3").returncode == 0
+
     # What a removal kept goes later with --keep-checkpoints none; keeping again is refused, saying how.
     kept_again = ops(root, "rm", first["ops_id"], "--keep-checkpoints", "best", "--yes")
     assert kept_again.returncode == 2 and len(kept_again.stderr.splitlines()) == 1
@@ -117,6 +121,9 @@ def test_du_matches_du_and_rm_keeps_what_it_is_told_and_says_so_everywhere(ops_p
     assert freed["kept"] == [] and freed["freed_bytes"] > 0 and not Path(first["run_dir"]).exists()
     row = {run["ops_id"]: run for run in ops_json(root, "list")}[first["ops_id"]]
     assert row["removed_kept"] is None and row["state"] == "SUCCEEDED"
+    assert row["removed_verdict"] == listed[first["ops_id"]]["removed_verdict"] == "met"  # what it was, kept
+    shown = ops(root, "monitor", first["ops_id"]).stdout
+    assert "removed by ops rm on" in shown and "(kept: nothing)" in shown and "no metrics yet" not in shown
     post = Path(listed[first["ops_id"]]["journal_post"]).read_text()
     assert post.count('!!! warning "Run dir removed"') == 1 and "nothing kept." in post
     section = (root / "EXPERIMENT_LOG.md").read_text().split(f"## {first['ops_id']}")[1].split("## ")[0]

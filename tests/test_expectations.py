@@ -24,6 +24,11 @@ def test_judged_met_missed_and_not_measured_with_the_measured_values():
     assert judge(["scores.confident_share >= 0.7"], {"scores": {"confident_share": "0.9"}})[0][0]["verdict"] == (
         "not measured"  # a damaged value is no measurement
     )
+    assert checks[2]["why"] == "summary.json has no scores.fid" and "why" not in checks[0]
+    # Cancelled (preempted at a checkpoint) or failed: its partial figures are not judged.
+    cancelled, verdict = judge(["final_metrics.loss < 0.5", "step > 100"], summary | {"status": "preempted"})
+    assert verdict == "not measured" and {check["why"] for check in cancelled} == {"the run ended preempted at step 40"}
+    assert judge(["step > 1"], {})[0][0]["why"] == "the run wrote no summary.json"
 
 
 def test_a_cut_evaluation_leaves_its_figures_unjudged_with_why():

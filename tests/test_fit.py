@@ -64,6 +64,8 @@ def test_submit_on_a_cpu_estimates_the_duration_and_names_the_cpu_variant(ops_pr
     again = ops(root, "submit", "tiny", "--set", "train.max_steps=4", "--dry-run")
     assert again.returncode == 0, again.stderr
     assert "a step takes 123.00 s (2 timed), so its 4 steps would take about 8 min (timed 20" in again.stderr
+    samples = ops(root, "submit", "tiny", "--set", "train.max_steps=4", "--set", "sample.num_samples=7", "--dry-run")
+    assert "a step takes 123.00 s" in samples.stderr  # what is sampled does not change a step's time
     other = ops(root, "submit", "tiny", "--set", "train.max_steps=5", "--dry-run")  # another run: timed anew
     assert "a step takes 123.00" not in other.stderr and "so its 5 steps would take" in other.stderr
     assert len(json.loads(cache.read_text())) == 2
@@ -95,3 +97,42 @@ def test_a_timing_is_keyed_by_the_code_that_trains_and_a_damaged_cache_entry_is_
     assert not usable({"at": "yesterday", "timing": timing}, now=200.0)
     assert not usable({"at": 100.0, "timing": timing | {"seconds_per_step": "fast"}}, now=200.0)
     assert not usable({"at": 100.0, "timing": {"seconds_per_step": 0.5}}, now=200.0)  # fields missing
+
+
+def test_a_killed_submit_ends_its_timing_too(ops_project, tmp_path, monkeypatch):
+    """SIGTERM to ops while it times steps: the `python -m diffusion estimate` child goes with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.ops_project import wait_for
+
+    monkeypatch.setenv("DIFFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    spec = ops_project / "configs/jobs/tiny.yaml"
+    spec.write_text(spec.read_text().replace("  local:\n", "  slurm: {gpus_per_node: 1}\n  local:\n"))
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "ops", "submit", "tiny", "--dry-run"], cwd=ops_project, stderr=subprocess.PIPE
+    )
+
+    def timing() -> list[int]:
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    words = (entry / "cmdline").read_bytes().split(b"\0")
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                    continue  # a process that ended while we looked
+                if b"estimate" in words and parent == submit.pid:
+                    children.append(int(entry.name))
+        return children
+
+    wait_for(lambda: timing(), timeout=60, interval=0.05)
+    [child] = timing()
+    submit.send_signal(signal.SIGTERM)
+    assert submit.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the timing child outlived its ops"

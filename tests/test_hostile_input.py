@@ -118,7 +118,7 @@ def test_a_sample_spec_is_checked_against_its_checkpoints_config_at_submit(git_p
     found at submit, not when the job runs."""
     trained = git_project / "runs-elsewhere/long-schedule"
     (trained / "checkpoints").mkdir(parents=True)
-    (trained / "checkpoints/latest.pt").write_bytes(b"a checkpoint")
+    torch.save({"weights": "none"}, trained / "checkpoints/latest.pt")  # a checkpoint's form; its config is what counts
     (trained / "config.yaml").write_text("method: {num_train_timesteps: 2000}\n")
     spec = git_project / "configs/jobs/sampling.yaml"
     spec.write_text(

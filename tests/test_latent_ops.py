@@ -4,6 +4,7 @@ anything is submitted); the autoencoder's post shows its latent space; `ops ckpt
 latent run names the autoencoder it builds on."""
 
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,8 @@ def test_submit_refuses_an_autoencoder_that_does_not_fit_in_one_line(ops_project
     }
     for name, raw in runs.items():
         (root / name / "checkpoints").mkdir(parents=True)
-        (root / name / "checkpoints/latest.pt").write_bytes(b"weights")
+        with zipfile.ZipFile(root / name / "checkpoints/latest.pt", "w") as checkpoint:  # torch.save's form
+            checkpoint.writestr("latest/data.pkl", b"")
         write_config(validate_run(raw), root / name / CONFIG)
     expected = {
         "cifar": "run.method.autoencoder: 'cifar' is not allowed: it encodes cifar10 images of 3x32x32, and this "

@@ -43,6 +43,9 @@ def test_run_spec_resolves_is_recorded_and_a_rerun_reads_the_recorded_checkpoint
     assert "run.sample.checkpoint: 'run:tiny' is not allowed: no checkpoint there: no succeeded tiny run yet" in (
         refused.stderr
     )
+    text = ops(root, "submit", "tiny-sampling", "--set", "run.sample.checkpoint=configs/jobs/tiny.yaml")
+    assert text.returncode == 2 and len(text.stderr.splitlines()) == 1
+    assert "configs/jobs/tiny.yaml is not a checkpoint (a .pt file torch.save wrote" in text.stderr
     misspelt = ops(root, "submit", "tiny-sampling", "--set", "run.sample.checkpoint=run:tinny")
     assert misspelt.returncode == 2 and "there is no spec 'tinny'; did you mean 'run:tiny'?" in misspelt.stderr
     assert not (root / "runs/registry.sqlite").is_file() or registry_rows(root) == []
@@ -107,3 +110,6 @@ def reads_a_frozen_copy(root: Path, live: dict) -> None:
     result = json.loads((Path(planned["run_dir"]) / "summary.json").read_text())["result"]
     assert result["checkpoint"] == str(frozen)
     assert ops_json(root, "du")["pinned_bytes"] >= os.stat(frozen).st_blocks * 512 > 0  # counted apart
+    # Once no run's provenance names it (the run that read it removed), ops rm removes it too.
+    removed = ops_json(root, "rm", planned["ops_id"], "--yes")
+    assert removed["pinned_removed"] == [str(frozen)] and not frozen.exists() and latest.is_file()
