@@ -82,6 +82,13 @@ EVALUATION_METRICS = {
                  "classes_present", "class_accuracy")
 }  # fmt: skip
 BOOLEAN_METRICS = {"collapsed", "scores.overfit.loss_near_zero", "scores.overfit.reproduced"}
+# Shares lie in [0, 1] and counts are whole: a check outside that cannot be met (or cannot be missed).
+SHARE_METRICS = {
+    f"scores.{name}"
+    for name in ("confident_share", "class_accuracy", "distinct_1", "distinct_2", "distinct_3", "longest_repeat_share",
+                 "top_token_share", "punctuation_share", "nonfinite")
+}  # fmt: skip
+COUNT_METRICS = {"step", "scores.classes_present", "scores.num_samples", "scores.eval_num_samples"}
 
 
 def metrics(kind: str) -> list[str]:
@@ -127,12 +134,23 @@ def is_number(text: str) -> bool:
 
 def problems(lines: list[str], kind: str):
     """Why each of `lines` cannot be checked on data of `kind`: `expect[i]: ...`, one line each."""
-    known = metrics(kind)
+    known, seen = metrics(kind), {}
     for index, line in enumerate(lines):
         try:
             expectation = Expectation.parse(line)
         except ValueError as exc:
             yield f"expect[{index}]: {exc}"
+            continue
+        if expectation.text in seen:
+            yield f"expect[{index}]: {expectation.text!r} is given twice (expect[{seen[expectation.text]}] too)"
+            continue
+        seen[expectation.text] = index
+        value = expectation.value
+        if expectation.metric in SHARE_METRICS and not isinstance(value, bool) and not 0 <= value <= 1:
+            yield f"expect[{index}]: {expectation.text!r} is not allowed: {expectation.metric} is a share, in [0, 1]"
+            continue
+        if expectation.metric in COUNT_METRICS and not isinstance(value, bool) and not float(value).is_integer():
+            yield f"expect[{index}]: {expectation.text!r} is not allowed: {expectation.metric} is a count, a whole number"
             continue
         flag = expectation.metric in BOOLEAN_METRICS
         if expectation.metric in known and flag != isinstance(expectation.value, bool):

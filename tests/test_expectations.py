@@ -100,6 +100,9 @@ def test_top_level_checks_are_named_where_they_were_written():
         ("scores.fid < 1e400", "image", "VALUE must be a finite number"),
         ("scores.classes_present == true", "image", "scores.classes_present is compared with a number"),
         ("collapsed == 1", "text", "collapsed is compared with true or false"),
+        ("scores.confident_share >= 7", "image", "scores.confident_share is a share, in [0, 1]"),
+        ("scores.classes_present == 10.5", "image", "scores.classes_present is a count, a whole number"),
+        ("step  >  0", "image", "'step > 0' is given twice (expect[0] too)"),
     ],
 )  # fmt: skip
 def test_a_line_that_cannot_be_checked_is_one_line_naming_it(line, kind, problem):
