@@ -644,9 +644,6 @@ def unread_settings(config: RunConfig):
         ("method.beta_start", not flow, "the methods of a noise schedule (not flows)"),
         ("method.beta_end", not flow, "the methods of a noise schedule (not flows)"),
         ("method.prediction_type", not flow, "ddpm (flows predict a velocity)"),
-        ("eval.max_minutes", config.eval.after_train, "eval.after_train true"),
-        ("eval.sampler", config.eval.after_train, "eval.after_train true"),
-        ("eval.num_inference_steps", config.eval.after_train, "eval.after_train true"),
     ):
         section, name = key.split(".")
         part = getattr(config, section)

@@ -30,6 +30,8 @@ def _locked(lock: Path):
 
 
 def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"  # a measured figure to six digits, as the post has it; a set value as written
     return json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
 
 

@@ -106,15 +106,17 @@ def test_its_own_budget_scores_fewer_samples_and_says_so(evaluated_config, tmp_p
     [
         (["eval.after_train=true", "eval.sampler=euler"], "eval.sampler: 'euler' is not allowed with method.name"),
         (["eval.after_train=true", "eval.num_inference_steps=5000"], "eval.num_inference_steps: 5000 is not allowed"),
-        (
-            ["eval.after_train=false", "eval.max_minutes=7"],
-            "eval.max_minutes: 7.0 is not allowed here: only eval.after_train true read it",
-        ),
     ],
 )
 def test_its_settings_are_checked_with_the_config(overrides, line):
     with pytest.raises(ConfigError, match=line):
         load_run_config(REPO / "configs/jobs/mnist-quick.yaml", overrides)
+
+
+def test_switching_it_off_leaves_the_specs_evaluation_settings_standing():
+    """A spec sizes its evaluation (max_minutes, sampler); a run that switches it off need not unset them."""
+    config = load_run_config(REPO / "configs/jobs/mnist-quick.yaml", ["eval.after_train=false"])
+    assert not config.eval.after_train and config.eval.max_minutes is not None
 
 
 def test_an_evaluation_that_fails_leaves_the_training_result_standing(evaluated_config, tmp_path, monkeypatch):

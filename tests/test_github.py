@@ -323,7 +323,7 @@ def test_a_met_and_a_missed_expectation_are_reported_everywhere_with_their_value
     assert '!!! failure "Expected: missed"' in post
     assert f"- `step >= 1000`: {step}, **missed**" in post and "- `final_metrics.loss < 100`:" in post
     log = (root / "EXPERIMENT_LOG.md").read_text()
-    assert f"- expected: **missed** (`final_metrics.loss < 100`: {loss} met; `step >= 1000`: {step} missed)" in log
+    assert f"- expected: **missed** (`final_metrics.loss < 100`: {loss:.6g} met; `step >= 1000`: {step} missed)" in log
     [issue] = github.issues.values()
     [comment] = github.comments[issue["number"]]
     assert "**Expected: missed**" in comment["body"]
