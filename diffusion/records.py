@@ -37,6 +37,12 @@ FIGURES = "figures"  # pictures a run draws of its model besides samples (an aut
 TASKS = "tasks"  # records of sample and eval tasks run inside another task's run dir
 
 
+def default_cache_dir() -> Path:
+    """This machine's cache (DIFFUSION_CACHE_DIR, else ~/.cache/diffusion): the scorers' trained
+    classifiers, ops' timings of steps."""
+    return Path(os.environ.get("DIFFUSION_CACHE_DIR", Path.home() / ".cache" / "diffusion"))
+
+
 def checkpoint_file(reference: str | Path) -> Path | None:
     """The checkpoint a reference names: a .pt file, a checkpoints/ folder's latest.pt, or a run
     dir's; None when there is none."""

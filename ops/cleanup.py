@@ -193,9 +193,14 @@ def remove(project: Project, registry: Registry, run: Run, plan: dict) -> Run:
                 os.replace(link, run_dir / CHECKPOINTS / LATEST)
             job = read_json(run_dir / JOB)
             if kept and job is not None:  # a rebuilt registry learns it from the run dir
-                removed = {"removed_at": removed_at, "removed_kept": plan["kept"], "removed_state": current.state}
-                removed["removed_verdict"] = verdict
-                removed |= {"finished_at": current.finished_at, "exit_code": current.exit_code}
+                removed = {
+                    "removed_at": removed_at,
+                    "removed_kept": plan["kept"],
+                    "removed_state": current.state,
+                    "removed_verdict": verdict,
+                    "finished_at": current.finished_at,
+                    "exit_code": current.exit_code,
+                }
                 write_json(run_dir / JOB, job | removed)
             if not kept:
                 shutil.rmtree(run_dir)

@@ -14,8 +14,8 @@ Every command takes `--json` for agents. Stable fields:
   [value per run]}, post (path, with --post).
 - `monitor` adds elapsed_seconds, progress {step, total_steps, epoch, total_epochs, loss,
   it_per_s, eta_seconds, percent}, expectations {verdict (met, missed, not measured, pending or
-  null), checks [{expect, metric, comparison, value, measured, verdict, why (only where a measured
-  value was not judged: a cut evaluation)}]}, estimate (a GPU-sized
+  null), checks [{expect, metric, comparison, value, measured, verdict, why (with `not measured`: no
+  such value, a run that did not complete, a cut evaluation)}]}, estimate (a GPU-sized
   run on this CPU: {why, timing, seconds, warning}, or null), log_tail (with --logs), and with
   --full: config, provenance, job, paths.
 - `list` adds verdict (of the run's `expect:` checks, as in monitor).

@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ops.rundir import atomic_write, read_json
+from ops.rundir import atomic_write, default_cache_dir, read_json
 
 ESTIMATE_TIMEOUT_SECONDS = 180
 CACHE_SECONDS = 7 * 24 * 3600
@@ -32,9 +32,7 @@ UNTIMED = ("sample", "eval", "expect")  # the run config's sections that do not 
 TIMING_FIELDS = ("seconds_per_step", "total_steps", "timed_steps", "max_minutes")  # what estimate() reads
 
 
-def cache_file() -> Path:
-    """This machine's cache of timings (the cache folder diffusion's scorers use)."""
-    return Path(os.environ.get("DIFFUSION_CACHE_DIR", Path.home() / ".cache" / "diffusion")) / "fit-estimates.json"
+CACHE_FILE = "fit-estimates.json"  # in this machine's cache folder (default_cache_dir)
 
 
 def has_gpu() -> bool:
@@ -70,7 +68,7 @@ def timing_key(run: dict, code: Path) -> str:
     sources = hashlib.sha256()
     for path in sorted(code.rglob("*.py")):
         sources.update(path.relative_to(code).as_posix().encode() + b"\0" + path.read_bytes())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if sys.platform == "linux" else os.cpu_count()  # a cgroup's, on Linux
     machine = [platform.node(), platform.machine(), cores, sys.version, metadata.version("torch")]
     return hashlib.sha256(json.dumps([run, sources.hexdigest(), machine], sort_keys=True).encode()).hexdigest()
 
@@ -150,7 +148,7 @@ def estimate(spec, cwd: Path) -> dict | None:
     why = gpu_sized(spec)
     if spec.engine != "local" or spec.run.task != "train" or why is None or has_gpu():
         return None
-    timing = cached_time_here(spec, cwd, cache_file())
+    timing = cached_time_here(spec, cwd, default_cache_dir() / CACHE_FILE)
     warning = f"{spec.name} is sized for a GPU ({why}) and this machine has none"
     seconds = None
     if "error" in timing:

@@ -80,10 +80,10 @@ def expectations(run: Run, spec: dict) -> dict:
     return {"verdict": verdict if run.finished else "pending", "checks": checks}
 
 
-def run_expectations(run: Run) -> dict:
-    """`expectations` of a run, its spec read from its job.json (a damaged one: no checks); a run
-    whose dir `ops rm` removed: the verdict it had then, without the checks."""
-    job = read_json(Path(run.run_dir) / JOB)
+def run_expectations(run: Run, job: dict | None = None) -> dict:
+    """`expectations` of a run, its spec from its job.json (`job` when read already; a damaged one:
+    no checks); a run whose dir `ops rm` removed: the verdict it had then, without the checks."""
+    job = read_json(Path(run.run_dir) / JOB) if job is None else job
     if job is None and run.removed_at is not None:
         return {"verdict": run.removed_verdict, "checks": []}
     job = job or {}

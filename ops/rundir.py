@@ -23,6 +23,7 @@ from diffusion.records import (  # noqa: F401 (re-exported: ops reads the run's 
     Summary,
     atomic_write,
     checkpoint_file,
+    default_cache_dir,
     last_jsonl,
     read_json,
     read_jsonl,

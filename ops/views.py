@@ -146,12 +146,13 @@ def run_view(project: Project, run: Run, engine_logs: bool, lines: int, full: bo
     """`ops monitor`'s view of a run: the run, its elapsed time and progress, with `engine_logs`
     its log tail, with `full` its job record, config, provenance and file paths."""
     run_dir = Path(run.run_dir)
-    job = rundir.read_json(run_dir / rundir.JOB) or {}
+    record = rundir.read_json(run_dir / rundir.JOB)
+    job = record or {}
     spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}  # a damaged job.json shows less
     view = run.to_json() | {
         "elapsed_seconds": monitor.elapsed_seconds(run),
         "progress": monitor.progress(run, spec),
-        "expectations": monitor.run_expectations(run) if run.removed_at else monitor.expectations(run, spec),
+        "expectations": monitor.run_expectations(run, record),
         "estimate": job.get("estimate"),  # a GPU-sized run on a CPU: its duration here, from timed steps
     }
     if engine_logs:
