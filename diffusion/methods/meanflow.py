@@ -58,7 +58,8 @@ MAP_FRAMES = 21
 def average_and_time_derivative(u, z: Tensor, r: Tensor, t: Tensor, velocity: Tensor) -> tuple[Tensor, Tensor]:
     """(u(z, r, t), d/dt u(z_t, r, t)) in one forward-mode pass (eq. 8): the total derivative along
     the path, whose tangent is dz/dt = velocity, dr/dt = 0, dt/dt = 1. `u(z, r, t)` any function;
-    the first output keeps its graph for the loss's backward pass.
+    the first output keeps a graph where grad mode is on (the loss calls it under no_grad: its target
+    takes no gradient).
 
     torch.autograd.forward_ad rather than torch.func.jvp: the same dual numbers, but the network's
     parameters stay plain tensors, which DistributedDataParallel's forward needs (under
@@ -138,13 +139,8 @@ class MeanFlow(FlowMatching):
         velocity = self.path.velocity(x_0, noise)
         if self.training_guidance_scale != 1 and class_labels is not None:
             velocity = self.guided_velocity(model, z, t, velocity, class_labels)
-        tangent = velocity if self.jvp_tangent == "conditional" else self.model_velocity(model, z, t, class_labels)
-
-        def u(z: Tensor, r: Tensor, t: Tensor) -> Tensor:
-            return self.average_velocity(model, z, r, t, class_labels)
-
-        average, derivative = average_and_time_derivative(u, z, r, t, tangent)
-        target = (velocity - expand_like(t - r, z) * derivative).detach()
+        target = velocity - expand_like(t - r, z) * self.time_derivative(model, z, r, t, class_labels, velocity)
+        average = self.average_velocity(model, z, r, t, class_labels)
         error = (average.float() - target.float()).pow(2).flatten(1).mean(1)
         weight = 1 / (error.detach() + self.adaptive_weight_eps) ** self.adaptive_weight_power
         weighted = (weight * error).mean()
@@ -152,6 +148,32 @@ class MeanFlow(FlowMatching):
         # so that the logged loss tells how well it fits and reads like flow matching's; the gradient is
         # the weighted loss's.
         return weighted - weighted.detach() + error.mean().detach()
+
+    @torch.no_grad()
+    def time_derivative(
+        self, model, z: Tensor, r: Tensor, t: Tensor, class_labels: Tensor | None, velocity: Tensor
+    ) -> Tensor:
+        """d/dt u(z_t, r, t) along the method's tangent (B, *shape), zero where r = t.
+
+        The target takes no gradient (eq. 9), so the forward-mode pass keeps no graph and the loss's
+        u(z, r, t) is a plain second forward pass: a dual pass with a graph costs more than the two.
+        Only the pairs with r < t are differentiated (at r = t the derivative is multiplied by 0):
+        the r_equals_t_share of the batch costs nothing here. Every rank makes the same calls, an
+        empty selection included, so that DistributedDataParallel's forwards stay in step."""
+        jumps = (r != t).nonzero().squeeze(1)
+        z_jump, r_jump, t_jump = z[jumps], r[jumps], t[jumps]
+        labels = None if class_labels is None else class_labels[jumps]
+        if self.jvp_tangent == "conditional":
+            tangent = velocity[jumps]
+        else:
+            tangent = self.model_velocity(model, z_jump, t_jump, labels).to(velocity.dtype)
+
+        def u(z: Tensor, r: Tensor, t: Tensor) -> Tensor:
+            return self.average_velocity(model, z, r, t, labels)
+
+        derivative = torch.zeros_like(velocity)
+        derivative[jumps] = average_and_time_derivative(u, z_jump, r_jump, t_jump, tangent)[1].to(velocity.dtype)
+        return derivative
 
     @torch.no_grad()
     def model_velocity(self, model, z: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:

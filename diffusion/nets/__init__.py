@@ -61,6 +61,8 @@ def build_denoiser(
             hidden_dim=config.hidden_dim,
             num_layers=config.num_layers,
             time_embedding_dim=config.time_embedding_dim,
+            fourier_features=config.fourier_features,
+            fourier_scale=config.fourier_scale,
             num_classes=classes,
             dropout=config.dropout,
             two_times=two_times,

@@ -5,6 +5,12 @@ so that every block starts unconditioned), then Linear, SiLU, Linear, added back
 Conditioning as in the UNet: a sinusoidal embedding of t through an MLP, plus an optional class
 embedding with a null class (index num_classes) for classifier-free guidance, plus (`two_times`)
 the embedding of a second time through its own MLP (MeanFlow's interval t - r).
+
+Optionally (`fourier_features` F > 0) the input enters as [x, sin(2 pi x B), cos(2 pi x B)] with a
+fixed random B (D, F) ~ N(0, fourier_scale^2) (Tancik et al. 2020, "Fourier Features Let Networks
+Learn High Frequency Functions in Low Dimensional Domains"): an MLP on 2-D input otherwise learns
+sharp edges slowly, and MeanFlow's one-step map from noise to eight separate modes is all edges.
+B is a buffer: it is saved with the weights, and the EMA copy shares its value.
 """
 
 import torch
@@ -36,7 +42,9 @@ class FiLMMLP(nn.Module):
 
     dim: D, the vector size; hidden_dim: the width of the residual stream; num_layers: FiLM blocks;
     time_embedding_dim: the conditioning embedding's width (None: 4 x min(hidden_dim, 128));
-    num_classes: None for an unconditional net; two_times: it takes a second time."""
+    num_classes: None for an unconditional net; two_times: it takes a second time;
+    fourier_features: F random frequencies of the input (0: none); fourier_scale: their standard
+    deviation, in cycles per unit of x."""
 
     def __init__(
         self,
@@ -47,6 +55,8 @@ class FiLMMLP(nn.Module):
         num_classes: int | None = None,
         dropout: float = 0.0,
         two_times: bool = False,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -55,7 +65,10 @@ class FiLMMLP(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         self.second_time_embedding = TimeEmbedding(self.time_dim, emb_dim) if two_times else None
-        self.proj_in = nn.Linear(dim, hidden_dim)
+        # Drawn from the global RNG like the weights, so a seeded run builds the same net.
+        frequencies = torch.randn(dim, fourier_features) * fourier_scale if fourier_features else None
+        self.register_buffer("frequencies", frequencies)
+        self.proj_in = nn.Linear(dim + 2 * fourier_features, hidden_dim)
         self.blocks = nn.ModuleList(FiLMBlock(hidden_dim, emb_dim, dropout) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(hidden_dim)
         self.proj_out = nn.Linear(hidden_dim, dim)
@@ -71,6 +84,11 @@ class FiLMMLP(nn.Module):
             if class_labels is None:  # no label: the null class, as in the UNet
                 class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.class_embedding(class_labels)
+        if self.frequencies is not None:
+            # A product and a sum rather than a matmul: autocast would take a matmul to bfloat16,
+            # too coarse for angles of several turns.
+            angles = 2 * torch.pi * (x[:, :, None] * self.frequencies).sum(1)
+            x = torch.cat([x, angles.sin(), angles.cos()], dim=1)
         h = self.proj_in(x)
         for block in self.blocks:
             h = block(h, emb)
