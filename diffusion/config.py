@@ -244,7 +244,8 @@ class ModelConfig(Section):
         1.0,
         gt=0.0,
         le=1000.0,
-        description="mlp: standard deviation of the Fourier frequencies, in cycles per unit of x; higher "
+        description="mlp: standard deviation of each input dimension's Fourier frequency, in cycles per "
+        "unit of x (a feature's frequency along x grows as sqrt(D) of it: lower it for wide latents); higher "
         "resolves finer detail and fits noise sooner.",
     )
     n_layer: int = Field(4, ge=1, le=128, description="Transformer: blocks.")

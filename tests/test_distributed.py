@@ -67,10 +67,14 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(method, tin
     one = torch.load(tmp_path / "one/checkpoints/latest.pt", weights_only=False)
     two = torch.load(tmp_path / "two/checkpoints/latest.pt", weights_only=False)
     assert one["step"] == two["step"] == 6
+    # MeanFlow differentiates only its r < t pairs, a selection of another size in each process than in
+    # one: the convolutions sum in another order, and Adam turns that float noise on weights of near-zero
+    # gradient into differences of ~2e-5 after six steps.
+    atol = 1e-4 if method == "meanflow" else 1e-5
     for key in ("model", "ema"):
         for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
-    # The tolerance is tight: six steps moved the weights by far more than it.
+            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=atol, msg=f"{key}.{name}")
+    # The tolerance is tight: six steps moved the weights by far more than it (over 1e-3).
     seed_everything(tiny_config.train.seed)
     data = DataSpec("image", (1, 28, 28), num_classes=10)
     initial = build_network(tiny_config, build_method(tiny_config), data).state_dict()

@@ -61,9 +61,9 @@ def average_and_time_derivative(u, z: Tensor, r: Tensor, t: Tensor, velocity: Te
     the first output keeps a graph where grad mode is on (the loss calls it under no_grad: its target
     takes no gradient).
 
-    torch.autograd.forward_ad rather than torch.func.jvp: the same dual numbers, but the network's
-    parameters stay plain tensors, which DistributedDataParallel's forward needs (under
-    torch.func.jvp its bucket rebuild on the second step fails on the wrapped parameters).
+    torch.autograd.forward_ad rather than torch.func.jvp: the same dual numbers, with the network's
+    parameters left plain tensors, as DistributedDataParallel wants them (torch.func.jvp wraps them:
+    in a pass with a graph, DDP's bucket rebuild on the second step failed on the wrapped ones).
     Attention runs on the math kernel: the fused scaled_dot_product_attention kernels have no
     forward-mode derivative."""
     with forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
@@ -159,7 +159,10 @@ class MeanFlow(FlowMatching):
         u(z, r, t) is a plain second forward pass: a dual pass with a graph costs more than the two.
         Only the pairs with r < t are differentiated (at r = t the derivative is multiplied by 0):
         the r_equals_t_share of the batch costs nothing here. Every rank makes the same calls, an
-        empty selection included, so that DistributedDataParallel's forwards stay in step."""
+        empty selection included, so that DistributedDataParallel's forwards stay in step.
+
+        With model.dropout > 0 this pass draws its own dropout masks, apart from the loss's pass:
+        the target is that of another draw of the same stochastic net."""
         jumps = (r != t).nonzero().squeeze(1)
         z_jump, r_jump, t_jump = z[jumps], r[jumps], t[jumps]
         labels = None if class_labels is None else class_labels[jumps]

@@ -85,9 +85,9 @@ class FiLMMLP(nn.Module):
                 class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.class_embedding(class_labels)
         if self.frequencies is not None:
-            # A product and a sum rather than a matmul: autocast would take a matmul to bfloat16,
-            # too coarse for angles of several turns.
-            angles = 2 * torch.pi * (x[:, :, None] * self.frequencies).sum(1)
+            # Outside autocast: bfloat16 is too coarse for angles of several turns.
+            with torch.autocast(x.device.type, enabled=False):
+                angles = 2 * torch.pi * x.to(self.frequencies.dtype) @ self.frequencies
             x = torch.cat([x, angles.sin(), angles.cos()], dim=1)
         h = self.proj_in(x)
         for block in self.blocks:
