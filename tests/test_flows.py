@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion.__main__ import main
@@ -16,6 +18,7 @@ from diffusion.data.spec import DataSpec
 from diffusion.methods.flow_matching import NET_TIME_SCALE, FlowMatching
 from diffusion.methods.meanflow import MeanFlow, average_and_time_derivative
 from diffusion.nets import build_denoiser
+from diffusion.nets.layers import Linear, LinearFunction
 from diffusion.nets.mlp import FiLMMLP
 from diffusion.paths import LinearPath, sample_times
 from diffusion.train import train
@@ -183,6 +186,37 @@ def test_meanflow_time_derivative_of_an_image_net_is_zero_with_no_pair_below_t_a
     got = method.time_derivative(net, z, r, t, None, velocity)
     torch.testing.assert_close(got[2:], derivative, rtol=1e-4, atol=1e-5)
     assert torch.equal(got[:2], torch.zeros_like(got[:2])) and got[2:].abs().max() > 0
+
+
+def test_the_nets_linear_takes_the_forward_mode_derivative_of_the_tangents_it_is_given_and_no_others():
+    """Without a graph, Linear's JVP is W dx (+ dW x + db where those have tangents), equal to
+    PyTorch's own formula for F.linear (float64); with grad on it is nn.Linear's forward and
+    gradient; its state dict is nn.Linear's."""
+    torch.manual_seed(0)
+    linear = Linear(5, 3).double()
+    reference = torch.nn.Linear(5, 3).double()
+    reference.load_state_dict(linear.state_dict())
+    x, dx = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    dw, db = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    cases = {"input": (dx, None, None), "all": (dx, dw, db), "weight": (None, dw, None), "bias": (None, None, db)}
+    for name, (x_tangent, weight_tangent, bias_tangent) in cases.items():
+        with torch.no_grad(), forward_ad.dual_level():
+
+            def dual(primal, tangent):
+                return primal if tangent is None else forward_ad.make_dual(primal, tangent)
+
+            inputs = (dual(x, x_tangent), dual(linear.weight, weight_tangent), dual(linear.bias, bias_tangent))
+            mine = forward_ad.unpack_dual(LinearFunction.apply(*inputs))
+            expected = forward_ad.unpack_dual(F.linear(*inputs))
+        torch.testing.assert_close(mine.primal, expected.primal, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(mine.tangent, expected.tangent, msg=name)
+    with torch.no_grad(), forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(linear(forward_ad.make_dual(x, dx))).tangent
+    torch.testing.assert_close(tangent, dx @ linear.weight.T)
+    x.requires_grad_(True)
+    mine, expected = linear(x), reference(x)
+    assert mine.grad_fn.name() == expected.grad_fn.name()
+    torch.testing.assert_close(torch.autograd.grad(mine.sum(), x), torch.autograd.grad(expected.sum(), x))
 
 
 def test_fourier_features_are_saved_with_the_weights_and_learn_a_sharp_edge_sooner():

@@ -17,18 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.nets.layers import TimeEmbedding, second_time_embedding, timestep_embedding
+from diffusion.nets.layers import Linear, TimeEmbedding, second_time_embedding, timestep_embedding
 
 
 class FiLMBlock(nn.Module):
     def __init__(self, width: int, emb_dim: int, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.film = nn.Linear(emb_dim, 2 * width)
+        self.film = Linear(emb_dim, 2 * width)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = Linear(width, width)
+        self.fc2 = Linear(width, width)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
@@ -62,16 +62,16 @@ class FiLMMLP(nn.Module):
         self.num_classes = num_classes
         emb_dim = time_embedding_dim or 4 * min(hidden_dim, 128)
         self.time_dim = emb_dim // 4
-        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(Linear(self.time_dim, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         self.second_time_embedding = TimeEmbedding(self.time_dim, emb_dim) if two_times else None
         # Drawn from the global RNG like the weights, so a seeded run builds the same net.
         frequencies = torch.randn(dim, fourier_features) * fourier_scale if fourier_features else None
         self.register_buffer("frequencies", frequencies)
-        self.proj_in = nn.Linear(dim + 2 * fourier_features, hidden_dim)
+        self.proj_in = Linear(dim + 2 * fourier_features, hidden_dim)
         self.blocks = nn.ModuleList(FiLMBlock(hidden_dim, emb_dim, dropout) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(hidden_dim)
-        self.proj_out = nn.Linear(hidden_dim, dim)
+        self.proj_out = Linear(hidden_dim, dim)
 
     def forward(
         self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, second_time: Tensor | None = None
