@@ -443,13 +443,21 @@ def test_the_unet_attention_limits_do_not_apply_to_the_dit():
     assert config.model.name == "dit"
 
 
-def test_a_few_hundred_steps_of_flow_matching_bring_eight_gaussians_near_the_floor(tmp_path):
-    overrides = ["train.max_minutes=null", "train.max_steps=300", "train.batch_size=256", "train.progress=lines"]
+def test_a_thousand_steps_of_flow_matching_bring_eight_gaussians_within_2x_the_floor(tmp_path):
+    """Within 2x what real draws score against the same held-out points (300 steps: 3.3x); the EMA
+    averages the last hundred steps, as a run this short wants."""
+    overrides = [
+        "train.max_minutes=null",
+        "train.max_steps=1000",
+        "train.batch_size=256",
+        "train.ema_decay=0.99",
+        "train.progress=lines",
+    ]
     overrides += ["train.checkpoint_every_minutes=null", "train.sample_every_epochs=null", "device=cpu"]
     assert train(load_run_config(SPECS / "flow-toy.yaml", overrides), tmp_path / "run") == 0
     scores = json.loads((tmp_path / "run/summary.json").read_text())["scores"]
     assert scores["num_samples"] == 2000
-    assert scores["energy_distance"] < 3 * scores["real_floor"]
+    assert scores["energy_distance"] < 2 * scores["real_floor"], scores
     # The Gaussian it starts from is far from the data: the score can tell the two apart.
     from diffusion.data import load_validation
     from diffusion.scores.points import point_scores

@@ -20,7 +20,7 @@ from diffusion.data import (
 )
 from diffusion.data.toys import EIGHT_RADIUS, EIGHT_STD, TOYS, mixture_means, num_classes
 from diffusion.scores import sample_scores
-from diffusion.scores.points import energy_distance, point_scores
+from diffusion.scores.points import energy_distance, point_scores, reference_floor
 
 # Documented bounds of each toy's coordinates (|x| <= bound), with the noise's tails up to 5 std.
 BOUNDS = {"moons": 4.0, "eight_gaussians": EIGHT_RADIUS + 5 * EIGHT_STD, "checkerboard": 4.0, "spirals": 4.0}
@@ -150,10 +150,27 @@ def test_point_scores_leave_out_nonfinite_samples_and_cap_at_half_the_held_out()
     assert scores["num_samples"] == 500  # 560 finite, capped at 1000 // 2
     assert math.isfinite(scores["energy_distance"])
     assert scores["energy_distance"] == energy_distance(samples[240:740], held_out[:500])
-    assert scores["real_floor"] == energy_distance(held_out[:500], held_out[500:])
+    assert scores["real_floor"] == reference_floor(held_out[:500], held_out[500:], 500)
     lost = point_scores(torch.full((10, 2), float("nan")), held_out)
     assert lost["energy_distance"] == math.inf and lost["nonfinite"] == 1.0 and lost["num_samples"] == 0
     assert lost["ratio_to_floor"] == math.inf and lost["real_floor"] > 0
+
+
+def test_the_floor_is_what_real_draws_score_against_the_same_reference_on_average():
+    """reference_floor is the mean energy distance of fresh real draws to one fixed reference (Monte
+    Carlo, within 4 standard errors); it is not the distance of another pair of draws, which scatters
+    around the unconditional mean 2 E|X - X'| / n; fewer than 4 held-out points are refused."""
+    for name in ("eight_gaussians", "moons"):
+        points, _ = make_toy(name, 10_200, seed=1)
+        reference, rest = points[:200], points[200:]
+        floor = reference_floor(reference, rest, 200)
+        distances = torch.tensor([energy_distance(make_toy(name, 200, seed=100 + s)[0], reference) for s in range(600)])
+        standard_error = distances.std().item() / len(distances) ** 0.5
+        assert abs(distances.mean().item() - floor) < 4 * standard_error, (name, floor, distances.mean())
+        # Without the (1 - 1/n) of the samples' own pairs the formula is off by E|X - X'| / n, many errors.
+        assert torch.pdist(rest[:2000].double()).mean().item() / 200 > 10 * standard_error
+    with pytest.raises(ValueError, match="at least 4 held-out points"):
+        point_scores(torch.zeros(5, 2), torch.zeros(3, 2))
 
 
 def test_sample_scores_of_points_are_point_scores():

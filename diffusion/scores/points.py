@@ -1,5 +1,5 @@
 """Scores of 2-D point samples against held-out points of the same toy: the energy distance, beside the
-floor it has between two real draws of the same size."""
+floor that real draws of the same size score against the same held-out points."""
 
 import math
 
@@ -24,8 +24,8 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
         2 E|X - Y| - E|X - X'| - E|Y - Y'|,
     each mean over all pairs, i = j included (the V-statistic), in float64. It is >= 0 and 0 exactly for
     x == y (as a set with itself), but biased upward by O(1/N + 1/M): two independent draws of one
-    distribution score a positive floor, not 0, so a perfect sampler scores that floor (`point_scores`
-    reports it). Memory O(N + M) beside a fixed block of distances. ValueError for empty or mismatched
+    distribution score a positive floor, not 0, so a perfect sampler scores that floor
+    (`reference_floor`; `point_scores` reports it). Memory O(N + M) beside a fixed block of distances. ValueError for empty or mismatched
     inputs."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not len(x) or not len(y):
         raise ValueError(f"energy_distance needs (N, D) and (M, D), N, M >= 1; got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -34,15 +34,34 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
     return max(0.0, 2 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y))
 
 
+def reference_floor(reference: Tensor, rest: Tensor, num_samples: int) -> float:
+    """What a perfect sampler of num_samples points scores on average against `reference` (n, D):
+    the expected energy_distance(X, reference) over fresh draws X of the data, the reference given,
+    from `rest` (m >= 2 other points of the data, independent of the reference):
+
+        2 E|X - h| - (1 - 1/num_samples) E|X - X'| - mean_ij |h_i - h_j|,
+
+    E|X - h| the mean distance of `rest` to the reference, E|X - X'| the mean distance of two points
+    of `rest` (i != j): the V-statistic's expectation, term by term. A given reference sits closer
+    to the data's spread or farther than another draw would: against one reference of 2000 points of
+    eight Gaussians, real 2000-point draws average 0.00227, while two independent draws average
+    0.0039 and the floor of one pair of draws ranges over 0.4x-3x that. So the floor is the one of
+    the reference the samples are scored against. float64."""
+    reference, rest = reference.detach().cpu().double(), rest.detach().cpu().double()
+    within_rest = mean_distance(rest, rest) * len(rest) / (len(rest) - 1)
+    return (
+        2 * mean_distance(rest, reference) - (1 - 1 / num_samples) * within_rest - mean_distance(reference, reference)
+    )
+
+
 def point_scores(samples: Tensor, held_out: Tensor) -> dict:
-    """Samples (N, 2) against held-out points (M, 2, M >= 2) of the same distribution:
+    """Samples (N, 2) against held-out points (M, 2, M >= 4) of the same distribution:
     energy_distance: of the finite samples, the first n = min(their count, M // 2), against held_out[:n];
         inf when no sample is finite;
-    real_floor: held_out[:n] against held_out[n:2n] (averaged with the next disjoint pairs of n the
-        held-out points hold), what a perfect sampler would score at that n (n = min(N, M // 2) when
-        no sample is finite);
+    real_floor: what n fresh draws of the data score against held_out[:n] on average
+        (`reference_floor`, from the other held-out points; n = min(N, M // 2) when no sample is finite);
     ratio_to_floor: energy_distance / real_floor (1 is as good as the data; inf when either is inf or
-        the floor is 0);
+        the floor is not above 0);
     num_samples: n, the samples scored;
     nonfinite: the share of the N samples with a NaN or inf coordinate, left out of the distance.
     ValueError for bad shapes."""
@@ -50,9 +69,10 @@ def point_scores(samples: Tensor, held_out: Tensor) -> dict:
         raise ValueError(
             f"point_scores needs (N, D), N >= 1 and (M, D); got {tuple(samples.shape)}, {tuple(held_out.shape)}"
         )
-    if len(held_out) < 2:
+    if len(held_out) < 4:
         raise ValueError(
-            f"point_scores needs at least 2 held-out points (two halves for the floor), got {len(held_out)}"
+            "point_scores needs at least 4 held-out points (a reference, and others to measure its floor with), "
+            f"got {len(held_out)}"
         )
     samples, held_out = samples.detach().cpu().double(), held_out.detach().cpu().double()
     finite = torch.isfinite(samples).all(dim=1)
@@ -60,18 +80,7 @@ def point_scores(samples: Tensor, held_out: Tensor) -> dict:
     count = min(len(kept), len(held_out) // 2)
     floor_count = count or min(len(samples), len(held_out) // 2)
     distance = energy_distance(kept[:count], held_out[:count]) if count else math.inf
-    # Averaged over every disjoint pair of held-out draws of that size: one pair's floor varies by 2x and more.
-    pairs = len(held_out) // (2 * floor_count)
-    floor = (
-        sum(
-            energy_distance(
-                held_out[2 * i * floor_count : (2 * i + 1) * floor_count],
-                held_out[(2 * i + 1) * floor_count : (2 * i + 2) * floor_count],
-            )
-            for i in range(pairs)
-        )
-        / pairs
-    )
+    floor = reference_floor(held_out[:floor_count], held_out[floor_count:], floor_count)
     ratio = distance / floor if floor > 0 and math.isfinite(distance) else math.inf
     return {
         "energy_distance": distance,
