@@ -72,7 +72,8 @@ def score(run_dir: Path, settings: dict, num_samples: int, seed: int) -> dict:
 def draw_ratios(run_dir: Path, settings: dict, num_samples: int, seeds: list[int]) -> list[float]:
     """energy distance / real floor of one draw of num_samples points per seed, as the sample task
     scores them (`point_scores` against the held-out split), without writing anything."""
-    overrides = [f"sample.{key}={value}" for key, value in settings.items()] + [f"sample.num_samples={num_samples}"]
+    overrides = [f"sample.{key}={value}" for key, value in settings.items()]
+    overrides += [f"sample.num_samples={num_samples}", f"sample.batch_size={num_samples}"]  # as `score` draws
     config = load_run_config(run_dir / CONFIG, overrides, stored=True)
     config.sample.checkpoint = str(run_dir)
     trained, held_out = load_trained(config, run_dir), load_validation(config.data).points
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="where every number goes (default RUN_ROOT/toys-DATASET.json)")
     parser.add_argument("--note", default="nothing else", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
+    if args.draws < 1:
+        parser.error(f"--draws must be 1 or more, got {args.draws}")
     if args.reuse and args.run_root is None:
         parser.error("--reuse needs --run-root, the folder holding flow-toy/ and meanflow-toy/")
 
@@ -180,8 +183,9 @@ def main() -> None:
             f"{row['mean_ratio']:>12.2f}  {' '.join(f'{ratio:.2f}' for ratio in row['draw_ratios'])}"
         )
     print(
-        f"(seed {args.seed}, all {args.num_samples} points in one batch; ratio = energy distance / real floor, the "
-        f"floor what real draws of {rows[0]['scores']['num_samples']} points score against the same held-out ones; dopri5's NFE is its own count at "
+        f"(seed {args.seed}, all {args.num_samples} points in one batch; ratio = energy distance / real floor, "
+        f"the floor what real draws of {rows[0]['scores']['num_samples']} points score against the same held-out "
+        f"ones; dopri5's NFE is its own count at "
         f"rtol = atol = 1e-5; mean of {args.draws}: the ratio over draws of seeds {seeds[0]}-{seeds[-1]})"
     )
 
@@ -196,9 +200,10 @@ def main() -> None:
             f"{end['num_samples']} points and seed) differs from the Euler-100 row's"
         )
     floor_ratio = euler["mean_ratio"]
-    # The floor is the same for both (one held-out split, one N): a ratio of ratios is one of distances.
+    # With every sample finite the floor is the same for both (one reference, one N): a ratio of the
+    # ratios is one of the distances.
     meanflow_ratio = one_step["mean_ratio"] / euler["mean_ratio"]
-    first_draw = one_step["scores"]["energy_distance"] / euler["scores"]["energy_distance"]
+    first_draw_meanflow_over_euler = one_step["scores"]["energy_distance"] / euler["scores"]["energy_distance"]
     targets = [
         {
             "target": f"flow matching Euler-100 within {FLOOR_TARGET:g}x the real floor",
@@ -218,7 +223,7 @@ def main() -> None:
         print(f"{verdict(target['met'])}  {target['target']}: x{target['value']:.2f} (mean of {args.draws} draws)")
     print(
         f"(the first draw alone: flow matching x{euler['scores']['ratio_to_floor']:.2f} the floor, MeanFlow "
-        f"x{first_draw:.2f} flow matching's)"
+        f"x{first_draw_meanflow_over_euler:.2f} flow matching's)"
     )
 
     info["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]

@@ -188,35 +188,56 @@ def test_meanflow_time_derivative_of_an_image_net_is_zero_with_no_pair_below_t_a
     assert torch.equal(got[:2], torch.zeros_like(got[:2])) and got[2:].abs().max() > 0
 
 
-def test_the_nets_linear_takes_the_forward_mode_derivative_of_the_tangents_it_is_given_and_no_others():
+def test_the_nets_linear_takes_the_forward_mode_derivative_of_the_tangents_it_is_given_and_no_others(monkeypatch):
     """Without a graph, Linear's JVP is W dx (+ dW x + db where those have tangents), equal to
-    PyTorch's own formula for F.linear (float64); with grad on it is nn.Linear's forward and
-    gradient; its state dict is nn.Linear's."""
+    PyTorch's own formula for F.linear (float64), with or without a bias; the weight's and bias's
+    absent tangents reach it as None (nothing multiplied by zeros); under bf16 autocast the tangent
+    has the output's dtype; with grad on it is nn.Linear's forward and gradient."""
+    received = []
+    jvp = LinearFunction.jvp
+
+    def recording_jvp(ctx, *tangents):
+        received.append(tuple(tangent is None for tangent in tangents))
+        return jvp(ctx, *tangents)
+
+    monkeypatch.setattr(LinearFunction, "jvp", staticmethod(recording_jvp))
     torch.manual_seed(0)
-    linear = Linear(5, 3).double()
-    reference = torch.nn.Linear(5, 3).double()
-    reference.load_state_dict(linear.state_dict())
     x, dx = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     dw, db = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    cases = {"input": (dx, None, None), "all": (dx, dw, db), "weight": (None, dw, None), "bias": (None, None, db)}
-    for name, (x_tangent, weight_tangent, bias_tangent) in cases.items():
+
+    def dual(primal, tangent):
+        return primal if tangent is None or primal is None else forward_ad.make_dual(primal, tangent)
+
+    for bias in (True, False):
+        linear = Linear(5, 3, bias=bias).double()
+        cases = {"input": (dx, None, None), "all": (dx, dw, db), "weight": (None, dw, None), "bias": (None, None, db)}
+        for name, (x_tangent, weight_tangent, bias_tangent) in cases.items():
+            if not bias and name == "bias":
+                continue
+            with torch.no_grad(), forward_ad.dual_level():
+                inputs = (dual(x, x_tangent), dual(linear.weight, weight_tangent), dual(linear.bias, bias_tangent))
+                mine = forward_ad.unpack_dual(LinearFunction.apply(*inputs))
+                expected = forward_ad.unpack_dual(F.linear(*inputs))
+            torch.testing.assert_close(mine.primal, expected.primal, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(mine.tangent, expected.tangent, msg=name)
+        received.clear()
         with torch.no_grad(), forward_ad.dual_level():
+            tangent = forward_ad.unpack_dual(linear(forward_ad.make_dual(x, dx))).tangent
+        assert received == [(False, True, True)]  # through LinearFunction, the weight's and bias's as None
+        torch.testing.assert_close(tangent, dx @ linear.weight.T)
 
-            def dual(primal, tangent):
-                return primal if tangent is None else forward_ad.make_dual(primal, tangent)
+    linear = Linear(5, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), forward_ad.dual_level():
+        output = forward_ad.unpack_dual(linear(forward_ad.make_dual(x.float(), dx.float())))
+    assert output.primal.dtype == output.tangent.dtype == torch.bfloat16
 
-            inputs = (dual(x, x_tangent), dual(linear.weight, weight_tangent), dual(linear.bias, bias_tangent))
-            mine = forward_ad.unpack_dual(LinearFunction.apply(*inputs))
-            expected = forward_ad.unpack_dual(F.linear(*inputs))
-        torch.testing.assert_close(mine.primal, expected.primal, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(mine.tangent, expected.tangent, msg=name)
-    with torch.no_grad(), forward_ad.dual_level():
-        tangent = forward_ad.unpack_dual(linear(forward_ad.make_dual(x, dx))).tangent
-    torch.testing.assert_close(tangent, dx @ linear.weight.T)
-    x.requires_grad_(True)
-    mine, expected = linear(x), reference(x)
-    assert mine.grad_fn.name() == expected.grad_fn.name()
-    torch.testing.assert_close(torch.autograd.grad(mine.sum(), x), torch.autograd.grad(expected.sum(), x))
+    reference = torch.nn.Linear(5, 3)
+    reference.load_state_dict(linear.state_dict())
+    received.clear()
+    inputs = x.float().requires_grad_(True)
+    mine, expected = linear(inputs), reference(inputs)
+    assert mine.grad_fn.name() == expected.grad_fn.name() and not received
+    torch.testing.assert_close(torch.autograd.grad(mine.sum(), inputs), torch.autograd.grad(expected.sum(), inputs))
 
 
 def test_fourier_features_are_saved_with_the_weights_and_learn_a_sharp_edge_sooner():

@@ -38,8 +38,8 @@ __all__ = [
 ]
 
 # The toys' splits: fixed seeds, so every run trains on the same points and is scored against the same
-# held-out ones. The test split is large enough that the real-vs-real floor of the energy distance can be
-# computed from two disjoint halves for up to 5000 samples.
+# held-out ones. Up to 5000 samples are scored against the first of them; the rest measure the floor of
+# the energy distance (scores/points.py: reference_floor), more precisely the more of them there are.
 TOY_TRAIN_SEED, TOY_TEST_SEED = 0, 1
 TOY_TEST_POINTS = 10_000
 

@@ -39,16 +39,19 @@ class LinearFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, _ = inputs
         ctx.save_for_forward(x, weight)
+        ctx.output_dtype = output.dtype  # under autocast, the tangent takes the output's dtype
         ctx.set_materialize_grads(False)  # an input without a tangent comes as None, not zeros
 
     @staticmethod
     def jvp(ctx, x_tangent: Tensor | None, weight_tangent: Tensor | None, bias_tangent: Tensor | None) -> Tensor:
         x, weight = ctx.saved_tensors
-        terms = [F.linear(x_tangent, weight)] if x_tangent is not None else []
-        terms += [F.linear(x, weight_tangent)] if weight_tangent is not None else []
-        terms += [bias_tangent] if bias_tangent is not None else []
-        tangent, shape = sum(terms[1:], terms[0]), (*x.shape[:-1], weight.shape[0])
-        return tangent if tangent.shape == shape else tangent.expand(shape).clone()  # a bias's tangent alone
+        shape = (*x.shape[:-1], weight.shape[0])
+        tangent = F.linear(x_tangent, weight) if x_tangent is not None else x.new_zeros(shape)
+        if weight_tangent is not None:
+            tangent = tangent + F.linear(x, weight_tangent)
+        if bias_tangent is not None:
+            tangent = tangent + bias_tangent
+        return tangent.to(ctx.output_dtype)
 
 
 class Linear(nn.Linear):

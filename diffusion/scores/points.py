@@ -25,8 +25,8 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
     each mean over all pairs, i = j included (the V-statistic), in float64. It is >= 0 and 0 exactly for
     x == y (as a set with itself), but biased upward by O(1/N + 1/M): two independent draws of one
     distribution score a positive floor, not 0, so a perfect sampler scores that floor
-    (`reference_floor`; `point_scores` reports it). Memory O(N + M) beside a fixed block of distances. ValueError for empty or mismatched
-    inputs."""
+    (`reference_floor`; `point_scores` reports it). Memory O(N + M) beside a fixed block of
+    distances. ValueError for empty or mismatched inputs."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not len(x) or not len(y):
         raise ValueError(f"energy_distance needs (N, D) and (M, D), N, M >= 1; got {tuple(x.shape)}, {tuple(y.shape)}")
     x, y = x.detach().cpu().double(), y.detach().cpu().double()
@@ -42,11 +42,20 @@ def reference_floor(reference: Tensor, rest: Tensor, num_samples: int) -> float:
         2 E|X - h| - (1 - 1/num_samples) E|X - X'| - mean_ij |h_i - h_j|,
 
     E|X - h| the mean distance of `rest` to the reference, E|X - X'| the mean distance of two points
-    of `rest` (i != j): the V-statistic's expectation, term by term. A given reference sits closer
-    to the data's spread or farther than another draw would: against one reference of 2000 points of
-    eight Gaussians, real 2000-point draws average 0.00227, while two independent draws average
-    0.0039 and the floor of one pair of draws ranges over 0.4x-3x that. So the floor is the one of
-    the reference the samples are scored against. float64."""
+    of `rest` (i != j): the V-statistic's expectation, term by term, unbiased. Two independent draws
+    of n points score 2 E|X - X'| / n on average, but a given reference sits closer to the data's
+    spread or farther than another would, and samples are scored against this one.
+
+    Precision: the estimate equals energy_distance(rest, reference) plus a bias correction, so its
+    error given the reference shrinks as m grows against n; at m = n it is one pair's distance. On the
+    toys' held-out split (m = 8000 for n = 2000) its standard error is of the order of a fifth of the
+    floor (an estimate from the variance of the degenerate V-statistic): against the 0.00273 it gives
+    for eight Gaussians, thirty real 2000-point draws averaged 0.00227 (+- 0.0003). float64.
+    ValueError for fewer than 2 points of `rest` or num_samples < 1."""
+    if len(rest) < 2 or num_samples < 1:
+        raise ValueError(
+            f"reference_floor needs 2 or more points of rest and num_samples >= 1, got {len(rest)}, {num_samples}"
+        )
     reference, rest = reference.detach().cpu().double(), rest.detach().cpu().double()
     within_rest = mean_distance(rest, rest) * len(rest) / (len(rest) - 1)
     return (
@@ -64,7 +73,7 @@ def point_scores(samples: Tensor, held_out: Tensor) -> dict:
         the floor is not above 0);
     num_samples: n, the samples scored;
     nonfinite: the share of the N samples with a NaN or inf coordinate, left out of the distance.
-    ValueError for bad shapes."""
+    ValueError for bad shapes and for fewer than 4 held-out points."""
     if samples.dim() != 2 or held_out.dim() != 2 or samples.shape[1] != held_out.shape[1] or not len(samples):
         raise ValueError(
             f"point_scores needs (N, D), N >= 1 and (M, D); got {tuple(samples.shape)}, {tuple(held_out.shape)}"
