@@ -1,11 +1,19 @@
 """The renovation of issue 16 changed no number: a fixed-seed tiny MNIST train plus a DDIM sample,
-and a fixed-seed tiny masked-text train plus a sample, give exactly the tensors that main gave
+and a fixed-seed tiny masked-text train plus a sample, give the tensors that main gave
 before it (tests/fixtures/same_numbers.pt, recorded by `python -m tests.test_same_numbers record`
 on that main, torch 2.14.1 on the CPU).
 
-What is compared, bit for bit: every weight of the final checkpoint (model and EMA), the logged
-losses, the sample task's samples (the images' uint8 pixels, the decoded text) and the text
-run's validation bits per character.
+What is compared: every weight of the final checkpoint (model and EMA), the logged losses, the
+sample task's samples (the images' uint8 pixels, the decoded text) and the text run's validation
+bits per character. Bit for bit on a CPU with the kernels of the recording (the fixture's
+`cpu_capability`, torch.backends.cpu.get_cpu_capability()); elsewhere (AVX2 against AVX512, say)
+oneDNN and MKL sum in another order, so within what rounding explains: losses and bits per
+character to a relative 1e-5; each weight within one Adam step (the run's lr: Adam's first steps
+turn a rounding-sized change of a near-zero gradient into up to a full step); pixels off by at most
+one level in at most 1% of them; the text exactly. Any change of the method moves the losses by far
+more than 1e-5. The fixture of issue 16 has no `cpu_capability` (the machines before 2026-12-01
+matched it bit for bit; an AMD EPYC with AVX2 does not, by 2e-4 of a weight, 1e-7 of a loss):
+it is compared within rounding everywhere.
 """
 
 import json
@@ -98,17 +106,29 @@ def weights_and_losses(run_dir: Path) -> dict:
     return {"model": checkpoint["model"], "ema": checkpoint["ema"], "losses": losses}
 
 
-def assert_same(got: dict, expected: dict) -> None:
+def assert_same(got: dict, expected: dict, lr: float) -> None:
+    """Bit for bit where the fixture was recorded on this CPU's kernels, else within rounding (above)."""
+    exact = expected.get("cpu_capability") == torch.backends.cpu.get_cpu_capability()
+    expected = {key: value for key, value in expected.items() if key != "cpu_capability"}
     assert set(got) == set(expected)
     for key, value in expected.items():
         if key in ("model", "ema"):
             assert list(got[key]) == list(value), key
             for name, tensor in value.items():
-                assert torch.equal(got[key][name], tensor), f"{key}.{name}"
-        elif isinstance(value, torch.Tensor):
-            assert torch.equal(got[key], value), key
-        else:
+                if exact or not tensor.is_floating_point():
+                    assert torch.equal(got[key][name], tensor), f"{key}.{name}"
+                else:
+                    torch.testing.assert_close(got[key][name], tensor, rtol=0, atol=lr, msg=f"{key}.{name}")
+        elif isinstance(value, torch.Tensor):  # uint8 pixels
+            if exact:
+                assert torch.equal(got[key], value), key
+            else:
+                off = (got[key].int() - value.int()).abs()
+                assert off.max() <= 1 and (off > 0).float().mean() <= 0.01, key
+        elif isinstance(value, str) or exact:
             assert got[key] == value, key
+        else:  # losses, bits per character
+            assert got[key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.fixture
@@ -119,18 +139,22 @@ def data_root(mnist_root, shakespeare_root, monkeypatch) -> Path:
 
 
 def test_tiny_mnist_train_and_ddim_sample_give_the_recorded_tensors(data_root, tmp_path):
-    assert_same(run_image(tmp_path / "image"), torch.load(FIXTURE, weights_only=False)["image"])
+    assert_same(run_image(tmp_path / "image"), torch.load(FIXTURE, weights_only=False)["image"], IMAGE["train"]["lr"])
 
 
 def test_tiny_masked_text_train_and_sample_give_the_recorded_tensors(data_root, tmp_path):
-    assert_same(run_text(tmp_path / "text"), torch.load(FIXTURE, weights_only=False)["text"])
+    assert_same(run_text(tmp_path / "text"), torch.load(FIXTURE, weights_only=False)["text"], TEXT["train"]["lr"])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["record"]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        recorded = {"image": run_image(Path(folder) / "image"), "text": run_text(Path(folder) / "text")}
+        capability = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        recorded = {
+            "image": {**run_image(Path(folder) / "image"), **capability},
+            "text": {**run_text(Path(folder) / "text"), **capability},
+        }
     FIXTURE.parent.mkdir(exist_ok=True)
     torch.save(recorded, FIXTURE)
     print(f"recorded {FIXTURE} ({FIXTURE.stat().st_size:,} bytes)")
