@@ -11,11 +11,12 @@ real-vs-real floor at the same N, written to RUN_DIR/eval/NAME.json):
 Each sampler is also drawn `--draws` times (seeds --seed, --seed + 1, ...; the first is the row's
 own draw) and scored the same way: one draw is a noisy measure. Its energy distance sits on a bias
 of O(1/N) that the floor measures, and the draw's own scatter is of the same order: thirty
-2000-point draws of eight Gaussians itself score 0.34-2.71 of the floor (mean 0.83), and five draws
-of one MeanFlow checkpoint averaged anywhere in 1.43-1.74. The targets are judged on the mean ratio
-over the draws (20 by default: a standard error of ~0.1 of the floor); the first draw's ratios are
-printed beside it. One training seed is one run: seeds of one spec differ by more than that
-(MeanFlow at seeds 0-2: 1.41-1.46; its net at width 256, 1.55-2.05).
+2000-point draws of eight Gaussians itself score 0.34-2.71 of the floor (mean 0.83), and one
+MeanFlow checkpoint's expected score, estimated from single draws of 20,000 points, came out
+anywhere in 1.43-1.74. The targets are judged on the mean ratio over the draws (20 by default: a
+standard error of ~0.1 of the floor); the first draw's ratios are printed beside it. One training
+seed is one run: seeds of one spec differ by more than that (MeanFlow's one step with a 256-wide
+net, seeds 0-2: 1.55-2.05, the expected score of a draw).
 
 Targets: flow matching's Euler-100 energy distance within 2x the real floor; MeanFlow's 1-step
 energy distance within 1.5x flow matching's Euler-100. Every number also goes to a JSON file.

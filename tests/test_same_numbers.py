@@ -5,15 +5,15 @@ on that main, torch 2.14.1 on the CPU).
 
 What is compared: every weight of the final checkpoint (model and EMA), the logged losses, the
 sample task's samples (the images' uint8 pixels, the decoded text) and the text run's validation
-bits per character. Bit for bit on a CPU with the kernels of the recording (the fixture's
-`cpu_capability`, torch.backends.cpu.get_cpu_capability()); elsewhere (AVX2 against AVX512, say)
+bits per character. Bit for bit where the recording's kernels are this machine's (the fixture's
+`kernels`: torch's version, CPU capability and thread count); elsewhere (AVX2 against AVX512, say)
 oneDNN and MKL sum in another order, so within what rounding explains: losses and bits per
-character to a relative 1e-5; each weight within one Adam step (the run's lr: Adam's first steps
-turn a rounding-sized change of a near-zero gradient into up to a full step); pixels off by at most
-one level in at most 1% of them; the text exactly. Any change of the method moves the losses by far
-more than 1e-5. The fixture of issue 16 has no `cpu_capability` (the machines before 2026-12-01
-matched it bit for bit; an AMD EPYC with AVX2 does not, by 2e-4 of a weight, 1e-7 of a loss):
-it is compared within rounding everywhere.
+character to a relative 1e-5, which any change of the method exceeds by far; each weight within one
+step of the run's lr (Adam's first steps turn a rounding-sized change of a near-zero gradient into
+a step; measured on AVX2: 2e-4 of the largest weight); pixels off by at most one level in at most
+1% of them; the text exactly. The fixture of issue 16 has no `kernels` (the machines before
+2026-12-01 matched it bit for bit; an AMD EPYC with AVX2 does not, by 1e-7 of a loss): it is
+compared within rounding everywhere.
 """
 
 import json
@@ -106,10 +106,15 @@ def weights_and_losses(run_dir: Path) -> dict:
     return {"model": checkpoint["model"], "ema": checkpoint["ema"], "losses": losses}
 
 
+def kernels() -> str:
+    """What decides the order of the CPU's sums: torch's version, its CPU capability, its threads."""
+    return f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
+
+
 def assert_same(got: dict, expected: dict, lr: float) -> None:
     """Bit for bit where the fixture was recorded on this CPU's kernels, else within rounding (above)."""
-    exact = expected.get("cpu_capability") == torch.backends.cpu.get_cpu_capability()
-    expected = {key: value for key, value in expected.items() if key != "cpu_capability"}
+    exact = expected.get("kernels") == kernels()
+    expected = {key: value for key, value in expected.items() if key != "kernels"}
     assert set(got) == set(expected)
     for key, value in expected.items():
         if key in ("model", "ema"):
@@ -118,11 +123,14 @@ def assert_same(got: dict, expected: dict, lr: float) -> None:
                 if exact or not tensor.is_floating_point():
                     assert torch.equal(got[key][name], tensor), f"{key}.{name}"
                 else:
-                    torch.testing.assert_close(got[key][name], tensor, rtol=0, atol=lr, msg=f"{key}.{name}")
+                    torch.testing.assert_close(
+                        got[key][name], tensor, rtol=0, atol=lr, msg=lambda m: f"{key}.{name}: {m}"
+                    )
         elif isinstance(value, torch.Tensor):  # uint8 pixels
             if exact:
                 assert torch.equal(got[key], value), key
             else:
+                assert got[key].shape == value.shape, key
                 off = (got[key].int() - value.int()).abs()
                 assert off.max() <= 1 and (off > 0).float().mean() <= 0.01, key
         elif isinstance(value, str) or exact:
@@ -150,10 +158,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["record"]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        capability = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
         recorded = {
-            "image": {**run_image(Path(folder) / "image"), **capability},
-            "text": {**run_text(Path(folder) / "text"), **capability},
+            "image": {**run_image(Path(folder) / "image"), "kernels": kernels()},
+            "text": {**run_text(Path(folder) / "text"), "kernels": kernels()},
         }
     FIXTURE.parent.mkdir(exist_ok=True)
     torch.save(recorded, FIXTURE)
