@@ -8,6 +8,10 @@ real-vs-real floor at the same N, written to RUN_DIR/eval/NAME.json):
 - flow matching with Euler-100 and with dopri5 (rtol = atol = 1e-5; its NFE is the solver's own count);
 - MeanFlow with 1 and 2 average-velocity jumps (sampler meanflow).
 
+`--set JOB:KEY=VALUE` changes one job's spec, e.g. MeanFlow without its minibatch-OT pairing:
+`--only meanflow-toy --set meanflow-toy:method.coupling=independent --set
+meanflow-toy:method.coupling_group_size=256` (the group size's default: it is read only under OT).
+
 Each sampler is also drawn `--draws` times (seeds --seed, --seed + 1, ...; the first is the row's
 own draw) and scored the same way: one draw is a noisy measure. Its energy distance sits on a bias
 of O(1/N) that the floor measures, and the draw's own scatter is of the same order: thirty
@@ -110,6 +114,13 @@ def main() -> None:
         "--reuse", "--skip-train", action="store_true", help="rescore the run dirs under --run-root, no training"
     )
     parser.add_argument("--only", choices=JOBS, help="train only this one (again), then score both")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="JOB:KEY=VALUE",
+        help="an override of one job's spec (repeatable), e.g. meanflow-toy:method.coupling=independent",
+    )
     parser.add_argument("--json", type=Path, help="where every number goes (default RUN_ROOT/toys-DATASET.json)")
     parser.add_argument("--note", default="nothing else", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
@@ -118,6 +129,13 @@ def main() -> None:
     if args.reuse and args.run_root is None:
         parser.error("--reuse needs --run-root, the folder holding flow-toy/ and meanflow-toy/")
 
+    job_overrides = {job: [] for job in JOBS}
+    for assignment in args.set:
+        job, _, override = assignment.partition(":")
+        if job not in JOBS or "=" not in override:
+            parser.error(f"--set {assignment!r}: expected JOB:KEY=VALUE with JOB one of {', '.join(JOBS)}")
+        job_overrides[job].append(override)
+
     root = args.run_root or REPO / "runs" / f"bench-toys-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = machine(args.note)
     print_machine(info, root)
@@ -125,7 +143,7 @@ def main() -> None:
     for job in JOBS:
         if args.reuse or args.only not in (None, job):
             continue
-        overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}"]
+        overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}", *job_overrides[job]]
         config = load_run_config(REPO / f"configs/jobs/{job}.yaml", overrides)
         config.train.progress = "lines"
         if (root / job).exists():  # trained again from scratch; the earlier run kept beside it
@@ -153,6 +171,7 @@ def main() -> None:
             # The spec's sampler (flow-toy: Euler-100) on the spec's preview count, in one batch.
             "scores_at_end_of_training": summary.scores,
             "sample_seed": stored.sample.seed,
+            "coupling": stored.method.coupling,
         }
     for job in JOBS:
         warm_up(root / job)
@@ -170,11 +189,13 @@ def main() -> None:
         row["mean_ratio"] = sum(row["draw_ratios"]) / len(row["draw_ratios"])
 
     print(f"\n== {args.dataset}: {budget(runs)}, {args.num_samples} points per sampler")
-    print(f"{'':<16}{'params':>10}{'steps':>8}{'train min':>11}{'final loss':>12}  status")
+    print(f"{'':<16}{'params':>10}{'steps':>8}{'train min':>11}{'final loss':>12}  {'coupling':<14}status")
     for job, run in runs.items():
         minutes = f"{run['train_minutes']:.2f}" if run["train_minutes"] is not None else "-"
         loss = f"{run['final_loss']:.4f}" if run["final_loss"] is not None else "-"
-        print(f"{job:<16}{run['num_parameters'] or 0:>10,}{run['step']:>8}{minutes:>11}{loss:>12}  {run['status']}")
+        print(
+            f"{job:<16}{run['num_parameters'] or 0:>10,}{run['step']:>8}{minutes:>11}{loss:>12}  {run['coupling']:<14}{run['status']}"
+        )
     print(
         f"\n{'sampler':<26}{'NFE':>7}{'energy dist':>13}{'real floor':>12}{'ratio':>8}{'sample s':>10}{'nonfinite':>11}"
         f"{f'mean of {args.draws}':>12}  {'draws':<}"
@@ -241,6 +262,7 @@ def main() -> None:
         "seed": args.seed,
         "draws": args.draws,
         "reused": args.reuse,
+        "overrides": job_overrides,
         "machine": info,
         "runs": runs,
         "rows": rows,

@@ -73,9 +73,10 @@ METHOD_SAMPLERS = {
 # whole config.yaml is shown beside them). A method or net not named here shows its name alone.
 METHOD_SETTINGS = {
     "ddpm": ("method.num_train_timesteps", "method.beta_schedule", "method.prediction_type", "method.autoencoder"),
-    "flow_matching": ("method.time_sampling", "method.autoencoder"),
+    "flow_matching": ("method.time_sampling", "method.coupling", "method.autoencoder"),
     "meanflow": (
         "method.time_sampling",
+        "method.coupling",
         "method.logit_normal_mean",
         "method.r_equals_t_share",
         "method.adaptive_weight_power",
@@ -305,6 +306,20 @@ class MethodConfig(Section):
     )
     logit_normal_mean: float = Field(0.0, ge=-10.0, le=10.0, description="time_sampling logit_normal: mean.")
     logit_normal_std: float = Field(1.0, gt=0.0, le=10.0, description="time_sampling logit_normal: std.")
+    coupling: Literal["independent", "minibatch_ot"] = Field(
+        "independent",
+        description="flow_matching, meanflow: how a batch's noise is paired with its data: independent draws, "
+        "or minibatch_ot, the exact optimal-transport pairing (squared distance) within groups of "
+        "coupling_group_size examples (Tong et al. 2023, OT-CFM): straighter paths and a target of less "
+        "variance; unconditional models only.",
+    )
+    coupling_group_size: int = Field(
+        256,
+        ge=2,
+        le=4096,
+        description="coupling minibatch_ot: examples per exact assignment, at most train.batch_size (its "
+        "time grows as the cube: ~1 ms at 128 on a CPU core, ~0.5 s at 1024).",
+    )
     r_equals_t_share: float = Field(
         0.75,
         ge=0.0,
@@ -654,6 +669,8 @@ def unread_settings(config: RunConfig):
         ("method.time_sampling", flow, "flow_matching and meanflow"),
         ("method.logit_normal_mean", flow, "flow_matching and meanflow"),
         ("method.logit_normal_std", flow, "flow_matching and meanflow"),
+        ("method.coupling", flow, "flow_matching and meanflow"),
+        ("method.coupling_group_size", method.coupling == "minibatch_ot", "method.coupling 'minibatch_ot'"),
         ("method.r_equals_t_share", method.name == "meanflow", "meanflow"),
         ("method.adaptive_weight_power", method.name == "meanflow", "meanflow"),
         ("method.adaptive_weight_eps", method.name == "meanflow", "meanflow"),
@@ -712,6 +729,17 @@ def model_conflicts(config: RunConfig):
         yield (
             f"model.fourier_scale: {model.fourier_scale} is not allowed with model.fourier_features 0: it scales "
             "the Fourier frequencies; set model.fourier_features (e.g. 64) or leave the scale at 1.0"
+        )
+    if method.coupling == "minibatch_ot" and model.class_conditional:
+        yield (
+            "method.coupling: 'minibatch_ot' is not allowed with model.class_conditional true: pairing noise with "
+            "the data by transport makes the noise tell the class, while sampling draws the two apart; use "
+            "'independent'"
+        )
+    if method.coupling == "minibatch_ot" and method.coupling_group_size > config.train.batch_size:
+        yield (
+            f"method.coupling_group_size: {method.coupling_group_size} is not allowed with train.batch_size "
+            f"{config.train.batch_size}: a group is at most one batch; set it to {config.train.batch_size} or less"
         )
     if config.train.compile and method.name == "meanflow":
         yield (

@@ -4,7 +4,8 @@ regressing the conditional velocity eps - x_0,
 
     L = E_{t, x_0, eps} || v_theta(x_t, t) - (eps - x_0) ||^2,    x_t = (1 - t) x_0 + t eps,
 
-with t uniform or logit-normal (method.time_sampling). Samples integrate dx/dt = v(x, t) from
+with t uniform or logit-normal (method.time_sampling), and eps drawn apart from x_0 or paired with
+it by minibatch optimal transport (method.coupling, paths.py). Samples integrate dx/dt = v(x, t) from
 t = 1 to t = 0 with an ODE solver of diffusion/solvers.py (sample.sampler). Path, solver and loss
 are kept apart, as in facebookresearch/flow_matching. A class-conditional net is trained with label
 dropout and sampled with classifier-free guidance on the velocity (methods/conditioning.py).
@@ -25,7 +26,7 @@ from diffusion.data.spec import DataSpec
 from diffusion.methods.base import Method, Progress, no_progress, register
 from diffusion.methods.conditioning import asked_labels, drop_labels, guided_output
 from diffusion.nets import build_denoiser
-from diffusion.paths import DATA_TIME, NOISE_TIME, LinearPath, sample_times
+from diffusion.paths import DATA_TIME, NOISE_TIME, LinearPath, minibatch_ot_coupling, sample_times
 from diffusion.solvers import Solution, solve
 
 NET_TIME_SCALE = 1.0
@@ -50,12 +51,15 @@ class FlowMatching(Method):
         logit_normal_std: float = 1.0,
         num_classes: int | None = None,
         label_dropout: float = 0.0,
+        coupling: str = "independent",
+        coupling_group_size: int = 256,
     ):
         self.examples_key = examples_key  # the batch's key of the data: "images" or "points"
         self.time_sampling = time_sampling
         self.logit_normal_mean, self.logit_normal_std = logit_normal_mean, logit_normal_std
         self.num_classes = num_classes  # None: unconditional; else also the null class's index
         self.label_dropout = label_dropout
+        self.coupling, self.coupling_group_size = coupling, coupling_group_size
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "FlowMatching":
@@ -69,12 +73,19 @@ class FlowMatching(Method):
         is drawn for the whole batch from the global RNG, so that ranks and resumes draw alike."""
         x_0 = batch[self.examples_key]
         t = sample_times(len(x_0), self.time_sampling, self.logit_normal_mean, self.logit_normal_std, x_0.device)
-        noise = torch.randn_like(x_0)
+        noise = self.couple(x_0, torch.randn_like(x_0))
         class_labels = drop_labels(batch.get("class_labels"), self.label_dropout, self.num_classes)
         if shard is not None:
             x_0, noise, t = x_0[shard], noise[shard], t[shard]
             class_labels = class_labels[shard] if class_labels is not None else None
         return x_0, noise, t, class_labels
+
+    def couple(self, x_0: Tensor, noise: Tensor) -> Tensor:
+        """The batch's noise (B, *shape) as method.coupling pairs it with x_0: on the whole batch,
+        before any shard is taken, so that every rank pairs alike."""
+        if self.coupling == "minibatch_ot":
+            return minibatch_ot_coupling(x_0, noise, self.coupling_group_size)
+        return noise
 
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         return self.loss_at(model, *self.draw(batch, shard))
@@ -172,6 +183,8 @@ def flow_matching_settings(config: RunConfig) -> dict:
         logit_normal_std=config.method.logit_normal_std,
         num_classes=num_classes(config.data) if conditional else None,
         label_dropout=config.method.label_dropout if conditional else 0.0,
+        coupling=config.method.coupling,
+        coupling_group_size=config.method.coupling_group_size,
     )
 
 

@@ -15,6 +15,7 @@ velocity. At r = t the target is v and the loss is flow matching's.
 
 - Times (sec. 4.3): t and r are drawn from method.time_sampling (the paper: logit-normal(-0.4, 1)),
   ordered so that r <= t, and a method.r_equals_t_share of pairs get r = t.
+- Pairs: noise and data paired as flow matching's method.coupling says (paths.py).
 - Loss: the squared error averaged over the example's dimensions, times the adaptive weight
   sg(1 / (error + c)^p) (sec. 4.3; p = adaptive_weight_power, c = adaptive_weight_eps; p = 0 is
   the plain squared error). The paper sums over dimensions; the mean keeps the loss in flow
@@ -126,7 +127,7 @@ class MeanFlow(FlowMatching):
     def loss(self, model, batch: dict, shard: slice | None = None) -> Tensor:
         x_0 = batch[self.examples_key]
         r, t = self.draw_times(len(x_0), x_0.device)
-        noise = torch.randn_like(x_0)
+        noise = self.couple(x_0, torch.randn_like(x_0))
         class_labels = drop_labels(batch.get("class_labels"), self.label_dropout, self.num_classes)
         if shard is not None:
             x_0, noise, r, t = x_0[shard], noise[shard], r[shard], t[shard]
