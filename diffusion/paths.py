@@ -54,11 +54,14 @@ def sample_times(
     return torch.sigmoid(mean + std * torch.randn(num, device=device))
 
 
-def minibatch_ot_coupling(x_0: Tensor, noise: Tensor, group_size: int) -> Tensor:
+def minibatch_ot_coupling(x_0: Tensor, noise: Tensor, group_size: int | None = None) -> Tensor:
     """The rows of `noise` (B, ...) reordered so that, within each run of `group_size` consecutive
-    examples (the last run may be shorter), x_0[i] is paired with noise[i] by the exact optimal
-    transport plan for the squared Euclidean cost: the permutation minimising sum_i ||x_0[i] - eps[i]||^2
-    (the Hungarian algorithm, scipy.optimize.linear_sum_assignment; its cost grows as group_size^3).
+    examples (None: the whole batch; the last run may be shorter, and is paired among fewer), x_0[i]
+    is paired with noise[i] by the exact optimal transport plan for the squared Euclidean cost: the
+    permutation minimising sum_i ||x_0[i] - eps[i]||^2. As ||x_0[i]||^2 and ||eps[j]||^2 sum to the same
+    under every permutation, that is the one maximising sum_i x_0[i] . eps[i], solved on the CPU in
+    float64 (so that every device and rank picks the same pairs) by scipy's linear_sum_assignment
+    (shortest augmenting paths, Crouse 2016; time grows as group_size^3).
 
     Minibatch OT flow matching: Tong et al. 2023, "Improving and Generalizing Flow-Based Generative
     Models with Minibatch Optimal Transport" (OT-CFM); Pooladian et al. 2023, "Multisample Flow
@@ -70,10 +73,11 @@ def minibatch_ot_coupling(x_0: Tensor, noise: Tensor, group_size: int) -> Tensor
     # scipy.optimize takes a while to import, and only this coupling needs it.
     from scipy.optimize import linear_sum_assignment
 
-    paired = noise.clone()
-    for start in range(0, len(x_0), group_size):
-        data, draws = x_0[start : start + group_size], noise[start : start + group_size]
-        cost = torch.cdist(data.flatten(1).float(), draws.flatten(1).float()).pow(2)
-        rows, columns = linear_sum_assignment(cost.cpu().numpy())
-        paired[start + torch.from_numpy(rows).to(noise.device)] = draws[torch.from_numpy(columns).to(noise.device)]
-    return paired
+    data, draws = x_0.flatten(1).cpu().double(), noise.flatten(1).cpu().double()
+    order = torch.arange(len(noise))
+    size = group_size or len(noise)
+    for start in range(0, len(noise), size):
+        group = slice(start, start + size)
+        _, columns = linear_sum_assignment((data[group] @ draws[group].T).numpy(), maximize=True)
+        order[group] = start + torch.from_numpy(columns)
+    return noise[order.to(noise.device)]

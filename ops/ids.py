@@ -32,9 +32,10 @@ SHORT_KEYS = {
     "num_layers": "layers",
     "dropout": "drop",
     "weight_decay": "wd",
+    "coupling_group_size": "otgroup",
 }
 # Values that name themselves (a dataset, a sampler, an engine): the value alone says it.
-SELF_NAMING = {"dataset", "sampler", "name", "engine", "task", "device", "time_sampling", "beta_schedule"}
+SELF_NAMING = {"dataset", "sampler", "name", "engine", "task", "device", "time_sampling", "beta_schedule", "coupling"}
 
 
 def number(value: float | int) -> str:

@@ -32,6 +32,8 @@ def test_the_issue_example_and_the_kinds_of_value():
     ]
     # The checkpoint no longer fits in 63 characters: left to job.json, the ones before it kept.
     assert readable_id("t", changes, tail="0000") == "t-two-moons-channelmults1x2x2-compile-nocompilefallback-0000"
+    changes = [("run.method.coupling", "independent", "minibatch_ot"), ("run.method.coupling_group_size", None, 64)]
+    assert readable_id("flow-toy", changes, tail="0000") == "flow-toy-minibatch-ot-otgroup64-0000"
 
 
 def test_what_is_trained_goes_first_and_eval_settings_say_so():

@@ -30,6 +30,7 @@ from diffusion.paths import DATA_TIME, NOISE_TIME, LinearPath, minibatch_ot_coup
 from diffusion.solvers import Solution, solve
 
 NET_TIME_SCALE = 1.0
+COUPLINGS = ("independent", "minibatch_ot")  # of noise with data in a batch (paths.py)
 # Frames of the flow's picture at most: an animation of every Euler step would be as long as the sampling.
 MAX_FRAMES = 41
 
@@ -52,8 +53,10 @@ class FlowMatching(Method):
         num_classes: int | None = None,
         label_dropout: float = 0.0,
         coupling: str = "independent",
-        coupling_group_size: int = 256,
+        coupling_group_size: int | None = None,
     ):
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling: {coupling!r} is not one of {', '.join(COUPLINGS)}")
         self.examples_key = examples_key  # the batch's key of the data: "images" or "points"
         self.time_sampling = time_sampling
         self.logit_normal_mean, self.logit_normal_std = logit_normal_mean, logit_normal_std
