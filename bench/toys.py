@@ -42,7 +42,7 @@ from pathlib import Path
 
 from common import budget, machine, print_machine, verdict
 
-from diffusion.config import load_run_config
+from diffusion.config import ConfigError, load_run_config
 from diffusion.data import load_validation
 from diffusion.data.toys import TOYS
 from diffusion.methods import build_method
@@ -62,6 +62,8 @@ SAMPLERS = (
     ("MeanFlow 2-step", "meanflow-toy", {"sampler": "meanflow", "num_inference_steps": 2}),
 )
 FLOOR_TARGET = 2.0  # flow matching Euler-100: energy distance / real floor
+# Set by the bench for both jobs alike: a --set of them would undo the equal comparison.
+BENCH_KEYS = ("data.dataset", "train.max_minutes")
 MEANFLOW_TARGET = 1.5  # MeanFlow 1-step: energy distance / flow matching Euler-100's
 
 
@@ -145,6 +147,18 @@ def main() -> None:
                 f"--set {assignment!r}: {job} is not trained in this run (--reuse or --only), so it would not apply"
             )
 
+    bench_overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}"]
+    for job, overrides in job_overrides.items():  # every override checked before any training
+        for override in overrides:
+            if override.split("=", 1)[0].strip() in BENCH_KEYS:
+                parser.error(
+                    f"--set {job}:{override}: {' and '.join(BENCH_KEYS)} are the bench's (--dataset, --minutes)"
+                )
+        try:
+            load_run_config(REPO / f"configs/jobs/{job}.yaml", [*bench_overrides, *overrides])
+        except ConfigError as error:
+            parser.error(f"--set {job}: {error}")
+
     root = args.run_root or REPO / "runs" / f"bench-toys-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = machine(args.note)
     print_machine(info, root)
@@ -152,7 +166,7 @@ def main() -> None:
     for job in JOBS:
         if args.reuse or args.only not in (None, job):
             continue
-        overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}", *job_overrides[job]]
+        overrides = [*bench_overrides, *job_overrides[job]]
         config = load_run_config(REPO / f"configs/jobs/{job}.yaml", overrides)
         config.train.progress = "lines"
         if (root / job).exists():  # trained again from scratch; the earlier run kept beside it

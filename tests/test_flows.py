@@ -488,7 +488,7 @@ def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
         ),
         (
             {"method": {"name": "flow_matching", "coupling_group_size": 64}, "sample": {"sampler": "euler"}},
-            "method.coupling_group_size: 64 is not allowed here: only method.coupling 'minibatch_ot' read it",
+            "method.coupling_group_size: 64 is not allowed here: only method.coupling 'minibatch_ot' read it; leave it at null",
         ),
         (
             {
@@ -505,6 +505,14 @@ def test_meanflow_one_step_is_one_jump_from_noise_along_the_average_velocity():
                 "sample": {"sampler": "euler"},
             },
             "method.coupling_group_size: 512 is not allowed with train.batch_size 256: a group is at most one batch",
+        ),
+        (
+            {
+                "method": {"name": "meanflow", "coupling": "minibatch_ot"},
+                "train": {"batch_size": 1024},
+                "sample": {"sampler": "meanflow"},
+            },
+            "method.coupling_group_size: null (the whole batch of train.batch_size 1024) is not allowed",
         ),
         (
             {"method": {"name": "meanflow"}, "train": {"compile": True}, "sample": {"sampler": "meanflow"}},
