@@ -62,8 +62,6 @@ SAMPLERS = (
     ("MeanFlow 2-step", "meanflow-toy", {"sampler": "meanflow", "num_inference_steps": 2}),
 )
 FLOOR_TARGET = 2.0  # flow matching Euler-100: energy distance / real floor
-# Set by the bench for both jobs alike: a --set of them would undo the equal comparison.
-BENCH_KEYS = ("data.dataset", "train.max_minutes")
 MEANFLOW_TARGET = 1.5  # MeanFlow 1-step: energy distance / flow matching Euler-100's
 
 
@@ -147,15 +145,18 @@ def main() -> None:
                 f"--set {assignment!r}: {job} is not trained in this run (--reuse or --only), so it would not apply"
             )
 
+    # Set by the bench for both jobs alike: a --set of them would undo the equal comparison.
     bench_overrides = [f"train.max_minutes={args.minutes}", f"data.dataset={args.dataset}"]
-    for job, overrides in job_overrides.items():  # every override checked before any training
+    bench_keys = [override.split("=", 1)[0] for override in bench_overrides]
+    configs = {}  # every job's config, with its overrides checked before any training
+    for job, overrides in job_overrides.items():
         for override in overrides:
-            if override.split("=", 1)[0].strip() in BENCH_KEYS:
+            if override.split("=", 1)[0].strip() in bench_keys:
                 parser.error(
-                    f"--set {job}:{override}: {' and '.join(BENCH_KEYS)} are the bench's (--dataset, --minutes)"
+                    f"--set {job}:{override}: {' and '.join(bench_keys)} are the bench's (--dataset, --minutes)"
                 )
         try:
-            load_run_config(REPO / f"configs/jobs/{job}.yaml", [*bench_overrides, *overrides])
+            configs[job] = load_run_config(REPO / f"configs/jobs/{job}.yaml", [*bench_overrides, *overrides])
         except ConfigError as error:
             parser.error(f"--set {job}: {error}")
 
@@ -166,8 +167,7 @@ def main() -> None:
     for job in JOBS:
         if args.reuse or args.only not in (None, job):
             continue
-        overrides = [*bench_overrides, *job_overrides[job]]
-        config = load_run_config(REPO / f"configs/jobs/{job}.yaml", overrides)
+        config = configs[job]
         config.train.progress = "lines"
         if (root / job).exists():  # trained again from scratch; the earlier run kept beside it
             aside = root / f"{job}.before-{time.strftime('%Y%m%d-%H%M%S')}"
